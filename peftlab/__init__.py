@@ -1,0 +1,2 @@
+"""peftlab: parameter-efficient fine-tuning."""
+__version__ = "0.1.0"

@@ -1,0 +1,30 @@
+"""Test-suite wide setup.
+
+TRITON_INTERPRET must be set before anything imports triton: ``triton.jit`` decides at decoration
+time whether a kernel runs compiled or in the interpreter. On this CPU-only machine every Triton
+kernel under test runs in the interpreter on CPU tensors. Ahead-of-time compile tests build
+``triton.runtime.jit.JITFunction`` objects from the kernels' Python functions themselves, so they are
+not affected.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data beside the checkout; tests that need it skip cleanly when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"reference data not found at {SHARED_DATA} (only present in the dev workspace)")
+    return SHARED_DATA
