@@ -1,0 +1,154 @@
+"""Tiny shared helpers for the benchmarks in bench/ (not a test dependency, not a framework).
+
+- :func:`environment` — device, library versions, git commit and the command line, attached to every
+  result so a figure in RESULTS.md can be traced to what produced it.
+- :func:`append_jsonl` — append one result record (plus :func:`environment`) to
+  ``bench/results/<name>.jsonl``.
+- :func:`median_time_ms` — median wall time of a callable (CPU; on CUDA it synchronises).
+- :func:`run_peak_rss` — run a Python snippet in a fresh subprocess and return its peak resident set
+  size: the only honest way to compare the peak memory of two methods on CPU, because the allocator
+  of one process never gives memory back to the OS in a way that ``ru_maxrss`` would notice.
+
+Keep this API stable: several benchmarks import it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def git_commit() -> str:
+    """Short commit of the checkout (with ``-dirty`` when the working tree has changes), or "unknown"."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True,
+            text=True, check=True,
+        ).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name() -> str:
+    """"cuda:<GPU name>" when CUDA is available, else "cpu:<processor> x<cores>"."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.get_device_name()}"
+    proc = platform.processor() or platform.machine()
+    return f"cpu:{proc} x{os.cpu_count()}"
+
+
+def environment() -> dict[str, Any]:
+    """Everything needed to reproduce a figure: device, versions, git commit, command line, time."""
+    import torch
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    try:
+        import triton
+
+        versions["triton"] = triton.__version__
+    except ImportError:
+        versions["triton"] = None
+    return {
+        "device": device_name(),
+        "versions": versions,
+        "git_commit": git_commit(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": platform.node(),
+    }
+
+
+def append_jsonl(name: str, record: dict[str, Any], results_dir: Path | None = None) -> Path:
+    """Append ``record`` merged with :func:`environment` as one JSON line to ``<results_dir>/<name>.jsonl``."""
+    out_dir = Path(results_dir) if results_dir is not None else RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.jsonl"
+    with path.open("a") as f:
+        f.write(json.dumps({**environment(), **record}, default=str) + "\n")
+    return path
+
+
+def median_time_ms(fn: Callable[[], Any], *, warmup: int = 1, iters: int = 5) -> float:
+    """Median wall-clock milliseconds of ``fn()`` over ``iters`` runs after ``warmup`` runs."""
+    import torch
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(max(1, iters)):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+_RSS_RUNNER = r"""
+import json, resource, sys
+baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+ns = {}
+exec(compile(sys.argv[1], "<bench snippet>", "exec"), ns)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print("__PEAK_RSS__" + json.dumps({"peak_rss_kb": peak, "baseline_rss_kb": baseline,
+                                   "result": ns.get("RESULT")}, default=str))
+"""
+
+
+def run_peak_rss(snippet: str, *, timeout: float = 1800.0, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``snippet`` (Python source) in a fresh interpreter and report its peak RSS.
+
+    Returns ``{"peak_rss_mb", "baseline_rss_mb", "result"}`` where ``baseline`` is the RSS right after
+    interpreter start-up and ``result`` is whatever the snippet stored in a global ``RESULT`` (must be
+    JSON-serialisable). Put imports and setup in the snippet; measure by difference between two
+    snippets that share the same setup (e.g. inputs only vs inputs + method) when you need the
+    method's own share. Raises RuntimeError with the child's stderr when it fails.
+    """
+    proc = subprocess.run(
+        [sys.executable, "-c", _RSS_RUNNER, snippet], check=False, capture_output=True, text=True,
+        timeout=timeout, env={**os.environ, **(env or {})}, cwd=REPO_ROOT,
+    )
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("__PEAK_RSS__")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"benchmark subprocess failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
+    data = json.loads(line[len("__PEAK_RSS__"):])
+    # ru_maxrss is kilobytes on Linux (bytes on macOS; we only benchmark on Linux).
+    return {
+        "peak_rss_mb": data["peak_rss_kb"] / 1024.0,
+        "baseline_rss_mb": data["baseline_rss_kb"] / 1024.0,
+        "result": data["result"],
+    }
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    """Print ``rows`` as an aligned plain-text table with the given column order."""
+    cells = [[c for c in columns]] + [[_fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    for j, row in enumerate(cells):
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+    return "" if v is None else str(v)
