@@ -111,20 +111,29 @@ def compile_kernel(fn: Any, signature: dict[str, str], constexprs: dict[str, obj
     ``"i32"``, ``"i64"``, ``"fp32"``...); ``constexprs`` maps each ``tl.constexpr`` argument to its
     value (block sizes, flags). Raises whatever Triton/ptxas raise when the kernel does not compile.
     """
+    return compile_kernels([(fn, signature, constexprs, arch, num_warps, num_stages)])[0]
+
+
+def compile_kernels(jobs: list[tuple[Any, dict[str, str], dict[str, object], int, int, int]]) -> list[CompileReport]:
+    """Batch form of :func:`compile_kernel`: ``jobs`` are ``(fn, signature, constexprs, arch, num_warps,
+    num_stages)``; under TRITON_INTERPRET all of them compile in ONE subprocess (start-up is the cost)."""
     if not _interpreting():
-        return _compile_in_process(fn, signature, constexprs, arch, num_warps, num_stages)
-    py_fn = _python_fn(fn)
-    payload = json.dumps({"module": py_fn.__module__, "name": py_fn.__qualname__, "signature": signature,
-                          "constexprs": constexprs, "arch": arch, "num_warps": num_warps,
-                          "num_stages": num_stages})
+        return [_compile_in_process(*job) for job in jobs]
+    payload = []
+    for fn, signature, constexprs, arch, num_warps, num_stages in jobs:
+        py_fn = _python_fn(fn)
+        payload.append({"module": py_fn.__module__, "name": py_fn.__qualname__, "signature": signature,
+                        "constexprs": constexprs, "arch": arch, "num_warps": num_warps,
+                        "num_stages": num_stages})
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     # kernels defined in test modules must be importable by the child too
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    proc = subprocess.run([sys.executable, "-m", "peftlab.kernels.aot", payload], capture_output=True,
-                          text=True, env=env, check=False)
+    proc = subprocess.run([sys.executable, "-m", "peftlab.kernels.aot", json.dumps(payload)],
+                          capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"AOT compile of {py_fn.__qualname__} for sm_{arch} failed:\n{proc.stderr[-6000:]}")
-    return CompileReport(**json.loads(proc.stdout.strip().splitlines()[-1]))
+        names = sorted({f"{j['name']}@sm_{j['arch']}" for j in payload})
+        raise RuntimeError(f"AOT compile failed for {names}:\n{proc.stderr[-6000:]}")
+    return [CompileReport(**r) for r in json.loads(proc.stdout.strip().splitlines()[-1])]
 
 
 def compile_table(reports: list[CompileReport]) -> str:
@@ -132,14 +141,15 @@ def compile_table(reports: list[CompileReport]) -> str:
     return "\n".join(r.row() for r in reports)
 
 
-def assert_compiles(fn: Any, signature: dict[str, str], constexprs: dict[str, object], *,
-                    archs: tuple[int, ...] = ARCHS, num_warps: int = 4, num_stages: int = 3,
-                    capsys: Any = None) -> list[CompileReport]:
-    """Pytest helper: compile for every arch, check the report is well-formed, print the table.
+def assert_compiles(launches: list[tuple[Any, dict[str, str], dict[str, object], int, int]], *,
+                    archs: tuple[int, ...] = ARCHS, capsys: Any = None) -> list[CompileReport]:
+    """Pytest helper: compile every launch ``(fn, signature, constexprs, num_warps, num_stages)`` for
+    every arch, check each report is well-formed, and print the registers/spills table.
 
-    Pass pytest's ``capsys`` to print the registers/spills table even when output is captured.
+    Pass pytest's ``capsys`` to print the table even when output is captured.
     """
-    reports = [compile_kernel(fn, signature, constexprs, a, num_warps, num_stages) for a in archs]
+    jobs = [(fn, sig, cx, arch, nw, ns) for fn, sig, cx, nw, ns in launches for arch in archs]
+    reports = compile_kernels(jobs)
     for r in reports:
         assert isinstance(r.n_regs, int) and 0 < r.n_regs <= 255, r
         assert isinstance(r.n_spills, int) and r.n_spills >= 0, r
@@ -154,13 +164,14 @@ def assert_compiles(fn: Any, signature: dict[str, str], constexprs: dict[str, ob
 
 
 def _main(payload: str) -> None:
-    req = json.loads(payload)
-    obj: Any = importlib.import_module(req["module"])
-    for part in req["name"].split("."):
-        obj = getattr(obj, part)
-    report = _compile_in_process(obj, req["signature"], req["constexprs"], req["arch"], req["num_warps"],
-                                 req["num_stages"])
-    print(json.dumps(dataclasses.asdict(report)))
+    reports = []
+    for req in json.loads(payload):
+        obj: Any = importlib.import_module(req["module"])
+        for part in req["name"].split("."):
+            obj = getattr(obj, part)
+        reports.append(dataclasses.asdict(_compile_in_process(
+            obj, req["signature"], req["constexprs"], req["arch"], req["num_warps"], req["num_stages"])))
+    print(json.dumps(reports))
 
 
 if __name__ == "__main__":

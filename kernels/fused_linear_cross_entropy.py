@@ -232,6 +232,44 @@ if _HAS_TRITON:
                 tl.store(base + offs, g * scale, mask=mask)
 
 
+_TL_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def gemm_launch(h_dtype: torch.dtype, w_dtype: torch.dtype, has_bias: bool) -> tuple[dict, int, int]:
+    """(constexprs, num_warps, num_stages) of ``_logits_kernel`` for these dtypes: the single source of
+    the launch configuration, used by the dispatch and by the AOT compile test."""
+    dot_fp32 = torch.float32 in (h_dtype, w_dtype) or h_dtype != w_dtype
+    constexprs = {"HAS_BIAS": has_bias, "DOT_FP32": dot_fp32, "BLOCK_M": GEMM_BLOCK_M,
+                  "BLOCK_N": GEMM_BLOCK_N, "BLOCK_K": GEMM_BLOCK_K}
+    return constexprs, GEMM_NUM_WARPS, GEMM_NUM_STAGES
+
+
+def ce_row_launch(softcap: bool, compute_grad: bool) -> tuple[dict, int, int]:
+    """(constexprs, num_warps, num_stages) of ``_ce_row_kernel``."""
+    return {"HAS_SOFTCAP": softcap, "COMPUTE_GRAD": compute_grad, "BLOCK_V": ROW_BLOCK_V}, ROW_NUM_WARPS, 3
+
+
+def aot_launches(dtype: torch.dtype) -> list[tuple]:
+    """Every (kernel, signature, constexprs, num_warps, num_stages) the dispatch launches for inputs of
+    ``dtype`` (the head in the same dtype), for the AOT compile test. Shapes enter only as runtime
+    ints, so these are the launches for H=4096, V=128256 too."""
+    t = _TL_DTYPES[dtype]
+    gemm_sig = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "out_ptr": "*fp32", "M": "i32", "V": "i32",
+                "H": "i32", "stride_hm": "i32", "stride_wv": "i32", "stride_om": "i32"}
+    row_sig = {"logits_ptr": "*fp32", "stride_row": "i32", "labels_ptr": "*i64", "scale_ptr": "*fp32",
+               "loss_ptr": "*fp32", "V": "i32", "ignore_index": "i32", "label_smoothing": "fp32",
+               "z_loss": "fp32", "softcap": "fp32"}
+    out = []
+    for has_bias in (False, True):
+        cx, nw, ns = gemm_launch(dtype, dtype, has_bias)
+        out.append((_logits_kernel, gemm_sig, cx, nw, ns))
+    for softcap in (False, True):
+        for grad in (False, True):
+            cx, nw, ns = ce_row_launch(softcap, grad)
+            out.append((_ce_row_kernel, row_sig, cx, nw, ns))
+    return out
+
+
 def triton_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   out: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 logits (M × V) of one chunk with the Triton GEMM."""
@@ -241,12 +279,11 @@ def triton_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
     if out is None:
         out = torch.empty((m, v), device=h.device, dtype=torch.float32)
-    dot_fp32 = h.dtype == torch.float32 or weight.dtype == torch.float32 or h.dtype != weight.dtype
+    constexprs, num_warps, num_stages = gemm_launch(h.dtype, weight.dtype, bias is not None)
     grid = (triton.cdiv(m, GEMM_BLOCK_M), triton.cdiv(v, GEMM_BLOCK_N))
     _logits_kernel[grid](
         h, weight, bias if bias is not None else h, out, m, v, hs, h.stride(0), weight.stride(0),
-        out.stride(0), HAS_BIAS=bias is not None, DOT_FP32=dot_fp32, BLOCK_M=GEMM_BLOCK_M,
-        BLOCK_N=GEMM_BLOCK_N, BLOCK_K=GEMM_BLOCK_K, num_warps=GEMM_NUM_WARPS, num_stages=GEMM_NUM_STAGES,
+        out.stride(0), **constexprs, num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
@@ -336,11 +373,11 @@ def triton_ce_rows(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tens
     rows, v = logits.shape
     loss = torch.empty(rows, device=logits.device, dtype=torch.float32)
     scale = scale.to(torch.float32).contiguous()
+    constexprs, num_warps, num_stages = ce_row_launch(opts.softcap is not None, compute_grad)
     _ce_row_kernel[(rows,)](
         logits, logits.stride(0), labels.contiguous(), scale, loss, v, opts.ignore_index,
         float(opts.label_smoothing), float(opts.z_loss), float(opts.softcap or 1.0),
-        HAS_SOFTCAP=opts.softcap is not None, COMPUTE_GRAD=compute_grad, BLOCK_V=ROW_BLOCK_V,
-        num_warps=ROW_NUM_WARPS,
+        **constexprs, num_warps=num_warps, num_stages=num_stages,
     )
     return loss
 

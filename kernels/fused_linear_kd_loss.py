@@ -216,15 +216,39 @@ if _HAS_TRITON:
                 tl.store(s_base + offs, g * scale, mask=mask)
 
 
+def kd_row_launch(kind: int, compute_grad: bool) -> tuple[dict, int, int]:
+    """(constexprs, num_warps, num_stages) of ``_kd_row_kernel``: the dispatch and the AOT test use it."""
+    return {"KIND": kind, "COMPUTE_GRAD": compute_grad, "BLOCK_V": ROW_BLOCK_V}, ROW_NUM_WARPS, 3
+
+
+def aot_launches(dtype: torch.dtype) -> list[tuple]:
+    """Every launch of the KD loss for inputs of ``dtype``: the shared logits GEMM (student and teacher)
+    and the KD row kernel for each kind, with and without gradient."""
+    from peftlab.kernels.fused_linear_cross_entropy import aot_launches as ce_launches
+
+    gemms = [launch for launch in ce_launches(dtype) if launch[0].__name__ == "_logits_kernel"]
+    sig = {"s_ptr": "*fp32", "stride_s": "i32", "t_ptr": "*fp32", "stride_t": "i32", "labels_ptr": "*i64",
+           "scale_ptr": "*fp32", "loss_ptr": "*fp32", "V": "i32", "ignore_index": "i32", "alpha": "fp32",
+           "inv_temp": "fp32", "temp_sq": "fp32", "beta": "fp32", "log_beta": "fp32",
+           "log_one_minus_beta": "fp32"}
+    rows = []
+    for kind in (0, 1, 2):
+        for grad in (False, True):
+            cx, nw, ns = kd_row_launch(kind, grad)
+            rows.append((_kd_row_kernel, sig, cx, nw, ns))
+    return gemms + rows
+
+
 def _triton_kd_rows(kind: int, beta: float, temperature: float, alpha: float, ignore_index: int):
     def row_fn(s, labels, t, scale, compute_grad):
         rows, v = s.shape
         loss = torch.empty(rows, device=s.device, dtype=torch.float32)
+        constexprs, num_warps, num_stages = kd_row_launch(kind, compute_grad)
         _kd_row_kernel[(rows,)](
             s, s.stride(0), t, t.stride(0), labels.contiguous(), scale.to(torch.float32).contiguous(), loss,
             v, ignore_index, float(alpha), 1.0 / temperature, float(temperature) ** 2, float(beta),
             math.log(beta) if beta > 0 else 0.0, math.log1p(-beta) if beta < 1 else 0.0,
-            KIND=kind, COMPUTE_GRAD=compute_grad, BLOCK_V=ROW_BLOCK_V, num_warps=ROW_NUM_WARPS,
+            **constexprs, num_warps=num_warps, num_stages=num_stages,
         )
         return loss
 
