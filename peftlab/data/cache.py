@@ -1,0 +1,121 @@
+"""Tokenized-data cache: build once, share with every process of the run and with later runs.
+
+The key is a sha256 over: the cache format version, every ``data:`` setting (except ``num_proc``,
+which cannot change the result), the seed, each source's content hash (file bytes, not mtimes), and
+the tokenizer (its full ``tokenizer.json``, special tokens and chat template). A named template is
+part of the settings; the tokenizer's own template is part of the tokenizer.
+
+Who builds: under ``torch.distributed`` rank 0 builds and the others wait at a barrier; otherwise
+(several independent processes, e.g. test workers or a second run) an exclusive file lock
+serialises builders and late comers find the finished file. Files are written to a temporary name
+and renamed, so a crash never leaves a half-written cache entry.
+
+The entry is saved with ``torch.save`` and read with ``torch.load(weights_only=True)``, which only
+admits plain containers and numbers: a tampered cache file cannot execute code.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftlab.data.build import DataBundle
+from peftlab.data.config import DataConfig
+from peftlab.data.stats import DataStats
+
+CACHE_VERSION = 1
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:  # pragma: no cover - slow tokenizers are refused by the encoder anyway
+        h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    h.update(json.dumps(getattr(tokenizer, "chat_template", None), sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def cache_key(cfg: DataConfig, tokenizer: Any, seed: int, fingerprints: list[str]) -> str:
+    settings = cfg.model_dump(mode="json", exclude={"num_proc"})
+    blob = json.dumps({"version": CACHE_VERSION, "settings": settings, "seed": seed,
+                       "sources": fingerprints, "tokenizer": tokenizer_fingerprint(tokenizer)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _to_state(bundle: DataBundle) -> dict[str, Any]:
+    state = asdict(bundle)
+    state["stats"] = bundle.stats.to_dict()
+    state["train"] = list(bundle.train)
+    state["eval"] = list(bundle.eval) if bundle.eval is not None else None
+    return state
+
+
+def _from_state(state: dict[str, Any], path: Path) -> DataBundle:
+    state = dict(state)
+    state["stats"] = DataStats.from_dict(state["stats"])
+    state.update(from_cache=True, cache_path=str(path))
+    return DataBundle(**state)
+
+
+def _save(bundle: DataBundle, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(_to_state(bundle), tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load(path: Path) -> DataBundle:
+    return _from_state(torch.load(path, weights_only=True), path)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no cross-process lock, builds may repeat
+        yield
+        return
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def load_or_build(cache_dir: Path, key: str, build: Callable[[], DataBundle]) -> DataBundle:
+    """The cached bundle for ``key``, building (once across processes) on a miss."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / f"data-{key[:32]}.pt"
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_rank() == 0 and not path.is_file():
+            bundle = build()
+            _save(bundle, path)
+        dist.barrier()  # everyone past here sees the finished file
+        return _load(path)
+    if path.is_file():
+        return _load(path)
+    with _file_lock(cache_dir / f"data-{key[:32]}.lock"):
+        if path.is_file():  # another process built it while we waited
+            return _load(path)
+        bundle = build()
+        _save(bundle, path)
+    bundle.cache_path = str(path)
+    return bundle
