@@ -41,11 +41,12 @@ class CompileReport:
     num_stages: int = 3
     spill_store_bytes: int = 0
     spill_load_bytes: int = 0
+    constexprs: str = ""  # the constexpr values compiled, for the printed table
 
     def row(self) -> str:
         return (f"{self.name:<36} sm_{self.arch:<3} warps={self.num_warps:<2} stages={self.num_stages} "
                 f"regs={self.n_regs:<4} spills={self.n_spills:<4} smem={self.shared_bytes:<6} "
-                f"cubin={self.cubin_size}")
+                f"cubin={self.cubin_size:<7} {self.constexprs}")
 
 
 _PTXAS_RE = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -100,7 +101,8 @@ def _compile_in_process(fn: Any, signature: dict[str, str], constexprs: dict[str
     regs, st, ld = _ptxas_resources(compiled.asm["ptx"], arch)
     return CompileReport(arch=arch, n_regs=regs, n_spills=st // 4, shared_bytes=int(compiled.metadata.shared),
                          cubin_size=len(compiled.asm["cubin"]), name=jit_fn.__name__, num_warps=num_warps,
-                         num_stages=num_stages, spill_store_bytes=st, spill_load_bytes=ld)
+                         num_stages=num_stages, spill_store_bytes=st, spill_load_bytes=ld,
+                         constexprs=" ".join(f"{k}={v}" for k, v in constexprs.items()))
 
 
 def compile_kernel(fn: Any, signature: dict[str, str], constexprs: dict[str, object], arch: int,
