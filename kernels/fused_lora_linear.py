@@ -162,7 +162,7 @@ if _HAS_TRITON:
         n_ok = offs_n < N
         dt = x_ptr.dtype.element_ty
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        for kb in range(0, tl.cdiv(K, BLOCK_K)):  # noqa: PIE808 (interpreter-friendly form)
             offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
             k_ok = offs_k < K
             x = tl.load(x_ptr + rm[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
@@ -208,7 +208,7 @@ if _HAS_TRITON:
         k_ok = offs_k < K
         dt = dy_ptr.dtype.element_ty
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        for nb in range(0, tl.cdiv(N, BLOCK_N)):
+        for nb in range(0, tl.cdiv(N, BLOCK_N)):  # noqa: PIE808
             offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
             n_ok = offs_n < N
             dy = tl.load(dy_ptr + rm[:, None] * stride_dym + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :],
