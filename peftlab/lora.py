@@ -152,6 +152,7 @@ class LoraLinear(nn.Module):
         if r <= 0:
             raise PeftlabError(f"LoRA rank r must be a positive integer, got r={r}.")
         self.base_layer = base_layer
+        base_layer.requires_grad_(False)  # frozen; inject_lora/remove_lora save and restore the flags
         self.in_features: int = base_layer.in_features
         self.out_features: int = base_layer.out_features
         self.r = int(r)

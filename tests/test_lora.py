@@ -54,6 +54,15 @@ TARGETS = {
 # ---------------------------------------------------------------------------------------------- helpers
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """These ops are tiny: on the shared 2-core CPU, intra-op threads only fight each other (3-5x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny_dir() -> Path:
     return resolve_builtin("builtin:tiny-llama")
