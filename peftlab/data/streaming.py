@@ -1,0 +1,145 @@
+"""``data.streaming: true``: data larger than memory.
+
+Nothing is materialised: ``bundle.train`` is an iterable that reads the sources lazily (JSONL and CSV
+line by line, Parquet batch by batch, hub datasets with ``streaming=True``; a JSON array is one
+document and is parsed whole, so convert big ones to JSONL), tokenizes in chunks, shuffles
+within a buffer of ``shuffle_buffer`` examples, and (with packing) packs each buffer with best-fit
+decreasing. Every ``iter()`` restarts from the beginning with the same order (deterministic for a
+seed), so a resumed run can skip the examples it has already consumed.
+
+Mixtures interleave the datasets: each next example comes from a dataset drawn with probability
+proportional to its weight among those not yet exhausted. The eval split holds out rows whose
+seeded hash falls below ``eval_split`` (a row's fate does not depend on what else was read); the
+held-out examples are collected from the first ``shuffle_buffer`` rows of each dataset, which bounds
+the memory they take. Statistics count what has been produced so far.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from peftlab.data.build import (
+    DataBundle,
+    _Item,
+    encode_items,
+    open_sources,
+    pad_token_id_for,
+    read_records,
+    unique_names,
+)
+from peftlab.data.config import DataConfig
+from peftlab.data.packing import pack
+from peftlab.data.sources import Source
+from peftlab.data.stats import DatasetStats, DataStats
+from peftlab.data.tokenize import Encoder
+from peftlab.errors import PeftlabError
+
+
+def held_out(seed: int, dataset: int, row: int, fraction: float) -> bool:
+    """Seeded, order-independent eval membership of one row."""
+    if fraction <= 0:
+        return False
+    h = hashlib.blake2b(f"{seed}:{dataset}:{row}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") / 2**64 < fraction
+
+
+class StreamingExamples:
+    """Iterable of examples (or packs); see the module docstring. Has no ``len``."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: Any, seed: int, sources: list[Source], names: list[str],
+                 stats: DataStats):
+        self.cfg, self.tok, self.seed, self.sources, self.names, self.stats = cfg, tokenizer, seed, sources, names, stats
+
+    def _dataset_stream(self, i: int, st: DatasetStats) -> Iterator[dict[str, Any]]:
+        cfg, spec = self.cfg, self.cfg.train[i]
+        key = f"data.train[{i}]"
+        encoder = Encoder(self.tok, template=cfg.template, train_on=cfg.train_on, system_prompt=cfg.system_prompt)
+        frac = cfg.eval_split if not cfg.eval else 0.0
+        items = (it for it in read_records(self.sources[i], spec, self.names[i], cfg, st, key)
+                 if not held_out(self.seed, i, it.row, frac))
+        yield from encode_items(items, encoder, cfg, i, spec, self.names[i], st, key, spec.format)
+
+    def _examples(self) -> Iterator[dict[str, Any]]:
+        self.stats.datasets = [DatasetStats(n) for n in self.names[:len(self.cfg.train)]]
+        streams = {i: self._dataset_stream(i, st) for i, st in enumerate(self.stats.datasets)}
+        weights = {i: s.weight for i, s in enumerate(self.cfg.train) if s.weight > 0}
+        rng = random.Random(f"interleave:{self.seed}")
+        while weights:
+            keys = sorted(weights)
+            i = rng.choices(keys, [weights[k] for k in keys])[0]
+            ex = next(streams[i], None)
+            if ex is None:
+                del weights[i]
+                continue
+            self.stats.datasets[i].drawn += 1
+            yield ex
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        rng = random.Random(f"shuffle:{self.seed}")
+        self.stats.train_samples = self.stats.train_tokens = self.stats.packs = 0  # counts of this pass
+        buf: list[dict[str, Any]] = []
+        for ex in self._examples():
+            buf.append(ex)
+            if len(buf) >= self.cfg.shuffle_buffer:
+                yield from self._flush(buf, rng)
+                buf = []
+        yield from self._flush(buf, rng)
+
+    def _flush(self, buf: list[dict[str, Any]], rng: random.Random) -> list[dict[str, Any]]:
+        if not buf:
+            return []
+        if "label" in buf[0]:
+            raise PeftlabError("data.streaming: classification data is not supported when streaming; "
+                               "set data.streaming: false")
+        self.stats.train_samples += len(buf)
+        self.stats.train_tokens += sum(len(e["input_ids"]) for e in buf)
+        if self.cfg.packing:
+            buf = pack(buf, self.cfg.max_seq_len)
+            self.stats.packs += len(buf)
+            self.stats.packing_efficiency = self.stats.train_tokens / (self.stats.packs * self.cfg.max_seq_len)
+        if self.cfg.shuffle:
+            rng.shuffle(buf)
+        return buf
+
+
+def build_streaming(cfg: DataConfig, tokenizer: Any, *, seed: int, base_dir: Path | None = None) -> DataBundle:
+    train_sources, eval_sources = open_sources(cfg, base_dir)
+    names = unique_names([*cfg.train, *cfg.eval])
+    stats = DataStats(max_seq_len=cfg.max_seq_len, packed=cfg.packing)
+    encoder = Encoder(tokenizer, template=cfg.template, train_on=cfg.train_on, system_prompt=cfg.system_prompt)
+
+    eval_examples: list[dict[str, Any]] = []
+    eval_items: list[tuple[int, _Item]] = []
+    held: list[tuple[int, list[_Item]]] = []
+    if cfg.eval:
+        for j, (spec, src) in enumerate(zip(cfg.eval, eval_sources)):
+            i = len(cfg.train) + j
+            est = DatasetStats(names[i], split="eval")
+            held.append((i, list(read_records(src, spec, names[i], cfg, est, f"data.eval[{j}]"))))
+    elif cfg.eval_split > 0:
+        for i, (spec, src) in enumerate(zip(cfg.train, train_sources)):
+            est = DatasetStats(names[i], split="eval")
+            items: list[_Item] = []
+            for k, it in enumerate(read_records(src, spec, names[i], cfg, est, f"data.train[{i}]")):
+                if k >= cfg.shuffle_buffer:
+                    break
+                if held_out(seed, i, it.row, cfg.eval_split):
+                    items.append(it)
+            held.append((i, items))
+    for i, items in held:
+        spec = [*cfg.train, *cfg.eval][i]
+        est = DatasetStats(names[i], split="eval")
+        eval_examples += encode_items(items, encoder, cfg, i, spec, names[i], est, f"data[{i}]", spec.format)
+        eval_items += [(i, it) for it in items]
+    stats.eval_samples = len(eval_examples)
+    prompts = []
+    for i, it in eval_items[:cfg.eval_prompts * 4]:
+        pt = encoder.prompt_text(it.record) if it.record["kind"] in ("chat", "completion") else None
+        if pt is not None and len(prompts) < cfg.eval_prompts:
+            prompts.append({"prompt_ids": encoder.encode_prompt(pt[0]), "reference": pt[1], "dataset": names[i]})
+    train = StreamingExamples(cfg, tokenizer, seed, train_sources, names, stats)
+    return DataBundle(train=train, eval=eval_examples or None, eval_prompts=prompts,  # type: ignore[arg-type]
+                      stats=stats, dataset_names=names, pad_token_id=pad_token_id_for(tokenizer))
