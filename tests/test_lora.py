@@ -51,7 +51,7 @@ TARGETS = {
 }
 
 
-# ---------------------------------------------------------------------------------------------- helpers
+# ------------------------------------------------------------------------------------------ helpers
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -84,8 +84,14 @@ def input_ids() -> torch.Tensor:
     return torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
-def quantize_linears_4bit(model: nn.Module, *, quant_type: str = "nf4", double_quant: bool = True,
-                          compute_dtype: torch.dtype = torch.float32, skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
+def quantize_linears_4bit(
+    model: nn.Module,
+    *,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    compute_dtype: torch.dtype = torch.float32,
+    skip: tuple[str, ...] = ("lm_head",),
+) -> nn.Module:
     """Replace every nn.Linear except ``skip`` by a quantized bnb Linear4bit, as a QLoRA loader would.
 
     ``support_avx512bf16_for_cpu`` is switched off on each new layer: on AVX512-BF16 CPUs bitsandbytes
@@ -96,7 +102,8 @@ def quantize_linears_4bit(model: nn.Module, *, quant_type: str = "nf4", double_q
                if type(m) is nn.Linear and n.rsplit(".", 1)[-1] not in skip]
     for name, lin in targets:
         q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                              compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type=quant_type)
+                              compute_dtype=compute_dtype, compress_statistics=double_quant,
+                              quant_type=quant_type)
         q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False,
                                      compress_statistics=double_quant, quant_type=quant_type, module=q)
         if lin.bias is not None:
@@ -109,8 +116,8 @@ def quantize_linears_4bit(model: nn.Module, *, quant_type: str = "nf4", double_q
     return model
 
 
-def peft_config(r: int = 8, alpha: int = 16, target="all-linear", layers=None, **kw) -> LoraConfig:
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target,
+def peft_config(r: int = 8, alpha: int = 16, target="all-linear", layers=None, lora_dropout=0.0, **kw) -> LoraConfig:
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=lora_dropout, target_modules=target,
                       layers_to_transform=layers, task_type="CAUSAL_LM", **kw)
 
 
@@ -154,7 +161,8 @@ def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 def make_pair(base: nn.Module, variant: str, target="all-linear", layers=None, r=8, alpha=16):
     """(PEFT model, peftlab model) on copies of ``base`` holding the same randomised LoRA weights."""
-    pm = get_peft_model(copy.deepcopy(base), peft_config(r, alpha, target, layers, **VARIANTS[variant])).eval()
+    pm = get_peft_model(copy.deepcopy(base), peft_config(r, alpha, target, layers, **VARIANTS[variant]))
+    pm.eval()
     randomise_lora(peft_params(pm))
     ours = copy.deepcopy(base)
     inject_lora(ours, r=r, alpha=alpha, target_modules=target, layers=layers, **VARIANTS[variant])
@@ -167,7 +175,7 @@ def make_pair(base: nn.Module, variant: str, target="all-linear", layers=None, r
     return pm, ours.eval()
 
 
-# ---------------------------------------------------------------------------------------------- forward parity
+# ------------------------------------------------------------------------------------------ forward parity
 
 
 @pytest.mark.parametrize("target", list(TARGETS))
@@ -214,25 +222,70 @@ def test_forward_matches_peft_on_4bit_base(tiny_base_4bit, input_ids, variant):
     torch.testing.assert_close(logits(ours, input_ids), logits(pm, input_ids), atol=1e-6, rtol=0)
 
 
-# ---------------------------------------------------------------------------------------------- files
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_train_mode_with_dropout_matches_peft(tiny_base, input_ids, variant):
+    """Same seed -> same dropout masks (one draw per wrapped layer, in model order) -> same loss and grads."""
+    cfg = peft_config(target=["q_proj", "down_proj"], lora_dropout=0.2, **VARIANTS[variant])
+    pm = get_peft_model(copy.deepcopy(tiny_base), cfg).train()
+    randomise_lora(peft_params(pm))
+    ours = copy.deepcopy(tiny_base)
+    inject_lora(ours, r=8, alpha=16, dropout=0.2, target_modules=["q_proj", "down_proj"], **VARIANTS[variant])
+    with torch.no_grad():
+        for k, p in our_params(ours).items():
+            p.copy_(peft_params(pm)[k])
+    losses, grads = [], []
+    for model, params in ((pm.train(), peft_params(pm)), (ours.train(), our_params(ours))):
+        torch.manual_seed(7)
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({k: p.grad for k, p in params.items()})
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=0)
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("variant", "target"), [("lora", "all-linear"), ("rslora", "list"),
-                                                 ("dora", "list+layers"), ("dora", "all-linear")])
-def test_saved_adapter_loads_in_peft(tiny_base, input_ids, tmp_path, variant, target):
-    target_modules, layers = TARGETS[target]
-    _, ours = make_pair(tiny_base, variant, target_modules, layers)
+# ------------------------------------------------------------------------------------------ files
+
+
+# peftlab-side targeting -> what adapter_config.json must say so that PEFT selects the same modules
+SAVE_CASES = {
+    "all-linear": ({"target_modules": "all-linear"}, None, None),
+    "list+layers": ({"target_modules": ["q_proj", "o_proj", "up_proj"], "layers": [1, 3]},
+                    ["o_proj", "q_proj", "up_proj"], [1, 3]),
+    # PEFT refuses layers with a string target; peftlab applies them and writes a suffix list instead
+    "all-linear+layers": ({"target_modules": "all-linear", "layers": [2]},
+                          ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"], [2]),
+    # no suffix list + layers can say this: falls back to the full module names
+    "exclude": (
+        {"target_modules": ["q_proj", "v_proj"], "exclude_modules": ["model.layers.1.self_attn.q_proj"]},
+        "full",
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize(("variant", "case"), [("lora", "all-linear"), ("rslora", "list+layers"),
+                                               ("dora", "all-linear+layers"), ("dora", "exclude")])
+def test_saved_adapter_loads_in_peft(tiny_base, input_ids, tmp_path, variant, case):
+    targeting, expected_targets, expected_layers = SAVE_CASES[case]
+    ours = copy.deepcopy(tiny_base)
+    names = inject_lora(ours, r=8, alpha=16, **targeting, **VARIANTS[variant])
+    randomise_lora(our_params(ours))
     out = save_adapter(ours, tmp_path / "adapter", base_model_name_or_path="builtin:tiny-llama")
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     cfg = json.loads((out / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "LORA" and cfg["use_dora"] == (variant == "dora")
-    assert cfg["use_rslora"] == (variant == "rslora")
-    if target == "list+layers":
-        assert cfg["target_modules"] == ["o_proj", "q_proj", "up_proj"] and cfg["layers_to_transform"] == [1, 3]
+    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM" and cfg["bias"] == "none"
+    assert (cfg["use_dora"], cfg["use_rslora"]) == (variant == "dora", variant == "rslora")
+    assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"]) == (8, 16, 0.0)
+    if expected_targets == "full":
+        expected_targets = sorted(names)
+    if expected_targets is not None:
+        assert (cfg["target_modules"], cfg["layers_to_transform"]) == (expected_targets, expected_layers)
     assert set(load_file(str(out / "adapter_model.safetensors"))) == set(lora_state_dict(ours))
     pm = PeftModel.from_pretrained(copy.deepcopy(tiny_base), str(out)).eval()
     assert sorted(peft_params(pm)) == sorted(lora_state_dict(ours))
-    torch.testing.assert_close(logits(pm, input_ids), logits(ours, input_ids), atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(pm, input_ids), logits(ours.eval(), input_ids), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -262,7 +315,7 @@ def test_load_adapter_trainable_and_reload_roundtrip(tiny_base, input_ids, tmp_p
     assert read_adapter_config(tmp_path)["base_model_name_or_path"] == "x"
 
 
-# ---------------------------------------------------------------------------------------------- merge
+# ------------------------------------------------------------------------------------------ merge
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -294,6 +347,26 @@ def test_merge_casts_once_to_requested_dtype(tiny_base):
     assert w.dtype == torch.bfloat16 and torch.equal(w, fp32.to(torch.bfloat16))
 
 
+def test_merge_in_place_and_unmerge_restores_exact_weights(tiny_base, input_ids):
+    _, ours = make_pair(tiny_base, "dora", ["q_proj", "up_proj"])
+    expected = logits(ours, input_ids)
+    originals = {n: m.base_layer.weight.detach().clone() for n, m in lora_modules(ours).items()}
+    for m in lora_modules(ours).values():
+        m.merge()
+    assert all(m.merged for m in lora_modules(ours).values())
+    torch.testing.assert_close(logits(ours, input_ids), expected, atol=1e-5, rtol=0)
+    for n, m in lora_modules(ours).items():
+        m.unmerge()
+        assert torch.equal(m.base_layer.weight, originals[n])
+    torch.testing.assert_close(logits(ours, input_ids), expected, atol=0, rtol=0)
+
+
+def test_merge_in_place_refuses_4bit_base(tiny_base_4bit):
+    layer = LoraLinear(copy.deepcopy(tiny_base_4bit.model.layers[0].self_attn.q_proj), r=2, lora_alpha=4)
+    with pytest.raises(PeftlabError, match="use peftlab.lora.merge_lora"):
+        layer.merge()
+
+
 def test_dequantise_cpu_packed_4bit_weight(tiny_base):
     """bitsandbytes repacks NF4 weights in place for its AVX512-BF16 CPU kernel; merging must still work."""
     lin = tiny_base.model.layers[0].mlp.down_proj
@@ -309,7 +382,7 @@ def test_dequantise_cpu_packed_4bit_weight(tiny_base):
     torch.testing.assert_close(after, before, atol=1e-3, rtol=0)  # only the absmax went to bf16
 
 
-# ---------------------------------------------------------------------------------------------- training
+# ------------------------------------------------------------------------------------------ training
 
 
 def _loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -367,7 +440,7 @@ def test_gradient_checkpointing_gives_same_lora_grads(tiny_base, input_ids, vari
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)
 
 
-# ---------------------------------------------------------------------------------------------- kernels
+# ------------------------------------------------------------------------------------------ kernels
 
 
 def test_kernel_backend_dispatch_matches_torch_path():
@@ -395,7 +468,7 @@ def test_auto_backend_uses_torch_path_on_cpu():
     assert layer._use_kernel(torch.randn(1, 16)) is None  # DoRA always runs the PyTorch path
 
 
-# ---------------------------------------------------------------------------------------------- errors
+# ------------------------------------------------------------------------------------------ errors
 
 
 def test_error_when_nothing_matches(tiny_base):
@@ -455,7 +528,8 @@ def test_error_for_key_mismatch_leaves_model_untouched(tiny_base, tmp_path):
     weights.pop("base_model.model.model.layers.1.self_attn.w_proj.lora_B.weight")
     weights["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"] = torch.zeros(128, 4)
     save_file(weights, str(path))
-    with pytest.raises(PeftlabError, match=r"wrong shapes.*v_proj.lora_B.weight: file \(128, 4\) vs model \(128, 8\)"):
+    shapes = r"wrong shapes.*v_proj.lora_B.weight: file \(128, 4\) vs model \(128, 8\)"
+    with pytest.raises(PeftlabError, match=shapes):
         load_adapter(model, tmp_path)
 
 

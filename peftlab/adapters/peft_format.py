@@ -1,0 +1,296 @@
+"""The PEFT adapter file format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Keys are PEFT's saved names (``base_model.model.<module>.lora_A.weight``, ``...lora_B.weight``,
+DoRA ``...lora_magnitude_vector``) and the config is a PEFT ``LoraConfig``, so adapters move freely
+between peftlab, PEFT (``PeftModel.from_pretrained`` / ``save_pretrained``) and serving engines.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from peftlab.adapters.lora_inject import (
+    inject_lora,
+    layer_index,
+    lora_modules,
+    name_matches,
+    remove_lora,
+    unwrapped_module_names,
+)
+from peftlab.errors import PeftlabError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+KEY_PREFIX = "base_model.model."
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The adapter weights under PEFT's saved key names (adapter name stripped), detached.
+
+    ``base_model.model.<module>.lora_A.weight``, ``...lora_B.weight`` and, for DoRA,
+    ``...lora_magnitude_vector`` (PEFT saves the magnitude without a ``.weight`` suffix).
+    """
+    return {key: p.detach() for key, p in _named_lora_params(model).items()}
+
+
+def _named_lora_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    params: dict[str, nn.Parameter] = {}
+    for name, module in lora_modules(model).items():
+        prefix = f"{KEY_PREFIX}{name}."
+        params[prefix + "lora_A.weight"] = module.lora_A.weight
+        params[prefix + "lora_B.weight"] = module.lora_B.weight
+        if module.lora_magnitude_vector is not None:
+            params[prefix + "lora_magnitude_vector"] = module.lora_magnitude_vector
+    return params
+
+
+def _describe_targets(model: nn.Module, wrapped: list[str]) -> tuple[list[str], list[int] | None]:
+    """The simplest (target_modules, layers_to_transform) that selects exactly ``wrapped`` under PEFT's rules.
+
+    Tries the short suffix names (["q_proj", "v_proj"]), then the suffixes restricted to the layer
+    indices in use, then falls back to the full module names (what PEFT itself writes for
+    "all-linear"), which always reproduce the set exactly.
+    """
+    names = [n for n in unwrapped_module_names(model) if n]
+    wanted = set(wrapped)
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in wrapped})
+    indices = [layer_index(n) for n in wrapped]
+    candidates: list[tuple[list[str], list[int] | None]] = [(suffixes, None)]
+    if all(i is not None for i in indices):
+        candidates.append((suffixes, sorted(set(indices))))  # type: ignore[type-var]
+    for targets, layers in candidates:
+        if {n for n in names if name_matches(n, targets, layers)} == wanted:
+            return targets, layers
+    return sorted(wanted), None
+
+
+def _common(values: list[Any]) -> Any:
+    return Counter(values).most_common(1)[0][0]
+
+
+def adapter_config(model: nn.Module, *, base_model_name_or_path: str, **extra: Any) -> dict[str, Any]:
+    """The ``adapter_config.json`` content (PEFT's LoraConfig) describing the model's LoRA layers.
+
+    Per-module ranks/alphas that differ from the most common one go to ``rank_pattern`` /
+    ``alpha_pattern`` keyed by the full module name. ``extra`` keys are added last (and win).
+    """
+    modules = lora_modules(model)
+    if not modules:
+        raise PeftlabError("the model has no LoRA layers; call peftlab.lora.inject_lora(model, ...) first.")
+    for flag in ("use_dora", "use_rslora"):
+        if len({getattr(m, flag) for m in modules.values()}) > 1:
+            raise PeftlabError(
+                f"LoRA layers disagree on {flag}; one PEFT adapter needs one value for all layers."
+            )
+    targets, layers = _describe_targets(model, list(modules))
+    r = _common([m.r for m in modules.values()])
+    alpha = _common([m.lora_alpha for m in modules.values()])
+    dropouts = [m.lora_dropout.p if isinstance(m.lora_dropout, nn.Dropout) else 0.0 for m in modules.values()]
+    first = next(iter(modules.values()))
+    config: dict[str, Any] = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": _common(dropouts),
+        "target_modules": targets,
+        "exclude_modules": None,
+        "layers_to_transform": layers,
+        "layers_pattern": None,
+        "rank_pattern": {re.escape(n): m.r for n, m in modules.items() if m.r != r},
+        "alpha_pattern": {re.escape(n): m.lora_alpha for n, m in modules.items() if m.lora_alpha != alpha},
+        "use_rslora": first.use_rslora,
+        "use_dora": first.use_dora,
+        "bias": "none",
+        "lora_bias": False,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "layer_replication": None,
+    }
+    config.update(extra)
+    return config
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_adapter(
+    model: nn.Module,
+    out_dir: str | os.PathLike[str],
+    *,
+    base_model_name_or_path: str,
+    extra_config: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT format) into ``out_dir``.
+
+    Each file is written to a temporary name and renamed into place, so a crash never leaves a
+    half-written file under the final name.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = adapter_config(model, base_model_name_or_path=base_model_name_or_path, **(extra_config or {}))
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
+    _write_atomic(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    _write_atomic(out / CONFIG_NAME, lambda p: p.write_text(text))
+    return out
+
+
+# PEFT options whose adapters peftlab cannot reproduce; loading one is refused rather than silently wrong.
+_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "bias": lambda v: v not in (None, "none"),
+    "lora_bias": bool,
+    "modules_to_save": bool,
+    "fan_in_fan_out": bool,
+    "layer_replication": bool,
+    "target_parameters": bool,
+    "trainable_token_indices": bool,
+    "use_qalora": bool,
+    "alora_invocation_tokens": bool,
+}
+
+
+def read_adapter_config(adapter_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and check ``adapter_config.json`` of a PEFT LoRA adapter directory."""
+    path = Path(adapter_dir)
+    if not path.is_dir():
+        raise PeftlabError(
+            f"adapter directory {str(path)!r} does not exist; pass the folder that save_adapter or PEFT's "
+            f"save_pretrained wrote (it holds {CONFIG_NAME} and {WEIGHTS_NAME})."
+        )
+    config_path = path / CONFIG_NAME
+    if not config_path.is_file():
+        raise PeftlabError(f"{CONFIG_NAME} is missing in {str(path)!r}; a PEFT adapter folder holds "
+                           f"{CONFIG_NAME} and {WEIGHTS_NAME}.")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PeftlabError(f"{config_path} is not valid JSON ({e}); re-save the adapter.") from None
+    if not isinstance(config, dict):
+        raise PeftlabError(f"{config_path} must hold a JSON object, got {type(config).__name__}.")
+    peft_type = config.get("peft_type", "LORA")
+    if str(peft_type).upper() != "LORA":
+        raise PeftlabError(f"{config_path}: peft_type is {peft_type!r}; peftlab loads LoRA adapters only.")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if config.get(key) is None:
+            raise PeftlabError(f"{config_path}: required key {key!r} is missing or null.")
+    if not isinstance(config["r"], int) or config["r"] <= 0:
+        raise PeftlabError(f"{config_path}: r must be a positive integer, got {config['r']!r}.")
+    for key, unsupported in _UNSUPPORTED.items():
+        if unsupported(config.get(key)):
+            raise PeftlabError(
+                f"{config_path}: {key}={config[key]!r} is not supported by peftlab's LoRA loader; "
+                "merge that adapter with PEFT or re-train it without that option."
+            )
+    return config
+
+
+def _normalise_key(key: str) -> str:
+    """Map a PEFT state-dict key with an adapter name (``lora_A.default.weight``) to the saved form."""
+    key = re.sub(r"\.(lora_A|lora_B)\.[^.]+\.weight$", r".\1.weight", key)
+    return re.sub(r"\.lora_magnitude_vector(\.[^.]+)?\.weight$", ".lora_magnitude_vector", key)
+
+
+def _read_weights(adapter_dir: Path) -> dict[str, Tensor]:
+    st_path, bin_path = adapter_dir / WEIGHTS_NAME, adapter_dir / LEGACY_WEIGHTS_NAME
+    if st_path.is_file():
+        from safetensors.torch import load_file
+
+        weights = load_file(str(st_path))
+    elif bin_path.is_file():
+        weights = torch.load(bin_path, map_location="cpu", weights_only=True)
+    else:
+        raise PeftlabError(f"{WEIGHTS_NAME} is missing in {str(adapter_dir)!r}; the adapter folder is "
+                           "incomplete (re-save it, or copy the weights file next to its config).")
+    return {_normalise_key(k): v for k, v in weights.items()}
+
+
+def _key_list(keys: Iterable[str], limit: int = 8) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_adapter(
+    model: nn.Module,
+    adapter_dir: str | os.PathLike[str],
+    *,
+    kernel_backend: str = "auto",
+    trainable: bool = False,
+) -> list[str]:
+    """Inject LoRA layers described by a PEFT adapter folder and load its weights (strict keys).
+
+    Works for adapters written by :func:`save_adapter` and by PEFT's ``save_pretrained``. On any
+    mismatch (missing or unexpected keys, wrong shapes) the model is left as it was and a
+    PeftlabError lists the offending keys. With ``trainable=True`` the LoRA weights require grad
+    (to resume training); otherwise the whole model is frozen. Returns the wrapped module names.
+    """
+    path = Path(adapter_dir)
+    config = read_adapter_config(path)
+    weights = _read_weights(path)
+    names = inject_lora(
+        model,
+        r=config["r"],
+        alpha=config["lora_alpha"],
+        dropout=float(config.get("lora_dropout") or 0.0),
+        target_modules=config["target_modules"],
+        use_rslora=bool(config.get("use_rslora")),
+        use_dora=bool(config.get("use_dora")),
+        layers=config.get("layers_to_transform"),
+        layers_pattern=config.get("layers_pattern"),
+        exclude_modules=config.get("exclude_modules"),
+        init_lora_weights=False,
+        kernel_backend=kernel_backend,
+        rank_pattern=config.get("rank_pattern"),
+        alpha_pattern=config.get("alpha_pattern"),
+    )
+    try:
+        params = _named_lora_params(model)
+        missing, unexpected = params.keys() - weights.keys(), weights.keys() - params.keys()
+        if missing or unexpected:
+            raise PeftlabError(
+                f"adapter weights in {str(path)!r} do not fit the {len(names)} modules its config selects."
+                f"\n  missing keys: {_key_list(missing) or 'none'}"
+                f"\n  unexpected keys: {_key_list(unexpected) or 'none'}"
+                "\nCheck that the adapter was trained on this base model and that its adapter_config.json "
+                "belongs to these weights."
+            )
+        bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(params[k].shape)}"
+               for k, v in weights.items() if v.shape != params[k].shape]
+        if bad:
+            more = f" ... ({len(bad)} in all)" if len(bad) > 5 else ""
+            raise PeftlabError(
+                f"adapter weights in {str(path)!r} have the wrong shapes (wrong base model or rank?): "
+                f"{'; '.join(bad[:5])}{more}"
+            )
+        with torch.no_grad():
+            for key, param in params.items():
+                param.copy_(weights[key])
+    except BaseException:
+        remove_lora(model)
+        raise
+    for param in params.values():
+        param.requires_grad_(trainable)
+    return names
