@@ -8,10 +8,10 @@ decreasing. Every ``iter()`` restarts from the beginning with the same order (de
 seed), so a resumed run can skip the examples it has already consumed.
 
 Mixtures interleave the datasets: each next example comes from a dataset drawn with probability
-proportional to its weight among those not yet exhausted. The eval split holds out rows whose
-seeded hash falls below ``eval_split`` (a row's fate does not depend on what else was read); the
-held-out examples are collected from the first ``shuffle_buffer`` rows of each dataset, which bounds
-the memory they take. Statistics count what has been produced so far.
+proportional to its weight among those not yet exhausted. The eval split holds out, among the first
+``shuffle_buffer`` rows of each dataset (which bounds the memory they take), the rows whose seeded
+hash falls below ``eval_split``; a row's fate does not depend on what else was read, so train and
+eval never overlap. Statistics count what has been produced so far.
 """
 from __future__ import annotations
 
@@ -38,9 +38,9 @@ from peftlab.data.tokenize import Encoder
 from peftlab.errors import PeftlabError
 
 
-def held_out(seed: int, dataset: int, row: int, fraction: float) -> bool:
-    """Seeded, order-independent eval membership of one row."""
-    if fraction <= 0:
+def held_out(seed: int, dataset: int, row: int, fraction: float, window: int) -> bool:
+    """Seeded, order-independent eval membership of one row among the first ``window`` rows."""
+    if fraction <= 0 or row >= window:
         return False
     h = hashlib.blake2b(f"{seed}:{dataset}:{row}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "big") / 2**64 < fraction
@@ -59,7 +59,7 @@ class StreamingExamples:
         encoder = Encoder(self.tok, template=cfg.template, train_on=cfg.train_on, system_prompt=cfg.system_prompt)
         frac = cfg.eval_split if not cfg.eval else 0.0
         items = (it for it in read_records(self.sources[i], spec, self.names[i], cfg, st, key)
-                 if not held_out(self.seed, i, it.row, frac))
+                 if not held_out(self.seed, i, it.row, frac, cfg.shuffle_buffer))
         yield from encode_items(items, encoder, cfg, i, spec, self.names[i], st, key, spec.format)
 
     def _examples(self) -> Iterator[dict[str, Any]]:
@@ -126,7 +126,7 @@ def build_streaming(cfg: DataConfig, tokenizer: Any, *, seed: int, base_dir: Pat
             for k, it in enumerate(read_records(src, spec, names[i], cfg, est, f"data.train[{i}]")):
                 if k >= cfg.shuffle_buffer:
                     break
-                if held_out(seed, i, it.row, cfg.eval_split):
+                if held_out(seed, i, it.row, cfg.eval_split, cfg.shuffle_buffer):
                     items.append(it)
             held.append((i, items))
     for i, items in held:
