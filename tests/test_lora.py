@@ -288,17 +288,23 @@ def test_saved_adapter_loads_in_peft(tiny_base, input_ids, tmp_path, variant, ca
     torch.testing.assert_close(logits(pm, input_ids), logits(ours.eval(), input_ids), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_peft_saved_adapter_loads_in_peftlab(tiny_base, input_ids, tmp_path, variant):
-    pm = get_peft_model(copy.deepcopy(tiny_base),
-                        peft_config(target=["q_proj", "k_proj", "gate_proj"], rank_pattern={"k_proj": 4},
-                                    **VARIANTS[variant])).eval()
+@pytest.mark.parametrize(("variant", "target", "n_modules"), [
+    ("lora", ["q_proj", "k_proj", "gate_proj"], 12),
+    ("rslora", ["q_proj", "k_proj", "gate_proj"], 12),
+    ("dora", "all-linear", 28),  # PEFT writes "all-linear" out as the full module names
+])
+def test_peft_saved_adapter_loads_in_peftlab(tiny_base, input_ids, tmp_path, variant, target, n_modules):
+    cfg = peft_config(target=target, rank_pattern={"k_proj": 4}, alpha_pattern={"gate_proj": 4},
+                      **VARIANTS[variant])
+    pm = get_peft_model(copy.deepcopy(tiny_base), cfg).eval()
     randomise_lora(peft_params(pm))
     pm.save_pretrained(str(tmp_path))
     ours = copy.deepcopy(tiny_base)
     names = load_adapter(ours, tmp_path)
-    assert len(names) == 12
-    assert lora_modules(ours)["model.layers.0.self_attn.k_proj"].r == 4
+    assert len(names) == n_modules
+    mods = lora_modules(ours)
+    assert mods["model.layers.0.self_attn.k_proj"].r == 4 and mods["model.layers.0.self_attn.q_proj"].r == 8
+    assert mods["model.layers.3.mlp.gate_proj"].lora_alpha == 4
     assert not any(p.requires_grad for p in ours.parameters())
     torch.testing.assert_close(logits(ours, input_ids), logits(pm, input_ids), atol=1e-6, rtol=0)
 
@@ -458,6 +464,12 @@ def test_kernel_backend_dispatch_matches_torch_path():
     model = nn.Sequential(layer)
     set_kernel_backend(model, "off")
     torch.testing.assert_close(layer(x), base(x), atol=0, rtol=0)
+    # a 4-bit NF4 base (double quant, fp32 compute)
+    layer4 = LoraLinear(quantize_linears_4bit(nn.Sequential(nn.Linear(64, 96)), skip=())[0], r=8, lora_alpha=16)
+    randomise_lora({"a": layer4.lora_A.weight, "b": layer4.lora_B.weight})
+    expected = layer4.torch_forward(x)
+    layer4.kernel_backend = "triton"
+    torch.testing.assert_close(layer4(x), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_auto_backend_uses_torch_path_on_cpu():
@@ -499,6 +511,14 @@ def test_error_for_missing_or_invalid_adapter_files(tiny_base, tmp_path):
         read_adapter_config(tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3", "r": 8}))
     with pytest.raises(PeftlabError, match="peftlab loads LoRA adapters only"):
+        read_adapter_config(tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16, "target_modules": ["q"],
+                                                             "modules_to_save": ["lm_head"]}))
+    with pytest.raises(PeftlabError, match="modules_to_save=\\['lm_head'\\] is not supported"):
+        read_adapter_config(tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16, "target_modules": ["q"],
+                                                             "init_lora_weights": "pissa"}))
+    with pytest.raises(PeftlabError, match="init_lora_weights='pissa' rewrites the base weights"):
         read_adapter_config(tmp_path)
     _, ours = make_pair(tiny_base, "lora", ["q_proj"])
     save_adapter(ours, tmp_path, base_model_name_or_path="x")

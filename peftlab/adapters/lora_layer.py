@@ -185,10 +185,15 @@ class LoraLinear(nn.Module):
         kernel = self._use_kernel(x)
         if kernel is not None:
             p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
-            return kernel(
-                x, self.base_layer, self.lora_A.weight, self.lora_B.weight, self.scaling,
+            # The kernel computes in x's dtype; bitsandbytes' Linear4bit computes in its compute_dtype and
+            # returns the input dtype. Cast around the kernel so both paths compute the same thing.
+            compute = getattr(self.base_layer, "compute_dtype", None) if is_4bit(self.base_layer) else None
+            xk = x.to(compute) if compute is not None else x
+            y = kernel(
+                xk, self.base_layer, self.lora_A.weight, self.lora_B.weight, self.scaling,
                 dropout_p=p, training=self.training, backend=self.kernel_backend,
             )
+            return y.to(x.dtype)
         return self.torch_forward(x)
 
     def torch_forward(self, x: Tensor) -> Tensor:
@@ -208,10 +213,11 @@ class LoraLinear(nn.Module):
         else:
             x = self.lora_dropout(x)
             base_result = None
-        lora_weight = (self.lora_B.weight @ self.lora_A.weight).to(x.dtype)
         weight = _base_weight_for_dora(self.base_layer, x.dtype)
-        weight_norm = torch.linalg.norm(weight + self.scaling * lora_weight.detach(), dim=1).to(x.dtype)
-        mag_norm_scale = (self.lora_magnitude_vector / weight_norm.detach()).view(1, -1)
+        with torch.no_grad():  # PEFT detaches the norm: it is a constant for backprop (DoRA paper, §4.3)
+            lora_weight = (self.lora_B.weight @ self.lora_A.weight).to(x.dtype)
+            weight_norm = torch.linalg.norm(weight + self.scaling * lora_weight, dim=1).to(x.dtype)
+        mag_norm_scale = (self.lora_magnitude_vector / weight_norm).view(1, -1)
         lora_result = self.lora_B(self.lora_A(x))
         if base_result is not None:
             bias = self.base_layer.bias

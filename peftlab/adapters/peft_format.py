@@ -172,6 +172,10 @@ _UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
 }
 
 
+# Initialisations that leave the base weights alone (PiSSA, OLoRA, CorDA, LoftQ, ... subtract from them).
+_INITS_KEEPING_BASE = ("gaussian", "eva", "orthogonal")
+
+
 def read_adapter_config(adapter_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and check ``adapter_config.json`` of a PEFT LoRA adapter directory."""
     path = Path(adapter_dir)
@@ -198,6 +202,13 @@ def read_adapter_config(adapter_dir: str | os.PathLike[str]) -> dict[str, Any]:
             raise PeftlabError(f"{config_path}: required key {key!r} is missing or null.")
     if not isinstance(config["r"], int) or config["r"] <= 0:
         raise PeftlabError(f"{config_path}: r must be a positive integer, got {config['r']!r}.")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() not in _INITS_KEEPING_BASE:
+        raise PeftlabError(
+            f"{config_path}: init_lora_weights={init!r} rewrites the base weights, so this adapter only works on "
+            "the base model it modified. Convert it to a plain LoRA with PEFT first: save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=<initial adapter dir>)."
+        )
     for key, unsupported in _UNSUPPORTED.items():
         if unsupported(config.get(key)):
             raise PeftlabError(
