@@ -1,0 +1,31 @@
+"""The fused-loss benchmarks run end to end at tiny sizes (--smoke) and record what they measured."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fused_linear_cross_entropy", "fused_linear_kd_loss"])
+def test_bench_smoke(name, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(BENCH / f"bench_{name}.py"), "--smoke", "--results-dir",
+                           str(tmp_path)], capture_output=True, text=True, timeout=120, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "peak_rss_mb" in proc.stdout  # the table header
+    records = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+    by_method = {r["method"]: r for r in records}
+    assert set(by_method) == {"inputs", "unfused", "fused"}
+    for r in records:
+        assert r["smoke"] is True and r["device"].startswith("cpu") and r["git_commit"] and r["command"]
+        assert r["versions"]["torch"] and r["peak_rss_mb"] > 0
+    # the fused path and the plain PyTorch baseline computed the same loss
+    assert by_method["fused"]["loss"] == pytest.approx(by_method["unfused"]["loss"], rel=1e-4)
+    assert by_method["fused"]["time_s"] > 0 and "above_inputs_mb" in by_method["fused"]
