@@ -122,13 +122,56 @@ def fit_length(ids: list[int], labels: list[int], cfg: DataConfig, st: DatasetSt
     return kept
 
 
+_WORKER_ENCODER: Encoder | None = None
+
+
+def _init_worker(encoder: Encoder) -> None:
+    global _WORKER_ENCODER
+    _WORKER_ENCODER = encoder
+
+
+def _encode_in_worker(records: list[dict[str, Any]]) -> list[Encoded | EncodedClass | BadRow]:
+    assert _WORKER_ENCODER is not None
+    return _WORKER_ENCODER.encode_batch(records)
+
+
+def _chunks(items: Iterable[_Item], size: int) -> Iterator[list[_Item]]:
+    chunk: list[_Item] = []
+    for it in items:
+        chunk.append(it)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def encoded_chunks(items: Iterable[_Item], encoder: Encoder, num_proc: int
+                   ) -> Iterator[tuple[list[_Item], list[Encoded | EncodedClass | BadRow]]]:
+    """(items, encodings) chunk by chunk, in input order; ``num_proc > 1`` encodes in worker processes.
+
+    Workers are forked where the platform allows it (the encoder, tokenizer included, is inherited,
+    not pickled per task); results come back in order (``imap``), so the output is identical to
+    ``num_proc: 1``.
+    """
+    if num_proc <= 1:
+        for chunk in _chunks(items, ENCODE_CHUNK):
+            yield chunk, encoder.encode_batch([c.record for c in chunk])
+        return
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    chunks = list(_chunks(items, ENCODE_CHUNK))
+    with ctx.Pool(num_proc, initializer=_init_worker, initargs=(encoder,)) as pool:
+        results = pool.imap(_encode_in_worker, [[c.record for c in chunk] for chunk in chunks])
+        yield from zip(chunks, results)
+
+
 def encode_items(items: Iterable[_Item], encoder: Encoder, cfg: DataConfig, ds_index: int, spec: DatasetSpec,
                  name: str, st: DatasetStats, key: str, fmt_hint: str) -> Iterator[dict[str, Any]]:
     """Tokenize records in chunks and yield examples (classification labels stay raw here)."""
-    chunk: list[_Item] = []
-
-    def flush() -> Iterator[dict[str, Any]]:
-        for it, enc in zip(chunk, encoder.encode_batch([c.record for c in chunk])):
+    for chunk, encs in encoded_chunks(items, encoder, cfg.num_proc):
+        for it, enc in zip(chunk, encs):
             if isinstance(enc, BadRow):
                 _bad(enc, it.where, name, fmt_hint, cfg, st, key)
                 continue
@@ -146,19 +189,11 @@ def encode_items(items: Iterable[_Item], encoder: Encoder, cfg: DataConfig, ds_i
                 st.tokens += len(ids)
                 yield {"input_ids": ids, "label": enc.label, **base}
                 continue
-            assert isinstance(enc, Encoded)
             for ids, labels in fit_length(enc.input_ids, enc.labels, cfg, st):
                 st.samples += 1
                 st.tokens += len(ids)
                 st.trained_tokens += sum(1 for x in labels[1:] if x != IGNORE_INDEX)
                 yield {"input_ids": ids, "labels": labels, **base}
-        chunk.clear()
-
-    for item in items:
-        chunk.append(item)
-        if len(chunk) >= ENCODE_CHUNK:
-            yield from flush()
-    yield from flush()
 
 
 def split_eval(items: list[_Item], fraction: float, rng: random.Random) -> tuple[list[_Item], list[_Item]]:

@@ -167,3 +167,11 @@ def test_eval_datasets_and_prompts(tmp_path, tok):
         "reference": "aa", "dataset": "v"}
     with pytest.raises(Exception, match="either eval"):
         DataConfig(train=["t.jsonl"], eval=["v.jsonl"], eval_split=0.1)
+
+
+def test_num_proc_gives_identical_output(tmp_path, tok):
+    write_jsonl(tmp_path / "c.jsonl", chat_rows(1100))  # > 2 encode chunks
+    cfg = DataConfig(train=["c.jsonl"], eval_split=0.05)
+    one = build_data(cfg, tok, seed=0, base_dir=tmp_path)
+    two = build_data(cfg.model_copy(update={"num_proc": 2}), tok, seed=0, base_dir=tmp_path)
+    assert one.train == two.train and one.eval == two.eval and one.stats == two.stats
