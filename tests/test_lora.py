@@ -188,6 +188,16 @@ def test_forward_matches_peft(tiny_base, input_ids, variant, target):
     torch.testing.assert_close(logits(ours, input_ids), expected, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_bf16_base_matches_peft(tiny_base, input_ids, variant):
+    """bf16 base, fp32 LoRA weights (PEFT's autocast_adapter_dtype): the output stays bf16 and rounds like PEFT."""
+    pm, ours = make_pair(copy.deepcopy(tiny_base).to(torch.bfloat16), variant, ["q_proj", "down_proj"])
+    assert {p.dtype for p in our_params(ours).values()} == {torch.float32}
+    got, expected = logits(ours, input_ids), logits(pm, input_ids)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected, atol=0 if variant == "lora" else 1e-2, rtol=0)
+
+
 def test_wrapped_modules_and_init_match_peft_under_one_seed(tiny_base):
     torch.manual_seed(123)
     pm = get_peft_model(copy.deepcopy(tiny_base), peft_config(target=["q_proj", "up_proj"], layers=[0, 2]))

@@ -225,7 +225,8 @@ class LoraLinear(nn.Module):
                 base_result = base_result - bias
         else:
             base_result = F.linear(x, weight)
-        result = result + (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * self.scaling
+        # summed in PEFT's order (the DoRA term first), so even bf16 outputs round identically
+        result = result + ((mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * self.scaling)
         return result.to(out_dtype)
 
     def delta_weight(self) -> Tensor:
