@@ -179,7 +179,7 @@ if _HAS_TRITON:
                          other=0.0)
             b = tl.load(b_ptr + rn[:, None] * stride_bn + offs_r[None, :], mask=n_ok[:, None] & r_ok[None, :],
                         other=0.0)
-            acc += scaling * _dot(xa, tl.trans(b), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+            acc += scaling * _dot(xa, tl.trans(b.to(xa.dtype)), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
                                   LORA_PRECISION, INTERPRETER)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -225,7 +225,7 @@ if _HAS_TRITON:
                         other=0.0)
             a = tl.load(a_ptr + offs_r[:, None].to(tl.int64) * stride_ar + rk[None, :],
                         mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-            lora = lora_scale * _dot(g, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), LORA_PRECISION,
+            lora = lora_scale * _dot(g, a.to(g.dtype), tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), LORA_PRECISION,
                                      INTERPRETER)
             if HAS_MASK:
                 keep = tl.load(mask_ptr + rm[:, None] * stride_maskm + rk[None, :],
@@ -398,7 +398,10 @@ def reference_lora_linear(x: torch.Tensor, base_layer: torch.nn.Module, lora_A: 
 
 # ------------------------------------------------------------------------------------------ triton path
 def _precision(dtype: torch.dtype) -> str:
-    # fp32 dots must be IEEE: tf32 would break fp32 parity (1e-5) on Ampere+; ignored for 16-bit inputs
+    # fp32 dots must be IEEE: tf32 would break fp32 parity (1e-5) on Ampere+; ignored for 16-bit inputs.
+    # The LoRA epilogue (fp32 xa/g, rank-sized reduction) uses the compute dtype's rule too: tf32 tensor
+    # cores for 16-bit outputs (10-bit mantissa, finer than the bf16 output), since an IEEE fp32 FMA dot
+    # on a 128x128 tile needs more than 255 registers (spills; see the AOT test).
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
@@ -422,7 +425,7 @@ def _launch_forward(x2: torch.Tensor, base: _Base, xa: torch.Tensor | None, lora
         lora_B.stride(0) if has_lora else 0, y.stride(0), float(scaling),
         QUANT=base.quantized, W_ROUND=q["W_ROUND"], LOG2_BS=q["LOG2_BS"], LOG2_BS2=q["LOG2_BS2"],
         NESTED=q["NESTED"], HAS_BIAS=bias is not None, HAS_LORA=has_lora, DOT_PRECISION=_precision(x2.dtype),
-        LORA_PRECISION=_precision(xa.dtype if has_lora else x2.dtype), BLOCK_M=cfg.BLOCK_M,
+        LORA_PRECISION=_precision(x2.dtype), BLOCK_M=cfg.BLOCK_M,
         BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_R=lora_block_r(R), GROUP_M=cfg.GROUP_M,
         INTERPRETER=triton_is_interpreted(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         enable_fp_fusion=False,
@@ -449,7 +452,7 @@ def _launch_backward_dx(dy: torch.Tensor, base: _Base, g: torch.Tensor, lora_A: 
         mask_u8.stride(0) if mask_u8 is not None else 0, dx.stride(0), float(lora_scale),
         QUANT=base.quantized, W_ROUND=q["W_ROUND"], LOG2_BS=q["LOG2_BS"], LOG2_BS2=q["LOG2_BS2"],
         NESTED=q["NESTED"], HAS_LORA=True, HAS_MASK=mask_u8 is not None, DOT_PRECISION=_precision(dy.dtype),
-        LORA_PRECISION=_precision(g.dtype), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+        LORA_PRECISION=_precision(dy.dtype), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         BLOCK_R=lora_block_r(R), GROUP_M=cfg.GROUP_M, INTERPRETER=triton_is_interpreted(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
     )
@@ -471,15 +474,39 @@ def _weight_args(base: _Base) -> tuple[torch.Tensor, dict[str, Any]]:
     return w, q
 
 
+_F32_CHUNK = 2048  # rows of the reduction dim upcast at a time (2048 x 14336 x 4 B = 117 MB at most)
+
+
+def matmul_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` accumulated AND returned in fp32 for 16-bit operands (no bf16 rounding of the result).
+
+    The LoRA side matmuls (x·Aᵀ, dy·B, gᵀ·x, dyᵀ·xa) have an r-sized dimension, so doing them in fp32 costs
+    ~r/N of the main GEMM; it keeps dA/dB free of the bf16 rounding of intermediates that plain autograd in
+    bf16 suffers. The reduction dimension is upcast in chunks so no full fp32 copy of x or dy exists.
+    """
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        return a @ b
+    k = a.shape[1]
+    out = None
+    for start in range(0, k, _F32_CHUNK):
+        part = a[:, start:start + _F32_CHUNK].float() @ b[start:start + _F32_CHUNK].float()
+        out = part if out is None else out.add_(part)
+    if out is None:
+        out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float32, device=a.device)
+    return out
+
+
 class FusedLoraLinearFunction(torch.autograd.Function):
     """Autograd Function of the Triton path (see the module docstring for what is saved and recomputed)."""
 
     @staticmethod
     def forward(ctx, x2: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, bias: torch.Tensor | None,
                 mask: torch.Tensor | None, base: _Base, scaling: float, dropout_p: float) -> torch.Tensor:  # type: ignore[override]
-        xd = _apply_dropout(x2, mask, dropout_p).to(lora_A.dtype)
-        xa = F.linear(xd, lora_A)  # (M, r) in the LoRA dtype
-        del xd  # recomputed in backward from x and the 1-byte mask
+        # drop(x) = (x ⊙ mask) / (1-p): x ⊙ mask is exact in any dtype, the 1/(1-p) goes into fp32 scalars
+        keep = 1.0 / (1.0 - dropout_p) if mask is not None else 1.0
+        xm = (x2 * mask.to(x2.dtype) if mask is not None else x2).to(lora_A.dtype)
+        xa = matmul_f32(xm, lora_A.t()).mul_(keep)  # (M, r) fp32
+        del xm  # recomputed in backward from x and the 1-byte mask
         y = _launch_forward(x2, base, xa, lora_B, scaling)
         ctx.save_for_backward(x2, lora_A, lora_B, xa, mask)
         ctx.base, ctx.scaling, ctx.dropout_p = base, float(scaling), float(dropout_p)
@@ -495,14 +522,15 @@ class FusedLoraLinearFunction(torch.autograd.Function):
         dx = da = db = dbias = None
         g = None
         if need_x or need_a:
-            g = dy.to(lora_A.dtype) @ lora_B  # (M, r)
+            g = matmul_f32(dy.to(lora_A.dtype), lora_B)  # (M, r) fp32
         if need_x:
             dx = _launch_backward_dx(dy, ctx.base, g, lora_A, mask, s / (1.0 - p) if mask is not None else s)
         if need_a:
-            xd = _apply_dropout(x2, mask, p).to(lora_A.dtype)
-            da = (g.t() @ xd) * s  # (r, K)
+            xm = (x2 * mask.to(x2.dtype) if mask is not None else x2).to(lora_A.dtype)
+            keep = 1.0 / (1.0 - p) if mask is not None else 1.0
+            da = (matmul_f32(g.t(), xm) * (s * keep)).to(lora_A.dtype)  # (r, K)
         if need_b:
-            db = (dy.to(lora_B.dtype).t() @ xa) * s  # (N, r)
+            db = (matmul_f32(dy.to(lora_B.dtype).t(), xa) * s).to(lora_B.dtype)  # (N, r)
         if need_bias and ctx.has_bias:
             dbias = dy.sum(0, dtype=torch.float32).to(ctx.base.bias.dtype)
         return dx, da, db, dbias, None, None, None, None

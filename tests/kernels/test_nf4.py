@@ -11,9 +11,9 @@ import bitsandbytes.functional as bnbF
 import pytest
 import torch
 from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+from peftlab.kernels.nf4 import bnb_cpu_dequant_is_exact, nf4_dequantize, reference_nf4_dequantize
 
 from peftlab.errors import PeftlabError
-from peftlab.kernels.nf4 import bnb_cpu_dequant_is_exact, nf4_dequantize, reference_nf4_dequantize
 
 # bitsandbytes wraps its default-backend function in torch.compile; the undecorated function is the same
 # arithmetic without a minutes-long compile on this CPU.
