@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -116,7 +117,8 @@ def quantize_linears_4bit(
     return model
 
 
-def peft_config(r: int = 8, alpha: int = 16, target="all-linear", layers=None, lora_dropout=0.0, **kw) -> LoraConfig:
+def peft_config(r: int = 8, alpha: int = 16, target="all-linear", layers=None, lora_dropout=0.0,
+                **kw) -> LoraConfig:
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=lora_dropout, target_modules=target,
                       layers_to_transform=layers, task_type="CAUSAL_LM", **kw)
 
@@ -190,7 +192,7 @@ def test_forward_matches_peft(tiny_base, input_ids, variant, target):
 
 @pytest.mark.parametrize("variant", ["lora", "dora"])
 def test_bf16_base_matches_peft(tiny_base, input_ids, variant):
-    """bf16 base, fp32 LoRA weights (PEFT's autocast_adapter_dtype): the output stays bf16 and rounds like PEFT."""
+    """bf16 base, fp32 LoRA weights (as PEFT's autocast_adapter_dtype): bf16 output, rounded like PEFT's."""
     pm, ours = make_pair(copy.deepcopy(tiny_base).to(torch.bfloat16), variant, ["q_proj", "down_proj"])
     assert {p.dtype for p in our_params(ours).values()} == {torch.float32}
     got, expected = logits(ours, input_ids), logits(pm, input_ids)
@@ -211,6 +213,30 @@ def test_wrapped_modules_and_init_match_peft_under_one_seed(tiny_base):
     for k in ref:
         torch.testing.assert_close(mine[k], ref[k], atol=0, rtol=0)  # same RNG draws: A kaiming, B zero
     assert all(m.lora_B.weight.abs().sum() == 0 for m in lora_modules(ours).values())
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"target_modules": ["q_proj", "mlp.up_proj"]},
+    {"target_modules": ["q_proj", "down_proj"], "layers_to_transform": [0, 3]},
+    # an exact name ignores layers_to_transform, a suffix does not
+    {"target_modules": ["model.layers.1.self_attn.q_proj", "v_proj"], "layers_to_transform": 2},
+    {"target_modules": ["k_proj"], "layers_to_transform": [1], "layers_pattern": "layers"},
+    {"target_modules": r".*layers\.[02]\.self_attn\.(q|v)_proj"},
+    {"target_modules": ["q_proj", "v_proj"], "exclude_modules": ["model.layers.0.self_attn.v_proj"]},
+    {"target_modules": ["q_proj", "o_proj"], "exclude_modules": r".*\.1\..*"},
+])
+def test_target_matching_is_pefts(tiny_base, kwargs):
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    config = LoraConfig(r=4, **kwargs)
+    names = [n for n, _ in tiny_base.named_modules() if n]
+    expected = [n for n in names if check_target_module_exists(config, n) is True
+                or isinstance(check_target_module_exists(config, n), re.Match)]
+    model = copy.deepcopy(tiny_base)
+    got = inject_lora(model, r=4, target_modules=kwargs["target_modules"],
+                      layers=kwargs.get("layers_to_transform"), layers_pattern=kwargs.get("layers_pattern"),
+                      exclude_modules=kwargs.get("exclude_modules"))
+    assert expected and got == expected
 
 
 def test_all_linear_skips_lm_head_and_scaling(tiny_base):
@@ -475,7 +501,8 @@ def test_kernel_backend_dispatch_matches_torch_path():
     set_kernel_backend(model, "off")
     torch.testing.assert_close(layer(x), base(x), atol=0, rtol=0)
     # a 4-bit NF4 base (double quant, fp32 compute)
-    layer4 = LoraLinear(quantize_linears_4bit(nn.Sequential(nn.Linear(64, 96)), skip=())[0], r=8, lora_alpha=16)
+    base4 = quantize_linears_4bit(nn.Sequential(nn.Linear(64, 96)), skip=())[0]
+    layer4 = LoraLinear(base4, r=8, lora_alpha=16)
     randomise_lora({"a": layer4.lora_A.weight, "b": layer4.lora_B.weight})
     expected = layer4.torch_forward(x)
     layer4.kernel_backend = "triton"
@@ -522,12 +549,11 @@ def test_error_for_missing_or_invalid_adapter_files(tiny_base, tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3", "r": 8}))
     with pytest.raises(PeftlabError, match="peftlab loads LoRA adapters only"):
         read_adapter_config(tmp_path)
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16, "target_modules": ["q"],
-                                                             "modules_to_save": ["lm_head"]}))
+    minimal = {"r": 8, "lora_alpha": 16, "target_modules": ["q"]}
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**minimal, "modules_to_save": ["lm_head"]}))
     with pytest.raises(PeftlabError, match="modules_to_save=\\['lm_head'\\] is not supported"):
         read_adapter_config(tmp_path)
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16, "target_modules": ["q"],
-                                                             "init_lora_weights": "pissa"}))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**minimal, "init_lora_weights": "pissa"}))
     with pytest.raises(PeftlabError, match="init_lora_weights='pissa' rewrites the base weights"):
         read_adapter_config(tmp_path)
     _, ours = make_pair(tiny_base, "lora", ["q_proj"])

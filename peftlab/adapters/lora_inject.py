@@ -48,6 +48,18 @@ def layer_index(name: str, layers_pattern: str | Sequence[str] | None = None) ->
     return int(match.group("idx")) if match else None
 
 
+def in_layers(
+    name: str, layers: Sequence[int] | int | None, layers_pattern: str | Sequence[str] | None = None
+) -> bool:
+    """Whether the module sits in one of ``layers`` (None or [] means every layer)."""
+    if layers is None or (isinstance(layers, list) and not layers):
+        return True
+    index = layer_index(name, layers_pattern)
+    if index is None:
+        return False
+    return index == layers if isinstance(layers, int) else index in layers
+
+
 def name_matches(
     name: str,
     target_modules: str | Sequence[str],
@@ -55,7 +67,12 @@ def name_matches(
     layers_pattern: str | Sequence[str] | None = None,
     exclude_modules: str | Sequence[str] | None = None,
 ) -> bool:
-    """PEFT's ``check_target_module_exists`` for one module name (regex string or suffix list)."""
+    """Exactly PEFT's ``check_target_module_exists`` for one module name.
+
+    A string target is a regex matched against the whole name; a list matches a name exactly or as a
+    ``.suffix``. As in PEFT, ``layers`` restricts suffix matches only: exact names and regexes ignore it
+    (PEFT's LoraConfig refuses layers with a regex; peftlab's inject_lora applies them itself).
+    """
     if exclude_modules:
         if isinstance(exclude_modules, str):
             if re.fullmatch(exclude_modules, name):
@@ -63,15 +80,12 @@ def name_matches(
         elif name in exclude_modules or any(name.endswith(f".{key}") for key in exclude_modules):
             return False
     if isinstance(target_modules, str):
-        found = re.fullmatch(target_modules, name) is not None
-    else:
-        found = name in target_modules or any(name.endswith(f".{key}") for key in target_modules)
-    if found and layers is not None and not (isinstance(layers, list) and not layers):
-        index = layer_index(name, layers_pattern)
-        if index is None:
-            return False
-        return index == layers if isinstance(layers, int) else index in layers
-    return found
+        return re.fullmatch(target_modules, name) is not None
+    if name in target_modules:
+        return True
+    if not any(name.endswith(f".{key}") for key in target_modules):
+        return False
+    return in_layers(name, layers, layers_pattern)
 
 
 def unwrapped_module_names(model: nn.Module) -> list[str]:
@@ -122,17 +136,20 @@ def select_target_modules(
 ) -> list[str]:
     """Names of the modules that LoRA would wrap, in model order (see :func:`inject_lora`)."""
     linear = linear_module_names(model)
-    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
-        heads = _head_names(model)
-        candidates = [n for n in linear if n not in heads]
-        targets: str | Sequence[str] = candidates
+    if isinstance(target_modules, str):
+        if target_modules.lower() == ALL_LINEAR:
+            heads = _head_names(model)
+            candidates = [n for n in linear if n not in heads]
+            pattern: str | list[str] = candidates
+        else:
+            candidates, pattern = unwrapped_module_names(model), target_modules
+        # "all-linear" and regexes take `layers` too here (PEFT's config cannot express that combination;
+        # adapter_config writes such a selection out as names PEFT selects identically).
+        chosen = [n for n in candidates if n and name_matches(n, pattern, exclude_modules=exclude_modules)
+                  and in_layers(n, layers, layers_pattern)]
     else:
-        candidates = unwrapped_module_names(model)
-        targets = target_modules if isinstance(target_modules, str) else list(target_modules)
-    chosen = [
-        n for n in candidates
-        if n and name_matches(n, targets, layers, layers_pattern, exclude_modules)
-    ]
+        chosen = [n for n in unwrapped_module_names(model)
+                  if n and name_matches(n, list(target_modules), layers, layers_pattern, exclude_modules)]
     linear_set = set(linear)
     not_linear = [n for n in chosen if n not in linear_set]
     if not_linear:

@@ -205,9 +205,9 @@ def read_adapter_config(adapter_dir: str | os.PathLike[str]) -> dict[str, Any]:
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower() not in _INITS_KEEPING_BASE:
         raise PeftlabError(
-            f"{config_path}: init_lora_weights={init!r} rewrites the base weights, so this adapter only works on "
-            "the base model it modified. Convert it to a plain LoRA with PEFT first: save_pretrained(..., "
-            "path_initial_model_for_weight_conversion=<initial adapter dir>)."
+            f"{config_path}: init_lora_weights={init!r} rewrites the base weights, so this adapter only "
+            "works on the base model it modified. Convert it to a plain LoRA with PEFT first: "
+            "save_pretrained(..., path_initial_model_for_weight_conversion=<initial adapter dir>)."
         )
     for key, unsupported in _UNSUPPORTED.items():
         if unsupported(config.get(key)):
