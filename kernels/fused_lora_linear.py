@@ -14,7 +14,8 @@ row-major, two codes per byte), lora_A ``(r, K)``, lora_B ``(N, r)``, y ``(M, N)
   in-tile dequant, epilogue ``+ s·xa·Bᵀ + bias``.
 * backward: ``g = dy·B`` (M×r); Triton GEMM ``dx = dy·W`` with in-tile dequant, epilogue
   ``+ (s·g·A) ⊙ mask/(1-p)``; ``dA = s·gᵀ·drop(x)``, ``dB = s·dyᵀ·xa`` (small-output torch matmuls).
-  Saved for backward: x (already alive in autograd), xa (M×r), the dropout mask (1 byte/element).
+  The r-sized side matmuls (xa, g, dA, dB) accumulate and return fp32 (see :func:`matmul_f32`).
+  Saved for backward: x (already alive in autograd), xa (M×r fp32), the dropout mask (1 byte/element).
   W and bias of the base layer are frozen: W never gets a gradient (a trainable 16-bit base weight is a
   PeftlabError, never silently ignored); a bias that requires grad does get ``dy.sum(0)``.
 * dropout: the mask is drawn in PyTorch with the torch RNG (same draw on every backend, deterministic for a
@@ -77,8 +78,10 @@ def gemm_config(M: int, N: int, K: int, dtype: torch.dtype, quantized: bool) -> 
     """Tile sizes for a (M×K)·(K×N) GEMM in ``dtype``; the same table serves forward and backward-dx.
 
     16-bit: 128×128 output tiles with K-steps of 64 (dense) or 32 (4-bit: each W element costs a byte load,
-    a code-book gather and a scale gather in registers, so a smaller K-step keeps the dequantised tile from
-    spilling; see the AOT test's register report). fp32 runs IEEE FMA dots: 64×64 tiles. Small M (decode,
+    a code-book gather and a scale gather in registers). Known: with these tiles the 4-bit GEMMs reach 255
+    registers and spill a little on sm_80/89/90 (AOT test report; smaller tiles spill more, the per-element
+    64-bit gather addresses dominate) — the next step is a packed [BN, BK/2] byte load + per-row scales.
+    fp32 runs IEEE FMA dots: 64×64 tiles. Small M (decode,
     tests) shrinks BLOCK_M so a 16-token batch does not waste 7/8 of every tile. All dot dims stay >= 16.
     """
     if dtype == torch.float32:
