@@ -90,13 +90,15 @@ def name_matches(
 
 def unwrapped_module_names(model: nn.Module) -> list[str]:
     """Module names as the un-adapted model has them (inside a LoraLinear only its own name counts)."""
-    names, inside = [], []
+    names: list[str] = []
+    wrappers: set[str] = set()
     for name, module in model.named_modules():
-        if any(name.startswith(prefix + ".") for prefix in inside):
+        parts = name.split(".")
+        if any(".".join(parts[:i]) in wrappers for i in range(1, len(parts))):
             continue
         names.append(name)
         if isinstance(module, LoraLinear):
-            inside.append(name)
+            wrappers.add(name)
     return names
 
 
