@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,6 @@ class DataBundle:
     pad_token_id: int = 0
     from_cache: bool = False
     cache_path: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def sample_id(dataset: int, row: int) -> int:

@@ -105,11 +105,13 @@ def load_or_build(cache_dir: Path, key: str, build: Callable[[], DataBundle]) ->
     path = cache_dir / f"data-{key[:32]}.pt"
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        built = None
         if dist.get_rank() == 0 and not path.is_file():
-            bundle = build()
-            _save(bundle, path)
+            built = build()
+            _save(built, path)
+            built.cache_path = str(path)
         dist.barrier()  # everyone past here sees the finished file
-        return _load(path)
+        return built if built is not None else _load(path)
     if path.is_file():
         return _load(path)
     with _file_lock(cache_dir / f"data-{key[:32]}.lock"):

@@ -41,6 +41,10 @@ def collate(examples: Sequence[dict[str, Any]], *, pad_token_id: int, pad_to_mul
     absent for packs under flash attention), ``position_ids`` (packs), ``loss_weights`` (per token,
     like labels; (B,) for classification) and ``sample_ids`` ((B,) or (B, max samples per pack), -1
     padded).
+
+    Mixture loss (L = sum_i lambda_i * L_i): the trainer weights each target token's cross-entropy by
+    ``loss_weights`` after the usual shift, ``(ce * loss_weights[:, 1:]).sum() / n_target_tokens``,
+    so a dataset's tokens count lambda_i times; padding has weight 0 and label -100.
     """
     if not examples:
         raise ValueError("collate() got an empty batch")

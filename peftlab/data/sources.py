@@ -161,8 +161,9 @@ class Source:
 
         offline = any(os.environ.get(k, "0") not in ("0", "", "false", "False")
                       for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-        hint = ("no network is available here (or HF_HUB_OFFLINE is set); download it where a network "
-                "exists (`datasets.load_dataset(...).save_to_disk(DIR)`) and set `path: DIR`")
+        hint = (f"no local file or directory {self.path} exists, so it was taken as a hub id; no network is "
+                "available here (or HF_HUB_OFFLINE is set): download it where a network exists "
+                "(`datasets.load_dataset(...).save_to_disk(DIR)`) and set `path: DIR`")
         if offline:
             raise PeftlabError(f"data: cannot load hub dataset {self.spec.path!r}: {hint}")
         try:

@@ -88,3 +88,24 @@ def test_concurrent_processes_build_once(tmp_path, data):
     with mp.get_context("spawn").Pool(2) as pool:
         hits = pool.map(_worker, [(str(data), str(cache), str(k)) for k in range(2)], chunksize=1)
     assert sorted(hits) == [False, True]  # one built under the lock, the others loaded its file
+
+
+def _dist_worker(rank: int, data: str, cache: str, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        b = build_data(base_cfg(Path(data)), build_tokenizer(), seed=0, cache_dir=Path(cache))
+        Path(out, f"{rank}.json").write_text(json.dumps({"from_cache": b.from_cache, "n": len(b.train)}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned interpreters importing torch: ~10 s on 2 cores
+def test_distributed_rank0_builds_others_load(tmp_path, data):
+    import torch.multiprocessing as tmp_mp
+
+    init = f"file://{tmp_path / 'pg'}"
+    tmp_mp.spawn(_dist_worker, args=(str(data), str(tmp_path / "cache"), init, str(tmp_path)), nprocs=2)
+    got = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    assert got == [{"from_cache": False, "n": 12}, {"from_cache": True, "n": 12}]
