@@ -157,11 +157,11 @@ class ChatRenderer:
 
     def _span_by_prefix(self, messages: Sequence[dict[str, Any]], i: int, full: str) -> Span | None:
         try:
-            prompt = self.render(messages[:i], add_generation_prompt=True) if i else ""
+            prompt = self.render(messages[:i], add_generation_prompt=True)
             upto = self.render(messages[: i + 1])
         except TemplateRenderError:
             return None
-        if i and not prompt:
+        if not prompt:  # nothing marks where the reply starts (e.g. an opening assistant turn)
             return None
         if not (full.startswith(upto) and upto.startswith(prompt)):
             return None

@@ -149,6 +149,27 @@ def test_reply_quoted_in_prompt_is_not_trained():
     assert trained_runs(ids, labels, tok) == ["OK<|eot_id|>"]
 
 
+@pytest.mark.parametrize("template", [None, "chatml", "alpaca"])
+def test_conversation_opening_with_assistant(template):
+    tok = build_tokenizer()
+    msgs = [{"role": "assistant", "content": "Welcome!"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "Hello."}]
+    ids, labels = encode(tok, msgs, template)
+    end = "<|im_end|>" if template == "chatml" else "<|eot_id|>"
+    assert trained_runs(ids, labels, tok) == [f"Welcome!{end}", f"Hello.{end}"]
+
+
+def test_llama3_conversation_opening_with_assistant(shared_data):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(shared_data / "tokenizers" / "llama3-8b-instruct")
+    msgs = [{"role": "assistant", "content": "Welcome!"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "Hello."}]
+    ids, labels = encode(tok, msgs)
+    assert trained_runs(ids, labels, tok) == ["Welcome!<|eot_id|>", "Hello.<|eot_id|>"]
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+
+
 def test_no_assistant_turn_is_a_bad_row():
     tok = build_tokenizer()
     [res] = Encoder(tok).encode_batch([{"kind": "chat", "messages": [{"role": "user", "content": "hi"}]}])
