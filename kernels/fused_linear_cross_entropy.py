@@ -151,8 +151,8 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 if _HAS_TRITON:
 
     @triton.jit
-    def _logits_kernel(h_ptr, w_ptr, b_ptr, out_ptr, M, V, H, stride_hm, stride_wv, stride_om,
-                       HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
+    def _logits_kernel(h_ptr, w_ptr, b_ptr, out_ptr, M, V, H, stride_hm, stride_wv, stride_om, has_bias,
+                       DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """out[M, V] (fp32) = h[M, H] @ w[V, H]^T (+ b). Grid (cdiv(M, BLOCK_M), cdiv(V, BLOCK_N)):
         the M blocks of one vocab tile are adjacent programs, so each head tile is read from HBM once
@@ -175,17 +175,18 @@ if _HAS_TRITON:
                 acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
             else:  # bf16/fp16 inputs on tensor cores, fp32 accumulation
                 acc = tl.dot(a, b, acc)
-        if HAS_BIAS:
+        if has_bias:  # runtime flag: one compiled variant; the branch is uniform and outside the K loop
             acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc,
                  mask=mask_m[:, None] & mask_n[None, :])
 
     @triton.jit
     def _ce_row_kernel(logits_ptr, stride_row, labels_ptr, scale_ptr, loss_ptr, V, ignore_index,
-                       label_smoothing, z_loss, softcap, HAS_SOFTCAP: tl.constexpr,
-                       COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
-        """One program per row of a fp32 logits chunk: loss[row] and, if COMPUTE_GRAD, the logits row
-        overwritten in place by scale[row] · dloss/dlogits. Two passes over vocab blocks: an online
+                       label_smoothing, z_loss, softcap, compute_grad, HAS_SOFTCAP: tl.constexpr,
+                       BLOCK_V: tl.constexpr):
+        """One program per row of a fp32 logits chunk: loss[row] and the logits row
+        overwritten in place by scale[row] · dloss/dlogits if compute_grad (a runtime flag: one compiled
+        variant, a uniform branch per row). Two passes over vocab blocks: an online
         max/sum-exp (plus Σz for label smoothing), then the gradient."""
         row = tl.program_id(0).to(tl.int64)
         base = logits_ptr + row * stride_row  # int64: row·V overflows int32 for large chunks
@@ -214,7 +215,7 @@ if _HAS_TRITON:
         loss = lse - (1.0 - label_smoothing) * zy - label_smoothing / V * zsum + z_loss * lse * lse
         loss = tl.where(valid, loss, 0.0)
         tl.store(loss_ptr + row, loss)
-        if COMPUTE_GRAD:
+        if compute_grad:
             scale = tl.where(valid, tl.load(scale_ptr + row).to(tl.float32), 0.0)
             p_scale = 1.0 + 2.0 * z_loss * lse
             for i in range(0, tl.cdiv(V, BLOCK_V)):  # noqa: PIE808 (interpreter-friendly form)
@@ -250,14 +251,15 @@ def gemm_launch(h_dtype: torch.dtype, w_dtype: torch.dtype, has_bias: bool,
     # result is the same: bf16 x bf16 products are exact in fp32 and both accumulate in fp32. The
     # tensor-core branch is exercised on GPU (bench --gpu parity check) and by the AOT compile test.
     dot_fp32 = torch.float32 in (h_dtype, w_dtype) or h_dtype != w_dtype or interpreter
-    constexprs = {"HAS_BIAS": has_bias, "DOT_FP32": dot_fp32, "BLOCK_M": GEMM_BLOCK_M,
+    del has_bias  # a runtime argument of the kernel
+    constexprs = {"DOT_FP32": dot_fp32, "BLOCK_M": GEMM_BLOCK_M,
                   "BLOCK_N": GEMM_BLOCK_N, "BLOCK_K": GEMM_BLOCK_K}
     return constexprs, GEMM_NUM_WARPS, GEMM_NUM_STAGES
 
 
-def ce_row_launch(softcap: bool, compute_grad: bool) -> tuple[dict, int, int]:
+def ce_row_launch(softcap: bool) -> tuple[dict, int, int]:
     """(constexprs, num_warps, num_stages) of ``_ce_row_kernel``."""
-    return {"HAS_SOFTCAP": softcap, "COMPUTE_GRAD": compute_grad, "BLOCK_V": ROW_BLOCK_V}, ROW_NUM_WARPS, 3
+    return {"HAS_SOFTCAP": softcap, "BLOCK_V": ROW_BLOCK_V}, ROW_NUM_WARPS, 3
 
 
 def aot_launches(dtype: torch.dtype) -> list[tuple]:
@@ -266,18 +268,15 @@ def aot_launches(dtype: torch.dtype) -> list[tuple]:
     ints, so these are the launches for H=4096, V=128256 too."""
     t = _TL_DTYPES[dtype]
     gemm_sig = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "out_ptr": "*fp32", "M": "i32", "V": "i32",
-                "H": "i32", "stride_hm": "i32", "stride_wv": "i32", "stride_om": "i32"}
+                "H": "i32", "stride_hm": "i32", "stride_wv": "i32", "stride_om": "i32", "has_bias": "i32"}
     row_sig = {"logits_ptr": "*fp32", "stride_row": "i32", "labels_ptr": "*i64", "scale_ptr": "*fp32",
                "loss_ptr": "*fp32", "V": "i32", "ignore_index": "i32", "label_smoothing": "fp32",
-               "z_loss": "fp32", "softcap": "fp32"}
-    out = []
-    for has_bias in (False, True):
-        cx, nw, ns = gemm_launch(dtype, dtype, has_bias, interpreter=False)
-        out.append((_logits_kernel, gemm_sig, cx, nw, ns))
+               "z_loss": "fp32", "softcap": "fp32", "compute_grad": "i32"}
+    cx, nw, ns = gemm_launch(dtype, dtype, False, interpreter=False)
+    out = [(_logits_kernel, gemm_sig, cx, nw, ns)]
     for softcap in (False, True):
-        for grad in (False, True):
-            cx, nw, ns = ce_row_launch(softcap, grad)
-            out.append((_ce_row_kernel, row_sig, cx, nw, ns))
+        cx, nw, ns = ce_row_launch(softcap)
+        out.append((_ce_row_kernel, row_sig, cx, nw, ns))
     return out
 
 
@@ -294,7 +293,7 @@ def triton_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     grid = (triton.cdiv(m, GEMM_BLOCK_M), triton.cdiv(v, GEMM_BLOCK_N))
     _logits_kernel[grid](
         h, weight, bias if bias is not None else h, out, m, v, hs, h.stride(0), weight.stride(0),
-        out.stride(0), **constexprs, num_warps=num_warps, num_stages=num_stages,
+        out.stride(0), int(bias is not None), **constexprs, num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
@@ -384,10 +383,10 @@ def triton_ce_rows(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tens
     rows, v = logits.shape
     loss = torch.empty(rows, device=logits.device, dtype=torch.float32)
     scale = scale.to(torch.float32).contiguous()
-    constexprs, num_warps, num_stages = ce_row_launch(opts.softcap is not None, compute_grad)
+    constexprs, num_warps, num_stages = ce_row_launch(opts.softcap is not None)
     _ce_row_kernel[(rows,)](
         logits, logits.stride(0), labels.contiguous(), scale, loss, v, opts.ignore_index,
-        float(opts.label_smoothing), float(opts.z_loss), float(opts.softcap or 1.0),
+        float(opts.label_smoothing), float(opts.z_loss), float(opts.softcap or 1.0), int(compute_grad),
         **constexprs, num_warps=num_warps, num_stages=num_stages,
     )
     return loss

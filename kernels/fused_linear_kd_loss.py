@@ -127,9 +127,9 @@ if _HAS_TRITON:
 
     @triton.jit
     def _kd_row_kernel(s_ptr, stride_s, t_ptr, stride_t, labels_ptr, scale_ptr, loss_ptr, V, ignore_index,
-                       alpha, inv_temp, temp_sq, beta, log_beta, log_one_minus_beta, KIND: tl.constexpr,
-                       COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
-        """One program per row. s (student, fp32) is overwritten by scale·dL/ds when COMPUTE_GRAD; t is the
+                       alpha, inv_temp, temp_sq, beta, log_beta, log_one_minus_beta, compute_grad,
+                       KIND: tl.constexpr, BLOCK_V: tl.constexpr):
+        """One program per row. s (student, fp32) is overwritten by scale·dL/ds when compute_grad; t is the
         teacher's fp32 logits row. KIND: 0 forward KL, 1 reverse KL, 2 JSD. Three passes over vocab
         blocks: (1) online logsumexp of s, s/T, t/T; (2) the divergence sums; (3) the gradient (reverse
         KL and JSD need the full-row KL before any gradient element is known)."""
@@ -190,7 +190,7 @@ if _HAS_TRITON:
             div = kl_a
         loss = tl.where(valid, alpha * ce + (1.0 - alpha) * temp_sq * div, 0.0)
         tl.store(loss_ptr + row, loss)
-        if COMPUTE_GRAD:
+        if compute_grad:  # runtime flag (uniform per row): one compiled variant per KIND
             scale = tl.where(valid, tl.load(scale_ptr + row).to(tl.float32), 0.0)
             kd_w = (1.0 - alpha) * temp_sq * inv_temp  # T²/T: chain rule of s/T
             for i in range(0, tl.cdiv(V, BLOCK_V)):  # noqa: PIE808
@@ -216,9 +216,9 @@ if _HAS_TRITON:
                 tl.store(s_base + offs, g * scale, mask=mask)
 
 
-def kd_row_launch(kind: int, compute_grad: bool) -> tuple[dict, int, int]:
+def kd_row_launch(kind: int) -> tuple[dict, int, int]:
     """(constexprs, num_warps, num_stages) of ``_kd_row_kernel``: the dispatch and the AOT test use it."""
-    return {"KIND": kind, "COMPUTE_GRAD": compute_grad, "BLOCK_V": ROW_BLOCK_V}, ROW_NUM_WARPS, 3
+    return {"KIND": kind, "BLOCK_V": ROW_BLOCK_V}, ROW_NUM_WARPS, 3
 
 
 def aot_launches(dtype: torch.dtype) -> list[tuple]:
@@ -230,12 +230,11 @@ def aot_launches(dtype: torch.dtype) -> list[tuple]:
     sig = {"s_ptr": "*fp32", "stride_s": "i32", "t_ptr": "*fp32", "stride_t": "i32", "labels_ptr": "*i64",
            "scale_ptr": "*fp32", "loss_ptr": "*fp32", "V": "i32", "ignore_index": "i32", "alpha": "fp32",
            "inv_temp": "fp32", "temp_sq": "fp32", "beta": "fp32", "log_beta": "fp32",
-           "log_one_minus_beta": "fp32"}
+           "log_one_minus_beta": "fp32", "compute_grad": "i32"}
     rows = []
     for kind in (0, 1, 2):
-        for grad in (False, True):
-            cx, nw, ns = kd_row_launch(kind, grad)
-            rows.append((_kd_row_kernel, sig, cx, nw, ns))
+        cx, nw, ns = kd_row_launch(kind)
+        rows.append((_kd_row_kernel, sig, cx, nw, ns))
     return gemms + rows
 
 
@@ -243,11 +242,11 @@ def _triton_kd_rows(kind: int, beta: float, temperature: float, alpha: float, ig
     def row_fn(s, labels, t, scale, compute_grad):
         rows, v = s.shape
         loss = torch.empty(rows, device=s.device, dtype=torch.float32)
-        constexprs, num_warps, num_stages = kd_row_launch(kind, compute_grad)
+        constexprs, num_warps, num_stages = kd_row_launch(kind)
         _kd_row_kernel[(rows,)](
             s, s.stride(0), t, t.stride(0), labels.contiguous(), scale.to(torch.float32).contiguous(), loss,
             v, ignore_index, float(alpha), 1.0 / temperature, float(temperature) ** 2, float(beta),
-            math.log(beta) if beta > 0 else 0.0, math.log1p(-beta) if beta < 1 else 0.0,
+            math.log(beta) if beta > 0 else 0.0, math.log1p(-beta) if beta < 1 else 0.0, int(compute_grad),
             **constexprs, num_warps=num_warps, num_stages=num_stages,
         )
         return loss

@@ -254,7 +254,7 @@ def test_aot_compile(capsys):
                 seen.add(key)
                 launches.append((fn, sig, cx, nw, ns))
     reports = assert_compiles(launches, capsys=capsys)
-    assert len(reports) == 8 * 3
+    assert len(reports) == 4 * 3  # GEMM fp32 + bf16, row kernel with and without soft-cap
     assert {r.arch for r in reports} == {80, 89, 90}
     gemm = [r for r in reports if r.name == "_logits_kernel"]
     assert all(r.n_spills == 0 for r in gemm), "the logits GEMM launch config spills registers"

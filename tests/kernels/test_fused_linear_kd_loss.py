@@ -183,11 +183,11 @@ def test_user_errors():
 
 
 def test_aot_compile_kd_row_kernel(capsys):
-    """The KD row kernel (all kinds, with/without grad) for sm_80/89/90; it reads fp32 logits buffers so
+    """The KD row kernel (each kind) for sm_80/89/90; it reads fp32 logits buffers so
     its launches do not depend on the input dtype. The logits GEMM is covered by the CE test."""
     pytest.importorskip("triton")
     from peftlab.kernels.aot import assert_compiles
 
     launches = [launch for launch in kd_mod.aot_launches(torch.bfloat16) if launch[0].__name__ == "_kd_row_kernel"]
     reports = assert_compiles(launches, capsys=capsys)
-    assert len(reports) == 6 * 3
+    assert len(reports) == 3 * 3
