@@ -258,3 +258,17 @@ def test_aot_compile(capsys):
     assert {r.arch for r in reports} == {80, 89, 90}
     gemm = [r for r in reports if r.name == "_logits_kernel"]
     assert all(r.n_spills == 0 for r in gemm), "the logits GEMM launch config spills registers"
+
+
+def test_package_level_names_are_callable():
+    """``from peftlab.kernels import fused_linear_cross_entropy`` (the spelling the trainer uses) calls the
+    function even though the submodule has the same name (see _CallableModule)."""
+    from peftlab.kernels import fused_linear_cross_entropy as fn
+    from peftlab.kernels import fused_linear_kd_loss as kd
+    from peftlab.kernels import reference_linear_cross_entropy as ref
+
+    hidden, weight, _, labels = make_inputs(*ODD, torch.float32, bias=False)
+    torch.testing.assert_close(fn(hidden, weight, labels, backend="torch"), ref(hidden, weight, labels))
+    # with alpha=1 the KD loss is the hard-label CE
+    torch.testing.assert_close(kd(hidden, weight, hidden, weight, labels, alpha=1.0, backend="torch"),
+                               ref(hidden, weight, labels), atol=1e-5, rtol=5e-4)
