@@ -31,11 +31,13 @@ $(STAMP): pyproject.toml Makefile
 quickstart: venv
 	$(VENV)/bin/peftlab quickstart
 
+# `python -P`: never put the repository root on sys.path, so our top-level kernels/ folder can not
+# shadow the third-party `kernels` module that bitsandbytes imports (ours is peftlab.kernels).
 test: venv
-	$(PY) -m pytest -q -n 2 --dist loadgroup tests
+	$(PY) -P -m pytest -q -n 2 --dist loadgroup tests
 
 test-fast: venv
-	$(PY) -m pytest -q -x -n 2 --dist loadgroup tests -m "not slow"
+	$(PY) -P -m pytest -q -x -n 2 --dist loadgroup tests -m "not slow"
 
 bench: venv
 	$(PY) bench/run_all.py --suite cpu

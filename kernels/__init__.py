@@ -4,34 +4,37 @@ Each op lives in one file holding the Triton kernel(s), the autograd Function th
 plain-PyTorch reference with the same signature. The engine picks Triton on CUDA and the PyTorch
 path elsewhere (``backend="auto"``); a recipe can force either with ``kernels: triton | torch``.
 
-Imports are lazy so that ``import peftlab`` never pays for (or fails on) Triton on machines that
-do not use it.
+The public functions are imported eagerly: each file is named after its function, and importing a
+submodule sets the package attribute of the same name to the *module*; binding the function here,
+after the submodule import, keeps ``from peftlab.kernels import fused_linear_cross_entropy`` the
+function however the submodules were imported before. Triton itself is optional inside each file.
 """
 from __future__ import annotations
 
-import importlib
+from peftlab.kernels.fused_linear_cross_entropy import (  # noqa: E402
+    fused_linear_cross_entropy,
+    reference_linear_cross_entropy,
+)
+from peftlab.kernels.fused_linear_kd_loss import (  # noqa: E402
+    fused_linear_kd_loss,
+    reference_linear_kd_loss,
+    topk_kd_loss,
+)
+from peftlab.kernels.fused_lora_linear import fused_lora_linear, reference_lora_linear  # noqa: E402
+from peftlab.kernels.nf4 import nf4_dequantize, reference_nf4_dequantize  # noqa: E402
 
-_EXPORTS = {
-    # fused loss heads (issue: fused linear cross-entropy / KD loss)
-    "fused_linear_cross_entropy": "fused_linear_cross_entropy",
-    "reference_linear_cross_entropy": "fused_linear_cross_entropy",
-    "fused_linear_kd_loss": "fused_linear_kd_loss",
-    "reference_linear_kd_loss": "fused_linear_kd_loss",
-    # 4-bit weights and the fused QLoRA linear
-    "nf4_dequantize": "nf4",
-    "reference_nf4_dequantize": "nf4",
-    "fused_lora_linear": "fused_lora_linear",
-    "reference_lora_linear": "fused_lora_linear",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'peftlab.kernels' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+__all__ = [
+    "fused_linear_cross_entropy",
+    "fused_linear_kd_loss",
+    "fused_lora_linear",
+    "nf4_dequantize",
+    "reference_linear_cross_entropy",
+    "reference_linear_kd_loss",
+    "reference_lora_linear",
+    "reference_nf4_dequantize",
+    "topk_kd_loss",
+    "triton_available",
+]
 
 
 def triton_available() -> bool:

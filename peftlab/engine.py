@@ -1,0 +1,113 @@
+"""The optimisation engine: backward, gradient clipping, optimizer and scheduler steps.
+
+The trainer talks to an engine through four calls — ``backward(loss)``, ``step()``, ``state_dict()``,
+``load_state_dict()`` — so that the single-process PyTorch engine here and the DeepSpeed engine
+(:mod:`peftlab.distributed`, ZeRO 1/2/3) are interchangeable without touching the loop.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftlab.errors import PeftlabError
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def build_optimizer(params: list[nn.Parameter], train: Any, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW from torch, or bitsandbytes' 8-bit / paged AdamW (``train.optimizer``)."""
+    if not params:
+        raise PeftlabError("nothing to train: no parameter requires grad (check adapter.target_modules)")
+    kw = dict(lr=train.lr, betas=tuple(train.betas), eps=train.eps, weight_decay=train.weight_decay)
+    if train.optimizer == "adamw":
+        # foreach kernels on CPU, fused on CUDA; both are exact AdamW.
+        fused = device.type == "cuda"
+        return torch.optim.AdamW(params, fused=fused, **kw)
+    if device.type != "cuda":
+        raise PeftlabError(
+            f"train.optimizer={train.optimizer} needs a CUDA GPU (bitsandbytes' 8-bit and paged optimizers "
+            "have no CPU implementation); use train.optimizer: adamw on the CPU"
+        )
+    import bitsandbytes as bnb
+
+    cls = {
+        "adamw_8bit": bnb.optim.AdamW8bit,
+        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+        "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
+    }[train.optimizer]
+    return cls(params, **kw)
+
+
+def lr_lambda(kind: str, warmup: int, total: int):
+    """Multiplier of the peak lr at optimizer step ``s`` (0-based; applied after step s)."""
+
+    def f(s: int) -> float:
+        if warmup and s < warmup:
+            return (s + 1) / warmup
+        if kind == "constant" or total <= warmup:
+            return 1.0
+        progress = min(1.0, (s - warmup) / max(1, total - warmup))
+        if kind == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def warmup_steps(train: Any, total_steps: int) -> int:
+    if train.warmup_steps is not None:
+        return train.warmup_steps
+    return int(math.ceil(train.warmup_ratio * total_steps))
+
+
+@dataclass
+class StepResult:
+    grad_norm: float
+    skipped: bool  # a non-finite gradient: the update was not applied
+
+
+class LocalEngine:
+    """One process, one device: plain PyTorch autograd + optimizer."""
+
+    def __init__(self, model: nn.Module, train: Any, total_steps: int, device: torch.device):
+        self.model = model
+        self.params = trainable_parameters(model)
+        self.optimizer = build_optimizer(self.params, train, device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(train.scheduler, warmup_steps(train, total_steps), total_steps)
+        )
+        self.max_grad_norm = train.max_grad_norm
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> StepResult:
+        if self.max_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        else:
+            norm = torch.linalg.vector_norm(
+                torch.stack([p.grad.detach().norm() for p in self.params if p.grad is not None]))
+        norm_f = float(norm)
+        skipped = not math.isfinite(norm_f)
+        if not skipped:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(norm_f, skipped)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])

@@ -1,0 +1,117 @@
+"""The training loss: final hidden states + the head weight -> cross-entropy, never whole logits.
+
+The trainer never runs the model's own ``lm_head`` in training: it asks the decoder for its final
+hidden states and hands them, with the head weight, to
+:func:`peftlab.kernels.fused_linear_cross_entropy` (Triton on CUDA, chunked PyTorch elsewhere). The
+loss is a *sum* over target tokens divided by ``normalizer`` — the number of target tokens in all
+micro-batches of the optimizer step — so gradient accumulation gives exactly the gradient of the
+token-mean loss over the whole step (not a mean of per-micro-batch means).
+
+``kernels: off`` runs the model's unfused path (full logits + ``F.cross_entropy`` in fp32) with the
+same normalisation; it exists for comparison and debugging.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    backend: str = "auto"  # auto | triton | torch | off
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: float | None = None
+
+    @classmethod
+    def from_recipe(cls, recipe: Any, model: nn.Module | None = None) -> LossSettings:
+        softcap = recipe.train.loss.softcap
+        if softcap is None and model is not None:  # e.g. Gemma-2's final_logit_softcapping
+            softcap = getattr(model.config, "final_logit_softcapping", None)
+        return cls(recipe.kernels, recipe.train.loss.label_smoothing, recipe.train.loss.z_loss, softcap)
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
+
+
+def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
+    """labels[:, 1:] padded with ignore at the end: position t is trained to predict token t+1."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def count_targets(batch: dict[str, torch.Tensor]) -> int:
+    """Number of trained tokens of a batch (after the shift)."""
+    return int((shifted_labels(batch["labels"]) != IGNORE_INDEX).sum())
+
+
+def final_hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The decoder's last hidden states (B, T, H) — the model without its output head."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    out = decoder(**model_inputs(batch), use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def output_head(model: nn.Module) -> nn.Linear:
+    head = model.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise TypeError(f"{type(model).__name__} has no linear output head; the fused loss needs one")
+    return head
+
+
+def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, normalizer: float,
+                   settings: LossSettings = LossSettings()) -> torch.Tensor:
+    """Σ over target tokens of (weighted) cross-entropy, divided by ``normalizer``; fp32 scalar.
+
+    ``batch["loss_weights"]`` (per token, optional) scales each token's loss — per-dataset loss
+    weights and per-sample weights; all-ones gives the plain loss.
+    """
+    labels = shifted_labels(batch["labels"])
+    weights = batch.get("loss_weights")
+    if weights is not None:
+        weights = F.pad(weights[:, 1:], (0, 1), value=0.0).float()
+        if bool((weights == 1).all()):
+            weights = None
+    if settings.backend == "off":
+        logits = model(**model_inputs(batch), use_cache=False).logits.float()
+        if settings.softcap:
+            logits = settings.softcap * torch.tanh(logits / settings.softcap)
+        per_token = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                    reduction="none", label_smoothing=settings.label_smoothing)
+        if settings.z_loss:
+            lse = torch.logsumexp(logits.flatten(0, 1), dim=-1)
+            per_token = per_token + settings.z_loss * lse.square() * (labels.flatten() != IGNORE_INDEX)
+        if weights is not None:
+            per_token = per_token * weights.flatten()
+        return per_token.sum() / normalizer
+
+    from peftlab.kernels import fused_linear_cross_entropy
+
+    hidden = final_hidden_states(model, batch)
+    head = output_head(model)
+    kw = dict(head_bias=head.bias, ignore_index=IGNORE_INDEX, label_smoothing=settings.label_smoothing,
+              z_loss=settings.z_loss, softcap=settings.softcap, backend=settings.backend)
+    if weights is None:
+        return fused_linear_cross_entropy(hidden, head.weight, labels, reduction="sum", normalizer=normalizer, **kw)
+    per_token = fused_linear_cross_entropy(hidden, head.weight, labels, reduction="none", **kw)
+    return (per_token * weights).sum() / normalizer
+
+
+@torch.no_grad()
+def eval_loss(model: nn.Module, batches, *, settings: LossSettings) -> tuple[float, int]:
+    """(token-mean loss, target tokens) over an iterable of batches."""
+    total, n = 0.0, 0
+    for batch in batches:
+        k = count_targets(batch)
+        if k == 0:
+            continue
+        total += float(causal_lm_loss(model, batch, normalizer=1.0, settings=settings))
+        n += k
+    return (total / n if n else float("nan")), n

@@ -1,0 +1,190 @@
+"""Model loading: base model (hub id, local dir or built-in) -> optional 4-bit -> LoRA adapters.
+
+Everything goes through transformers' ``from_pretrained`` (the built-in model is a local directory
+built on first use), bitsandbytes does the NF4/FP4 quantisation, and peftlab's own LoRA layers
+(:mod:`peftlab.lora`) are injected on the module instances of the loaded model — nothing global in
+transformers or PEFT is patched.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftlab.builtin import is_builtin, resolve_builtin
+from peftlab.errors import PeftlabError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """``auto``: the current CUDA device when there is one, else the CPU."""
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise PeftlabError("train.device=cuda but no CUDA GPU is visible; use train.device: auto or cpu")
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on GPUs that support it (else float16), float32 on the CPU."""
+    if requested != "auto":
+        return DTYPES[requested]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def resolve_model_path(name: str, *, revision: str | None = None) -> str:
+    """A loadable path or hub id for ``name``; built-ins are built (once) and cached.
+
+    Local directories must contain a ``config.json``; anything else that is not a hub id fails
+    here with a message instead of deep inside transformers.
+    """
+    if is_builtin(name):
+        return str(resolve_builtin(name))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise PeftlabError(
+                f"model.name={name!r} is a local path without a config.json; point it at a Hugging Face "
+                "model directory (config.json + *.safetensors) or use a hub id such as meta-llama/Llama-3.1-8B"
+            )
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or not name.strip():
+        raise PeftlabError(f"model.name={name!r}: no such directory")
+    return name  # a hub id; from_pretrained resolves it (or reports it missing offline)
+
+
+def _hub_error(name: str, exc: Exception) -> PeftlabError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+    why = "offline mode is on and it is not in the local cache" if offline else f"{type(exc).__name__}: {exc}"
+    return PeftlabError(
+        f"could not load model {name!r} ({why}). Use a local model directory, a hub id reachable from "
+        "this machine, or builtin:tiny-llama"
+    )
+
+
+def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name, revision=revision)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(name, exc) from None
+    if tok.pad_token_id is None:
+        # Llama-3 style tokenizers ship without a pad token; padding is never a label, so reusing
+        # eos as pad is safe (the data pipeline masks padding by attention, not by token id).
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def bnb_config(quant: Any, compute_dtype: torch.dtype):
+    """The transformers ``BitsAndBytesConfig`` of a recipe's ``quantization`` section (None: 16-bit)."""
+    if quant.mode == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.mode,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage={"uint8": torch.uint8, **DTYPES}[quant.quant_storage],
+    )
+
+
+def load_base_model(name: str, *, dtype: torch.dtype, device: torch.device, quant: Any = None,
+                    attn_implementation: str = "sdpa", revision: str | None = None,
+                    trust_remote_code: bool = False) -> nn.Module:
+    """Load a causal LM in ``dtype`` on ``device``, 4-bit quantised when ``quant.mode`` is nf4/fp4."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name, revision=revision)
+    kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=attn_implementation,
+                                  revision=revision, trust_remote_code=trust_remote_code)
+    qcfg = bnb_config(quant, dtype) if quant is not None else None
+    if qcfg is not None:
+        if quant.blocksize != 64:
+            raise PeftlabError("quantization.blocksize: transformers' bitsandbytes loader uses 64; "
+                               "other block sizes are not supported when loading")
+        kwargs["quantization_config"] = qcfg
+        kwargs["device_map"] = {"": device}  # bitsandbytes quantises as weights land on the device
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(name, exc) from None
+    if qcfg is None:
+        model.to(device)
+    model.config.use_cache = False
+    return model
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+    model_path: str
+    lora_modules: list[str]
+
+
+def build_model(recipe, *, device: torch.device | None = None, adapter_dir: str | Path | None = None,
+                trainable: bool = True) -> LoadedModel:
+    """Model + tokenizer of a recipe, with LoRA adapters: fresh, or loaded from ``adapter_dir`` /
+    ``adapter.init_from``. The kernel backend of the recipe is set on every LoRA layer."""
+    from peftlab import lora
+
+    device = device or pick_device(recipe.train.device)
+    dtype = pick_dtype(recipe.model.dtype, device)
+    if dtype == torch.float16 and device.type == "cpu":
+        raise PeftlabError("model.dtype=float16 is not usable on the CPU; use float32 or bfloat16")
+    tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.name, revision=recipe.model.revision,
+                               trust_remote_code=recipe.model.trust_remote_code)
+    model = load_base_model(recipe.model.name, dtype=dtype, device=device, quant=recipe.quantization,
+                            attn_implementation=recipe.model.attn_implementation,
+                            revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
+    backend = "torch" if recipe.kernels == "off" else recipe.kernels
+    a = recipe.adapter
+    source = adapter_dir or (recipe.resolve_path(a.init_from) if a.init_from else None)
+    if source is not None:
+        names = lora.load_adapter(model, source, kernel_backend=backend, trainable=trainable)
+    else:
+        names = lora.inject_lora(model, r=a.r, alpha=a.alpha, dropout=a.dropout, target_modules=a.target_modules,
+                                 use_rslora=a.rslora, use_dora=a.dora, layers=a.layers, kernel_backend=backend)
+    # LoRA weights train in fp32 whatever the base compute dtype (mixed precision the QLoRA way):
+    # the adapter path casts activations to the LoRA dtype and back.
+    for m in lora.lora_modules(model).values():
+        m.lora_A.to(device=device, dtype=torch.float32)
+        m.lora_B.to(device=device, dtype=torch.float32)
+        if getattr(m, "lora_magnitude_vector", None) is not None:
+            m.lora_magnitude_vector.data = m.lora_magnitude_vector.data.to(device=device, dtype=torch.float32)
+    if recipe.model.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return LoadedModel(model, tokenizer, device, dtype, resolve_model_path(recipe.model.name), names)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing: LoRA weights inside checkpointed blocks keep their
+    gradients even though the block inputs (frozen embeddings) do not require grad."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count their logical elements."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if getattr(p, "quant_state", None) is not None:
+            n = int(torch.Size(p.quant_state.shape).numel())
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total

@@ -1,0 +1,285 @@
+"""The recipe: one typed, validated description of a run.
+
+A recipe is YAML in, a :class:`Recipe` out. Every section is a pydantic model that forbids unknown
+keys, fills the defaults a practitioner expects (QLoRA NF4 with double quantisation, LoRA r=16
+alpha=32 on all linear layers, AdamW, cosine schedule with warmup, gradient clipping at 1.0, a
+fixed seed), and reports mistakes as :class:`~peftlab.errors.PeftlabError` naming the key, what was
+expected and a "did you mean" for near-miss key names. ``--set train.lr=1e-4`` overrides go
+through the same validation.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from peftlab.data.config import DataConfig
+from peftlab.errors import PeftlabError
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(Section):
+    name: str = "builtin:tiny-llama"
+    """Hub id (``meta-llama/Llama-3.1-8B``), local directory, or ``builtin:<name>``."""
+    revision: str | None = None
+    dtype: Dtype = "auto"
+    """Compute dtype: auto = bfloat16 on GPUs that support it, float32 on CPU."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    tokenizer: str | None = None
+    """Tokenizer id/dir when it differs from the model's."""
+
+
+class QuantizationConfig(Section):
+    mode: Literal["nf4", "fp4", "none"] = "nf4"
+    double_quant: bool = True
+    blocksize: Literal[64, 128, 256] = 64
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
+    """Storage dtype of packed 4-bit weights (DeepSpeed ZeRO-3 wants the compute dtype)."""
+
+
+class AdapterConfig(Section):
+    kind: Literal["lora"] = "lora"
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    rslora: bool = False
+    dora: bool = False
+    layers: list[int] | None = None
+    init_from: str | None = None
+    """Start from an existing adapter directory (PEFT format) instead of a fresh init."""
+
+
+class LossConfig(Section):
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    z_loss: float = Field(0.0, ge=0.0)
+    softcap: float | None = Field(None, gt=0.0)
+
+
+class TrainConfig(Section):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    """Optimizer steps; overrides epochs when set."""
+    micro_batch_size: int = Field(4, gt=0)
+    grad_accum: int = Field(4, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    warmup_steps: int | None = Field(None, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = Field(10, gt=0)
+    eval_every: int | None = Field(None, gt=0)
+    """Evaluate every N optimizer steps (None: only before and after training)."""
+    eval_at_start: bool = True
+    save_every: int | None = Field(None, gt=0)
+    loss: LossConfig = LossConfig()
+
+
+class EvalConfig(Section):
+    metric: Literal["exact_match", "loss", "perplexity"] = "exact_match"
+    max_new_tokens: int = Field(32, gt=0)
+    max_prompts: int = Field(100, gt=0)
+    batch_size: int = Field(16, gt=0)
+    show_samples: int = Field(1, ge=0)
+
+
+class OutputConfig(Section):
+    dir: str = "runs/peftlab"
+    report_to: list[Literal["jsonl", "tensorboard"]] = ["jsonl", "tensorboard"]
+    plot: bool = True
+    overwrite: bool = False
+    """Allow training into a directory that already holds a finished run."""
+
+
+class Recipe(Section):
+    model: ModelConfig = ModelConfig()
+    quantization: QuantizationConfig = QuantizationConfig()
+    adapter: AdapterConfig = AdapterConfig()
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    output: OutputConfig = OutputConfig()
+    kernels: Literal["auto", "triton", "torch", "off"] = "auto"
+    """Fused kernels: auto = Triton on CUDA, PyTorch elsewhere; off = the model's own unfused path."""
+    # Seams for the scale-out, fault-tolerance and distillation sections (other issues).
+    deepspeed: str | None = None
+    resume: str | None = None
+    distill: dict[str, Any] | None = None
+
+    # Where relative paths in the recipe are resolved from (the recipe file's directory).
+    base_dir: str = Field(".", exclude=True)
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _deepspeed_is_json(cls, v: str | None) -> str | None:
+        if v is not None and not v.endswith(".json"):
+            raise ValueError("expected the path of a DeepSpeed JSON config, e.g. recipes/deepspeed/zero2.json")
+        return v
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Recipe:
+        if self.quantization.mode != "none" and self.model.dtype == "float16" and self.train.device == "cpu":
+            raise ValueError(
+                "quantization.mode=%s with model.dtype=float16 on train.device=cpu: bitsandbytes' CPU "
+                "path computes in float32 or bfloat16; set model.dtype to float32, bfloat16 or auto"
+                % self.quantization.mode
+            )
+        if self.adapter.dora and self.kernels == "triton":
+            raise ValueError(
+                "adapter.dora=true with kernels=triton: the fused QLoRA kernel does not implement DoRA; "
+                "set kernels to auto (DoRA layers then use the PyTorch path) or torch"
+            )
+        if self.model.attn_implementation == "flash_attention_2" and self.train.device == "cpu":
+            raise ValueError("model.attn_implementation=flash_attention_2 needs a CUDA GPU; use sdpa on CPU")
+        return self
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def resolve_path(self, p: str | Path) -> Path:
+        """A path from the recipe, relative to the recipe file's directory."""
+        p = Path(p).expanduser()
+        return p if p.is_absolute() else (Path(self.base_dir) / p)
+
+    @property
+    def output_dir(self) -> Path:
+        return self.resolve_path(self.output.dir)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def fingerprint(self, *keys: str) -> str:
+        """Stable hash of the named top-level sections (all when none are named)."""
+        d = self.to_dict()
+        if keys:
+            d = {k: d[k] for k in keys}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---- loading ------------------------------------------------------------------------------------
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the (nested) pydantic model found at ``loc`` (for "did you mean")."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        field = current.model_fields.get(part)
+        if field is None:
+            return list(current.model_fields)
+        current = _unwrap(field.annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _unwrap(annotation: Any) -> Any:
+    """The BaseModel inside ``X | None`` / ``list[X]`` annotations, else the annotation."""
+    for arg in getattr(annotation, "__args__", ()) or ():
+        inner = _unwrap(arg)
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            return inner
+    return annotation
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid recipe {source}:"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            name = str(loc[-1])
+            known = _fields_at(Recipe, loc[:-1])
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            hint = f" — did you mean '{'.'.join(str(p) for p in loc[:-1] + (close[0],))}'?" if close else ""
+            allowed = f" (known keys here: {', '.join(known)})" if known else ""
+            lines.append(f"  {key}: unknown key{hint}{allowed}")
+        elif e["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            got = e.get("input")
+            shown = repr(got) if not isinstance(got, dict) else "a mapping"
+            lines.append(f"  {key}: {e['msg']} (got {shown})")
+    return "\n".join(lines)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise PeftlabError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise PeftlabError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise PeftlabError(f"--set {item!r}: value is not valid YAML ({exc})") from None
+    return path, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a raw recipe mapping."""
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise PeftlabError(f"--set {item!r}: '{part}' is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return raw
+
+
+def recipe_from_dict(raw: dict[str, Any], *, source: str = "(dict)", base_dir: str | Path = ".",
+                     overrides: list[str] | None = None) -> Recipe:
+    if not isinstance(raw, dict):
+        raise PeftlabError(f"invalid recipe {source}: the top level must be a mapping of sections "
+                           "(model, quantization, adapter, data, train, eval, output)")
+    raw = apply_overrides(json.loads(json.dumps(raw)), overrides or [])
+    raw.pop("base_dir", None)
+    try:
+        recipe = Recipe(**raw, base_dir=str(base_dir))
+    except ValidationError as err:
+        raise PeftlabError(_format_errors(err, source)) from None
+    except ValueError as err:  # raised by validators outside pydantic's wrapping
+        raise PeftlabError(f"invalid recipe {source}: {err}") from None
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load, validate and return the recipe at ``path`` (YAML, read with ``yaml.safe_load``)."""
+    path = Path(path)
+    if not path.is_file():
+        hint = " (it is a directory; pass the YAML file inside it)" if path.is_dir() else ""
+        raise PeftlabError(f"recipe file not found: {path}{hint}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise PeftlabError(f"recipe {path} is not valid YAML: {exc}") from None
+    return recipe_from_dict(raw or {}, source=str(path), base_dir=path.resolve().parent, overrides=overrides)
+
+
+def dump_recipe(recipe: Recipe, path: Path) -> None:
+    path.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
