@@ -122,8 +122,24 @@ def load_base_model(name: str, *, dtype: torch.dtype, device: torch.device, quan
         raise _hub_error(name, exc) from None
     if qcfg is None:
         model.to(device)
+    else:
+        keep_compute_dtype(model)
     model.config.use_cache = False
     return model
+
+
+def keep_compute_dtype(model: nn.Module) -> None:
+    """Stop bitsandbytes from silently switching 4-bit layers to bf16 math on the CPU.
+
+    On CPUs with AVX512-BF16, ``bnb.nn.Linear4bit`` repacks its weight in place on the first
+    eval-mode forward and then computes in bf16 whatever ``compute_dtype`` says — a silent dtype
+    downgrade (and the repacked weight no longer dequantises correctly through
+    ``bitsandbytes.functional``). peftlab keeps the recipe's compute dtype: the flag is turned off on
+    each 4-bit module instance of this model (nothing global is changed).
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 @dataclass

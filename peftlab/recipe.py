@@ -201,6 +201,26 @@ def _unwrap(annotation: Any) -> Any:
     return annotation
 
 
+# Names practitioners bring from PEFT / TRL / Axolotl / torchtune, mapped to ours.
+ALIASES = {
+    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "use_rslora": "rslora",
+    "use_dora": "dora", "lora_target_modules": "target_modules", "layers_to_transform": "layers",
+    "learning_rate": "lr", "batch_size": "micro_batch_size", "per_device_train_batch_size": "micro_batch_size",
+    "micro_batch": "micro_batch_size", "gradient_accumulation_steps": "grad_accum", "num_epochs": "epochs",
+    "num_train_epochs": "epochs", "lr_scheduler": "scheduler", "lr_scheduler_type": "scheduler",
+    "optim": "optimizer", "max_grad_norm": "max_grad_norm", "output_dir": "dir", "base_model": "name",
+    "sequence_len": "max_seq_len", "max_length": "max_seq_len", "load_in_4bit": "mode",
+}
+
+
+def _suggest(name: str, known: list[str]) -> str | None:
+    alias = ALIASES.get(name)
+    if alias in known:
+        return alias
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid recipe {source}:"]
     for e in err.errors():
@@ -209,8 +229,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             name = str(loc[-1])
             known = _fields_at(Recipe, loc[:-1])
-            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-            hint = f" — did you mean '{'.'.join(str(p) for p in loc[:-1] + (close[0],))}'?" if close else ""
+            close = _suggest(name, known)
+            hint = f" — did you mean '{'.'.join(str(p) for p in loc[:-1] + (close,))}'?" if close else ""
             allowed = f" (known keys here: {', '.join(known)})" if known else ""
             lines.append(f"  {key}: unknown key{hint}{allowed}")
         elif e["type"] == "missing":

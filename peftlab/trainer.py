@@ -36,6 +36,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def accumulate_gradients(model, batches: list[dict[str, torch.Tensor]], settings: LossSettings,
+                         backward=lambda loss: loss.backward()) -> tuple[float, int]:
+    """Forward/backward the micro-batches of one optimizer step; returns (step loss, target tokens).
+
+    Target tokens are counted over *all* micro-batches first and every micro-batch's summed token
+    loss is divided by that total, so the accumulated gradient equals the gradient of the token-mean
+    loss of the whole step — whatever the split into micro-batches (a mean of per-micro-batch means
+    would weight tokens of short micro-batches more).
+    """
+    n_targets = sum(count_targets(b) for b in batches)
+    total = 0.0
+    if n_targets == 0:
+        return 0.0, 0
+    for b in batches:
+        loss = causal_lm_loss(model, b, normalizer=n_targets, settings=settings)
+        backward(loss)
+        total += float(loss.detach())
+    return total, n_targets
+
+
 class EpochSampler:
     """Micro-batches of example indices: a permutation seeded by (seed, epoch), cut into slices.
 
@@ -162,15 +182,8 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over grad_accum micro-batches; returns the step's figures."""
         batches = [self.batch(ix) for ix in self.next_micro_batches()]
-        n_targets = sum(count_targets(b) for b in batches)
-        total = 0.0
         self.model.train()
-        for b in batches:
-            if n_targets == 0:
-                break
-            loss = causal_lm_loss(self.model, b, normalizer=n_targets, settings=self.settings)
-            self.engine.backward(loss)
-            total += float(loss.detach())
+        total, n_targets = accumulate_gradients(self.model, batches, self.settings, self.engine.backward)
         lr = self.engine.lr
         result = self.engine.step()
         self.state.step += 1
@@ -246,9 +259,10 @@ class Trainer:
         from peftlab.lora import save_adapter
         from peftlab.recipe import dump_recipe
 
-        save_adapter(self.model, path, base_model_name_or_path=self.recipe.model.name,
-                     extra_config={"peftlab": {"quantization": self.recipe.quantization.model_dump(),
-                                               "model_dtype": str(self.loaded.dtype).replace("torch.", "")}})
+        save_adapter(self.model, path, base_model_name_or_path=self.recipe.model.name)
+        # What PEFT's adapter_config.json has no field for (the base's quantisation and compute dtype,
+        # every training setting) travels beside it, so `peftlab eval/generate/merge DIR` rebuild the
+        # exact model that was trained.
         dump_recipe(self.recipe, path / "peftlab_recipe.yaml")
         return path
 
