@@ -43,6 +43,7 @@ from peftlab.errors import PeftlabError
 from .nf4 import (
     _HAS_TRITON,
     bnb_cpu_dequant_is_exact,
+    nf4_dequantize,
     packed_bytes,
     quant_kernel_args,
     reference_nf4_dequantize,
@@ -408,10 +409,42 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+# Rows (tokens) up to which the in-tile-dequant GEMM runs on a GPU. Above it, each W tile would be
+# dequantised once per BLOCK_M rows (M/128 times over the layer): measured on an H100 (bench/RESULTS.md,
+# bench_fused_lora_linear --gpu) that redundant per-element code-book work made the fused kernel 9-60x
+# slower than dequantise-once + cuBLAS at 2k-16k tokens. Large M therefore dequantises the layer's weight
+# once with the Triton NF4 kernel into a transient 16-bit buffer (freed right after the GEMM, recomputed
+# in backward — never kept between forward and backward) and lets cuBLAS do the GEMM; the LoRA path and
+# bias stay as in the fused kernel. Small M (decode, short batches) keeps the fully fused path, where
+# reading 4-bit weights directly is the win. The interpreter (tests) always runs the fused kernels.
+FUSED_IN_TILE_MAX_ROWS = 128
+
+
+def _dense_weight(base: _Base, dtype: torch.dtype) -> torch.Tensor:
+    """The base weight (N, K) in ``dtype``: Triton NF4 dequant for 4-bit bases, a view/cast otherwise."""
+    if base.quantized:
+        return nf4_dequantize(base.weight, base.quant_state, out_dtype=dtype, backend="triton")
+    return base.weight.detach().to(dtype)
+
+
+def _use_dequant_gemm(x2: torch.Tensor) -> bool:
+    return x2.is_cuda and x2.shape[0] > FUSED_IN_TILE_MAX_ROWS and not triton_is_interpreted()
+
+
 def _launch_forward(x2: torch.Tensor, base: _Base, xa: torch.Tensor | None, lora_B: torch.Tensor | None,
                     scaling: float) -> torch.Tensor:
     M, K = x2.shape
     N = base.out_features
+    if _use_dequant_gemm(x2):
+        w16 = _dense_weight(base, x2.dtype)
+        y = x2 @ w16.t()
+        del w16
+        extra = None
+        if xa is not None:
+            extra = (xa @ lora_B.t().float()).mul_(float(scaling))
+        if base.bias is not None:
+            extra = base.bias.float() if extra is None else extra.add_(base.bias.float())
+        return y if extra is None else y.float().add_(extra).to(x2.dtype)
     y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     if M == 0:
         return y
@@ -440,6 +473,14 @@ def _launch_backward_dx(dy: torch.Tensor, base: _Base, g: torch.Tensor, lora_A: 
                         mask: torch.Tensor | None, lora_scale: float) -> torch.Tensor:
     M, N = dy.shape
     K = base.in_features
+    if _use_dequant_gemm(dy):
+        w16 = _dense_weight(base, dy.dtype)
+        dx = dy @ w16
+        del w16
+        lora = (g @ lora_A.float()).mul_(float(lora_scale))
+        if mask is not None:
+            lora.mul_(mask.to(lora.dtype))
+        return dx.float().add_(lora).to(dy.dtype)
     dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device)
     if M == 0:
         return dx
