@@ -37,7 +37,7 @@ def seed_everything(seed: int) -> None:
 
 
 def accumulate_gradients(model, batches: list[dict[str, torch.Tensor]], settings: LossSettings,
-                         backward=lambda loss: loss.backward()) -> tuple[float, int]:
+                         backward=lambda loss: loss.backward(), loss_fn=causal_lm_loss) -> tuple[float, int]:
     """Forward/backward the micro-batches of one optimizer step; returns (step loss, target tokens).
 
     Target tokens are counted over *all* micro-batches first and every micro-batch's summed token
@@ -50,7 +50,7 @@ def accumulate_gradients(model, batches: list[dict[str, torch.Tensor]], settings
     if n_targets == 0:
         return 0.0, 0
     for b in batches:
-        loss = causal_lm_loss(model, b, normalizer=n_targets, settings=settings)
+        loss = loss_fn(model, b, normalizer=n_targets, settings=settings)
         backward(loss)
         total += float(loss.detach())
     return total, n_targets
@@ -115,6 +115,9 @@ class Trainer:
         self.tokenizer = self.loaded.tokenizer
         self.device = self.loaded.device
         self.settings = LossSettings.from_recipe(recipe, self.model)
+        # The training objective: plain causal-LM cross-entropy, or (recipe ``distill:``) a loss that
+        # also runs a teacher. Same signature: (model, batch, *, normalizer, settings) -> scalar.
+        self.loss_fn = causal_lm_loss
         cache_dir = Path(os.environ.get("PEFTLAB_DATA_CACHE", self.out_dir / ".data-cache"))
         self.data = build_data(recipe.data, self.tokenizer, seed=recipe.train.seed, cache_dir=cache_dir,
                                base_dir=Path(recipe.base_dir))
@@ -183,7 +186,8 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches; returns the step's figures."""
         batches = [self.batch(ix) for ix in self.next_micro_batches()]
         self.model.train()
-        total, n_targets = accumulate_gradients(self.model, batches, self.settings, self.engine.backward)
+        total, n_targets = accumulate_gradients(self.model, batches, self.settings, self.engine.backward,
+                                                self.loss_fn)
         lr = self.engine.lr
         result = self.engine.step()
         self.state.step += 1
