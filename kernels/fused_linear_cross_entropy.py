@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
-import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -590,15 +588,3 @@ def reference_linear_cross_entropy(
         return total / valid.sum().clamp(min=1)
     return total / normalizer if normalizer is not None else total
 
-
-class _CallableModule(types.ModuleType):
-    """``from peftlab.kernels import fused_linear_cross_entropy`` can bind this *module* instead of the
-    function: the lazy ``__getattr__`` of the package imports the submodule, and the import system then
-    sets the package attribute of the same name to the module. Making the module call through to the
-    function keeps that spelling working whatever the import order."""
-
-    def __call__(self, *args, **kwargs):
-        return fused_linear_cross_entropy(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -28,8 +28,6 @@ Gradients (used by the Triton row kernel; the PyTorch path takes them from autog
 from __future__ import annotations
 
 import math
-import sys
-import types
 
 import torch
 import torch.nn.functional as F
@@ -432,13 +430,3 @@ def topk_kd_loss(
                                      lambda sl: (lp[sl], ids[sl]))
     return finish_reduction(loss, reduction, labels.shape)
 
-
-class _CallableModule(types.ModuleType):
-    """See the same class in fused_linear_cross_entropy: ``from peftlab.kernels import fused_linear_kd_loss``
-    may bind this module; calling it calls the function."""
-
-    def __call__(self, *args, **kwargs):
-        return fused_linear_kd_loss(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

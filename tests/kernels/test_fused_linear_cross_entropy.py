@@ -3,7 +3,8 @@ full-logits reference, gradients of every input, every option, odd shapes, gradi
 gradcheck of reduction="none", and AOT compiles of every launch for sm_80/89/90."""
 from __future__ import annotations
 
-import peftlab.kernels.fused_linear_cross_entropy as ce_mod
+import importlib
+
 import pytest
 import torch
 from peftlab.kernels.fused_linear_cross_entropy import (
@@ -12,6 +13,9 @@ from peftlab.kernels.fused_linear_cross_entropy import (
 )
 
 from peftlab.errors import PeftlabError
+
+# the module itself (the package binds the name ``fused_linear_cross_entropy`` to the function)
+ce_mod = importlib.import_module("peftlab.kernels.fused_linear_cross_entropy")
 
 # Shapes that divide no block size (BT=47, H=31, V=123) and a "realistic" one small enough for the
 # interpreter: V spans two ROW_BLOCK_V blocks and several GEMM tiles, H several BLOCK_K steps.
@@ -190,7 +194,7 @@ def test_gradient_accumulation_with_normalizer():
         loss = fused_linear_cross_entropy(h_acc[i:i + 2], w_acc, labels[i:i + 2], normalizer=n_targets,
                                           backend="torch")
         loss.backward()
-        total += float(loss)
+        total += float(loss.detach())
     torch.testing.assert_close(h_acc.grad, hidden_full.grad, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(w_acc.grad, w_full.grad, atol=1e-6, rtol=1e-5)
     ref_mean = reference_linear_cross_entropy(hidden, weight, labels, reduction="mean")
@@ -261,8 +265,8 @@ def test_aot_compile(capsys):
 
 
 def test_package_level_names_are_callable():
-    """``from peftlab.kernels import fused_linear_cross_entropy`` (the spelling the trainer uses) calls the
-    function even though the submodule has the same name (see _CallableModule)."""
+    """``from peftlab.kernels import fused_linear_cross_entropy`` (the spelling the trainer uses) is the
+    function even though the submodule has the same name."""
     from peftlab.kernels import fused_linear_cross_entropy as fn
     from peftlab.kernels import fused_linear_kd_loss as kd
     from peftlab.kernels import reference_linear_cross_entropy as ref

@@ -3,15 +3,18 @@ convention), the reference, the Triton row kernel under TRITON_INTERPRET=1 (fp32
 offline distillation (k = V equals the full loss), and AOT compiles of the KD row kernel."""
 from __future__ import annotations
 
+import importlib
 import math
 
-import peftlab.kernels.fused_linear_kd_loss as kd_mod
 import pytest
 import torch
 import torch.nn.functional as F
 from peftlab.kernels.fused_linear_kd_loss import fused_linear_kd_loss, reference_linear_kd_loss, topk_kd_loss
 
 from peftlab.errors import PeftlabError
+
+# the module itself (the package binds the name ``fused_linear_kd_loss`` to the function)
+kd_mod = importlib.import_module("peftlab.kernels.fused_linear_kd_loss")
 
 BT, HS, HT, V = 47, 31, 20, 123  # teacher hidden size differs from the student's; nothing divides a block
 KINDS = {
