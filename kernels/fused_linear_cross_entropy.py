@@ -483,6 +483,19 @@ class ChunkedLossFunction(torch.autograd.Function):
                 gb.to(bd) if gb is not None else None, None, None, None, None, None, None, None)
 
 
+def chunked_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                 row_weight: torch.Tensor, row_fn: RowFn, backend: str, chunk_rows: int, reduction: str,
+                 extra_logits: Callable[[slice], tuple[torch.Tensor, ...]] | None) -> torch.Tensor:
+    """:class:`ChunkedLossFunction` when autograd will need gradients; under ``torch.no_grad()`` (eval)
+    only the losses, so a trainable head costs no V × H gradient buffer and no gradient GEMMs."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
+        return ChunkedLossFunction.apply(hidden, weight, bias, labels, row_weight, row_fn, backend, chunk_rows,
+                                         reduction, extra_logits)
+    loss, *_ = run_chunks(hidden, weight, bias, labels, row_weight, row_fn, backend, chunk_rows, False, False,
+                          False, False, extra_logits)
+    return loss if reduction == "none" else (loss * row_weight).sum()
+
+
 def finish_reduction(loss: torch.Tensor, reduction: str, labels_shape: torch.Size) -> torch.Tensor:
     return loss.reshape(labels_shape) if reduction == "none" else loss
 
@@ -543,8 +556,7 @@ def fused_linear_cross_entropy(
 
     cd = compute_dtype(h2, head_weight)
     row_weight = reduction_scale(y != ignore_index, reduction, normalizer, cd)
-    loss = ChunkedLossFunction.apply(h2, head_weight, head_bias, y, row_weight, row_fn, be, rows, reduction,
-                                     None)
+    loss = chunked_loss(h2, head_weight, head_bias, y, row_weight, row_fn, be, rows, reduction, None)
     return finish_reduction(loss, reduction, labels.shape)
 
 

@@ -35,9 +35,9 @@ from peftlab.kernels.fused_linear_cross_entropy import (
     _HAS_TRITON,
     ROW_BLOCK_V,
     ROW_NUM_WARPS,
-    ChunkedLossFunction,
     check_labels,
     check_reduction,
+    chunked_loss,
     compute_dtype,
     default_chunk_rows,
     finish_reduction,
@@ -320,7 +320,7 @@ def fused_linear_kd_loss(
             lambda s, lab, t: _kd_rows_math(s, t, lab, kind=kind, beta=beta, temperature=temperature,
                                             alpha=alpha, ignore_index=ignore_index))
     row_weight = reduction_scale(y != ignore_index, reduction, normalizer, cd)
-    loss = ChunkedLossFunction.apply(h2, student_head, student_bias, y, row_weight, row_fn, be, rows,
+    loss = chunked_loss(h2, student_head, student_bias, y, row_weight, row_fn, be, rows,
                                      reduction, teacher_logits)
     return finish_reduction(loss, reduction, labels.shape)
 
@@ -425,7 +425,7 @@ def topk_kd_loss(
         return torch.where(valid, alpha * ce + (1.0 - alpha) * temperature**2 * d, 0.0)
 
     row_weight = reduction_scale(y != ignore_index, reduction, normalizer, cd)
-    loss = ChunkedLossFunction.apply(h2, student_head, student_bias, y, row_weight,
+    loss = chunked_loss(h2, student_head, student_bias, y, row_weight,
                                      _torch_rows_from_autograd(math_fn), "torch", rows, reduction,
                                      lambda sl: (lp[sl], ids[sl]))
     return finish_reduction(loss, reduction, labels.shape)
