@@ -303,3 +303,42 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 def dump_recipe(recipe: Recipe, path: Path) -> None:
     path.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+
+
+def reference_markdown() -> str:
+    """The recipe reference table (every key, its type and default) — embedded in README.md.
+
+    ``tests/test_readme.py`` checks the README holds exactly this text, so the documentation cannot
+    drift from the schema.
+    """
+    lines = ["| key | type | default |", "|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            if field.exclude:
+                continue
+            key = f"{prefix}{name}"
+            sub = _unwrap(field.annotation)
+            if isinstance(sub, type) and issubclass(sub, BaseModel) and sub is not type(None):
+                if field.is_required() or isinstance(field.default, BaseModel):
+                    is_list = "list[" in str(field.annotation)
+                    lines.append(f"| `{key}` | {'list of ' if is_list else ''}section | "
+                                 f"{'required' if field.is_required() else ''} |")
+                    walk(sub, key + ("[]." if is_list else "."))
+                    continue
+            if field.is_required():
+                shown = "required"
+            else:
+                default = field.default if field.default_factory is None else field.default_factory()
+                shown = f"`{json.dumps(default)}`"
+            typ = _type_name(field.annotation)
+            lines.append(f"| `{key}` | {typ} | {shown} |")
+
+    walk(Recipe, "")
+    return "\n".join(lines)
+
+
+def _type_name(annotation: Any) -> str:
+    text = str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+    text = text.replace("peftlab.data.config.", "").replace("NoneType", "None")
+    return text.replace("|", "\\|")
