@@ -61,13 +61,13 @@ def resolve_model_path(name: str, *, revision: str | None = None) -> str:
     return name  # a hub id; from_pretrained resolves it (or reports it missing offline)
 
 
-def _hub_error(name: str, exc: Exception) -> PeftlabError:
+def _hub_error(name: str, exc: Exception, what: str = "model") -> PeftlabError:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
     why = "offline mode is on and it is not in the local cache" if offline else f"{type(exc).__name__}: {exc}"
-    return PeftlabError(
-        f"could not load model {name!r} ({why}). Use a local model directory, a hub id reachable from "
-        "this machine, or builtin:tiny-llama"
-    )
+    fix = ("set model.tokenizer to a directory or hub id that has tokenizer files"
+           if what == "tokenizer" else
+           "use a local model directory, a hub id reachable from this machine, or builtin:tiny-llama")
+    return PeftlabError(f"could not load the {what} of {name!r} ({why}); {fix}")
 
 
 def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code: bool = False):
@@ -77,7 +77,7 @@ def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code:
     try:
         tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise _hub_error(name, exc) from None
+        raise _hub_error(name, exc, "tokenizer") from None
     if tok.pad_token_id is None:
         # Llama-3 style tokenizers ship without a pad token; padding is never a label, so reusing
         # eos as pad is safe (the data pipeline masks padding by attention, not by token id).
