@@ -122,6 +122,110 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+def _float_list(values: list[str] | None, flag: str) -> list[float] | None:
+    if values is None:
+        return None
+    try:
+        return [float(v) for v in values]
+    except ValueError:
+        raise PeftlabError(f"{flag} {' '.join(values)}: expected numbers, e.g. {flag} 1.0 0.5") from None
+
+
+def cmd_merge(args) -> int:
+    """Merge one adapter into its base (--adapter) or combine several adapters into one (--adapters/--config)."""
+    if args.config or args.adapters:
+        from peftlab.combine import combine_adapters, load_combine_config
+
+        if args.adapter:
+            raise PeftlabError("--adapter merges one adapter into its base; --adapters/--config combine adapters. "
+                               "Use one of them")
+        kwargs = load_combine_config(args.config) if args.config else {"adapters": args.adapters}
+        for key, value in (("method", args.method), ("density", args.density), ("seed", args.seed),
+                           ("majority_sign_method", args.majority_sign_method), ("svd_rank", args.svd_rank),
+                           ("base", args.base), ("out_dir", args.out)):
+            if value is not None:
+                kwargs[key] = value
+        if args.weights is not None or "weights" not in kwargs:
+            kwargs["weights"] = _float_list(args.weights, "--weights") or [1.0] * len(kwargs["adapters"])
+        if not kwargs.get("out_dir"):
+            raise PeftlabError("--out DIR is required (or `out:` in the --config file)")
+        result = combine_adapters(**kwargs, overwrite=args.overwrite)
+        print(f"combined {len(kwargs['adapters'])} adapters ({result.method}, r={result.rank}, "
+              f"{result.modules} modules) -> {result.out_dir}")
+        if args.push_to_hub:
+            from peftlab.export import model_card, push_to_hub
+
+            print(push_to_hub(result.out_dir, args.push_to_hub, model_card(
+                title=args.push_to_hub, base=kwargs.get("base"), kind="adapter",
+                extra={"Combination": f"{result.method} of {kwargs['adapters']} with weights {kwargs['weights']}"})))
+        return 0
+    if not args.adapter:
+        raise PeftlabError("pass --adapter DIR (merge into the base) or --adapters A B ... / --config FILE (combine)")
+    if not args.out:
+        raise PeftlabError("--out DIR is required: where the merged model is written")
+    from peftlab.merge import merge_adapter
+
+    result = merge_adapter(args.adapter, args.out, base=args.base, dtype=args.dtype,
+                           base_precision=args.base_precision, max_shard_size=args.max_shard_size,
+                           report_samples=args.report_samples, overwrite=args.overwrite, overrides=args.set)
+    if args.push_to_hub:
+        from peftlab.export import model_card, push_to_hub
+
+        card = model_card(title=args.push_to_hub, base=args.base, kind="merged model",
+                          adapter_dir=Path(args.adapter), report=result.report)
+        print(push_to_hub(result.out_dir, args.push_to_hub, card))
+    return 0
+
+
+def cmd_export(args) -> int:
+    """Export for serving: GGUF (llama.cpp), a validated PEFT adapter, or merged safetensors."""
+    from peftlab import export
+
+    if bool(args.model) == bool(args.adapter):
+        raise PeftlabError("pass exactly one of --model DIR (a merged model) and --adapter DIR (merged on the way)")
+    out = Path(args.out)
+    report = None
+    if args.format == "peft":
+        if not args.adapter:
+            raise PeftlabError("--format peft exports an adapter: pass --adapter DIR")
+        res = export.export_peft(args.adapter, out, base=args.base, overwrite=args.overwrite)
+        print(f"adapter ({res.modules} modules) -> {res.path}")
+        for note in res.notes:
+            print(note)
+        kind = "adapter"
+    elif args.format == "safetensors":
+        if not args.adapter:
+            raise PeftlabError("--format safetensors writes a merged model: pass --adapter DIR "
+                               "(a --model directory already is one)")
+        from peftlab.merge import merge_adapter
+
+        report = merge_adapter(args.adapter, out, base=args.base, dtype=args.dtype,
+                               base_precision=args.base_precision, overwrite=args.overwrite,
+                               overrides=args.set).report
+        kind = "merged model"
+    else:
+        import tempfile
+
+        from peftlab.merge import merge_adapter
+
+        with tempfile.TemporaryDirectory(prefix=".peftlab-merge-", dir=out.parent if out.parent.exists() else None) \
+                as tmp:
+            model_dir = Path(args.model) if args.model else Path(tmp) / "merged"
+            if args.adapter:
+                report = merge_adapter(args.adapter, model_dir, base=args.base, dtype="fp32",
+                                       base_precision=args.base_precision, overrides=args.set).report
+            res = export.export_gguf(model_dir, out, type=args.type, overwrite=args.overwrite)
+        print(f"GGUF ({res.type}, {res.tensors} tensors, {res.bytes / 1e6:.1f} MB) -> {res.path}")
+        for note in res.notes:
+            print(f"note: {note}")
+        kind = f"GGUF ({args.type})"
+    if args.push_to_hub:
+        card = export.model_card(title=args.push_to_hub, base=args.base, kind=kind,
+                                 adapter_dir=Path(args.adapter) if args.adapter else None, report=report)
+        print(export.push_to_hub(out, args.push_to_hub, card))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="peftlab", description="Parameter-efficient fine-tuning of LLMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -161,6 +265,44 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--recipe", default=None)
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(fn=cmd_quickstart)
+
+    sp = with_set(sub.add_parser("merge", help="merge an adapter into its base, or combine adapters into one"))
+    sp.add_argument("--adapter", help="adapter dir to merge into its base model")
+    sp.add_argument("--adapters", nargs="+", metavar="DIR", help="adapter dirs to combine into one adapter")
+    sp.add_argument("--config", help="YAML file describing a combination (method, adapters, weights, ...)")
+    sp.add_argument("--base", help="base model id/dir (default: from the adapter's recipe or adapter_config.json)")
+    sp.add_argument("--out", help="output directory")
+    sp.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                    help="merged weights' dtype (default auto: the base checkpoint's)")
+    sp.add_argument("--base-precision", default="trained", choices=["trained", "original"],
+                    help="trained: the base weights training saw (NF4-dequantised for QLoRA); original: the checkpoint's")
+    sp.add_argument("--max-shard-size", default="2GB", help="largest output shard (default 2GB)")
+    sp.add_argument("--report-samples", type=int, default=8, help="held-out samples in the fidelity report (0: skip)")
+    sp.add_argument("--method", default=None, help="combination: linear | ties | dare_linear | dare_ties | svd | "
+                    "magnitude_prune | cat | ties_svd | dare_linear_svd | dare_ties_svd (default linear)")
+    sp.add_argument("--weights", nargs="+", default=None, help="one weight per adapter (default 1.0 each)")
+    sp.add_argument("--density", type=float, default=None, help="fraction of values kept by ties/dare/magnitude_prune")
+    sp.add_argument("--majority-sign-method", default=None, choices=["total", "frequency"])
+    sp.add_argument("--svd-rank", type=int, default=None, help="rank of an svd combination (default: largest input rank)")
+    sp.add_argument("--seed", type=int, default=None, help="seed of DARE's random drops (default 0)")
+    sp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    sp.add_argument("--push-to-hub", metavar="REPO", help="upload the result with a generated model card")
+    sp.set_defaults(fn=cmd_merge)
+
+    sp = with_set(sub.add_parser("export", help="export for serving: gguf | peft | safetensors"))
+    sp.add_argument("--format", required=True, choices=["gguf", "peft", "safetensors"])
+    sp.add_argument("--out", required=True, help="output file (gguf) or directory (peft, safetensors)")
+    sp.add_argument("--model", help="a merged HF model dir (gguf)")
+    sp.add_argument("--adapter", help="an adapter dir (merged into its base on the way for gguf/safetensors)")
+    sp.add_argument("--base", help="base model id/dir (default: from the adapter)")
+    sp.add_argument("--type", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q4_0"],
+                    help="GGUF tensor type (default f16)")
+    sp.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                    help="safetensors: merged weights' dtype (default auto)")
+    sp.add_argument("--base-precision", default="trained", choices=["trained", "original"])
+    sp.add_argument("--overwrite", action="store_true")
+    sp.add_argument("--push-to-hub", metavar="REPO", help="upload the export with a generated model card")
+    sp.set_defaults(fn=cmd_export)
     return p
 
 
