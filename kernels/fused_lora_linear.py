@@ -437,14 +437,13 @@ def _launch_forward(x2: torch.Tensor, base: _Base, xa: torch.Tensor | None, lora
     N = base.out_features
     if _use_dequant_gemm(x2):
         w16 = _dense_weight(base, x2.dtype)
-        y = x2 @ w16.t()
-        del w16
-        extra = None
-        if xa is not None:
-            extra = (xa @ lora_B.t().float()).mul_(float(scaling))
+        y = x2 @ w16.t()  # cuBLAS, fp32 accumulation
+        del w16  # transient: one layer's 16-bit weight, gone before the next layer runs
+        if xa is not None:  # LoRA up-projection folded into the output (tensor cores, no M×N temporary)
+            y.addmm_(xa.to(x2.dtype), lora_B.to(x2.dtype).t(), alpha=float(scaling))
         if base.bias is not None:
-            extra = base.bias.float() if extra is None else extra.add_(base.bias.float())
-        return y if extra is None else y.float().add_(extra).to(x2.dtype)
+            y.add_(base.bias.to(x2.dtype))
+        return y
     y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     if M == 0:
         return y
@@ -477,10 +476,11 @@ def _launch_backward_dx(dy: torch.Tensor, base: _Base, g: torch.Tensor, lora_A: 
         w16 = _dense_weight(base, dy.dtype)
         dx = dy @ w16
         del w16
-        lora = (g @ lora_A.float()).mul_(float(lora_scale))
-        if mask is not None:
-            lora.mul_(mask.to(lora.dtype))
-        return dx.float().add_(lora).to(dy.dtype)
+        if mask is None:
+            dx.addmm_(g.to(dy.dtype), lora_A.to(dy.dtype), alpha=float(lora_scale))
+        else:
+            dx.add_((g.to(dy.dtype) @ lora_A.to(dy.dtype)).mul_(mask.to(dy.dtype)), alpha=float(lora_scale))
+        return dx
     dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device)
     if M == 0:
         return dx
@@ -548,8 +548,8 @@ class FusedLoraLinearFunction(torch.autograd.Function):
                 mask: torch.Tensor | None, base: _Base, scaling: float, dropout_p: float) -> torch.Tensor:  # type: ignore[override]
         # drop(x) = (x ⊙ mask) / (1-p): x ⊙ mask is exact in any dtype, the 1/(1-p) goes into fp32 scalars
         keep = 1.0 / (1.0 - dropout_p) if mask is not None else 1.0
-        xm = (x2 * mask.to(x2.dtype) if mask is not None else x2).to(lora_A.dtype)
-        xa = matmul_f32(xm, lora_A.t()).mul_(keep)  # (M, r) fp32
+        xm = x2 * mask.to(x2.dtype) if mask is not None else x2
+        xa = matmul_f32(xm, lora_A.t()).mul_(keep)  # (M, r) fp32; x upcast in row chunks, never whole
         del xm  # recomputed in backward from x and the 1-byte mask
         y = _launch_forward(x2, base, xa, lora_B, scaling)
         ctx.save_for_backward(x2, lora_A, lora_B, xa, mask)
@@ -566,15 +566,15 @@ class FusedLoraLinearFunction(torch.autograd.Function):
         dx = da = db = dbias = None
         g = None
         if need_x or need_a:
-            g = matmul_f32(dy.to(lora_A.dtype), lora_B)  # (M, r) fp32
+            g = matmul_f32(dy, lora_B)  # (M, r) fp32
         if need_x:
             dx = _launch_backward_dx(dy, ctx.base, g, lora_A, mask, s / (1.0 - p) if mask is not None else s)
         if need_a:
-            xm = (x2 * mask.to(x2.dtype) if mask is not None else x2).to(lora_A.dtype)
+            xm = x2 * mask.to(x2.dtype) if mask is not None else x2
             keep = 1.0 / (1.0 - p) if mask is not None else 1.0
             da = (matmul_f32(g.t(), xm) * (s * keep)).to(lora_A.dtype)  # (r, K)
         if need_b:
-            db = (matmul_f32(dy.to(lora_B.dtype).t(), xa) * s).to(lora_B.dtype)  # (N, r)
+            db = (matmul_f32(dy.t(), xa) * s).to(lora_B.dtype)  # (N, r)
         if need_bias and ctx.has_bias:
             dbias = dy.sum(0, dtype=torch.float32).to(ctx.base.bias.dtype)
         return dx, da, db, dbias, None, None, None, None
