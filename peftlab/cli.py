@@ -122,6 +122,16 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+def cmd_distill_cache(args) -> int:
+    """Run the recipe's distillation teacher once over the training data and store its top-k log-probs."""
+    from peftlab.distill_cache import build_teacher_cache
+
+    cache = build_teacher_cache(_recipe(args), force=args.force, shard_mb=args.shard_mb,
+                                batch_size=args.batch_size, quiet=args.quiet)
+    print(f"teacher cache: {cache}")
+    return 0
+
+
 def _float_list(values: list[str] | None, flag: str) -> list[float] | None:
     if values is None:
         return None
@@ -260,6 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("recipe")
     sp.add_argument("-n", type=int, default=3)
     sp.set_defaults(fn=cmd_data)
+
+    sp = with_set(sub.add_parser("distill-cache", help="store a distillation teacher's top-k log-probs "
+                                 "for offline distillation (recipe distill.mode: offline)"))
+    sp.add_argument("recipe")
+    sp.add_argument("--force", action="store_true", help="rebuild the cache even if a matching one exists")
+    sp.add_argument("--shard-mb", type=int, default=256, help="size of one cache shard in MB")
+    sp.add_argument("--batch-size", type=int, default=None, help="teacher batch size (default: train.micro_batch_size)")
+    sp.add_argument("--quiet", action="store_true")
+    sp.set_defaults(fn=cmd_distill_cache)
 
     sp = with_set(sub.add_parser("quickstart", help="train the built-in tiny model on the shipped task"))
     sp.add_argument("--recipe", default=None)

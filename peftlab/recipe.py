@@ -109,6 +109,58 @@ class OutputConfig(Section):
     """Allow training into a directory that already holds a finished run."""
 
 
+class TeacherConfig(Section):
+    """The distillation teacher: a base model, optionally with its own (e.g. quickstart-trained) adapter."""
+
+    name: str | None = None
+    """Hub id, local directory or ``builtin:<name>``; may be left out when ``adapter`` is set (the base
+    named in the adapter's adapter_config.json is used)."""
+    revision: str | None = None
+    tokenizer: str | None = None
+    """Tokenizer id/dir when it differs from the teacher's (must give the student's vocabulary)."""
+    adapter: str | None = None
+    """A PEFT-format adapter directory applied to the teacher (frozen), e.g. ``runs/quickstart/adapter``."""
+    quantization: QuantizationConfig | None = None
+    """The teacher's own quantization; None: the one its adapter was trained on (when it records it),
+    else the recipe's ``quantization`` section."""
+    dtype: Dtype | None = None
+    """Compute dtype of the teacher; None: ``model.dtype``."""
+    trust_remote_code: bool = False
+
+
+class DistillConfig(Section):
+    """Knowledge distillation: L = alpha * CE(student, labels) + (1 - alpha) * T^2 * D(teacher, student)."""
+
+    teacher: TeacherConfig
+    kind: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    beta: float = Field(0.5, ge=0.0, le=1.0)
+    """JSD mixture weight of the teacher (0 = forward KL, 1 = reverse KL); only used by kind=jsd."""
+    temperature: float = Field(1.0, gt=0.0)
+    alpha: float = Field(0.5, ge=0.0, le=1.0)
+    """Weight of the hard-label cross-entropy; 0 = pure distillation, 1 = plain fine-tuning."""
+    mode: Literal["online", "offline"] = "online"
+    """online: the teacher runs in the training process; offline: its top-k log-probs are read from
+    ``cache_dir`` (written once by ``peftlab distill-cache RECIPE``)."""
+    cache_dir: str | None = None
+    """Teacher cache directory (offline mode); None: ``<output.dir>/teacher-cache``."""
+    top_k: int = Field(64, gt=0)
+    """Teacher log-probabilities stored per target token (offline mode)."""
+    cache_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    """Storage dtype of the cached log-probabilities (float16: 2 bytes, ~1e-3 relative error)."""
+
+    @field_validator("teacher", mode="before")
+    @classmethod
+    def _teacher_shorthand(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _teacher_named(self) -> DistillConfig:
+        if self.teacher.name is None and self.teacher.adapter is None:
+            raise ValueError("distill.teacher needs a name (hub id, local dir or builtin:<name>) or an adapter "
+                             "directory whose adapter_config.json names its base model")
+        return self
+
+
 class Recipe(Section):
     model: ModelConfig = ModelConfig()
     quantization: QuantizationConfig = QuantizationConfig()
@@ -122,7 +174,8 @@ class Recipe(Section):
     # Seams for the scale-out, fault-tolerance and distillation sections (other issues).
     deepspeed: str | None = None
     resume: str | None = None
-    distill: dict[str, Any] | None = None
+    distill: DistillConfig | None = None
+    """Distillation from a teacher model (see docs/distillation.md); None: plain fine-tuning."""
 
     # Where relative paths in the recipe are resolved from (the recipe file's directory).
     base_dir: str = Field(".", exclude=True)
@@ -149,6 +202,12 @@ class Recipe(Section):
             )
         if self.model.attn_implementation == "flash_attention_2" and self.train.device == "cpu":
             raise ValueError("model.attn_implementation=flash_attention_2 needs a CUDA GPU; use sdpa on CPU")
+        loss = self.train.loss
+        if self.distill is not None and (loss.label_smoothing or loss.z_loss or loss.softcap):
+            raise ValueError(
+                "distill with train.loss.label_smoothing/z_loss/softcap: the distillation loss does not "
+                "implement them; remove those keys (the teacher's distribution already smooths the targets)"
+            )
         return self
 
     # ---- helpers -------------------------------------------------------------------------------

@@ -117,7 +117,9 @@ class Trainer:
         self.settings = LossSettings.from_recipe(recipe, self.model)
         # The training objective: plain causal-LM cross-entropy, or (recipe ``distill:``) a loss that
         # also runs a teacher. Same signature: (model, batch, *, normalizer, settings) -> scalar.
-        self.loss_fn = causal_lm_loss
+        from peftlab.distill import build_distill_loss
+
+        self.loss_fn = causal_lm_loss if recipe.distill is None else build_distill_loss(recipe, self.loaded)
         cache_dir = Path(os.environ.get("PEFTLAB_DATA_CACHE", self.out_dir / ".data-cache"))
         self.data = build_data(recipe.data, self.tokenizer, seed=recipe.train.seed, cache_dir=cache_dir,
                                base_dir=Path(recipe.base_dir))
