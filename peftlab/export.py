@@ -409,6 +409,10 @@ def model_card(*, title: str, base: str | None, kind: str, adapter_dir: Path | N
         summary = adapter_dir.parent / "summary.json"
         if summary.is_file():
             metrics = json.loads(summary.read_text()).get("eval_after", {})
+    if not base and adapter_dir is not None:
+        base = recipe.get("model", {}).get("name")
+        if not base and (adapter_dir / "adapter_config.json").is_file():
+            base = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
     front = {"library_name": "peft" if kind == "adapter" else "transformers", "tags": ["peftlab", "lora"]}
     if base:
         front["base_model"] = base
