@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_quickstart_data, tiny_recipe_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -22,7 +23,6 @@ from peftlab.lora import inject_lora, load_adapter, lora_modules, merge_lora, sa
 from peftlab.merge import merge_adapter, parse_size
 from peftlab.models import build_model
 from peftlab.recipe import dump_recipe, recipe_from_dict
-from helpers import make_quickstart_data, tiny_recipe_dict
 
 VARIANTS = {"lora": {}, "rslora": {"rslora": True}, "dora": {"dora": True}}
 
