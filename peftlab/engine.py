@@ -77,6 +77,10 @@ class LocalEngine:
 
     def __init__(self, model: nn.Module, train: Any, total_steps: int, device: torch.device):
         self.model = model
+        self.train = train
+        # Mixed-precision loss scaling (fp16) would live here; fp32/bf16 training needs none. Checkpoints
+        # save and restore it whenever it is set.
+        self.scaler: torch.amp.GradScaler | None = None
         self.params = trainable_parameters(model)
         self.optimizer = build_optimizer(self.params, train, device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -91,14 +95,18 @@ class LocalEngine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self) -> StepResult:
-        if self.max_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+    def step(self, *, skip: bool = False) -> StepResult:
+        """Clip and apply the accumulated gradients — unless their norm is not finite or the caller says
+        ``skip`` (a non-finite loss): then the update is dropped (weights and optimizer moments untouched),
+        the schedule still advances, and the result says ``skipped``."""
+        grads = [p.grad.detach() for p in self.params if p.grad is not None]
+        if not grads:
+            norm_f = 0.0
+        elif self.max_grad_norm is not None and not skip:
+            norm_f = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
         else:
-            norm = torch.linalg.vector_norm(
-                torch.stack([p.grad.detach().norm() for p in self.params if p.grad is not None]))
-        norm_f = float(norm)
-        skipped = not math.isfinite(norm_f)
+            norm_f = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+        skipped = skip or not math.isfinite(norm_f)
         if not skipped:
             self.optimizer.step()
         self.scheduler.step()
@@ -106,8 +114,26 @@ class LocalEngine:
         return StepResult(norm_f, skipped)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore optimizer moments, schedule position and loss scale from a checkpoint.
+
+        The hyperparameters come from the *current* recipe (a resumed run may lower ``train.lr`` after a
+        loss spike, or extend ``max_steps``): the learning rate is recomputed exactly as the scheduler
+        would — peak lr x schedule(step) — so an unchanged recipe continues bit for bit.
+        """
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        t = self.train
+        self.scheduler.base_lrs = [t.lr for _ in self.optimizer.param_groups]
+        for group, lam in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
+            group["initial_lr"] = t.lr
+            group["lr"] = t.lr * lam(self.scheduler.last_epoch)
+            for key, value in (("betas", tuple(t.betas)), ("eps", t.eps), ("weight_decay", t.weight_decay)):
+                if key in group:
+                    group[key] = value
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]

@@ -109,6 +109,37 @@ class OutputConfig(Section):
     """Allow training into a directory that already holds a finished run."""
 
 
+class CheckpointConfig(Section):
+    """Resumable checkpoints (docs/fault-tolerance.md); written every ``train.save_every`` steps."""
+
+    keep_last: int | None = Field(3, ge=1)
+    """Complete checkpoints kept (oldest deleted first; the newest is never deleted). None: keep all."""
+    dir: str = "checkpoints"
+    """Folder of the checkpoints, relative to output.dir (it may not point outside output.dir)."""
+
+    @field_validator("dir")
+    @classmethod
+    def _dir_inside_output(cls, v: str) -> str:
+        from pathlib import PurePath
+
+        parts = PurePath(v).parts
+        if not v.strip() or PurePath(v).is_absolute() or ".." in parts or v.startswith("~"):
+            raise ValueError("must be a relative folder inside output.dir without '..', e.g. checkpoints")
+        return v
+
+
+class GuardsConfig(Section):
+    """Training guards: non-finite steps and loss spikes (docs/fault-tolerance.md)."""
+
+    max_consecutive_nonfinite: int = Field(5, ge=1)
+    """Abort after this many optimizer steps in a row with a non-finite loss or gradient (each is skipped)."""
+    loss_spike_action: Literal["warn", "abort", "off"] = "warn"
+    loss_spike_factor: float = Field(3.0, gt=1.0)
+    """A step's loss above factor x the median of the last ``loss_spike_window`` finite losses is a spike."""
+    loss_spike_window: int = Field(20, ge=2)
+    """Steps in the running median; the watchdog arms once the window is full."""
+
+
 class TeacherConfig(Section):
     """The distillation teacher: a base model, optionally with its own (e.g. quickstart-trained) adapter."""
 
@@ -174,6 +205,10 @@ class Recipe(Section):
     # Seams for the scale-out, fault-tolerance and distillation sections (other issues).
     deepspeed: str | None = None
     resume: str | None = None
+    """``auto``: continue from the newest complete checkpoint in output.dir (fresh start if none);
+    a checkpoint directory: continue from that one; None: start fresh."""
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    guards: GuardsConfig = GuardsConfig()
     distill: DistillConfig | None = None
     """Distillation from a teacher model (see docs/distillation.md); None: plain fine-tuning."""
 
