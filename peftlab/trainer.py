@@ -7,16 +7,27 @@
             step; schedule; log; eval every ``eval_every``; save every ``save_every``
     finish  eval, PEFT-format adapter, metrics JSONL / TensorBoard, loss-curve PNG, summary.json
 
+Fault tolerance (docs/fault-tolerance.md): checkpoints are atomic directories written at step
+boundaries (:mod:`peftlab.checkpoint`) holding adapter, optimizer/scheduler, sampler position and every
+RNG state, so ``resume: auto`` continues bit for bit; SIGTERM/SIGINT save at the next step boundary and
+exit 0; guards skip non-finite steps (aborting after ``guards.max_consecutive_nonfinite`` in a row) and
+watch for loss spikes.
+
 The engine (``LocalEngine`` here, DeepSpeed under scale-out) owns backward and the optimizer step;
 the loss takes final hidden states and the head weight (fused, never whole logits).
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import os
 import random
+import signal
+import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from peftlab import checkpoint as ckpt
 from peftlab.errors import PeftlabError
 from peftlab.loss import LossSettings, causal_lm_loss, count_targets
 from peftlab.metrics import RunLog, plot_loss_curve
@@ -86,8 +98,19 @@ class TrainState:
     epoch: int = 0
     micro_index: int = 0          # next micro-batch within the epoch order
     tokens_seen: int = 0          # trained (target) tokens so far
-    skipped_steps: int = 0        # non-finite gradients
+    skipped_steps: int = 0        # steps with a non-finite loss or gradient (update not applied)
+    nonfinite_streak: int = 0     # of those, how many in a row up to now
+    recent_losses: list[float] = field(default_factory=list)  # loss-spike watchdog window (finite losses)
     history: list[dict[str, Any]] = field(default_factory=list)
+
+    _SAVED = ("step", "epoch", "micro_index", "tokens_seen", "skipped_steps", "nonfinite_streak", "recent_losses")
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self._SAVED}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TrainState:
+        return cls(**{k: d[k] for k in cls._SAVED})
 
 
 @dataclass
@@ -98,6 +121,8 @@ class TrainResult:
     eval_before: dict[str, Any]
     eval_after: dict[str, Any]
     losses: list[float]
+    preempted: bool = False           # stopped by SIGTERM/SIGINT after saving a checkpoint
+    checkpoint: Path | None = None    # the newest checkpoint of the run
 
 
 class Trainer:
@@ -109,6 +134,8 @@ class Trainer:
         self.quiet = quiet
         self.out_dir = recipe.output_dir
         self._check_output_dir()
+        self.ckpt_root = ckpt.safe_subpath(self.out_dir, recipe.checkpoint.dir, what="checkpoint.dir")
+        resume_from = self._resume_checkpoint()
         seed_everything(recipe.train.seed)
         self.loaded = build_model(recipe)
         self.model = self.loaded.model
@@ -131,6 +158,15 @@ class Trainer:
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
         self.engine = self._build_engine()
         self.state = TrainState()
+        self.data_fingerprint = data_fingerprint(self.data.train)
+        self.resumed_from: Path | None = None
+        self._resume_rng: dict[str, Any] | None = None
+        self._last_saved: tuple[int, Path] | None = None
+        self._save_due = False
+        self._stop_signal: int | None = None
+        if resume_from is not None:
+            self._load_checkpoint(resume_from)
+        self._continue_metrics()
         self.log = RunLog(self.out_dir, recipe.output.report_to)
 
     # ---- setup helpers -------------------------------------------------------------------------
@@ -146,6 +182,144 @@ class Trainer:
         for stale in ("metrics.jsonl",):
             if (out / stale).exists() and self.recipe.resume is None:
                 (out / stale).unlink()
+
+    def _is_main(self) -> bool:
+        dist = getattr(self, "dist", None)
+        return dist is None or dist.is_main
+
+    def _warn(self, msg: str) -> None:
+        if self._is_main():
+            print(f"peftlab: warning: {msg}", file=sys.stderr, flush=True)
+
+    def _resume_checkpoint(self) -> Path | None:
+        """The checkpoint ``resume:`` points at: the newest complete one (auto), a given one, or none."""
+        resume = self.recipe.resume
+        if resume is None:
+            return None
+        if resume == "auto":
+            found = ckpt.find_resume_checkpoint(self.ckpt_root, self._warn)
+            if found is None and not self.quiet:
+                print(f"peftlab: resume: auto — no complete checkpoint in {self.ckpt_root}; starting at step 0",
+                      flush=True)
+            return found
+        return self.recipe.resolve_path(resume)
+
+    def _load_checkpoint(self, path: Path) -> None:
+        """Restore adapter weights, engine state, loop position and guard state (RNG: in ``train``).
+
+        Refused — before anything is changed — when the recipe differs in a key that decides what the
+        run computes (model, quantization, adapter, data, batch geometry, seed, optimizer) or when the
+        tokenized training data differ; other changed keys (lr, max_steps, ...) are named and applied.
+        """
+        from peftlab.lora import lora_state_dict
+
+        loaded = ckpt.load_checkpoint(path)
+        refused, changed = ckpt.recipe_differences(loaded.recipe, self.recipe.to_dict())
+        if refused:
+            raise PeftlabError(
+                f"resume: the recipe differs from the one that wrote {path} in settings that would make the "
+                "resumed run wrong:\n  " + "\n  ".join(refused) + "\nRestore those values, or start a fresh "
+                "run (another output.dir, or no resume key)"
+            )
+        saved = loaded.trainer_state
+        if saved.get("data_fingerprint") != self.data_fingerprint:
+            raise PeftlabError(
+                f"resume: the tokenized training data differ from those the checkpoint {path} was trained on "
+                f"({saved.get('n_train')} rows then, {len(self.data.train)} now; fingerprint "
+                f"{saved.get('data_fingerprint')} then, {self.data_fingerprint} now). Restore the files of "
+                "data.train, or start a fresh run"
+            )
+        if changed:
+            self._warn(f"resuming from {path} with changed settings (they apply from the next step on): "
+                       + "; ".join(changed))
+        params = lora_state_dict(self.model)
+        weights = loaded.adapter_weights
+        bad = sorted(params.keys() ^ weights.keys()) + sorted(
+            k for k in params.keys() & weights.keys() if params[k].shape != weights[k].shape)
+        if bad:
+            raise PeftlabError(f"resume: the adapter weights in {path} do not fit this model (keys missing, "
+                               f"unexpected or of another shape: {', '.join(bad[:4])})")
+        with torch.no_grad():
+            for k, p in params.items():  # detached tensors sharing the parameters' storage
+                p.copy_(weights[k].to(device=p.device, dtype=p.dtype))
+        self.engine.load_state_dict(loaded.engine_state)
+        self.state = TrainState.from_json(saved)
+        self._resume_rng = loaded.rng
+        self.resumed_from = path
+        self._last_saved = (self.state.step, path)
+        if not self.quiet:
+            print(f"peftlab: resuming from {path} (step {self.state.step}, epoch {self.state.epoch})", flush=True)
+
+    def _continue_metrics(self) -> None:
+        """metrics.jsonl of a resumed run keeps its records up to the checkpoint's step (later ones are
+        recomputed, so no step appears twice); a fresh run starts a new file."""
+        path = self.out_dir / "metrics.jsonl"
+        if not self._is_main() or not path.exists():
+            return
+        if self.resumed_from is None:
+            path.unlink(missing_ok=True)
+            return
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= self.state.step:
+                keep.append(line + "\n")
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
+
+    def save_checkpoint(self) -> Path:
+        """Write a resumable checkpoint of the current step boundary (atomically; see peftlab.checkpoint)."""
+        import yaml
+
+        step = self.state.step
+        path = self.ckpt_root / ckpt.checkpoint_name(step)
+        if self._is_main():
+            files = ckpt.adapter_files(self.model, self.recipe.model.name)
+            files["adapter/peftlab_recipe.yaml"] = yaml.safe_dump(self.recipe.to_dict(), sort_keys=False).encode()
+            files["engine.pt"] = ckpt.torch_bytes(self.engine.state_dict())
+            files["rng.pt"] = ckpt.torch_bytes(ckpt.capture_rng())
+            trainer_state = {**self.state.to_json(), "data_fingerprint": self.data_fingerprint,
+                             "n_train": len(self.data.train), "total_steps": self.total_steps}
+            files["trainer_state.json"] = (json.dumps(trainer_state, indent=1) + "\n").encode()
+            files["recipe.yaml"] = yaml.safe_dump(self.recipe.to_dict(), sort_keys=False).encode()
+            path = ckpt.write_checkpoint(self.ckpt_root, step, files, keep_last=self.recipe.checkpoint.keep_last)
+        self._last_saved = (step, path)
+        self._save_due = False
+        return path
+
+    @contextlib.contextmanager
+    def _signals_handled(self):
+        """SIGTERM/SIGINT (preemption, Ctrl-C) ask the loop to checkpoint at the next step boundary and
+        stop; a second one exits at once (the last complete checkpoint stays valid: saves are atomic)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, _frame):
+            name = signal.Signals(signum).name
+            if self._stop_signal is not None:
+                print(f"peftlab: second {name}: exiting now, without a new checkpoint", file=sys.stderr, flush=True)
+                os._exit(128 + signum)
+            self._stop_signal = signum
+            print(f"peftlab: {name} received: saving a checkpoint at the end of this step, then exiting "
+                  "(send it again to exit at once)", file=sys.stderr, flush=True)
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _abort(self, msg: str) -> PeftlabError:
+        last = self._last_saved[1] if self._last_saved else ckpt.latest_complete(self.ckpt_root)
+        where = f"the last complete checkpoint is {last}" if last else "no checkpoint was written yet"
+        self.log.close()
+        return PeftlabError(f"{msg}; no checkpoint was written for it and {where}")
 
     def _build_engine(self):
         from peftlab.engine import LocalEngine
@@ -185,21 +359,69 @@ class Trainer:
         return out
 
     def train_step(self) -> dict[str, Any]:
-        """One optimizer step over grad_accum micro-batches; returns the step's figures."""
-        batches = [self.batch(ix) for ix in self.next_micro_batches()]
+        """One optimizer step over grad_accum micro-batches; returns the step's figures.
+
+        Guards: a non-finite loss or gradient drops the update (counted in ``skipped_steps``);
+        ``guards.max_consecutive_nonfinite`` of them in a row, or a loss spike with
+        ``guards.loss_spike_action: abort``, raise PeftlabError before anything is applied or saved.
+        """
+        g = self.recipe.guards
+        indices = self.next_micro_batches()
+        batches = [self.batch(ix) for ix in indices]
         self.model.train()
         total, n_targets = accumulate_gradients(self.model, batches, self.settings, self.engine.backward,
                                                 self.loss_fn)
+        step = self.state.step + 1
+        ckpt.test_kill_point(f"step-{step}-backward")
+        finite_loss = math.isfinite(total)
+        spike = self._loss_spike(total) if finite_loss else None
         lr = self.engine.lr
-        result = self.engine.step()
-        self.state.step += 1
+        result = self.engine.step(skip=not finite_loss or (spike is not None and g.loss_spike_action == "abort"))
+        if spike is not None and g.loss_spike_action == "abort":
+            raise self._abort(f"training stopped at step {step}: {spike} (guards.loss_spike_action=abort); "
+                              "the update was not applied. Lower train.lr or raise guards.loss_spike_factor, "
+                              "then rerun with resume: auto")
+        self.state.step = step
         self.state.tokens_seen += n_targets
         if result.skipped:
             self.state.skipped_steps += 1
+            self.state.nonfinite_streak += 1
+            self._warn(f"step {step}: non-finite {'loss' if not finite_loss else 'gradient norm'} "
+                       f"(loss={total}, grad_norm={result.grad_norm}); update skipped "
+                       f"({self.state.nonfinite_streak} in a row, {self.state.skipped_steps} in all)")
+            if self.state.nonfinite_streak >= g.max_consecutive_nonfinite:
+                first = step - self.state.nonfinite_streak + 1
+                raise self._abort(
+                    f"training aborted: {self.state.nonfinite_streak} optimizer steps in a row (steps {first}-{step}) "
+                    f"had a non-finite loss or gradient (guards.max_consecutive_nonfinite="
+                    f"{g.max_consecutive_nonfinite}). Lower train.lr, check the data rows of those steps, or "
+                    "use model.dtype: float32, then rerun with resume: auto")
+        else:
+            self.state.nonfinite_streak = 0
+            if n_targets:
+                self.state.recent_losses = (self.state.recent_losses + [total])[-g.loss_spike_window:]
+            if spike is not None:
+                self._warn(f"step {step}: {spike} (guards.loss_spike_action=warn)")
+        ckpt.test_kill_point(f"step-{step}")
+        sample_ids = [b["sample_ids"].tolist() for b in batches if "sample_ids" in b] or indices
+        ckpt.test_trace({"step": step, "sample_ids": sample_ids, "loss": float(total).hex(),
+                         "skipped": result.skipped})
         return {"loss": total, "lr": lr, "grad_norm": result.grad_norm, "targets": n_targets,
                 "tokens": int(sum(int(b["attention_mask"].sum()) if b["attention_mask"].dim() == 2
                                   else b["input_ids"].numel() for b in batches)),
                 "skipped": result.skipped}
+
+    def _loss_spike(self, loss: float) -> str | None:
+        """A description of the spike when ``loss`` exceeds factor x the running median, else None."""
+        g = self.recipe.guards
+        window = self.state.recent_losses
+        if g.loss_spike_action == "off" or len(window) < g.loss_spike_window:
+            return None
+        median = statistics.median(window)
+        if median > 0 and loss > g.loss_spike_factor * median:
+            return (f"loss spike: {loss:.4f} is {loss / median:.1f}x the median {median:.4f} of the last "
+                    f"{len(window)} steps (guards.loss_spike_factor={g.loss_spike_factor})")
+        return None
 
     def evaluate(self) -> dict[str, Any]:
         from peftlab.evaluate import evaluate
@@ -217,7 +439,7 @@ class Trainer:
         say(f"data: {len(self.data.train)} train rows, {len(self.data.eval or [])} eval rows, "
             f"{self.total_steps} optimizer steps of {r.train.micro_batch_size}x{r.train.grad_accum}")
         before: dict[str, Any] = {}
-        if r.train.eval_at_start:
+        if r.train.eval_at_start and self.resumed_from is None:
             before = self.evaluate()
             self.log.log(0, "eval", before)
             say("eval before training: " + _fmt_metrics(before))
@@ -225,6 +447,31 @@ class Trainer:
         bar = _progress(self.total_steps, disable=self.quiet)
         t0 = time.perf_counter()
         window_tokens, window_t = 0, t0
+        if self._resume_rng is not None:  # last, so nothing between here and the first step draws from them
+            ckpt.restore_rng(self._resume_rng)
+            self._resume_rng = None
+        with self._signals_handled():
+            preempted = self._loop(losses, bar, window_tokens, window_t)
+        bar.close()
+        if preempted:
+            self.log.close()
+            step, path = self._last_saved
+            say(f"peftlab: stopped by {signal.Signals(self._stop_signal).name} at step {step}; checkpoint {path}. "
+                "Continue with: peftlab train RECIPE --set resume=auto")
+            return TrainResult(self.out_dir, path / "adapter", self.state, before, {}, losses, preempted=True,
+                               checkpoint=path)
+        after = self.evaluate()
+        self.log.log(self.state.step, "eval", after)
+        say("eval after training:  " + _fmt_metrics(after))
+        for s in after.get("samples", []):
+            say(f"sample: {s['prompt'].strip()!r}\n  reference:  {s['reference']!r}\n  generation: {s['prediction']!r}")
+        adapter_dir = self.save_adapter(self.out_dir / "adapter")
+        self.log.close()
+        return self._finish(t0, before, after, adapter_dir, losses)
+
+    def _loop(self, losses: list[float], bar, window_tokens: int, window_t: float) -> bool:
+        """Optimizer steps until the end of training; True when a signal stopped it (after a checkpoint)."""
+        r = self.recipe
         while self.state.step < self.total_steps:
             figs = self.train_step()
             losses.append(figs["loss"])
@@ -240,16 +487,22 @@ class Trainer:
                 m = self.evaluate()
                 self.log.log(self.state.step, "eval", m)
                 bar.write(f"step {self.state.step}: " + _fmt_metrics(m))
-            if r.train.save_every and self.state.step % r.train.save_every == 0 and self.state.step < self.total_steps:
-                self.save_adapter(self.out_dir / "checkpoints" / f"step-{self.state.step:07d}")
-        bar.close()
-        after = self.evaluate()
-        self.log.log(self.state.step, "eval", after)
-        say("eval after training:  " + _fmt_metrics(after))
-        for s in after.get("samples", []):
-            say(f"sample: {s['prompt'].strip()!r}\n  reference:  {s['reference']!r}\n  generation: {s['prediction']!r}")
-        adapter_dir = self.save_adapter(self.out_dir / "adapter")
-        self.log.close()
+            if r.train.save_every and self.state.step % r.train.save_every == 0:
+                self._save_due = True
+            # Saves happen at step boundaries only, never inside a run of non-finite steps (deferred to the
+            # next clean step), and not at the last step (the final adapter follows).
+            if self._save_due and self.state.nonfinite_streak == 0 and self.state.step < self.total_steps:
+                self.save_checkpoint()
+            if self._stop_signal is not None:
+                if self._last_saved is None or self._last_saved[0] != self.state.step:
+                    self.save_checkpoint()
+                return True
+        return False
+
+    def _finish(self, t0: float, before: dict[str, Any], after: dict[str, Any], adapter_dir: Path,
+                losses: list[float]) -> TrainResult:
+        r = self.recipe
+        say = (lambda *a: None) if self.quiet else (lambda *a: print(*a, flush=True))
         if r.output.plot:
             plot_loss_curve(self.out_dir / "metrics.jsonl", self.out_dir / "loss_curve.png")
         summary = {"steps": self.state.step, "tokens_seen": self.state.tokens_seen,
@@ -259,7 +512,8 @@ class Trainer:
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         say(f"adapter (PEFT format): {adapter_dir}\nmetrics: {self.out_dir / 'metrics.jsonl'}  "
             f"loss curve: {self.out_dir / 'loss_curve.png'}")
-        return TrainResult(self.out_dir, adapter_dir, self.state, before, after, losses)
+        return TrainResult(self.out_dir, adapter_dir, self.state, before, after, losses,
+                           checkpoint=self._last_saved[1] if self._last_saved else None)
 
     def save_adapter(self, path: Path) -> Path:
         from peftlab.lora import save_adapter
@@ -271,6 +525,16 @@ class Trainer:
         # exact model that was trained.
         dump_recipe(self.recipe, path / "peftlab_recipe.yaml")
         return path
+
+
+def data_fingerprint(rows) -> str:
+    """Content hash of the tokenized training rows: a resume onto other data is refused."""
+    h = hashlib.sha256(str(len(rows)).encode())
+    for row in rows:
+        for key in ("input_ids", "labels"):
+            if row.get(key) is not None:
+                h.update(np.asarray(row[key], dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
 
 
 def _param_counts(model) -> tuple[int, int]:
