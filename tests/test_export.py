@@ -134,7 +134,7 @@ def test_gguf_quantised_types_dequantise_close(merged, tmp_path):
     for qtype, tol in (("q8_0", 0.01), ("q4_0", 0.2), ("bf16", 0.01)):
         result = export_gguf(merged, tmp_path / f"{qtype}.gguf", type=qtype)
         sizes[qtype] = result.path.stat().st_size
-        reader, fields = read_gguf(result.path)
+        reader, _ = read_gguf(result.path)
         t = {x.name: x for x in reader.tensors}["blk.0.ffn_up.weight"]
         assert t.tensor_type.name == qtype.upper()
         back = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(w.shape)
