@@ -91,7 +91,7 @@ def output_dtype(name: str, base_dir: Path) -> torch.dtype:
         from safetensors import safe_open
 
         with safe_open(str(shard), framework="pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
                 t = f.get_slice(key)
                 dt = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(t.get_dtype())
                 if dt is not None:
@@ -137,7 +137,7 @@ def local_model_dir(name: str) -> Path:
 
         return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja",
                                                             "*.txt"]))
-    except Exception as exc:  # offline, unknown repo, gated, ...: one message for all
+    except Exception as exc:  # noqa: BLE001 (offline, unknown repo, gated, ...: one message for all)
         raise PeftlabError(
             f"could not get base model {name!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
             "Pass --base with a local model directory (config.json + *.safetensors), or run where the hub "
@@ -223,7 +223,7 @@ def model_layout(base_dir: Path) -> tuple[list[str], set[str]]:
         from transformers.quantizers.base import get_keys_to_not_convert
 
         skip = set(get_keys_to_not_convert(model))
-    except Exception:  # older/newer transformers: the output head is what it always skips
+    except (ImportError, AttributeError):  # other transformers versions: the head is what it always skips
         skip = {"lm_head"}
     names = [n for n, _ in model.named_modules() if n]
     quantised = {f"{n}.weight" for n, m in model.named_modules()
@@ -406,7 +406,7 @@ def _iter_checkpoint(base_dir: Path) -> Iterator[tuple[str, Tensor]]:
 
     for shard in checkpoint_shards(base_dir):
         with safe_open(str(shard), framework="pt", device="cpu") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
                 yield key, f.get_tensor(key)
 
 
