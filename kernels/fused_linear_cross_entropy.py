@@ -285,6 +285,21 @@ def triton_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     v = weight.shape[0]
     h = h.contiguous()
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
+    if (h.is_cuda and not _interpreting() and h.dtype == weight.dtype
+            and h.dtype in (torch.bfloat16, torch.float16)):
+        # cuBLAS with an fp32 result (aten::mm.dtype) beats our tl.dot GEMM at every measured size on an
+        # H100 (bench/RESULTS.md); same math: 16-bit operands, fp32 accumulation and output.
+        try:
+            res = torch.mm(h, weight.t(), out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            res = None
+        if res is not None:
+            if bias is not None:
+                res += bias.float()
+            if out is not None:
+                out.copy_(res)
+                return out
+            return res
     if out is None:
         out = torch.empty((m, v), device=h.device, dtype=torch.float32)
     constexprs, num_warps, num_stages = gemm_launch(h.dtype, weight.dtype, bias is not None)

@@ -530,6 +530,15 @@ def matmul_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """
     if a.dtype == torch.float32 and b.dtype == torch.float32:
         return a @ b
+    half = a.dtype if a.dtype in (torch.bfloat16, torch.float16) else b.dtype
+    if a.is_cuda and half in (torch.bfloat16, torch.float16):
+        # Tensor cores with an fp32 result (aten::mm.dtype): the fp32 operand is always the small
+        # rank-sized one (A, B, g, xa), so rounding it to 16 bits is what autocast training does anyway;
+        # no upcast copies of x / dy and no slow fp32 GEMM. Older torch without out_dtype: chunked path.
+        try:
+            return torch.mm(a.to(half), b.to(half), out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
     k = a.shape[1]
     out = None
     for start in range(0, k, _F32_CHUNK):
