@@ -40,10 +40,10 @@ test-fast: venv
 	$(PY) -P -m pytest -q -x -n 2 --dist loadgroup tests -m "not slow"
 
 bench: venv
-	$(PY) bench/run_all.py --suite cpu
+	$(PY) -P bench/run_all.py --suite cpu
 
 bench-gpu: venv
-	$(PY) bench/run_all.py --suite gpu
+	$(PY) -P bench/run_all.py --suite gpu
 
 lint: venv
 	$(VENV)/bin/ruff check peftlab kernels tests bench
