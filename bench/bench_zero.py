@@ -1,0 +1,117 @@
+"""ZeRO-2 vs ZeRO-3 vs one process: optimizer steps/s and peak memory per rank (not a test).
+
+Each configuration trains the same recipe (the built-in micro/tiny Llama, LoRA, fp32) for a fixed
+number of steps with the same GLOBAL batch: one process accumulates ``world x grad_accum``
+micro-batches, each of the 2 DeepSpeed ranks ``grad_accum``. Every rank reports its peak resident
+set size (``ru_maxrss``: on CPU the whole process — weights, activations, DeepSpeed buffers) and the
+loop's steps/s from ``summary.json``.
+
+    .venv/bin/python -P bench/bench_zero.py [--model builtin:tiny-llama] [--steps 20] [--smoke]
+
+Results are appended to ``bench/results/bench_zero.jsonl`` and printed as a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO_ROOT, append_jsonl
+
+
+def worker(recipe_path: str, report: str) -> None:
+    """Runs inside every rank: train, then write this rank's figures."""
+    from peftlab.recipe import load_recipe
+    from peftlab.trainer import Trainer
+
+    trainer = Trainer(load_recipe(recipe_path), quiet=True)
+    result = trainer.train()
+    summary = json.loads((result.output_dir / "summary.json").read_text())
+    rank = trainer.dist.rank
+    Path(f"{report}.{rank}").write_text(json.dumps({
+        "rank": rank, "steps": result.state.step, "train_time_s": summary["train_time_s"],
+        "steps_per_s": result.state.step / summary["train_time_s"],
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "final_loss": result.losses[-1]}))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(name: str, *, model: str, steps: int, nproc: int, deepspeed: str | None, work: Path, mbs: int,
+        seq: int) -> list[dict]:
+    import yaml
+
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    from helpers import make_quickstart_data, tiny_recipe_dict
+
+    data = work / "data"
+    if not (data / "train.jsonl").is_file():
+        make_quickstart_data(data, n_train=256, n_eval=4)
+    raw = tiny_recipe_dict(data, work / f"out-{name}", model={"name": model}, quantization={"mode": "none"},
+                           train={"max_steps": steps, "micro_batch_size": mbs, "grad_accum": 2 // nproc,
+                                  "eval_at_start": False, "log_every": 1000},
+                           output={"report_to": [], "plot": False, "overwrite": True}, eval={"metric": "loss"})
+    raw["data"]["max_seq_len"] = seq
+    if deepspeed:
+        raw["deepspeed"] = str(REPO_ROOT / "recipes" / "deepspeed" / f"{deepspeed}.json")
+    recipe = work / f"{name}.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    report = work / f"{name}.report"
+    env = dict(os.environ, PYTHONSAFEPATH="1", OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // nproc)),
+               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    me = [str(Path(__file__).resolve()), "--worker", str(recipe), str(report)]
+    if nproc == 1:
+        cmd = [sys.executable, "-P", *me]
+    else:
+        cmd = [sys.executable, "-P", "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(free_port()), *me]
+    subprocess.run(cmd, check=True, env=env, cwd=work, timeout=1800, capture_output=True)
+    return [json.loads(Path(f"{report}.{r}").read_text()) for r in range(nproc)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worker", nargs=2, metavar=("RECIPE", "REPORT"), help=argparse.SUPPRESS)
+    p.add_argument("--model", default="builtin:tiny-llama")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--smoke", action="store_true", help="micro-llama, 3 steps (checks the script runs)")
+    args = p.parse_args(argv)
+    if args.worker:
+        worker(*args.worker)
+        return
+    if args.smoke:
+        args.model, args.steps, args.seq = "builtin:micro-llama", 3, 64
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-zero-") as tmp:
+        for name, nproc, ds in (("single", 1, None), ("zero2", 2, "zero2"), ("zero3", 2, "zero3")):
+            ranks = run(name, model=args.model, steps=args.steps, nproc=nproc, deepspeed=ds, work=Path(tmp),
+                        mbs=args.micro_batch, seq=args.seq)
+            row = {"config": name, "processes": nproc, "model": args.model, "steps": args.steps,
+                   "global_batch": 2 * args.micro_batch, "max_seq_len": args.seq,
+                   "steps_per_s": min(r["steps_per_s"] for r in ranks),
+                   "peak_rss_mib_per_rank": [round(r["peak_rss_mib"], 1) for r in ranks],
+                   "final_loss": ranks[0]["final_loss"]}
+            rows.append(row)
+            if not args.smoke:
+                append_jsonl("bench_zero", row)
+    print(f"{'config':8} {'procs':>5} {'steps/s':>8} {'peak RSS / rank (MiB)':>24} {'final loss':>10}")
+    for r in rows:
+        rss = ", ".join(f"{x:.0f}" for x in r["peak_rss_mib_per_rank"])
+        print(f"{r['config']:8} {r['processes']:>5} {r['steps_per_s']:>8.2f} {rss:>24} {r['final_loss']:>10.4f}")
+
+
+if __name__ == "__main__":
+    main()
