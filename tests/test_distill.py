@@ -168,6 +168,7 @@ def test_distillation_run_lowers_kl_to_the_teacher_on_held_out_data(data_dir, te
     recipe = distill_recipe(data_dir, tmp_path / "run", teacher_adapter, alpha=0.0, temperature=1.0)
     recipe.train.max_steps, recipe.train.grad_accum, recipe.train.lr = 12, 1, 1e-2
     recipe.train.eval_at_start = False
+    recipe.output.plot, recipe.output.report_to = False, ["jsonl"]
     t = Trainer(recipe, quiet=True)
     held_out = t.eval_batches()
     before = teacher_kl(t.model, t.loss_fn.teacher.model, held_out)
@@ -226,7 +227,9 @@ def test_missing_and_corrupt_teacher_cache_are_clear_errors(trainer, tmp_path, c
     with pytest.raises(PeftlabError, match=r"no teacher cache at .*cache.*peftlab distill-cache RECIPE"):
         build_distill_loss(recipe, trainer.loaded)
 
-    build_teacher_cache(recipe, quiet=True)
+    yaml_path = tmp_path / "recipe.yaml"  # JSON is YAML
+    yaml_path.write_text(json.dumps(recipe.to_dict()))
+    assert main(["distill-cache", str(yaml_path), "--quiet"]) == 0
     batch = trainer.batch([0, 1])
     cache = tmp_path / "cache"
     good = TeacherCache.open(cache)
@@ -261,7 +264,6 @@ def test_missing_and_corrupt_teacher_cache_are_clear_errors(trainer, tmp_path, c
         TeacherCache.open(broken(other_data)).lookup(batch)
 
     # the CLI reports a missing cache as one message and exit status 2
-    yaml_path = tmp_path / "recipe.yaml"
     raw_recipe = trainer.recipe.to_dict()
     raw_recipe["distill"].update(mode="offline", cache_dir=str(tmp_path / "nowhere"))
     yaml_path.write_text(json.dumps(raw_recipe))
