@@ -102,11 +102,23 @@ def bnb_config(quant: Any, compute_dtype: torch.dtype):
 
 def load_base_model(name: str, *, dtype: torch.dtype, device: torch.device, quant: Any = None,
                     attn_implementation: str = "sdpa", revision: str | None = None,
-                    trust_remote_code: bool = False) -> nn.Module:
-    """Load a causal LM in ``dtype`` on ``device``, 4-bit quantised when ``quant.mode`` is nf4/fp4."""
+                    trust_remote_code: bool = False, loader: str = "streaming") -> nn.Module:
+    """Load a causal LM in ``dtype`` on ``device``, 4-bit quantised when ``quant.mode`` is nf4/fp4.
+
+    4-bit models from a local safetensors directory are streamed tensor by tensor into a meta-device
+    skeleton (:mod:`peftlab.streaming`: peak memory ≈ the 4-bit model, never the 16-bit one);
+    ``loader="transformers"`` (and hub ids, which need transformers' download) use ``from_pretrained``
+    with a ``BitsAndBytesConfig`` instead — the same modules, bit for bit.
+    """
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name, revision=revision)
+    if (loader == "streaming" and quant is not None and quant.mode != "none" and Path(path).is_dir()
+            and any(Path(path).glob("*.safetensors"))):
+        from peftlab.streaming import QuantSettings, load_quantized
+
+        return load_quantized(path, QuantSettings.from_recipe(quant, dtype), device=device,
+                              attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
     kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=attn_implementation,
                                   revision=revision, trust_remote_code=trust_remote_code)
     qcfg = bnb_config(quant, dtype) if quant is not None else None
