@@ -236,6 +236,15 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_launch(args) -> int:
+    """Train a recipe across nodes/processes through the deepspeed launcher (see docs/distributed.md)."""
+    from peftlab.launch import launch
+
+    return launch(args.recipe, hostfile=args.hostfile, no_ssh=args.no_ssh, node_rank=args.node_rank,
+                  nproc_per_node=args.nproc_per_node, master_addr=args.master_addr, master_port=args.master_port,
+                  launcher=args.launcher, preflight_timeout=args.preflight_timeout, overrides=args.set)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="peftlab", description="Parameter-efficient fine-tuning of LLMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -322,6 +331,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--overwrite", action="store_true")
     sp.add_argument("--push-to-hub", metavar="REPO", help="upload the export with a generated model card")
     sp.set_defaults(fn=cmd_export)
+
+    sp = with_set(sub.add_parser("launch", help="train across processes and nodes (DeepSpeed launcher + preflight)"))
+    sp.add_argument("recipe", help="a recipe with a 'deepspeed:' config")
+    sp.add_argument("--hostfile", required=True, help="DeepSpeed hostfile: 'HOST slots=N' per node")
+    sp.add_argument("--no-ssh", action="store_true", help="run this command on every node, each with --node-rank")
+    sp.add_argument("--node-rank", type=int, default=None, help="this node's line in the hostfile (from 0)")
+    sp.add_argument("--nproc-per-node", type=int, default=None, help="processes per node (default: slots)")
+    sp.add_argument("--master-addr", default=None, help="address of node rank 0 (default: first host)")
+    sp.add_argument("--master-port", type=int, default=29500, help="rendezvous port (preflight uses port+1)")
+    sp.add_argument("--launcher", default="pdsh", help="ssh launch backend: pdsh|openmpi|mpich|mvapich|impi|slurm")
+    sp.add_argument("--preflight-timeout", type=float, default=120.0,
+                    help="seconds to wait for every node (and then every rank) to join")
+    sp.set_defaults(fn=cmd_launch)
     return p
 
 
