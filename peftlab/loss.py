@@ -96,11 +96,16 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, normaliz
 
     hidden = final_hidden_states(model, batch)
     head = output_head(model)
-    kw = dict(head_bias=head.bias, ignore_index=IGNORE_INDEX, label_smoothing=settings.label_smoothing,
-              z_loss=settings.z_loss, softcap=settings.softcap, backend=settings.backend)
-    if weights is None:
-        return fused_linear_cross_entropy(hidden, head.weight, labels, reduction="sum", normalizer=normalizer, **kw)
-    per_token = fused_linear_cross_entropy(hidden, head.weight, labels, reduction="none", **kw)
+    from peftlab.distributed import gathered_head
+
+    # Under DeepSpeed ZeRO-3 the head weight is partitioned across ranks: gathered here (a no-op otherwise).
+    with gathered_head(head.weight, head.bias) as (head_weight, head_bias):
+        kw = dict(head_bias=head_bias, ignore_index=IGNORE_INDEX, label_smoothing=settings.label_smoothing,
+                  z_loss=settings.z_loss, softcap=settings.softcap, backend=settings.backend)
+        if weights is None:
+            return fused_linear_cross_entropy(hidden, head_weight, labels, reduction="sum", normalizer=normalizer,
+                                              **kw)
+        per_token = fused_linear_cross_entropy(hidden, head_weight, labels, reduction="none", **kw)
     return (per_token * weights).sum() / normalizer
 
 

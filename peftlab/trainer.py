@@ -57,7 +57,11 @@ def accumulate_gradients(model, batches: list[dict[str, torch.Tensor]], settings
     loss of the whole step — whatever the split into micro-batches (a mean of per-micro-batch means
     would weight tokens of short micro-batches more).
     """
-    n_targets = sum(count_targets(b) for b in batches)
+    from peftlab.distributed import all_reduce_sum
+
+    # Under data parallelism every rank divides by the GLOBAL count, and the step loss is the sum over
+    # ranks: N processes then compute exactly what one process does with the same global batch.
+    n_targets = all_reduce_sum(sum(count_targets(b) for b in batches))
     total = 0.0
     if n_targets == 0:
         return 0.0, 0
@@ -65,7 +69,7 @@ def accumulate_gradients(model, batches: list[dict[str, torch.Tensor]], settings
         loss = loss_fn(model, b, normalizer=n_targets, settings=settings)
         backward(loss)
         total += float(loss.detach())
-    return total, n_targets
+    return all_reduce_sum(total), n_targets
 
 
 class EpochSampler:
@@ -131,7 +135,11 @@ class Trainer:
         from peftlab.models import build_model
 
         self.recipe = recipe
-        self.quiet = quiet
+        from peftlab.distributed import init_distributed
+
+        # Join the process group first (the data cache and DeepSpeed need it); rank 0 alone speaks.
+        self.dist = init_distributed(recipe)
+        self.quiet = quiet or not self.dist.is_main
         self.out_dir = recipe.output_dir
         self._check_output_dir()
         self.ckpt_root = ckpt.safe_subpath(self.out_dir, recipe.checkpoint.dir, what="checkpoint.dir")
@@ -154,7 +162,7 @@ class Trainer:
         self.pad_id = self.data.pad_token_id
         t = recipe.train
         self.sampler = EpochSampler(len(self.data.train), t.micro_batch_size, t.seed)
-        steps_per_epoch = math.ceil(self.sampler.micro_batches_per_epoch / t.grad_accum)
+        steps_per_epoch = math.ceil(self.sampler.micro_batches_per_epoch / (t.grad_accum * self.dist.world_size))
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
         self.engine = self._build_engine()
         self.state = TrainState()
@@ -167,7 +175,7 @@ class Trainer:
         if resume_from is not None:
             self._load_checkpoint(resume_from)
         self._continue_metrics()
-        self.log = RunLog(self.out_dir, recipe.output.report_to)
+        self.log = RunLog(self.out_dir, recipe.output.report_to if self.dist.is_main else [])
 
     # ---- setup helpers -------------------------------------------------------------------------
     def _check_output_dir(self) -> None:
@@ -181,7 +189,7 @@ class Trainer:
         out.mkdir(parents=True, exist_ok=True)
         for stale in ("metrics.jsonl",):
             if (out / stale).exists() and self.recipe.resume is None:
-                (out / stale).unlink()
+                (out / stale).unlink(missing_ok=True)  # every rank checks; one removes
 
     def _is_main(self) -> bool:
         dist = getattr(self, "dist", None)
@@ -324,6 +332,10 @@ class Trainer:
     def _build_engine(self):
         from peftlab.engine import LocalEngine
 
+        if self.recipe.deepspeed is not None:
+            from peftlab.distributed import ZeroEngine
+
+            return ZeroEngine(self.model, self.recipe, self.total_steps, self.device, self.loaded.dtype)
         return LocalEngine(self.model, self.recipe.train, self.total_steps, self.device)
 
     def batch(self, indices: list[int], split: str = "train") -> dict[str, torch.Tensor]:
@@ -348,7 +360,9 @@ class Trainer:
     def next_micro_batches(self) -> list[list[int]]:
         """The micro-batches of the next optimizer step (may cross an epoch boundary)."""
         out = []
-        while len(out) < self.recipe.train.grad_accum:
+        # A step takes grad_accum x world_size micro-batches of the global order; rank r trains
+        # micro-batches r, r + world_size, ... (one process with grad_accum x world_size sees them all).
+        while len(out) < self.recipe.train.grad_accum * self.dist.world_size:
             order = self.sampler.epoch_order(self.state.epoch)
             if self.state.micro_index >= len(order):
                 self.state.epoch += 1
@@ -356,7 +370,7 @@ class Trainer:
                 continue
             out.append(order[self.state.micro_index])
             self.state.micro_index += 1
-        return out
+        return out[self.dist.rank::self.dist.world_size]
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over grad_accum micro-batches; returns the step's figures.
@@ -503,13 +517,14 @@ class Trainer:
                 losses: list[float]) -> TrainResult:
         r = self.recipe
         say = (lambda *a: None) if self.quiet else (lambda *a: print(*a, flush=True))
-        if r.output.plot:
+        if r.output.plot and self.dist.is_main:
             plot_loss_curve(self.out_dir / "metrics.jsonl", self.out_dir / "loss_curve.png")
         summary = {"steps": self.state.step, "tokens_seen": self.state.tokens_seen,
                    "skipped_steps": self.state.skipped_steps, "train_time_s": time.perf_counter() - t0,
                    "eval_before": _strip_samples(before), "eval_after": _strip_samples(after),
                    "adapter": str(adapter_dir)}
-        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self.dist.is_main:
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         say(f"adapter (PEFT format): {adapter_dir}\nmetrics: {self.out_dir / 'metrics.jsonl'}  "
             f"loss curve: {self.out_dir / 'loss_curve.png'}")
         return TrainResult(self.out_dir, adapter_dir, self.state, before, after, losses,
@@ -519,7 +534,15 @@ class Trainer:
         from peftlab.lora import save_adapter
         from peftlab.recipe import dump_recipe
 
-        save_adapter(self.model, path, base_model_name_or_path=self.recipe.model.name)
+        if self.dist.world_size > 1 or self.recipe.deepspeed is not None:
+            from peftlab.distributed import save_adapter_gathered
+
+            # Gathered from all ranks (ZeRO-3 partitions), checked non-empty, written by rank 0.
+            save_adapter_gathered(self.model, path, base_model_name_or_path=self.recipe.model.name)
+            if not self.dist.is_main:
+                return path
+        else:
+            save_adapter(self.model, path, base_model_name_or_path=self.recipe.model.name)
         # What PEFT's adapter_config.json has no field for (the base's quantisation and compute dtype,
         # every training setting) travels beside it, so `peftlab eval/generate/merge DIR` rebuild the
         # exact model that was trained.
