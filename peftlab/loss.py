@@ -48,8 +48,27 @@ def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:
-    """Number of trained tokens of a batch (after the shift)."""
+    """Number of trained tokens of a batch (after the shift); rows for classification/regression batches."""
+    if batch["labels"].dim() == 1:  # sequence classification: one target per row
+        return int(batch["labels"].numel())
     return int((shifted_labels(batch["labels"]) != IGNORE_INDEX).sum())
+
+
+def loss_normalizer(batch: dict[str, torch.Tensor]) -> float:
+    """Σ of the loss weights of a batch's targets: what a step's summed weighted loss is divided by.
+
+    With per-row / per-dataset weights the loss is the weighted mean Σ w·ℓ / Σ w, so a row of weight 2
+    counts exactly like the same row twice (duplicating it adds its tokens to the denominator too).
+    All-one weights give :func:`count_targets` exactly (the plain token mean).
+    """
+    weights = batch.get("loss_weights")
+    if weights is None:
+        return float(count_targets(batch))
+    if batch["labels"].dim() == 1:
+        return float(weights.double().sum())
+    targets = shifted_labels(batch["labels"]) != IGNORE_INDEX
+    shifted = F.pad(weights[:, 1:], (0, 1), value=0.0).double()
+    return float((shifted * targets).sum())
 
 
 def final_hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

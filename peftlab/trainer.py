@@ -38,7 +38,7 @@ import torch
 
 from peftlab import checkpoint as ckpt
 from peftlab.errors import PeftlabError
-from peftlab.loss import LossSettings, causal_lm_loss, count_targets
+from peftlab.loss import LossSettings, causal_lm_loss, count_targets, loss_normalizer
 from peftlab.metrics import RunLog, plot_loss_curve
 
 
@@ -62,11 +62,16 @@ def accumulate_gradients(model, batches: list[dict[str, torch.Tensor]], settings
     # Under data parallelism every rank divides by the GLOBAL count, and the step loss is the sum over
     # ranks: N processes then compute exactly what one process does with the same global batch.
     n_targets = all_reduce_sum(sum(count_targets(b) for b in batches))
+    # Per-row / per-dataset loss weights: the step loss is the weighted mean Σ w·ℓ / Σ w (equal to the
+    # target count when all weights are one), so weight 2 on a row is the same as that row twice.
+    normalizer = all_reduce_sum(sum(loss_normalizer(b) for b in batches))
     total = 0.0
     if n_targets == 0:
         return 0.0, 0
+    if normalizer <= 0:  # every target of the step has weight 0: nothing to learn from
+        return 0.0, n_targets
     for b in batches:
-        loss = loss_fn(model, b, normalizer=n_targets, settings=settings)
+        loss = loss_fn(model, b, normalizer=normalizer, settings=settings)
         backward(loss)
         total += float(loss.detach())
     return all_reduce_sum(total), n_targets

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.data.config import DataConfig, DatasetSpec
-from peftlab.data.formats import BadRow, detect_format, to_record
+from peftlab.data.formats import BadRow, detect_format, row_weight, to_record
 from peftlab.data.packing import pack
 from peftlab.data.sources import Source
 from peftlab.data.stats import DatasetStats, DataStats, padding_waste
@@ -82,6 +82,9 @@ def read_records(source: Source, spec: DatasetSpec, name: str, cfg: DataConfig, 
         st.rows += 1
         try:
             rec = to_record(row.data, fmt, spec.fields)
+            weight = row_weight(row.data, spec.fields)
+            if weight != 1.0:  # per-row sample weight (scales the row's loss)
+                rec["weight"] = weight
         except BadRow as e:
             _bad(e, row.where, name, fmt, cfg, st, key)
             continue
@@ -175,7 +178,7 @@ def encode_items(items: Iterable[_Item], encoder: Encoder, cfg: DataConfig, ds_i
                 _bad(enc, it.where, name, fmt_hint, cfg, st, key)
                 continue
             base = {"sample_id": sample_id(ds_index, it.row), "dataset": ds_index,
-                    "loss_weight": float(spec.loss_weight)}
+                    "loss_weight": float(spec.loss_weight) * float(it.record.get("weight", 1.0))}
             if isinstance(enc, EncodedClass):
                 ids = enc.input_ids
                 if len(ids) > cfg.max_seq_len:

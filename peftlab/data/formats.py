@@ -124,6 +124,22 @@ def _messages(turns: Any, field: str, *, sharegpt: bool) -> list[dict[str, Any]]
     return out
 
 
+def row_weight(row: Mapping[str, Any], fields: Mapping[str, str]) -> float:
+    """The row's sample weight: column ``weight`` (or ``fields: {weight: <column>}``), 1.0 when absent.
+
+    It multiplies the row's loss (with the dataset's ``loss_weight``); the step loss is normalised by
+    the summed weights, so weight 2 is the same as the row appearing twice (see peftlab.loss).
+    """
+    import math
+
+    name, v = _get(row, fields, "weight") if isinstance(row, Mapping) else ("weight", None)
+    if v is None:
+        return 1.0
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise BadRow(name, f"expected a finite number >= 0 (the row's sample weight), got {v!r}")
+    return float(v)
+
+
 def to_record(row: Any, fmt: str, fields: Mapping[str, str]) -> dict[str, Any]:
     """Convert one raw row of format ``fmt`` into a canonical record (raises :class:`BadRow`)."""
     if not isinstance(row, Mapping):
