@@ -75,14 +75,17 @@ class StepResult:
 class LocalEngine:
     """One process, one device: plain PyTorch autograd + optimizer."""
 
-    def __init__(self, model: nn.Module, train: Any, total_steps: int, device: torch.device):
+    def __init__(self, model: nn.Module, train: Any, total_steps: int, device: torch.device,
+                 param_groups: list[dict[str, Any]] | None = None):
+        """``param_groups`` (peftlab.freezing.optimizer_param_groups): per-group learning rates (LoRA+,
+        unfrozen modules), each with ``lr_scale`` = its lr / train.lr; None: one group at train.lr."""
         self.model = model
         self.train = train
         # Mixed-precision loss scaling (fp16) would live here; fp32/bf16 training needs none. Checkpoints
         # save and restore it whenever it is set.
         self.scaler: torch.amp.GradScaler | None = None
         self.params = trainable_parameters(model)
-        self.optimizer = build_optimizer(self.params, train, device)
+        self.optimizer = build_optimizer(param_groups if param_groups else self.params, train, device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(train.scheduler, warmup_steps(train, total_steps), total_steps)
         )
@@ -129,10 +132,11 @@ class LocalEngine:
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
         t = self.train
-        self.scheduler.base_lrs = [t.lr for _ in self.optimizer.param_groups]
-        for group, lam in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
-            group["initial_lr"] = t.lr
-            group["lr"] = t.lr * lam(self.scheduler.last_epoch)
+        self.scheduler.base_lrs = [t.lr * g.get("lr_scale", 1.0) for g in self.optimizer.param_groups]
+        for group, lam, base_lr in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas,
+                                       self.scheduler.base_lrs):
+            group["initial_lr"] = base_lr
+            group["lr"] = base_lr * lam(self.scheduler.last_epoch)
             for key, value in (("betas", tuple(t.betas)), ("eps", t.eps), ("weight_decay", t.weight_decay)):
                 if key in group:
                     group[key] = value

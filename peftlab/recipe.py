@@ -57,15 +57,43 @@ class AdapterConfig(Section):
     target_modules: Literal["all-linear"] | list[str] = "all-linear"
     rslora: bool = False
     dora: bool = False
-    layers: list[int] | None = None
+    layers: list[int] | str | None = None
+    """Decoder layers that get adapters (PEFT's layers_to_transform): indices and ``"16..31"`` ranges
+    (inclusive), or ``"top:8"`` / ``"bottom:4"`` for the last / first k layers; None: every layer."""
     init_from: str | None = None
     """Start from an existing adapter directory (PEFT format) instead of a fresh init."""
+    loraplus_lr_ratio: float | None = Field(None, gt=0)
+    """LoRA+: the B matrices train at ratio x train.lr (A at train.lr); None: one learning rate."""
+    unfreeze: list[str] = []
+    """Base modules trained in full besides the adapters: ``embeddings``, ``head`` or module names
+    (suffix match, e.g. ``embed_tokens``); saved beside the adapter (unfrozen_modules.safetensors)."""
+    unfreeze_lr: float | None = Field(None, gt=0)
+    """Learning rate of the unfrozen modules; None: train.lr."""
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layer_ranges(cls, v: Any) -> Any:
+        from peftlab.freezing import parse_layers
+
+        return parse_layers(v)
 
 
 class LossConfig(Section):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     z_loss: float = Field(0.0, ge=0.0)
     softcap: float | None = Field(None, gt=0.0)
+
+
+class EarlyStoppingConfig(Section):
+    """Early stopping (peftlab.early_stopping): stop after ``patience`` evals without improvement."""
+
+    metric: str = "eval_loss"
+    """Any eval metric: eval_loss (or loss), perplexity, exact_match, token_f1, accuracy, f1_macro, ..."""
+    patience: int = Field(3, ge=1)
+    min_delta: float = Field(0.0, ge=0.0)
+    """An eval improves only when it beats the best by more than this."""
+    mode: Literal["auto", "min", "max"] = "auto"
+    """auto: min for losses/perplexity/mse, max for scores."""
 
 
 class TrainConfig(Section):
@@ -90,11 +118,14 @@ class TrainConfig(Section):
     """Evaluate every N optimizer steps (None: only before and after training)."""
     eval_at_start: bool = True
     save_every: int | None = Field(None, gt=0)
+    early_stopping: EarlyStoppingConfig | None = None
+    """Stop when an eval metric stops improving (needs eval_every); the best adapter is kept in best/."""
     loss: LossConfig = LossConfig()
 
 
 class EvalConfig(Section):
-    metric: Literal["exact_match", "loss", "perplexity"] = "exact_match"
+    metric: Literal["exact_match", "token_f1", "loss", "perplexity", "accuracy", "f1_macro", "f1_micro",
+                    "precision", "recall", "mse"] = "exact_match"
     max_new_tokens: int = Field(32, gt=0)
     max_prompts: int = Field(100, gt=0)
     batch_size: int = Field(16, gt=0)
@@ -103,7 +134,8 @@ class EvalConfig(Section):
 
 class OutputConfig(Section):
     dir: str = "runs/peftlab"
-    report_to: list[Literal["jsonl", "tensorboard"]] = ["jsonl", "tensorboard"]
+    report_to: list[Literal["jsonl", "tensorboard", "mlflow", "wandb"]] = ["jsonl", "tensorboard"]
+    """mlflow: a local file store run in <dir>/mlruns; wandb: an offline run in <dir>/wandb."""
     plot: bool = True
     overwrite: bool = False
     """Allow training into a directory that already holds a finished run."""
@@ -211,6 +243,8 @@ class Recipe(Section):
     guards: GuardsConfig = GuardsConfig()
     distill: DistillConfig | None = None
     """Distillation from a teacher model (see docs/distillation.md); None: plain fine-tuning."""
+    task: Literal["causal_lm", "classification", "regression"] = "causal_lm"
+    """classification / regression: LoRA + a head on {text, label} rows (docs/workflows.md)."""
 
     # Where relative paths in the recipe are resolved from (the recipe file's directory).
     base_dir: str = Field(".", exclude=True)
@@ -237,6 +271,17 @@ class Recipe(Section):
             )
         if self.model.attn_implementation == "flash_attention_2" and self.train.device == "cpu":
             raise ValueError("model.attn_implementation=flash_attention_2 needs a CUDA GPU; use sdpa on CPU")
+        if self.train.early_stopping is not None and self.train.eval_every is None:
+            raise ValueError("train.early_stopping needs train.eval_every (evaluate every N steps), e.g. "
+                             "train.eval_every: 50")
+        if self.task != "causal_lm":
+            if self.distill is not None or self.data.packing:
+                raise ValueError(f"task={self.task} cannot be combined with distill or data.packing; remove them")
+            if self.data.label_type == "auto":  # the task decides how labels are read
+                self.data.label_type = "class" if self.task == "classification" else "regression"
+            elif (self.data.label_type == "class") != (self.task == "classification"):
+                raise ValueError(f"task={self.task} with data.label_type={self.data.label_type}: set "
+                                 "data.label_type: auto (the task then decides)")
         loss = self.train.loss
         if self.distill is not None and (loss.label_smoothing or loss.z_loss or loss.softcap):
             raise ValueError(

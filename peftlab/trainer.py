@@ -132,6 +132,7 @@ class TrainResult:
     losses: list[float]
     preempted: bool = False           # stopped by SIGTERM/SIGINT after saving a checkpoint
     checkpoint: Path | None = None    # the newest checkpoint of the run
+    best: dict[str, Any] | None = None  # early stopping: best metric, step and its adapter dir (best/)
 
 
 class Trainer:
@@ -150,7 +151,15 @@ class Trainer:
         self.ckpt_root = ckpt.safe_subpath(self.out_dir, recipe.checkpoint.dir, what="checkpoint.dir")
         resume_from = self._resume_checkpoint()
         seed_everything(recipe.train.seed)
-        self.loaded = build_model(recipe)
+        from peftlab import freezing
+
+        freezing.resolve_layers(recipe)  # adapter.layers: top:k -> explicit indices
+        if recipe.task == "causal_lm":
+            self.loaded = build_model(recipe)
+        else:  # sequence classification / regression: backbone (decoder or encoder) + LoRA; head below
+            from peftlab.classify import build_classifier_model
+
+            self.loaded = build_classifier_model(recipe)
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
         self.device = self.loaded.device
@@ -165,6 +174,16 @@ class Trainer:
                                base_dir=Path(recipe.base_dir))
         self._collate = collate
         self.pad_id = self.data.pad_token_id
+        if recipe.task != "causal_lm":
+            from peftlab.classify import attach_head, classification_loss
+
+            attach_head(self.model, self.data, recipe)
+            self.loss_fn = classification_loss
+        self.unfrozen = freezing.unfreeze_modules(self.model, recipe.adapter.unfreeze)
+        from peftlab.early_stopping import EarlyStopping
+
+        self.early_stopping = EarlyStopping.from_recipe(recipe)
+        self._last_eval: tuple[int, dict[str, Any]] | None = None
         t = recipe.train
         self.sampler = EpochSampler(len(self.data.train), t.micro_batch_size, t.seed)
         steps_per_epoch = math.ceil(self.sampler.micro_batches_per_epoch / (t.grad_accum * self.dist.world_size))
@@ -341,7 +360,10 @@ class Trainer:
             from peftlab.distributed import ZeroEngine
 
             return ZeroEngine(self.model, self.recipe, self.total_steps, self.device, self.loaded.dtype)
-        return LocalEngine(self.model, self.recipe.train, self.total_steps, self.device)
+        from peftlab.freezing import optimizer_param_groups
+
+        groups = optimizer_param_groups(self.model, self.recipe.adapter, self.recipe.train.lr, self.unfrozen)
+        return LocalEngine(self.model, self.recipe.train, self.total_steps, self.device, param_groups=groups)
 
     def batch(self, indices: list[int], split: str = "train") -> dict[str, torch.Tensor]:
         rows = self.data.train if split == "train" else self.data.eval
@@ -445,6 +467,11 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         from peftlab.evaluate import evaluate
 
+        if self.recipe.task != "causal_lm":
+            from peftlab.classify import evaluate_classifier
+
+            return evaluate_classifier(self.model, self.eval_batches(), task=self.data.task,
+                                       label_map=self.data.label_map)
         return evaluate(self.model, self.tokenizer, self.eval_batches(), self.data.eval_prompts,
                         recipe=self.recipe, settings=self.settings)
 
@@ -479,7 +506,10 @@ class Trainer:
                 "Continue with: peftlab train RECIPE --set resume=auto")
             return TrainResult(self.out_dir, path / "adapter", self.state, before, {}, losses, preempted=True,
                                checkpoint=path)
-        after = self.evaluate()
+        stopped = self._last_eval is not None and self._last_eval[0] == self.state.step
+        after = self._last_eval[1] if stopped else self.evaluate()  # early stop: that eval is the last one
+        if not stopped:
+            self._track_best(after)
         self.log.log(self.state.step, "eval", after)
         say("eval after training:  " + _fmt_metrics(after))
         for s in after.get("samples", []):
@@ -506,6 +536,12 @@ class Trainer:
                 m = self.evaluate()
                 self.log.log(self.state.step, "eval", m)
                 bar.write(f"step {self.state.step}: " + _fmt_metrics(m))
+                if self._track_best(m):
+                    es = self.early_stopping
+                    bar.write(f"early stopping at step {self.state.step}: {es.metric} did not improve for "
+                              f"{es.patience} evals; best {es.best:.4f} at step {es.best_step} (kept in best/)")
+                    self._last_eval = (self.state.step, m)
+                    return False
             if r.train.save_every and self.state.step % r.train.save_every == 0:
                 self._save_due = True
             # Saves happen at step boundaries only, never inside a run of non-finite steps (deferred to the
@@ -528,12 +564,26 @@ class Trainer:
                    "skipped_steps": self.state.skipped_steps, "train_time_s": time.perf_counter() - t0,
                    "eval_before": _strip_samples(before), "eval_after": _strip_samples(after),
                    "adapter": str(adapter_dir)}
+        best = None
+        if self.early_stopping is not None:
+            best = {**self.early_stopping.summary(), "adapter": str(self.out_dir / "best")}
+            summary["early_stopping"] = best
+            say(f"best {best['metric']}={best['best']} at step {best['best_step']}: {best['adapter']}")
         if self.dist.is_main:
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         say(f"adapter (PEFT format): {adapter_dir}\nmetrics: {self.out_dir / 'metrics.jsonl'}  "
             f"loss curve: {self.out_dir / 'loss_curve.png'}")
         return TrainResult(self.out_dir, adapter_dir, self.state, before, after, losses,
-                           checkpoint=self._last_saved[1] if self._last_saved else None)
+                           checkpoint=self._last_saved[1] if self._last_saved else None, best=best)
+
+    def _track_best(self, metrics: dict[str, Any]) -> bool:
+        """Early stopping: keep the adapter of a new best eval in best/; True when training should stop."""
+        if self.early_stopping is None:
+            return False
+        decision = self.early_stopping.update(self.state.step, metrics)
+        if decision.improved:
+            self.save_adapter(self.out_dir / "best")
+        return decision.stop
 
     def save_adapter(self, path: Path) -> Path:
         from peftlab.lora import save_adapter
@@ -552,6 +602,13 @@ class Trainer:
         # every training setting) travels beside it, so `peftlab eval/generate/merge DIR` rebuild the
         # exact model that was trained.
         dump_recipe(self.recipe, path / "peftlab_recipe.yaml")
+        from peftlab.freezing import save_unfrozen
+
+        save_unfrozen(self.model, self.unfrozen, path)
+        if self.recipe.task != "causal_lm":
+            from peftlab.classify import save_head
+
+            save_head(self.model, path)
         return path
 
 
@@ -578,7 +635,7 @@ def _progress(total: int, disable: bool):
 
 
 def _fmt_metrics(m: dict[str, Any]) -> str:
-    keys = [k for k in ("exact_match", "eval_loss", "perplexity") if k in m]
+    keys = [k for k in ("exact_match", "token_f1", "accuracy", "f1_macro", "mse", "eval_loss", "perplexity") if k in m]
     return ", ".join(f"{k}={m[k]:.4f}" for k in keys) or "(no eval data)"
 
 
