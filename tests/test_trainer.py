@@ -143,7 +143,8 @@ def test_gradient_accumulation_is_exact_in_fp64(data_dir):
     whole = _grads(model, examples, [8])
     split = _grads(model, examples, [2, 2, 2, 2])
     uneven = _grads(model, examples, [1, 4, 3])
-    control = _grads(model, examples, [2, 2, 2, 2], mean_of_means=True)
+    # uneven micro-batches (1, 4 and 3 examples) have unequal target counts whatever the data
+    control = _grads(model, examples, [1, 4, 3], mean_of_means=True)
     worst = max((whole[n] - split[n]).abs().max().item() for n in whole)
     worst_uneven = max((whole[n] - uneven[n]).abs().max().item() for n in whole)
     assert worst < 1e-10 and worst_uneven < 1e-10
