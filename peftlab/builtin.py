@@ -7,9 +7,11 @@ through the same ``from_pretrained`` path as any hub or local model. It is what 
 the test suite train.
 
 Like a real base model it has seen "pre-training" text before anyone fine-tunes it: the build runs
-a short, seeded, single-threaded full-parameter training on raw-text skills (``3 + 4 = 7``,
-``sort(5 2 9) = 2 5 9``, ``after c comes d``, ...). It has never seen the chat template; teaching it
-to answer instructions in chat form is the fine-tuning the quickstart does with QLoRA.
+a short, seeded full-parameter training (at most 2 threads, a fixed count so that a machine always
+builds the same weights) on raw-text skills (``3 + 4 = 7``, ``after c comes d``,
+``first(k z m) = k``, ``count(a b c) = 3``, ...). It has never seen the chat template; teaching it
+to answer instructions in chat form is the fine-tuning the quickstart does with QLoRA. Change
+``BuiltinSpec.version`` whenever what gets built changes: it is the cache key.
 
 The tokenizer is byte-level BPE with no merges: every byte is one token, so it needs no training
 data, is identical on every machine, and gives exact character offsets (which the data pipeline's
@@ -65,10 +67,13 @@ class BuiltinSpec:
 # Hidden/intermediate sizes are multiples of 64 so every linear weight splits into whole
 # bitsandbytes 4-bit blocks (blocksize 64) and the Triton tiles see realistic alignment.
 BUILTIN_MODELS: dict[str, BuiltinSpec] = {
-    "tiny-llama": BuiltinSpec(256, 704, 4, 8, 4, pretrain_steps=120),
+    "tiny-llama": BuiltinSpec(256, 704, 4, 8, 4, pretrain_steps=300, version=3),
     # a smaller sibling, used as a distillation student and in fast tests
     "micro-llama": BuiltinSpec(128, 384, 2, 4, 2, pretrain_steps=0),
 }
+
+
+BUILD_THREADS = 2
 
 
 def cache_root() -> Path:
@@ -110,45 +115,80 @@ def build_tokenizer():
     return fast
 
 
-def skill_line(rng) -> str:
-    """One line of the built-in model's pre-training text (raw skills, no chat template)."""
-    import string
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+SKILLS = ("add", "sub", "next", "prev", "first", "last", "count", "max")
 
-    xs = [rng.randint(0, 9) for _ in range(rng.randint(3, 5))]
-    s = " ".join(map(str, xs))
-    k = rng.randrange(6)
-    if k == 0:
+
+def _items(rng, alphabet: str, n_min: int = 2, n_max: int = 5) -> list[str]:
+    return [rng.choice(alphabet) for _ in range(rng.randint(n_min, n_max))]
+
+
+def skill_line(rng) -> str:
+    """One line of the built-in model's pre-training text (raw skills, no chat template).
+
+    Single-digit arithmetic, the letter after/before a letter, and the first item, last item,
+    number of items and largest digit of a short list — the knowledge the quickstart's instruction
+    task (``recipes/make_quickstart_data.py``) asks for in chat form.
+    """
+    k = rng.choice(SKILLS)
+    if k == "add":
         a, b = rng.randint(0, 9), rng.randint(0, 9)
         return f"{a} + {b} = {a + b}"
-    if k == 1:
+    if k == "sub":
         a = rng.randint(0, 9)
         b = rng.randint(0, a)
         return f"{a} - {b} = {a - b}"
-    if k == 2:
-        return f"reverse({s}) = {' '.join(map(str, reversed(xs)))}"
-    if k == 3:
-        return f"sort({s}) = {' '.join(map(str, sorted(xs)))}"
-    if k == 4:
-        return f"max({s}) = {max(xs)}"
-    c = rng.choice(string.ascii_lowercase[:-1])
-    return f"after {c} comes {chr(ord(c) + 1)}"
+    if k == "next":
+        i = rng.randrange(25)
+        return f"after {LETTERS[i]} comes {LETTERS[i + 1]}"
+    if k == "prev":
+        i = rng.randrange(1, 26)
+        return f"before {LETTERS[i]} comes {LETTERS[i - 1]}"
+    if k == "max":
+        xs = _items(rng, "0123456789")
+        return f"max({' '.join(xs)}) = {max(xs)}"
+    xs = _items(rng, LETTERS)
+    s = " ".join(xs)
+    if k == "first":
+        return f"first({s}) = {xs[0]}"
+    if k == "last":
+        return f"last({s}) = {xs[-1]}"
+    return f"count({s}) = {len(xs)}"
 
 
-def pretrain(model, tokenizer, steps: int, *, seed: int, batch: int = 24, lines: int = 4, lr: float = 3e-3) -> None:
-    """Seeded full-parameter training on :func:`skill_line` text (the built-in model's "pre-training")."""
+def pretrain(model, tokenizer, steps: int, *, seed: int, batch: int = 16, seq_len: int = 96,
+             lr: float = 3e-3) -> None:
+    """Seeded full-parameter training on :func:`skill_line` text (the built-in model's "pre-training").
+
+    Each row is ``bos`` followed by newline-separated skill lines, packed to exactly ``seq_len``
+    tokens (no padding, so every token trains).
+    """
+    import math
     import random
 
     import torch
 
     rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, foreach=False)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    bos = tokenizer.bos_token_id
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0, foreach=False)
+    warmup = max(1, steps // 10)
+
+    def schedule(step: int) -> float:  # linear warmup, then cosine decay to 5% of lr
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     model.train()
     for _ in range(steps):
-        text = [" ; ".join(skill_line(rng) for _ in range(lines)) for _ in range(batch)]
-        enc = tokenizer(text, padding=True, return_tensors="pt")
-        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
-        loss = model(**enc, labels=labels).loss
+        rows = []
+        for _ in range(batch):
+            ids = [bos]
+            while len(ids) < seq_len:
+                ids += tokenizer(skill_line(rng) + "\n", add_special_tokens=False).input_ids
+            rows.append(ids[:seq_len])
+        input_ids = torch.tensor(rows)
+        loss = model(input_ids=input_ids, labels=input_ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -161,8 +201,11 @@ def _round_up(n: int, multiple: int) -> int:
     return (n + multiple - 1) // multiple * multiple
 
 
-def build_model_dir(name: str, out_dir: Path) -> None:
-    """Build the named built-in model (random init from a fixed seed) into ``out_dir``."""
+def build_model_dir(name: str, out_dir: Path, *, pretrain_steps: int | None = None) -> None:
+    """Build the named built-in model (random init from a fixed seed, then pre-training) into ``out_dir``.
+
+    ``pretrain_steps`` overrides the spec's step count (tests use a few steps to stay fast).
+    """
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -187,16 +230,23 @@ def build_model_dir(name: str, out_dir: Path) -> None:
     )
     rng_state = torch.random.get_rng_state()
     threads = torch.get_num_threads()
-    # One thread and a private seed: the same weights on every run of the same machine type.
-    torch.set_num_threads(1)
+    # A fixed thread count and a private seed: the same weights on every build on the same machine
+    # (float reductions split the same way every time); at most 2 threads, so a build on a laptop
+    # and on a big server agree as long as both have 2 cores or more.
+    torch.set_num_threads(min(BUILD_THREADS, os.cpu_count() or 1))
+    # Flush denormals to zero while pre-training: the logits of never-seen byte tokens sink until
+    # their softmax outputs go subnormal, which makes CPU float math many times slower.
+    torch.set_flush_denormal(True)
     torch.manual_seed(spec.seed)
     try:
         model = LlamaForCausalLM(config).to(torch.float32)
-        if spec.pretrain_steps:
-            pretrain(model, tokenizer, spec.pretrain_steps, seed=spec.seed)
+        steps = spec.pretrain_steps if pretrain_steps is None else pretrain_steps
+        if steps:
+            pretrain(model, tokenizer, steps, seed=spec.seed)
     finally:
         torch.random.set_rng_state(rng_state)
         torch.set_num_threads(threads)
+        torch.set_flush_denormal(False)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
