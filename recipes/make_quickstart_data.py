@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from itertools import pairwise
 from pathlib import Path
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -39,9 +40,9 @@ def small_space(task: str) -> list[dict]:
     if task == "sub":
         return [_qa(task, f"What is {a} - {b}?", str(a - b)) for a in range(10) for b in range(a + 1)]
     if task == "next_letter":
-        return [_qa(task, f"Letter after {c}?", n) for c, n in zip(LETTERS, LETTERS[1:])]
+        return [_qa(task, f"Letter after {c}?", n) for c, n in pairwise(LETTERS)]
     if task == "prev_letter":
-        return [_qa(task, f"Letter before {n}?", c) for c, n in zip(LETTERS, LETTERS[1:])]
+        return [_qa(task, f"Letter before {n}?", c) for c, n in pairwise(LETTERS)]
     return []
 
 

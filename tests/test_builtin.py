@@ -168,7 +168,9 @@ def test_quickstart_generator_is_deterministic_and_holds_out_eval(tmp_path):
     assert train3 != train1
     assert len(train1) == 1500 and len(eval1) == 200
 
-    prompt = lambda ex: ex["messages"][0]["content"]  # noqa: E731
+    def prompt(ex: dict) -> str:
+        return ex["messages"][0]["content"]
+
     eval_prompts = [prompt(e) for e in eval1]
     assert len(set(eval_prompts)) == len(eval_prompts)  # no duplicate eval prompts
     assert not set(eval_prompts) & {prompt(t) for t in train1}  # held out
