@@ -311,7 +311,8 @@ class Trainer:
         path = self.ckpt_root / ckpt.checkpoint_name(step)
         if self._is_main():
             files = ckpt.adapter_files(self.model, self.recipe.model.name)
-            files["adapter/peftlab_recipe.yaml"] = yaml.safe_dump(self.recipe.to_dict(), sort_keys=False).encode()
+            files["adapter/peftlab_recipe.yaml"] = yaml.safe_dump(self.resolved_recipe().to_dict(),
+                                                                  sort_keys=False).encode()
             files["engine.pt"] = ckpt.torch_bytes(self.engine.state_dict())
             files["rng.pt"] = ckpt.torch_bytes(ckpt.capture_rng())
             trainer_state = {**self.state.to_json(), "data_fingerprint": self.data_fingerprint,
@@ -585,6 +586,25 @@ class Trainer:
             self.save_adapter(self.out_dir / "best")
         return decision.stop
 
+    def resolved_recipe(self):
+        """The recipe with ``auto`` choices replaced by what this run used (the compute dtype), for the
+        adapter's ``peftlab_recipe.yaml``: merge/eval/generate on another machine then rebuild exactly
+        the base training saw (e.g. NF4 scales quantised from a bf16 load on a GPU)."""
+        resolved = self.recipe.model_copy(deep=True)
+        resolved.model.dtype = str(self.loaded.dtype).replace("torch.", "")
+        # Relative paths were relative to the recipe file; the copy lives elsewhere, so make local ones
+        # absolute (hub ids and missing paths stay as written).
+        for spec in [*resolved.data.train, *resolved.data.eval]:
+            local = self.recipe.resolve_path(spec.path)
+            if local.exists():
+                spec.path = str(local.resolve())
+        resolved.output.dir = str(self.out_dir.resolve())
+        if resolved.adapter.init_from:
+            resolved.adapter.init_from = str(self.recipe.resolve_path(resolved.adapter.init_from).resolve())
+        if resolved.deepspeed:
+            resolved.deepspeed = str(self.recipe.resolve_path(resolved.deepspeed).resolve())
+        return resolved
+
     def save_adapter(self, path: Path) -> Path:
         from peftlab.lora import save_adapter
         from peftlab.recipe import dump_recipe
@@ -601,7 +621,7 @@ class Trainer:
         # What PEFT's adapter_config.json has no field for (the base's quantisation and compute dtype,
         # every training setting) travels beside it, so `peftlab eval/generate/merge DIR` rebuild the
         # exact model that was trained.
-        dump_recipe(self.recipe, path / "peftlab_recipe.yaml")
+        dump_recipe(self.resolved_recipe(), path / "peftlab_recipe.yaml")
         from peftlab.freezing import save_unfrozen
 
         save_unfrozen(self.model, self.unfrozen, path)

@@ -18,14 +18,21 @@ def run(tmp_path_factory):
     data = make_quickstart_data(root / "data", n_train=32, n_eval=8)
     raw = tiny_recipe_dict(data, root / "out", train={"max_steps": 3, "eval_at_start": False},
                            eval={"metric": "exact_match", "max_prompts": 4, "max_new_tokens": 4, "show_samples": 1})
+    # relative paths, as users write them: relative to the recipe file
+    raw["data"]["train"][0]["path"] = "data/train.jsonl"
+    raw["data"]["eval"][0]["path"] = "data/eval.jsonl"
+    raw["output"]["dir"] = "out"
     recipe = root / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(raw))
     assert main(["train", str(recipe), "--quiet"]) == 0
     return recipe, root / "out" / "adapter"
 
 
-def test_eval_an_adapter_dir_and_a_recipe(run, capsys):
+def test_eval_an_adapter_dir_and_a_recipe(run, capsys, monkeypatch, tmp_path):
     recipe, adapter = run
+    monkeypatch.chdir(tmp_path)  # the adapter's recipe copy must not depend on the working directory
+    stored = yaml.safe_load((adapter / "peftlab_recipe.yaml").read_text())
+    assert stored["model"]["dtype"] == "float32"  # `auto` resolved to what training used
     assert main(["eval", str(adapter)]) == 0
     by_dir = json.loads(capsys.readouterr().out)
     assert main(["eval", str(recipe)]) == 0
