@@ -139,7 +139,10 @@ def init_distributed(recipe: Any = None, *, join_timeout_s: float | None = None)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     timeout = timedelta(seconds=_env_seconds("PEFTLAB_COLLECTIVE_TIMEOUT", DEFAULT_COLLECTIVE_TIMEOUT_S))
     if info.world_size <= 1:
-        # DeepSpeed in one process still wants a process group: a private one of size 1.
+        # DeepSpeed in one process still wants a process group (a private one of size 1) and the
+        # launcher's variables.
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(key, value)
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0,
                                                  world_size=1, timeout=timeout)
