@@ -39,6 +39,15 @@ def _adapter_recipe(path: Path, overrides: list[str]):
     return load_recipe(stored, overrides=overrides)
 
 
+def cmd_predict(args) -> int:
+    from peftlab.classify import predict_file
+
+    n = predict_file(args.adapter, args.input, args.output, text_field=args.text_field,
+                     batch_size=args.batch_size, device=args.device)
+    print(f"peftlab: {n} predictions written to {args.output}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     """Evaluate an adapter directory (or the final adapter of a recipe's output dir)."""
     from peftlab.data import build_data, collate
@@ -263,6 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("target", help="RECIPE.yaml or ADAPTER_DIR")
     sp.add_argument("--base-only", action="store_true", help="evaluate the base model with a fresh (no-op) adapter")
     sp.set_defaults(fn=cmd_eval)
+
+    sp = sub.add_parser("predict", help="batch inference of a classification/regression adapter to JSONL")
+    sp.add_argument("adapter", help="ADAPTER_DIR of a task: classification|regression run (adapter/ or best/)")
+    sp.add_argument("--input", required=True, help="JSONL file with a text field per row")
+    sp.add_argument("--output", required=True, help="JSONL file to write (input row + label/probs or prediction)")
+    sp.add_argument("--text-field", default="text")
+    sp.add_argument("--batch-size", type=int, default=16)
+    sp.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    sp.set_defaults(fn=cmd_predict)
 
     sp = with_set(sub.add_parser("generate", help="generate text with a trained adapter"))
     sp.add_argument("--adapter", required=True)
