@@ -254,6 +254,16 @@ def cmd_launch(args) -> int:
                   launcher=args.launcher, preflight_timeout=args.preflight_timeout, overrides=args.set)
 
 
+def cmd_estimate(args) -> int:
+    """Predicted peak memory of a recipe's run, by component; exit 1 when it does not fit the budget."""
+    from peftlab.estimate import estimate, format_estimate, parse_size
+
+    budget = parse_size(args.device_memory) if args.device_memory else None
+    est = estimate(_recipe(args), device_memory=budget, gpus=args.gpus, device=args.device)
+    print(json.dumps(est.to_dict(), indent=2) if args.json else format_estimate(est, gpus=args.gpus))
+    return 0 if est.fits else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="peftlab", description="Parameter-efficient fine-tuning of LLMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -306,6 +316,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int, default=None, help="teacher batch size (default: train.micro_batch_size)")
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(fn=cmd_distill_cache)
+
+    sp = with_set(sub.add_parser("estimate", help="predict peak memory of a recipe's run (from the config alone)"))
+    sp.add_argument("recipe")
+    sp.add_argument("--device-memory", default=None, metavar="SIZE", help="budget per rank, e.g. 24GiB")
+    sp.add_argument("--gpus", type=int, default=1, help="data-parallel ranks for the ZeRO columns")
+    sp.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: the recipe's train.device")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(fn=cmd_estimate)
 
     sp = with_set(sub.add_parser("quickstart", help="train the built-in tiny model on the shipped task"))
     sp.add_argument("--recipe", default=None)

@@ -118,6 +118,9 @@ class TrainConfig(Section):
     """Evaluate every N optimizer steps (None: only before and after training)."""
     eval_at_start: bool = True
     save_every: int | None = Field(None, gt=0)
+    auto_fit: bool = False
+    """Before training, shrink micro_batch_size (raising grad_accum) and then max_seq_len until the
+    memory planner (``peftlab estimate``) says the run fits the free device / host memory."""
     early_stopping: EarlyStoppingConfig | None = None
     """Stop when an eval metric stops improving (needs eval_every); the best adapter is kept in best/."""
     loss: LossConfig = LossConfig()
