@@ -13,7 +13,10 @@ from typing import Any
 
 
 class RunLog:
-    def __init__(self, out_dir: Path, report_to: list[str], *, enabled: bool = True):
+    def __init__(self, out_dir: Path, report_to: list[str], *, enabled: bool = True,
+                 params: dict[str, Any] | None = None, run_name: str | None = None):
+        """``params`` (the recipe) and ``run_name`` go to the experiment trackers (mlflow, wandb) of
+        ``report_to``; see :mod:`peftlab.trackers`."""
         self.out_dir = out_dir
         self.enabled = enabled
         self.path = out_dir / "metrics.jsonl"
@@ -23,6 +26,11 @@ class RunLog:
 
             self._tb = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
         self._jsonl = enabled and "jsonl" in report_to
+        self._trackers: list[Any] = []
+        if enabled and any(name in report_to for name in ("mlflow", "wandb")):
+            from peftlab.trackers import build_trackers
+
+            self._trackers = build_trackers(out_dir, report_to, params=params, run_name=run_name)
 
     def log(self, step: int, split: str, figures: dict[str, Any]) -> None:
         if not self.enabled:
@@ -36,11 +44,21 @@ class RunLog:
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                     self._tb.add_scalar(f"{split}/{k}", v, step)
             self._tb.flush()
+        for tracker in self._trackers:
+            tracker.log(step, split, figures)
+
+    def log_artifact(self, path: Path, name: str) -> None:
+        """Hand a file or directory (the adapter, metrics.jsonl) to the experiment trackers."""
+        for tracker in self._trackers:
+            tracker.log_artifact(path, name)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        for tracker in self._trackers:
+            tracker.close()
+        self._trackers = []
 
 
 def _jsonable(v: Any) -> bool:

@@ -199,7 +199,8 @@ class Trainer:
         if resume_from is not None:
             self._load_checkpoint(resume_from)
         self._continue_metrics()
-        self.log = RunLog(self.out_dir, recipe.output.report_to if self.dist.is_main else [])
+        self.log = RunLog(self.out_dir, recipe.output.report_to if self.dist.is_main else [],
+                          params=recipe.to_dict(), run_name=self.out_dir.name)
 
     # ---- setup helpers -------------------------------------------------------------------------
     def _check_output_dir(self) -> None:
@@ -516,6 +517,8 @@ class Trainer:
         for s in after.get("samples", []):
             say(f"sample: {s['prompt'].strip()!r}\n  reference:  {s['reference']!r}\n  generation: {s['prediction']!r}")
         adapter_dir = self.save_adapter(self.out_dir / "adapter")
+        self.log.log_artifact(adapter_dir, "adapter")
+        self.log.log_artifact(self.out_dir / "metrics.jsonl", "metrics")
         self.log.close()
         return self._finish(t0, before, after, adapter_dir, losses)
 
