@@ -48,6 +48,17 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from peftlab.sweep import format_table, load_sweep, run_sweep
+
+    spec, base, base_dir = load_sweep(args.sweep, overrides=args.set)
+    result = run_sweep(spec, base, base_dir, say=(lambda s: None) if args.quiet else print)
+    print(format_table(result), end="")
+    print(f"peftlab: best {result.best.name} ({spec.metric}={result.best.last.score:.4f}); results: "
+          f"{result.output_dir / 'results.csv'}; best recipe: {result.output_dir / 'best_recipe.yaml'}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     """Evaluate an adapter directory (or the final adapter of a recipe's output dir)."""
     from peftlab.data import build_data, collate
@@ -282,6 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("target", help="RECIPE.yaml or ADAPTER_DIR")
     sp.add_argument("--base-only", action="store_true", help="evaluate the base model with a fresh (no-op) adapter")
     sp.set_defaults(fn=cmd_eval)
+
+    sp = with_set(sub.add_parser("sweep", help="grid/random search over recipe keys; ranked results + best recipe"))
+    sp.add_argument("sweep", help="SWEEP.yaml (base recipe, parameters, metric; see docs/workflows.md)")
+    sp.add_argument("--quiet", action="store_true")
+    sp.set_defaults(fn=cmd_sweep)
 
     sp = sub.add_parser("predict", help="batch inference of a classification/regression adapter to JSONL")
     sp.add_argument("adapter", help="ADAPTER_DIR of a task: classification|regression run (adapter/ or best/)")

@@ -1,0 +1,87 @@
+"""peftlab sweep: the search space (grid, seeded random), successive halving on a scripted runner, and a
+real 4-trial grid sweep on the micro model that ranks the trials and picks the best by the metric."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import yaml
+from helpers import make_quickstart_data, tiny_recipe_dict
+
+from peftlab.errors import PeftlabError
+from peftlab.sweep import SweepSpec, TrialResult, configurations, load_sweep, run_sweep
+
+
+def test_grid_and_seeded_random_configurations():
+    grid = SweepSpec(base={}, parameters={"train.lr": [1e-4, 1e-3], "adapter.r": [4, 8, 16]})
+    combos = configurations(grid)
+    assert len(combos) == 6 and combos[0] == {"train.lr": 1e-4, "adapter.r": 4}
+    assert len({json.dumps(c, sort_keys=True) for c in combos}) == 6
+    rnd = SweepSpec(base={}, method="random", trials=5, seed=3,
+                    parameters={"train.lr": {"log_uniform": [1e-5, 1e-2]}, "adapter.r": [4, 8],
+                                "adapter.dropout": {"uniform": [0.0, 0.2]}})
+    a, b = configurations(rnd), configurations(rnd)
+    assert a == b and len(a) == 5
+    assert all(1e-5 <= c["train.lr"] <= 1e-2 and 0 <= c["adapter.dropout"] <= 0.2 for c in a)
+    with pytest.raises(PeftlabError, match="grid needs a list of values"):
+        configurations(SweepSpec(base={}, parameters={"train.lr": {"uniform": [0, 1]}}))
+    with pytest.raises(PeftlabError, match="log_uniform"):
+        configurations(SweepSpec(base={}, method="random", trials=1, parameters={"x.y": {"normal": [0, 1]}}))
+
+
+def test_unknown_recipe_key_fails_before_any_training(tmp_path):
+    spec = SweepSpec(base=tiny_recipe_dict(tmp_path, tmp_path / "o"), parameters={"adapter.rank": [4, 8]},
+                     output=str(tmp_path / "sweep"))
+    calls = []
+    with pytest.raises(PeftlabError, match="did you mean 'adapter.r'"):
+        run_sweep(spec, spec.base, tmp_path, runner=lambda *a: calls.append(a))
+    assert calls == []
+
+
+def test_successive_halving_keeps_the_best_half_per_rung(tmp_path):
+    base = tiny_recipe_dict(tmp_path, tmp_path / "o", train={"max_steps": 8})
+    spec = SweepSpec(base=base, parameters={"train.lr": [1e-4, 2e-4, 3e-4, 4e-4]}, metric="eval_loss",
+                     successive_halving={"min_steps": 2, "eta": 2}, output=str(tmp_path / "sweep"))
+    runs = []
+
+    def scripted(raw, base_dir, metric, mode):  # loss falls with lr and with steps
+        steps, lr = raw["train"]["max_steps"], raw["train"]["lr"]
+        runs.append((steps, lr))
+        return TrialResult(score=1.0 / (lr * 1e4) + 1.0 / steps, steps=steps, output_dir=raw["output"]["dir"])
+
+    result = run_sweep(spec, base, tmp_path, runner=scripted)
+    assert [s for s, _ in runs] == [2, 2, 2, 2, 4, 4, 8]
+    assert {lr for s, lr in runs if s == 4} == {3e-4, 4e-4} and [lr for s, lr in runs if s == 8] == [4e-4]
+    assert result.best.params == {"train.lr": 4e-4} and result.ranked[1].params == {"train.lr": 3e-4}
+
+
+@pytest.mark.slow
+def test_four_trial_sweep_on_the_micro_model_picks_the_best(tmp_path):
+    from peftlab.cli import main
+
+    data = make_quickstart_data(tmp_path / "data", n_train=24, n_eval=4)
+    base = tiny_recipe_dict(data, tmp_path / "unused", quantization={"mode": "none"},
+                            train={"max_steps": 4, "eval_every": 2, "grad_accum": 1, "eval_at_start": False},
+                            output={"report_to": ["jsonl"], "plot": False})
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({
+        "recipe": "base.yaml", "method": "grid", "metric": "eval_loss", "output": "sweep",
+        "parameters": {"train.lr": [1.0e-5, 5.0e-3], "adapter.r": [2, 8]},
+        "early_stopping": {"patience": 1}}))
+    assert main(["sweep", str(tmp_path / "sweep.yaml"), "--quiet"]) == 0
+    out = tmp_path / "sweep"
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 4 and {r["trial"] for r in rows} == {f"trial-{i:03d}" for i in range(4)}
+    scores = [float(r["eval_loss"]) for r in rows]
+    assert scores == sorted(scores) and len(set(scores)) == 4
+    best = rows[0]
+    assert float(best["train.lr"]) == 5e-3  # 1e-5 barely moves the adapters in 4 steps
+    for r in rows:  # every trial trained, evaluated every 2 steps, and kept its best adapter
+        assert (tmp_path / "sweep" / r["trial"] / "best" / "adapter_model.safetensors").is_file()
+        summary = json.loads((out / r["trial"] / "summary.json").read_text())
+        assert summary["early_stopping"]["best"] == pytest.approx(float(r["eval_loss"]))
+    winner = yaml.safe_load((out / "best_recipe.yaml").read_text())
+    assert winner["train"]["lr"] == 5e-3 and winner["adapter"]["r"] == int(best["adapter.r"])
+    spec, _, _ = load_sweep(tmp_path / "sweep.yaml")
+    assert spec.output == str(out)
