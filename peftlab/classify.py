@@ -322,3 +322,26 @@ def predict_file(adapter_dir: str | Path, input_path: str | Path, output_path: s
                            "probs": {name: round(float(p), 6) for name, p in zip(head.labels, probs)}}
                 f.write(json.dumps(row) + "\n")
     return len(rows)
+
+
+def evaluate_adapter_dir(adapter_dir: str | Path, recipe: Any) -> dict[str, Any]:
+    """``peftlab eval`` for a classification adapter: its head + LoRA on the recipe's eval data."""
+    from peftlab.data import build_data, collate
+
+    adapter_dir = Path(adapter_dir)
+    loaded, _ = load_classifier(adapter_dir)
+    data = build_data(recipe.data, loaded.tokenizer, seed=recipe.train.seed, base_dir=Path(recipe.base_dir))
+    if not data.eval:
+        raise PeftlabError("peftlab eval: the recipe has no eval data (data.eval or data.eval_split)")
+    head = head_of(loaded.model)
+    labels = [name for name, _ in sorted((data.label_map or {}).items(), key=lambda kv: kv[1])]
+    if head.task == "classification" and labels != head.labels:
+        raise PeftlabError(f"the eval data's classes {labels} differ from the classes the adapter {adapter_dir} "
+                           f"was trained on {head.labels}; evaluate on data with the same label set")
+    bs = recipe.train.micro_batch_size
+    batches = []
+    for i in range(0, len(data.eval), bs):
+        b = collate(data.eval[i:i + bs], pad_token_id=data.pad_token_id)
+        b.pop("loss_weights", None)
+        batches.append({k: v.to(loaded.device) for k, v in b.items()})
+    return evaluate_classifier(loaded.model, batches, task=head.task, label_map=data.label_map)

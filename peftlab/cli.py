@@ -73,6 +73,11 @@ def cmd_eval(args) -> int:
     else:
         recipe = _recipe(argparse.Namespace(recipe=target, set=args.set))
         adapter_dir = recipe.output_dir / "adapter"
+    if recipe.task != "causal_lm" and not args.base_only:  # classification/regression: LoRA + head
+        from peftlab.classify import evaluate_adapter_dir
+
+        print(json.dumps(evaluate_adapter_dir(adapter_dir, recipe), indent=2))
+        return 0
     if args.base_only:
         loaded = build_model(recipe, trainable=False)
     else:

@@ -78,7 +78,7 @@ def test_metrics_equal_sklearn_including_unpredicted_and_absent_classes():
 
 
 @pytest.mark.slow
-def test_decoder_classifier_learns_and_predict_reloads_it(tmp_path):
+def test_decoder_classifier_learns_and_predict_reloads_it(tmp_path, capsys):
     from peftlab.cli import main
 
     data = _data(tmp_path)
@@ -106,6 +106,13 @@ def test_decoder_classifier_learns_and_predict_reloads_it(tmp_path):
     loaded, _ = load_classifier(adapter)
     again, _ = predict_batches(loaded.model, trainer.eval_batches())
     torch.testing.assert_close(again, logits, rtol=1e-5, atol=1e-5)
+    # peftlab eval on the adapter dir gives the run's final eval
+    capsys.readouterr()
+    assert main(["eval", str(adapter)]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["accuracy"] == after["accuracy"] and evaluated["confusion_matrix"] == after["confusion_matrix"]
+    with pytest.raises(PeftlabError, match="resume with task=classification"):
+        recipe_from_dict({**_recipe(data, tmp_path / "run"), "resume": "auto"})
 
 
 def _tiny_bert(tmp: Path) -> Path:
