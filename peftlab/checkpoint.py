@@ -170,13 +170,16 @@ def restore_rng(state: dict[str, Any]) -> None:
 # ---- writing --------------------------------------------------------------------------------------------
 
 
-def adapter_files(model: torch.nn.Module, base_model_name_or_path: str) -> dict[str, bytes]:
-    """The PEFT-format adapter files of ``model`` as bytes (what ``lora.save_adapter`` writes)."""
+def adapter_files(model: torch.nn.Module, base_model_name_or_path: str,
+                  tensors: dict[str, torch.Tensor] | None = None) -> dict[str, bytes]:
+    """The PEFT-format adapter files of ``model`` as bytes (what ``lora.save_adapter`` writes);
+    ``tensors``: the LoRA weights already gathered (ZeRO-3), instead of reading them from ``model``."""
     from safetensors.torch import save as st_save
 
     from peftlab.lora import adapter_config, lora_state_dict
 
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
+    source = lora_state_dict(model) if tensors is None else tensors
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in source.items()}
     config = adapter_config(model, base_model_name_or_path=base_model_name_or_path)
     return {
         "adapter/adapter_model.safetensors": st_save(tensors, metadata={"format": "pt"}),

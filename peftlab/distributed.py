@@ -513,7 +513,8 @@ class ZeroEngine:
 
     def save_checkpoint(self, directory: Path, tag: str = "engine") -> None:
         """DeepSpeed's sharded checkpoint (every rank writes its partition) into ``directory/tag``."""
-        self.ds.save_checkpoint(str(directory), tag=tag, save_latest=False)
+        # Frozen (base) weights are left out: they come from the model recipe; load is non-strict.
+        self.ds.save_checkpoint(str(directory), tag=tag, save_latest=False, exclude_frozen_parameters=True)
 
     def load_checkpoint(self, directory: Path, tag: str = "engine") -> None:
         path, _ = self.ds.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,

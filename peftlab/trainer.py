@@ -240,6 +240,9 @@ class Trainer:
     def _load_checkpoint(self, path: Path) -> None:
         """Restore adapter weights, engine state, loop position and guard state (RNG: in ``train``).
 
+        Under DeepSpeed (the checkpoint holds ``deepspeed/``) every rank loads DeepSpeed's own checkpoint
+        instead: adapter weights, optimizer partitions and scheduler come from it.
+
         Refused — before anything is changed — when the recipe differs in a key that decides what the
         run computes (model, quantization, adapter, data, batch geometry, seed, optimizer) or when the
         tokenized training data differ; other changed keys (lr, max_steps, ...) are named and applied.
@@ -265,17 +268,34 @@ class Trainer:
         if changed:
             self._warn(f"resuming from {path} with changed settings (they apply from the next step on): "
                        + "; ".join(changed))
+        from peftlab.adapters.peft_format import _named_lora_params
+
         params = lora_state_dict(self.model)
         weights = loaded.adapter_weights
+        # (ZeRO-3 parameters are empty partitions here; ds_shape is their whole shape)
+        shapes = {k: tuple(getattr(p, "ds_shape", p.shape)) for k, p in _named_lora_params(self.model).items()}
         bad = sorted(params.keys() ^ weights.keys()) + sorted(
-            k for k in params.keys() & weights.keys() if params[k].shape != weights[k].shape)
+            k for k in params.keys() & weights.keys() if shapes[k] != tuple(weights[k].shape))
         if bad:
             raise PeftlabError(f"resume: the adapter weights in {path} do not fit this model (keys missing, "
                                f"unexpected or of another shape: {', '.join(bad[:4])})")
-        with torch.no_grad():
-            for k, p in params.items():  # detached tensors sharing the parameters' storage
-                p.copy_(weights[k].to(device=p.device, dtype=p.dtype))
-        self.engine.load_state_dict(loaded.engine_state)
+        ds_dir = path / "deepspeed"
+        if ds_dir.is_dir() and not hasattr(self.engine, "load_checkpoint"):
+            raise PeftlabError(f"resume: {path} was written under DeepSpeed (it holds deepspeed/); resume it with "
+                               "the same deepspeed recipe key, or start a new run")
+        if hasattr(self.engine, "load_checkpoint"):
+            self.engine.load_state_dict(loaded.engine_state)  # refuses a single-process engine's checkpoint
+            if not ds_dir.is_dir():
+                raise PeftlabError(f"resume: {path} holds no deepspeed/ directory (DeepSpeed's optimizer and "
+                                   "scheduler state), so the run cannot continue exactly; resume from a checkpoint "
+                                   "written by this peftlab under DeepSpeed, or start a new run")
+            # Every rank: LoRA weights (fp32 partitions), optimizer, scheduler and engine counters.
+            self.engine.load_checkpoint(ds_dir)
+        else:
+            with torch.no_grad():
+                for k, p in params.items():  # detached tensors sharing the parameters' storage
+                    p.copy_(weights[k].to(device=p.device, dtype=p.dtype))
+            self.engine.load_state_dict(loaded.engine_state)
         self.state = TrainState.from_json(saved)
         self._resume_rng = loaded.rng
         self.resumed_from = path
@@ -306,23 +326,74 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Write a resumable checkpoint of the current step boundary (atomically; see peftlab.checkpoint)."""
-        import yaml
-
         step = self.state.step
         path = self.ckpt_root / ckpt.checkpoint_name(step)
-        if self._is_main():
+        if hasattr(self.engine, "save_checkpoint"):  # DeepSpeed: every rank takes part
+            path = self._save_deepspeed_checkpoint(step)
+        elif self._is_main():
             files = ckpt.adapter_files(self.model, self.recipe.model.name)
-            files["adapter/peftlab_recipe.yaml"] = yaml.safe_dump(self.resolved_recipe().to_dict(),
-                                                                  sort_keys=False).encode()
-            files["engine.pt"] = ckpt.torch_bytes(self.engine.state_dict())
-            files["rng.pt"] = ckpt.torch_bytes(ckpt.capture_rng())
-            trainer_state = {**self.state.to_json(), "data_fingerprint": self.data_fingerprint,
-                             "n_train": len(self.data.train), "total_steps": self.total_steps}
-            files["trainer_state.json"] = (json.dumps(trainer_state, indent=1) + "\n").encode()
-            files["recipe.yaml"] = yaml.safe_dump(self.recipe.to_dict(), sort_keys=False).encode()
+            files.update(self._checkpoint_files())
             path = ckpt.write_checkpoint(self.ckpt_root, step, files, keep_last=self.recipe.checkpoint.keep_last)
         self._last_saved = (step, path)
         self._save_due = False
+        return path
+
+    def _checkpoint_files(self) -> dict[str, bytes]:
+        """Everything of a checkpoint but the adapter weights and DeepSpeed's shards (rank 0's view)."""
+        import yaml
+
+        files = {"adapter/peftlab_recipe.yaml": yaml.safe_dump(self.resolved_recipe().to_dict(),
+                                                               sort_keys=False).encode()}
+        files["engine.pt"] = ckpt.torch_bytes(self.engine.state_dict())
+        files["rng.pt"] = ckpt.torch_bytes(ckpt.capture_rng())
+        trainer_state = {**self.state.to_json(), "data_fingerprint": self.data_fingerprint,
+                         "n_train": len(self.data.train), "total_steps": self.total_steps}
+        files["trainer_state.json"] = (json.dumps(trainer_state, indent=1) + "\n").encode()
+        files["recipe.yaml"] = yaml.safe_dump(self.recipe.to_dict(), sort_keys=False).encode()
+        return files
+
+    def _save_deepspeed_checkpoint(self, step: int) -> Path:
+        """A checkpoint under DeepSpeed, called on every rank.
+
+        Every rank gathers the adapter (ZeRO-3 partitions; checked non-empty) and writes its shard of
+        DeepSpeed's own checkpoint (optimizer partitions, scheduler, engine counters) into the staging
+        directory ``<checkpoint root>/.ds-staging-step-N`` — the checkpoint root must therefore be on a
+        filesystem every rank sees (shared storage on multi-node runs). After a barrier rank 0 adds every
+        staged file as ``deepspeed/<relative path>`` to the atomic checkpoint (so ``COMPLETE`` lists and
+        hashes them), removes the staging directory, and tells the other ranks whether it succeeded.
+        """
+        import shutil
+
+        from peftlab.distributed import all_reduce_sum, barrier, check_adapter_tensors, gathered_adapter_state
+
+        name = ckpt.checkpoint_name(step)
+        staging = self.ckpt_root / f".ds-staging-{name}"
+        tensors = {k: v.contiguous() for k, v in gathered_adapter_state(self.model).items()}
+        check_adapter_tensors(tensors, where=f"checkpoint {name}")
+        if self._is_main():
+            shutil.rmtree(staging, ignore_errors=True)  # a leftover of a crashed save
+            staging.mkdir(parents=True)
+        barrier()
+        self.engine.save_checkpoint(staging)
+        barrier()
+        path = self.ckpt_root / name
+        error: PeftlabError | None = None
+        if self._is_main():
+            try:
+                files = ckpt.adapter_files(self.model, self.recipe.model.name, tensors=tensors)
+                files.update(self._checkpoint_files())
+                for f in sorted(p for p in staging.rglob("*") if p.is_file()):
+                    files[f"deepspeed/{f.relative_to(staging).as_posix()}"] = f.read_bytes()
+                path = ckpt.write_checkpoint(self.ckpt_root, step, files, keep_last=self.recipe.checkpoint.keep_last)
+            except PeftlabError as exc:
+                error = exc
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        failed = all_reduce_sum(1 if error is not None else 0)  # also the closing barrier
+        if error is not None:
+            raise error
+        if failed:
+            raise PeftlabError(f"rank 0 could not write checkpoint {name} into {self.ckpt_root} (see its error)")
         return path
 
     @contextlib.contextmanager
