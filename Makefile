@@ -34,10 +34,10 @@ quickstart: venv
 # `python -P`: never put the repository root on sys.path, so our top-level kernels/ folder can not
 # shadow the third-party `kernels` module that bitsandbytes imports (ours is peftlab.kernels).
 test: venv
-	$(PY) -P -m pytest -q -n 2 --dist loadgroup tests
+	OMP_NUM_THREADS=1 $(PY) -P -m pytest -q -n 2 --dist loadgroup tests
 
 test-fast: venv
-	$(PY) -P -m pytest -q -x -n 2 --dist loadgroup tests -m "not slow"
+	OMP_NUM_THREADS=1 $(PY) -P -m pytest -q -x -n 2 --dist loadgroup tests -m "not slow"
 
 bench: venv
 	$(PY) -P bench/run_all.py --suite cpu

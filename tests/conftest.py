@@ -12,12 +12,20 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# One compute thread per test process (and per subprocess a test starts): `make test` runs two pytest
+# workers on two cores, and oversubscribed OpenMP threads spin-wait on each other — measured on the CI
+# machine class, a 2-thread training step of the tiny model took 8.5 s against 0.2 s single-threaded.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
