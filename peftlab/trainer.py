@@ -155,6 +155,10 @@ class Trainer:
 
         freezing.resolve_layers(recipe)  # adapter.layers: top:k -> explicit indices
         if recipe.task == "causal_lm":
+            if recipe.train.auto_fit:  # shrink micro-batch / max_seq_len to what the memory planner says fits
+                from peftlab.estimate import apply_auto_fit
+
+                apply_auto_fit(recipe, say=(lambda *a: None) if quiet else print)
             self.loaded = build_model(recipe)
         else:  # sequence classification / regression: backbone (decoder or encoder) + LoRA; head below
             from peftlab.classify import build_classifier_model
