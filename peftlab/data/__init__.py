@@ -21,6 +21,10 @@ from peftlab.data.collate import collate
 from peftlab.data.config import DataConfig, DatasetSpec
 from peftlab.data.stats import DatasetStats, DataStats, format_stats
 
+# Imported eagerly: the submodule `preview` shares its name with the function below, and importing it
+# later (lazily) would rebind the package attribute `peftlab.data.preview` to the module.
+from peftlab.data import preview as _preview_module  # noqa: E402,F401
+
 __all__ = [
     "DataBundle", "DataConfig", "DataStats", "DatasetSpec", "DatasetStats", "build_data", "collate",
     "format_stats", "pad_token_id_for", "preview",
@@ -56,6 +60,4 @@ def build_data(cfg: DataConfig, tokenizer: Any, *, seed: int, cache_dir: Path | 
 
 def preview(bundle: DataBundle, tokenizer: Any, n: int = 3, *, color: bool = False) -> str:
     """The first ``n`` training items decoded, trained tokens inside ``[[...]]`` (or green with ANSI)."""
-    from peftlab.data.preview import render_preview
-
-    return render_preview(bundle, tokenizer, n=n, color=color)
+    return _preview_module.render_preview(bundle, tokenizer, n=n, color=color)
