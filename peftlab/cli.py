@@ -1,4 +1,5 @@
-"""The ``peftlab`` command line: train | eval | generate | data | quickstart.
+"""The ``peftlab`` command line: train | eval | generate | data | quickstart | predict | sweep |
+distill-cache | estimate | merge | export | launch.
 
 User errors (:class:`~peftlab.errors.PeftlabError`) are printed as one clear message and exit with
 status 2; no traceback. ``PEFTLAB_DEBUG=1`` shows tracebacks.
