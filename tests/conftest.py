@@ -22,8 +22,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 torch.set_num_threads(1)
 
@@ -36,3 +36,19 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"reference data not found at {SHARED_DATA} (only present in the dev workspace)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def micro_dir() -> Path:
+    """The built-in micro model's directory (built once per machine, no pre-training: seconds)."""
+    from peftlab.builtin import resolve_builtin
+
+    return resolve_builtin("builtin:micro-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    """The built-in tiny model's directory (the quickstart's base; built once per machine)."""
+    from peftlab.builtin import resolve_builtin
+
+    return resolve_builtin("builtin:tiny-llama")

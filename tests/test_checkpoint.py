@@ -35,14 +35,6 @@ def _trainer(data_dir: Path, out: Path, **sections) -> Trainer:
     return Trainer(recipe_from_dict(_raw(data_dir, out, **sections)), quiet=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls: one thread is faster than two contending ones on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):

@@ -18,24 +18,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from peftlab.builtin import resolve_builtin
 from peftlab.cli import main
 from peftlab.combine import combine_adapters, load_combine_config
 from peftlab.errors import PeftlabError
 from peftlab.lora import load_adapter, lora_modules, read_adapter_config
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def micro_dir() -> Path:
-    return resolve_builtin("builtin:micro-llama")
 
 
 def _base(micro_dir: Path) -> nn.Module:

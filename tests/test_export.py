@@ -46,17 +46,6 @@ def gguf_name(hf: str) -> str:
     return f"blk.{layer}.{HF_TO_GGUF[rest]}"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def micro_dir() -> Path:
-    return resolve_builtin("builtin:micro-llama")
 
 
 @pytest.fixture(scope="module")

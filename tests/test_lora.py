@@ -20,7 +20,6 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from peftlab.builtin import resolve_builtin
 from peftlab.errors import PeftlabError
 from peftlab.lora import (
     LoraLinear,
@@ -55,18 +54,6 @@ TARGETS = {
 # ------------------------------------------------------------------------------------------ helpers
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These ops are tiny: on the shared 2-core CPU, intra-op threads only fight each other (3-5x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir() -> Path:
-    return resolve_builtin("builtin:tiny-llama")
 
 
 @pytest.fixture(scope="module")

@@ -27,17 +27,6 @@ from peftlab.recipe import dump_recipe, recipe_from_dict
 VARIANTS = {"lora": {}, "rslora": {"rslora": True}, "dora": {"dora": True}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def micro_dir() -> Path:
-    return resolve_builtin("builtin:micro-llama")
 
 
 @pytest.fixture(scope="module")
