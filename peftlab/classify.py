@@ -78,8 +78,14 @@ def build_classifier_model(recipe: Any, *, adapter_dir: str | Path | None = None
 def _build_encoder(recipe: Any, path: str, *, adapter_dir: str | Path | None, trainable: bool):
     from transformers import AutoModel
 
-    from peftlab import lora
-    from peftlab.models import LoadedModel, bnb_config, load_tokenizer, pick_device, pick_dtype
+    from peftlab.models import (
+        LoadedModel,
+        attach_adapters,
+        bnb_config,
+        load_tokenizer,
+        pick_device,
+        pick_dtype,
+    )
 
     device = pick_device(recipe.train.device)
     dtype = pick_dtype(recipe.model.dtype, device)
@@ -98,17 +104,7 @@ def _build_encoder(recipe: Any, path: str, *, adapter_dir: str | Path | None, tr
         model.to(device)
     for p in model.parameters():
         p.requires_grad_(False)
-    backend = "torch" if recipe.kernels == "off" else recipe.kernels
-    a = recipe.adapter
-    source = adapter_dir or (recipe.resolve_path(a.init_from) if a.init_from else None)
-    if source is not None:
-        names = lora.load_adapter(model, source, kernel_backend=backend, trainable=trainable)
-    else:
-        names = lora.inject_lora(model, r=a.r, alpha=a.alpha, dropout=a.dropout, target_modules=a.target_modules,
-                                 use_rslora=a.rslora, use_dora=a.dora, layers=a.layers, kernel_backend=backend)
-    for m in lora.lora_modules(model).values():
-        m.lora_A.to(device=device, dtype=torch.float32)
-        m.lora_B.to(device=device, dtype=torch.float32)
+    names = attach_adapters(model, recipe, device, adapter_dir=adapter_dir, trainable=trainable)
     return LoadedModel(model, tokenizer, device, dtype, path, names)
 
 

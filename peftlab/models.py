@@ -26,7 +26,7 @@ def pick_device(requested: str = "auto") -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise PeftlabError("train.device=cuda but no CUDA GPU is visible; use train.device: auto or cpu")
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
 
@@ -119,8 +119,8 @@ def load_base_model(name: str, *, dtype: torch.dtype, device: torch.device, quan
 
         return load_quantized(path, QuantSettings.from_recipe(quant, dtype), device=device,
                               attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
-    kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=attn_implementation,
-                                  revision=revision, trust_remote_code=trust_remote_code)
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation,
+                                  "revision": revision, "trust_remote_code": trust_remote_code}
     qcfg = bnb_config(quant, dtype) if quant is not None else None
     if qcfg is not None:
         if quant.blocksize != 64:
@@ -168,7 +168,6 @@ def build_model(recipe, *, device: torch.device | None = None, adapter_dir: str 
                 trainable: bool = True) -> LoadedModel:
     """Model + tokenizer of a recipe, with LoRA adapters: fresh, or loaded from ``adapter_dir`` /
     ``adapter.init_from``. The kernel backend of the recipe is set on every LoRA layer."""
-    from peftlab import lora
 
     device = device or pick_device(recipe.train.device)
     dtype = pick_dtype(recipe.model.dtype, device)
@@ -179,6 +178,22 @@ def build_model(recipe, *, device: torch.device | None = None, adapter_dir: str 
     model = load_base_model(recipe.model.name, dtype=dtype, device=device, quant=recipe.quantization,
                             attn_implementation=recipe.model.attn_implementation,
                             revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
+    names = attach_adapters(model, recipe, device, adapter_dir=adapter_dir, trainable=trainable)
+    if recipe.model.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return LoadedModel(model, tokenizer, device, dtype, resolve_model_path(recipe.model.name), names)
+
+
+def attach_adapters(model: nn.Module, recipe: Any, device: torch.device, *, adapter_dir: str | Path | None = None,
+                    trainable: bool = True) -> list[str]:
+    """LoRA layers on ``model`` as the recipe says: loaded from ``adapter_dir`` / ``adapter.init_from``,
+    or freshly injected; returns the wrapped module names.
+
+    LoRA weights live in fp32 whatever the base compute dtype (mixed precision the QLoRA way): the
+    adapter path casts activations to the LoRA dtype and back.
+    """
+    from peftlab import lora
+
     backend = "torch" if recipe.kernels == "off" else recipe.kernels
     a = recipe.adapter
     source = adapter_dir or (recipe.resolve_path(a.init_from) if a.init_from else None)
@@ -187,16 +202,12 @@ def build_model(recipe, *, device: torch.device | None = None, adapter_dir: str 
     else:
         names = lora.inject_lora(model, r=a.r, alpha=a.alpha, dropout=a.dropout, target_modules=a.target_modules,
                                  use_rslora=a.rslora, use_dora=a.dora, layers=a.layers, kernel_backend=backend)
-    # LoRA weights train in fp32 whatever the base compute dtype (mixed precision the QLoRA way):
-    # the adapter path casts activations to the LoRA dtype and back.
     for m in lora.lora_modules(model).values():
         m.lora_A.to(device=device, dtype=torch.float32)
         m.lora_B.to(device=device, dtype=torch.float32)
         if getattr(m, "lora_magnitude_vector", None) is not None:
             m.lora_magnitude_vector.data = m.lora_magnitude_vector.data.to(device=device, dtype=torch.float32)
-    if recipe.model.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    return LoadedModel(model, tokenizer, device, dtype, resolve_model_path(recipe.model.name), names)
+    return names
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
