@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_jsonl, environment, print_table  # noqa: E402
+from common import append_jsonl, environment, print_table
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "configs"
 
@@ -56,8 +56,8 @@ def write_checkpoint(config_dir: str | None, layers: int, out: Path, smoke: bool
 
 def peftlab_side(path: Path, device: torch.device):
     from peftlab.loss import LossSettings, causal_lm_loss
-    from peftlab.recipe import recipe_from_dict
     from peftlab.models import build_model
+    from peftlab.recipe import recipe_from_dict
 
     recipe = recipe_from_dict({
         "model": {"name": str(path), "gradient_checkpointing": True, "dtype": "bfloat16" if device.type == "cuda"

@@ -11,17 +11,17 @@ function however the submodules were imported before. Triton itself is optional 
 """
 from __future__ import annotations
 
-from peftlab.kernels.fused_linear_cross_entropy import (  # noqa: E402
+from peftlab.kernels.fused_linear_cross_entropy import (
     fused_linear_cross_entropy,
     reference_linear_cross_entropy,
 )
-from peftlab.kernels.fused_linear_kd_loss import (  # noqa: E402
+from peftlab.kernels.fused_linear_kd_loss import (
     fused_linear_kd_loss,
     reference_linear_kd_loss,
     topk_kd_loss,
 )
-from peftlab.kernels.fused_lora_linear import fused_lora_linear, reference_lora_linear  # noqa: E402
-from peftlab.kernels.nf4 import nf4_dequantize, reference_nf4_dequantize  # noqa: E402
+from peftlab.kernels.fused_lora_linear import fused_lora_linear, reference_lora_linear
+from peftlab.kernels.nf4 import nf4_dequantize, reference_nf4_dequantize
 
 __all__ = [
     "fused_linear_cross_entropy",
@@ -41,6 +41,6 @@ def triton_available() -> bool:
     """True when Triton can be imported (it is a Linux-only dependency)."""
     try:
         import triton  # noqa: F401
-    except Exception:
+    except ImportError:
         return False
     return True

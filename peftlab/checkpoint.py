@@ -103,7 +103,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (checkpoint markers, teacher-cache manifests)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -294,7 +295,7 @@ def verify(path: Path, *, deep: bool = True) -> str | None:
         size = f.stat().st_size
         if size != meta["size"]:
             return f"{rel} is truncated or altered ({size} of {meta['size']} bytes)"
-        if deep and _sha256(f) != meta["sha256"]:
+        if deep and file_sha256(f) != meta["sha256"]:
             return f"{rel} does not match its checksum (corrupted)"
     return None
 

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from peftlab.checkpoint import file_sha256
 from peftlab.errors import PeftlabError
 from peftlab.loss import IGNORE_INDEX, final_hidden_states, output_head, shifted_labels
 
@@ -103,13 +104,6 @@ def _segment_keys(batch: dict[str, torch.Tensor]) -> Iterator[tuple[int, int, in
 # ---- building ------------------------------------------------------------------------------------
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def teacher_identity(recipe: Any) -> dict[str, Any]:
     """What identifies the teacher in a manifest: its label, quantization and adapter weights' hash."""
@@ -122,7 +116,7 @@ def teacher_identity(recipe: Any) -> dict[str, Any]:
     if t.adapter:
         weights = recipe.resolve_path(t.adapter) / "adapter_model.safetensors"
         if weights.is_file():
-            ident["adapter_sha256"] = _file_sha256(weights)
+            ident["adapter_sha256"] = file_sha256(weights)
     return ident
 
 
@@ -235,7 +229,7 @@ def build_teacher_cache(recipe: Any, *, force: bool = False, shard_mb: int = 256
         save_file({"logprobs": torch.cat(buf_lp).contiguous(), "ids": torch.cat(buf_ids).contiguous()},
                   str(tmp / name), metadata={"format": FORMAT, "version": str(VERSION)})
         shards.append({"file": name, "rows": buf_rows, "bytes": (tmp / name).stat().st_size,
-                       "sha256": _file_sha256(tmp / name)})
+                       "sha256": file_sha256(tmp / name)})
         buf_lp, buf_ids, buf_rows = [], [], 0
 
     t0 = time.perf_counter()
@@ -360,7 +354,7 @@ class TeacherCache:
             fix = f"delete {self.path} and rerun `peftlab distill-cache RECIPE`"
             if not f.is_file():
                 raise PeftlabError(f"teacher cache {self.path}: shard {info['file']} is missing; {fix}")
-            if f.stat().st_size != info["bytes"] or _file_sha256(f) != info["sha256"]:
+            if f.stat().st_size != info["bytes"] or file_sha256(f) != info["sha256"]:
                 raise PeftlabError(f"teacher cache {self.path}: shard {info['file']} is corrupt (size or sha256 "
                                    f"differs from {MANIFEST}); {fix}")
             try:

@@ -24,7 +24,7 @@ def build_optimizer(params: list[nn.Parameter], train: Any, device: torch.device
     """AdamW from torch, or bitsandbytes' 8-bit / paged AdamW (``train.optimizer``)."""
     if not params:
         raise PeftlabError("nothing to train: no parameter requires grad (check adapter.target_modules)")
-    kw = dict(lr=train.lr, betas=tuple(train.betas), eps=train.eps, weight_decay=train.weight_decay)
+    kw = {"lr": train.lr, "betas": tuple(train.betas), "eps": train.eps, "weight_decay": train.weight_decay}
     if train.optimizer == "adamw":
         # foreach kernels on CPU, fused on CUDA; both are exact AdamW.
         fused = device.type == "cuda"
@@ -63,7 +63,7 @@ def lr_lambda(kind: str, warmup: int, total: int):
 def warmup_steps(train: Any, total_steps: int) -> int:
     if train.warmup_steps is not None:
         return train.warmup_steps
-    return int(math.ceil(train.warmup_ratio * total_steps))
+    return math.ceil(train.warmup_ratio * total_steps)
 
 
 @dataclass

@@ -56,8 +56,8 @@ def generate_ids(model: nn.Module, tokenizer: Any, prompts: Sequence[list[int]],
             for i, p in enumerate(chunk):  # left padding
                 ids[i, width - len(p):] = torch.tensor(p)
                 mask[i, width - len(p):] = 1
-            kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                          eos_token_id=stops, pad_token_id=pad, use_cache=True)
+            kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
+                                          "eos_token_id": stops, "pad_token_id": pad, "use_cache": True}
             if do_sample:
                 kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
             else:

@@ -119,8 +119,8 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, normaliz
 
     # Under DeepSpeed ZeRO-3 the head weight is partitioned across ranks: gathered here (a no-op otherwise).
     with gathered_head(head.weight, head.bias) as (head_weight, head_bias):
-        kw = dict(head_bias=head_bias, ignore_index=IGNORE_INDEX, label_smoothing=settings.label_smoothing,
-                  z_loss=settings.z_loss, softcap=settings.softcap, backend=settings.backend)
+        kw = {"head_bias": head_bias, "ignore_index": IGNORE_INDEX, "label_smoothing": settings.label_smoothing,
+                  "z_loss": settings.z_loss, "softcap": settings.softcap, "backend": settings.backend}
         if weights is None:
             return fused_linear_cross_entropy(hidden, head_weight, labels, reduction="sum", normalizer=normalizer,
                                               **kw)

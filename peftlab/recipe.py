@@ -263,9 +263,9 @@ class Recipe(Section):
     def _check_combinations(self) -> Recipe:
         if self.quantization.mode != "none" and self.model.dtype == "float16" and self.train.device == "cpu":
             raise ValueError(
-                "quantization.mode=%s with model.dtype=float16 on train.device=cpu: bitsandbytes' CPU "
-                "path computes in float32 or bfloat16; set model.dtype to float32, bfloat16 or auto"
-                % self.quantization.mode
+                f"quantization.mode={self.quantization.mode} with model.dtype=float16 on train.device=cpu: "
+                "bitsandbytes' CPU path computes in float32 or bfloat16; set model.dtype to float32, "
+                "bfloat16 or auto"
             )
         if self.adapter.dora and self.kernels == "triton":
             raise ValueError(
@@ -402,19 +402,25 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return path, value
 
 
+def set_nested(raw: dict[str, Any], path: list[str], value: Any, *, where: str) -> None:
+    """``raw[a][b][c] = value`` for ``path == [a, b, c]``, creating missing sections; ``where`` prefixes
+    the error when a step of the path is a value, not a section."""
+    node = raw
+    for part in path[:-1]:
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise PeftlabError(f"{where}: '{part}' is not a section")
+        node = nxt
+    node[path[-1]] = value
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a raw recipe mapping."""
     for item in overrides:
         path, value = _parse_override(item)
-        node = raw
-        for part in path[:-1]:
-            nxt = node.get(part)
-            if nxt is None:
-                nxt = node[part] = {}
-            if not isinstance(nxt, dict):
-                raise PeftlabError(f"--set {item!r}: '{part}' is not a section")
-            node = nxt
-        node[path[-1]] = value
+        set_nested(raw, path, value, where=f"--set {item!r}")
     return raw
 
 
@@ -465,13 +471,13 @@ def reference_markdown() -> str:
                 continue
             key = f"{prefix}{name}"
             sub = _unwrap(field.annotation)
-            if isinstance(sub, type) and issubclass(sub, BaseModel) and sub is not type(None):
-                if field.is_required() or isinstance(field.default, BaseModel):
-                    is_list = "list[" in str(field.annotation)
-                    lines.append(f"| `{key}` | {'list of ' if is_list else ''}section | "
-                                 f"{'required' if field.is_required() else ''} |")
-                    walk(sub, key + ("[]." if is_list else "."))
-                    continue
+            is_section = isinstance(sub, type) and issubclass(sub, BaseModel) and sub is not type(None)
+            if is_section and (field.is_required() or isinstance(field.default, BaseModel)):
+                is_list = "list[" in str(field.annotation)
+                lines.append(f"| `{key}` | {'list of ' if is_list else ''}section | "
+                             f"{'required' if field.is_required() else ''} |")
+                walk(sub, key + ("[]." if is_list else "."))
+                continue
             if field.is_required():
                 shown = "required"
             else:

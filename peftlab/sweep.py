@@ -175,16 +175,9 @@ def configurations(spec: SweepSpec) -> list[dict[str, Any]]:
 
 
 def _set_key(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    node = raw
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        nxt = node.get(part)
-        if nxt is None:
-            nxt = node[part] = {}
-        if not isinstance(nxt, dict):
-            raise PeftlabError(f"sweep parameters.{dotted}: '{part}' is not a recipe section")
-        node = nxt
-    node[parts[-1]] = value
+    from peftlab.recipe import set_nested
+
+    set_nested(raw, dotted.split("."), value, where=f"sweep parameters.{dotted}")
 
 
 def trial_recipe(spec: SweepSpec, base: dict[str, Any], params: dict[str, Any], out_dir: Path,

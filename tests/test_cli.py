@@ -5,8 +5,8 @@ import json
 
 import pytest
 import yaml
-
 from helpers import make_quickstart_data, tiny_recipe_dict
+
 from peftlab.cli import main
 
 pytestmark = pytest.mark.xdist_group("cli")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import make_quickstart_data, tiny_recipe_dict
+
 from peftlab.recipe import recipe_from_dict
 from peftlab.trainer import Trainer
 

@@ -85,7 +85,7 @@ def test_unknown_model_and_missing_model_dir(tmp_path):
 def test_cli_reports_errors_without_traceback_and_nonzero_exit(tmp_path):
     bad = write(tmp_path, {**MINIMAL, "train": {"lr_rate": 1}})
     proc = subprocess.run([sys.executable, "-P", "-m", "peftlab.cli", "train", str(bad)],
-                          capture_output=True, text=True, timeout=120)
+                          check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "peftlab: error: invalid recipe" in proc.stderr and "train.lr_rate: unknown key" in proc.stderr
     assert "Traceback" not in proc.stderr

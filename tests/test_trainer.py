@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
+from helpers import make_quickstart_data, tiny_recipe_dict
 
 from peftlab.loss import LossSettings
 from peftlab.recipe import recipe_from_dict
 from peftlab.trainer import Trainer, accumulate_gradients
-from helpers import make_quickstart_data, tiny_recipe_dict
 
 pytestmark = pytest.mark.xdist_group("trainer")
 

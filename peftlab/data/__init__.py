@@ -16,14 +16,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+# Imported eagerly: the submodule `preview` shares its name with the function below, and importing it
+# later (lazily) would rebind the package attribute `peftlab.data.preview` to the module.
+from peftlab.data import preview as _preview_module
 from peftlab.data.build import DataBundle, pad_token_id_for
 from peftlab.data.collate import collate
 from peftlab.data.config import DataConfig, DatasetSpec
 from peftlab.data.stats import DatasetStats, DataStats, format_stats
-
-# Imported eagerly: the submodule `preview` shares its name with the function below, and importing it
-# later (lazily) would rebind the package attribute `peftlab.data.preview` to the module.
-from peftlab.data import preview as _preview_module  # noqa: E402,F401
 
 __all__ = [
     "DataBundle", "DataConfig", "DataStats", "DatasetSpec", "DatasetStats", "build_data", "collate",

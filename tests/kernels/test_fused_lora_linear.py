@@ -5,11 +5,12 @@ HF PEFT's LoRA layer on a bitsandbytes Linear4bit and against a hand-written fp6
 """
 from __future__ import annotations
 
+import importlib
+
 import bitsandbytes as bnb
 import pytest
 import torch
 from peftlab.kernels import aot
-import importlib
 
 fll = importlib.import_module("peftlab.kernels.fused_lora_linear")  # the module (the package binds the function)
 from peftlab.kernels.fused_lora_linear import (
@@ -83,12 +84,10 @@ def assert_close(actual, expected, dtype, what):
 CASES = [((3, 17), 96, 80, 8), ((3, 17), 96, 80, 16), ((5, 7), 40, 72, 64)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("quant", [True, False], ids=["nf4", "dense"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}x{c[2]}-r{c[3]}")
-def test_triton_matches_reference(case, quant, dtype):
-    lead, in_f, out_f, r = case
-    g = torch.Generator().manual_seed(7)
+def check_triton_vs_reference(lead, in_f, out_f, r, *, quant, dtype, seed, label=""):
+    """Triton path vs the fp32 reference: y, dx, dA, dB, with bias and no dropout, then dropout (fixed
+    mask) and no bias."""
+    g = torch.Generator().manual_seed(seed)
     for bias, dropout in [(True, 0.0), (False, 0.25)]:
         base = make_base(in_f, out_f, quant=quant, dtype=dtype, bias=bias)
         a, b = make_lora(in_f, out_f, r, dtype)
@@ -100,7 +99,15 @@ def test_triton_matches_reference(case, quant, dtype):
         ref = run(reference_lora_linear, *fp32_copies(x, base, a, b), 1.5, dy.float(), **kw)
         for name, t, e in zip(("y", "dx", "dA", "dB"), got, ref):
             assert t.dtype == dtype and t.shape == e.shape, name
-            assert_close(t, e, dtype, f"{name} bias={bias} dropout={dropout}")
+            assert_close(t, e, dtype, f"{label}{name} bias={bias} dropout={dropout}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("quant", [True, False], ids=["nf4", "dense"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}x{c[2]}-r{c[3]}")
+def test_triton_matches_reference(case, quant, dtype):
+    lead, in_f, out_f, r = case
+    check_triton_vs_reference(lead, in_f, out_f, r, quant=quant, dtype=dtype, seed=7)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -110,20 +117,7 @@ def test_large_batch_dequant_gemm_path_matches_reference(quant, dtype, monkeypat
     the GEMM; force that path here (the Triton dequant runs in the interpreter) and hold it to the same
     tolerances as the fused kernels."""
     monkeypatch.setattr(fll, "_use_dequant_gemm", lambda x2: True)
-    lead, in_f, out_f, r = (3, 17), 128, 80, 16
-    g = torch.Generator().manual_seed(11)
-    for bias, dropout in [(True, 0.0), (False, 0.25)]:
-        base = make_base(in_f, out_f, quant=quant, dtype=dtype, bias=bias)
-        a, b = make_lora(in_f, out_f, r, dtype)
-        x = torch.randn(*lead, in_f, generator=g).to(dtype)
-        mask = (torch.rand(*lead, in_f, generator=g) >= dropout) if dropout else None
-        dy = torch.randn(*lead, out_f, generator=g).to(dtype)
-        kw = {"dropout_p": dropout, "training": dropout > 0, "dropout_mask": mask}
-        got = run(fused_lora_linear, x, base, a, b, 1.5, dy, backend="triton", **kw)
-        ref = run(reference_lora_linear, *fp32_copies(x, base, a, b), 1.5, dy.float(), **kw)
-        for name, t, e in zip(("y", "dx", "dA", "dB"), got, ref):
-            assert t.dtype == dtype and t.shape == e.shape, name
-            assert_close(t, e, dtype, f"dequant-gemm {name} bias={bias} dropout={dropout}")
+    check_triton_vs_reference((3, 17), 128, 80, 16, quant=quant, dtype=dtype, seed=11, label="dequant-gemm ")
 
 
 def test_triton_fp4_single_quant_and_fp32_lora_on_bf16_input():
