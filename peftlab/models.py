@@ -73,7 +73,16 @@ def _hub_error(name: str, exc: Exception, what: str = "model") -> PeftlabError:
 def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(name, revision=revision)
+    local = Path(name).expanduser()
+    if local.is_dir() and not (local / "config.json").is_file():
+        # a tokenizer-only directory (model.tokenizer: ../tokenizers/llama3): no config.json needed
+        if not any((local / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                                                   "vocab.json")):
+            raise PeftlabError(f"tokenizer {name!r}: the directory has no tokenizer files (tokenizer.json, "
+                               "tokenizer_config.json, tokenizer.model or vocab.json); point model.tokenizer at one")
+        path = str(local)
+    else:
+        path = resolve_model_path(name, revision=revision)
     try:
         tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:

@@ -82,6 +82,20 @@ def test_unknown_model_and_missing_model_dir(tmp_path):
         resolve_model_path("./does/not/exist")
 
 
+def test_tokenizer_only_directory_loads(tmp_path):
+    """model.tokenizer may name a directory holding only tokenizer files (no config.json)."""
+    from peftlab.builtin import build_tokenizer
+    from peftlab.models import load_tokenizer
+
+    build_tokenizer().save_pretrained(tmp_path / "tok")
+    assert not (tmp_path / "tok" / "config.json").exists()
+    tok = load_tokenizer(str(tmp_path / "tok"))
+    assert tok("hello world")["input_ids"] == build_tokenizer()("hello world")["input_ids"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PeftlabError, match="has no tokenizer files"):
+        load_tokenizer(str(tmp_path / "empty"))
+
+
 def test_cli_reports_errors_without_traceback_and_nonzero_exit(tmp_path):
     bad = write(tmp_path, {**MINIMAL, "train": {"lr_rate": 1}})
     proc = subprocess.run([sys.executable, "-P", "-m", "peftlab.cli", "train", str(bad)],
