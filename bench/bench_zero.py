@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -25,6 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_ROOT, append_jsonl
+
+from peftlab.estimate import peak_rss_bytes
 
 
 def worker(recipe_path: str, report: str) -> None:
@@ -40,7 +41,7 @@ def worker(recipe_path: str, report: str) -> None:
     Path(f"{report}.{rank}").write_text(json.dumps({
         "rank": rank, "steps": result.state.step, "train_time_s": elapsed,
         "steps_per_s": result.state.step / elapsed,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": peak_rss_bytes() / 2**20,
         "final_loss": result.losses[-1]}))
 
 

@@ -5,9 +5,9 @@
 - :func:`append_jsonl` — append one result record (plus :func:`environment`) to
   ``bench/results/<name>.jsonl``.
 - :func:`median_time_ms` — median wall time of a callable (CPU; on CUDA it synchronises).
-- :func:`run_peak_rss` — run a Python snippet in a fresh subprocess and return its peak resident set
-  size: the only honest way to compare the peak memory of two methods on CPU, because the allocator
-  of one process never gives memory back to the OS in a way that ``ru_maxrss`` would notice.
+- :func:`run_peak_rss` — run a Python snippet in a fresh subprocess and return its own peak resident
+  set (VmHWM, see ``peftlab.estimate.peak_rss_bytes``: a child's ``ru_maxrss`` starts at its parent's
+  size): the only honest way to compare the peak memory of two methods on CPU.
 
 Keep this API stable: several benchmarks import it.
 """
@@ -103,12 +103,13 @@ def median_time_ms(fn: Callable[[], Any], *, warmup: int = 1, iters: int = 5) ->
 
 
 _RSS_RUNNER = r"""
-import json, resource, sys
-baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+import json, sys
+from peftlab.estimate import peak_rss_bytes
+baseline = peak_rss_bytes()
 ns = {}
 exec(compile(sys.argv[1], "<bench snippet>", "exec"), ns)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print("__PEAK_RSS__" + json.dumps({"peak_rss_kb": peak, "baseline_rss_kb": baseline,
+peak = peak_rss_bytes()
+print("__PEAK_RSS__" + json.dumps({"peak_rss_kb": peak / 1024, "baseline_rss_kb": baseline / 1024,
                                    "result": ns.get("RESULT")}, default=str))
 """
 
@@ -123,14 +124,13 @@ def run_peak_rss(snippet: str, *, timeout: float = 1800.0, env: dict[str, str] |
     method's own share. Raises RuntimeError with the child's stderr when it fails.
     """
     proc = subprocess.run(
-        [sys.executable, "-c", _RSS_RUNNER, snippet], check=False, capture_output=True, text=True,
+        [sys.executable, "-P", "-c", _RSS_RUNNER, snippet], check=False, capture_output=True, text=True,
         timeout=timeout, env={**os.environ, **(env or {})}, cwd=REPO_ROOT,
     )
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("__PEAK_RSS__")), None)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"benchmark subprocess failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
     data = json.loads(line[len("__PEAK_RSS__"):])
-    # ru_maxrss is kilobytes on Linux (bytes on macOS; we only benchmark on Linux).
     return {
         "peak_rss_mb": data["peak_rss_kb"] / 1024.0,
         "baseline_rss_mb": data["baseline_rss_kb"] / 1024.0,

@@ -4,7 +4,7 @@
 One Llama-3.1-8B-architecture model (``../shared/data/configs/llama-3.1-8b``; random init, the real
 shapes: 32 layers, hidden 4096, GQA 32/8, MLP 14336, vocabulary 128,256) is written ONCE as a
 sharded bf16 safetensors checkpoint (~16 GB, into ``--work``; reused by later runs). Then, each in a
-fresh process whose peak resident set (``ru_maxrss``) is the figure, one after another:
+fresh process whose own peak resident set (VmHWM) is the figure, one after another:
 
 1. ``load-peftlab``: peftlab's streaming loader (``peftlab.streaming.load_quantized``): tensor by
    tensor, each linear quantised to NF4 (double quant) as it arrives;
@@ -28,7 +28,6 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,7 @@ from common import append_jsonl, print_table
 SHARED = HERE.parents[1] / "shared" / "data"
 GB = 1e9
 MARK = "__SCALE_RESULT__"
+RESULTS_NAME = "scale"
 
 SMOKE_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128,
                 "intermediate_size": 352, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -57,7 +57,7 @@ def run_watched(args: list[str], *, max_rss_gb: float, timeout: float = 7200.0,
                 env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``python -P <args>`` and return the JSON it printed after ``MARK`` plus ``peak_rss_gb``.
 
-    The child reports its own ``ru_maxrss``; this parent also samples the child's RSS every 0.2 s and
+    The child reports its own peak RSS (VmHWM); this parent also samples the child's RSS every 0.2 s and
     kills it when it passes ``max_rss_gb`` (then ``over_limit`` is set and ``peak_rss_gb`` is the
     limit: a lower bound)."""
     import psutil
@@ -107,7 +107,9 @@ def run_watched(args: list[str], *, max_rss_gb: float, timeout: float = 7200.0,
 
 def report(result: dict[str, Any]) -> None:
     """Child side: add this process's peak RSS and print the result line for :func:`run_watched`."""
-    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
+    from peftlab.estimate import peak_rss_bytes
+
+    result["peak_rss_gb"] = peak_rss_bytes() / GB
     print(MARK + json.dumps(result, default=str), flush=True)
 
 
@@ -295,14 +297,14 @@ def main(argv: list[str] | None = None) -> int:
         res = run_watched([__file__, "--phase", phase, "--ckpt", str(ckpt), "--dtype", ns.dtype],
                           max_rss_gb=ns.max_rss_gb)
         rows.append({**common, **res, "phase": phase})
-        append_jsonl("scale", rows[-1], ns.results_dir)
+        append_jsonl(RESULTS_NAME, rows[-1], ns.results_dir)
     if "train" not in ns.skip:
         print(f"== train: seq {ns.seq}, {ns.steps} steps, {ns.threads} threads", flush=True)
         res = measure_train(ckpt, work, seq=ns.seq, steps=ns.steps, dtype=ns.dtype, threads=ns.threads,
                             max_rss_gb=ns.max_rss_gb)
         rows.append({**common, **res, "phase": "train", "seq": ns.seq, "lora_r": 16,
                      "gradient_checkpointing": True})
-        append_jsonl("scale", rows[-1], ns.results_dir)
+        append_jsonl(RESULTS_NAME, rows[-1], ns.results_dir)
     print(f"\ncheckpoint: {ckpt} ({ckpt_gb:.2f} GB bf16, {config['num_hidden_layers']} layers)")
     print_table(rows, ["phase", "peak_rss_gb", "over_limit", "load_s", "model_gb", "step_s", "tokens_per_s",
                       "predicted_gb", "prediction_error", "wall_s"])

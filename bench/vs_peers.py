@@ -350,18 +350,10 @@ def run_trl(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def peak_rss_mb() -> float:
-    """This process's own peak RSS. VmHWM, not ``ru_maxrss``: on Linux a child's ru_maxrss starts at the
-    RSS its parent had when it forked (execve carries the old high-water mark over), so a small child of
-    a big parent would report the parent's size."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    import resource
+    """This process's own peak RSS in MB (VmHWM; see ``peftlab.estimate.peak_rss_bytes``)."""
+    from peftlab.estimate import peak_rss_bytes
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return peak_rss_bytes() / 2**20
 
 
 def worker(job_path: str) -> None:

@@ -8,7 +8,7 @@ is at the end of the forward pass, when every layer's saved tensors, the loss he
 first backward temporaries are alive together.
 
 On a GPU "device memory" is what the CUDA allocator holds plus the CUDA context; on the CPU it is the
-process's peak resident set (``ru_maxrss``), which also holds the Python + torch + transformers +
+process's peak resident set (:func:`peak_rss_bytes`), which also holds the Python + torch + transformers +
 bitsandbytes baseline — measured once per environment in a fresh interpreter that imports what
 ``peftlab train`` imports (cached under the peftlab cache), not a constant from another machine.
 """
@@ -34,6 +34,25 @@ CUDA_CONTEXT_BYTES = 500 * MiB  # CUDA context + cuBLAS workspace outside the ca
 # measurements (bench/bench_estimate.py): a fraction of what the step allocates, plus a floor.
 CPU_ALLOCATOR_SLACK = 0.25
 CPU_RUNTIME_FLOOR = 0
+
+
+def peak_rss_bytes() -> int:
+    """This process's own peak resident set: ``VmHWM`` of /proc/self/status.
+
+    Not ``getrusage(RUSAGE_SELF).ru_maxrss``: on Linux execve carries the high-water mark of the
+    forked copy of the parent over into the child's ``ru_maxrss``, so a child started by a 1.5 GB
+    process reports >= 1.5 GB whatever it used itself (measured). Falls back to ``ru_maxrss`` where
+    /proc is absent."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def parse_size(text: str) -> int:
