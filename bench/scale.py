@@ -57,16 +57,17 @@ def run_watched(args: list[str], *, max_rss_gb: float, timeout: float = 7200.0,
                 env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``python -P <args>`` and return the JSON it printed after ``MARK`` plus ``peak_rss_gb``.
 
-    The child reports its own peak RSS (VmHWM); this parent also samples the child's RSS every 0.2 s and
-    kills it when it passes ``max_rss_gb`` (then ``over_limit`` is set and ``peak_rss_gb`` is the
-    limit: a lower bound)."""
+    The child reports its own peak RSS (VmHWM). This parent samples the child every 0.2 s: its RSS and
+    its anonymous part (RSS minus file-backed pages, e.g. memory-mapped checkpoint shards, which the
+    kernel can drop) — ``sampled_rss_gb`` / ``sampled_anon_gb`` — and kills it when the anonymous part
+    passes ``max_rss_gb`` (then ``over_limit`` is set; the sampled figures are lower bounds)."""
     import psutil
 
     proc = subprocess.Popen([sys.executable, "-P", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, **(env or {})})
     ps = psutil.Process(proc.pid)
     t0 = time.perf_counter()
-    sampled = 0
+    sampled = anon = 0
     over = False
     import threading
 
@@ -78,11 +79,12 @@ def run_watched(args: list[str], *, max_rss_gb: float, timeout: float = 7200.0,
         r.start()
     while proc.poll() is None:
         try:
-            rss = ps.memory_info().rss
+            info = ps.memory_info()
+            rss, rss_anon = info.rss, info.rss - info.shared
         except psutil.Error:
-            rss = 0
-        sampled = max(sampled, rss)
-        if rss > max_rss_gb * GB:
+            rss = rss_anon = 0
+        sampled, anon = max(sampled, rss), max(anon, rss_anon)
+        if rss_anon > max_rss_gb * GB:
             over = True
             proc.kill()
             break
@@ -95,12 +97,13 @@ def run_watched(args: list[str], *, max_rss_gb: float, timeout: float = 7200.0,
         r.join()
     wall = time.perf_counter() - t0
     if over:
-        return {"over_limit": True, "peak_rss_gb": max_rss_gb, "wall_s": wall}
+        return {"over_limit": True, "peak_rss_gb": sampled / GB, "sampled_rss_gb": sampled / GB,
+                "sampled_anon_gb": anon / GB, "wall_s": wall}
     line = next((ln for ln in reversed(out) if ln.startswith(MARK)), None)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"phase {args[:3]} failed (rc={proc.returncode}):\n{''.join(err)[-4000:]}")
     res = json.loads(line[len(MARK):])
-    res.setdefault("sampled_rss_gb", sampled / GB)
+    res.update(sampled_rss_gb=sampled / GB, sampled_anon_gb=anon / GB)
     res["wall_s"] = wall
     return res
 
@@ -306,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                      "gradient_checkpointing": True})
         append_jsonl(RESULTS_NAME, rows[-1], ns.results_dir)
     print(f"\ncheckpoint: {ckpt} ({ckpt_gb:.2f} GB bf16, {config['num_hidden_layers']} layers)")
-    print_table(rows, ["phase", "peak_rss_gb", "over_limit", "load_s", "model_gb", "step_s", "tokens_per_s",
+    print_table(rows, ["phase", "peak_rss_gb", "sampled_anon_gb", "over_limit", "load_s", "model_gb", "step_s", "tokens_per_s",
                       "predicted_gb", "prediction_error", "wall_s"])
     if ns.smoke:
         import shutil

@@ -29,11 +29,13 @@ from peftlab.errors import PeftlabError
 GiB = 1 << 30
 MiB = 1 << 20
 CUDA_CONTEXT_BYTES = 500 * MiB  # CUDA context + cuBLAS workspace outside the caching allocator (typ. 0.3-0.6 GiB)
-# Host-side working set of a CPU run beyond the imported libraries: allocator arenas that keep freed
-# activation blocks, OpenMP thread stacks and the data pipeline. Calibrated on this project's CPU
-# measurements (bench/bench_estimate.py): a fraction of what the step allocates, plus a floor.
-CPU_ALLOCATOR_SLACK = 0.25
-CPU_RUNTIME_FLOOR = 0
+# Host-side working set of a CPU run beyond the live tensors the components count: heap blocks of
+# small (< 1 MiB) tensors that the allocator keeps, and page-rounding. With train.host_allocator:
+# bounded (the default; peftlab/hostmem.py) big tensors go back to the OS when freed; with the C
+# library's adaptive default the heap also keeps freed activations. Fractions of what the step
+# allocates, calibrated on bench/bench_estimate.py's measurements (bench/RESULTS.md).
+CPU_ALLOCATOR_SLACK = 0.05
+CPU_DEFAULT_ALLOCATOR_SLACK = 0.6
 
 
 def peak_rss_bytes() -> int:
@@ -240,6 +242,9 @@ for m in mods:
     __import__(m)
 raw = json.loads(sys.argv[2])
 recipe = recipe_from_dict(raw)
+if recipe.train.host_allocator == "bounded":
+    from peftlab.hostmem import bound_host_heap
+    bound_host_heap()
 loaded = build_model(recipe)
 engine = LocalEngine(loaded.model, recipe.train, 2, loaded.device)
 ids = torch.randint(0, 200, (2, 16))
@@ -271,7 +276,7 @@ def _probe_baseline(recipe: Any) -> int:
                      "gradient_checkpointing": recipe.model.gradient_checkpointing},
            "quantization": recipe.quantization.model_dump(), "adapter": {"r": 4, "dropout": recipe.adapter.dropout},
            "data": {"train": [{"path": "unused.jsonl"}]}, "kernels": recipe.kernels,
-           "train": {"device": "cpu", "optimizer": "adamw"}}
+           "train": {"device": "cpu", "optimizer": "adamw", "host_allocator": recipe.train.host_allocator}}
     key = json.dumps([sys.executable, torch.__version__, mods, raw], sort_keys=True)
     cache = cache_root() / "estimate_baseline.json"
     try:
@@ -305,51 +310,77 @@ def _dtype_of(recipe: Any, device: str) -> torch.dtype:
 
 def _components(recipe: Any, shape: ModelShape, *, device: str, elem: int, mbs: int, seq: int,
                 baseline: int) -> dict[str, int]:
+    """The predicted peak, by component. The peak is the larger of two moments of a step:
+
+    - the end of the forward pass: every saved activation + the loss head's buffers (the whole fp32
+      logits, log-softmax and their gradient when ``kernels: off``; one chunk + the hidden-state
+      gradient with the fused loss);
+    - the start of the backward pass: the saved activations, the hidden-state gradient, under
+      gradient checkpointing the layer being recomputed (all its activations), and the backward
+      temporaries (one dequantised base weight, ~4 activation gradients of the MLP width, the
+      attention mask in the compute dtype).
+
+    ``loss_head`` and ``temporary_buffers`` are what each contributes at the peak moment (the fused
+    loss's chunk buffers are gone before backward starts, so at a backward peak only its hidden-state
+    gradient counts)."""
     from peftlab.kernels.fused_linear_cross_entropy import default_chunk_rows
 
     t = recipe.train
     n_tokens = mbs * seq
     lora_bytes = shape.lora_params * 4  # adapters train in fp32 whatever the base dtype
     attn = recipe.model.attn_implementation
-    if device == "cpu" and attn == "sdpa":
-        # peftlab's batches carry a padding / packing mask; torch's CPU SDPA then takes the math path,
-        # which keeps the attention probabilities like eager attention does
-        attn = "eager"
+    # CPU SDPA with peftlab's boolean padding / packing mask takes torch's flash kernel (torch >= 2.3;
+    # checked with torch._fused_sdp_choice): like CUDA SDPA it keeps no attention probabilities
     per_token = activation_bytes_per_token(shape, elem=elem, seq_len=seq, attn=attn,
                                            dropout=recipe.adapter.dropout)
     layer_acts = per_token * n_tokens
+    # the 4D mask of a batch (bool for sdpa, fp32 for eager) lives for the whole step; SDPA converts a
+    # boolean mask to the compute dtype on every call (a transient of the same shape)
+    mask = 0 if attn == "flash_attention_2" else mbs * seq * seq * (1 if attn == "sdpa" else 4)
+    mask_transient = 0 if attn == "flash_attention_2" else mbs * seq * seq * elem
     if recipe.model.gradient_checkpointing:
-        # each layer keeps its input; the layer being recomputed in backward holds its full set
-        activations = shape.n_layers * n_tokens * shape.hidden * elem + layer_acts
+        kept = shape.n_layers * n_tokens * shape.hidden * elem  # each layer keeps only its input
+        recompute = layer_acts
     else:
-        activations = shape.n_layers * layer_acts
+        kept = shape.n_layers * layer_acts
+        recompute = 0
     # final norm input + output, embeddings output (kept by layer 0's norm is already counted)
-    activations += 2 * n_tokens * shape.hidden * elem
-    if recipe.kernels == "off":  # whole fp32 logits, their log-softmax and their gradient
-        loss_head = 3 * n_tokens * shape.vocab * 4 + (n_tokens * shape.vocab * elem if elem != 4 else 0)
+    kept += 2 * n_tokens * shape.hidden * elem + mask
+    grad_hidden = n_tokens * shape.hidden * 4
+    widest = max(shape.intermediate, shape.hidden)
+    backward_temps = shape.largest_linear * (4 + elem) + 4 * n_tokens * widest * elem + mask_transient
+    if recipe.kernels == "off":  # whole fp32 logits, their log-softmax and their gradient: alive into backward
+        loss_fwd = 3 * n_tokens * shape.vocab * 4 + (n_tokens * shape.vocab * elem if elem != 4 else 0)
+        loss_bwd = loss_fwd
     else:  # fused: one chunk of fp32 logits (+ softmax, grad) and the hidden-state gradient made in forward
         rows = default_chunk_rows(n_tokens, shape.hidden, shape.vocab)
-        loss_head = 3 * rows * shape.vocab * 4 + n_tokens * shape.hidden * 4
-    # backward temporaries: one dequantised base weight (fp32 then compute dtype), the base output
-    # clone of the widest layer and ~3 activation gradients of the MLP width
-    widest = max(shape.intermediate, shape.hidden)
-    temporary = shape.largest_linear * (4 + elem) + 4 * n_tokens * widest * elem
+        loss_fwd = 3 * rows * shape.vocab * 4 + grad_hidden
+        loss_bwd = grad_hidden
+    fwd_peak = loss_fwd + mask_transient
+    bwd_peak = loss_bwd + recompute + backward_temps
+    if fwd_peak >= bwd_peak:
+        loss_head, temporary = loss_fwd, mask_transient
+    else:
+        loss_head, temporary = loss_bwd, recompute + backward_temps
     optimizer = shape.lora_params * OPTIMIZER_BYTES_PER_PARAM[t.optimizer]
     if device == "cpu":
-        temporary += 2 * lora_bytes  # torch's foreach AdamW step allocates param-sized intermediates
+        # torch's foreach AdamW step allocates param-sized intermediates (after backward: never at the
+        # same time as the activations, but the adapters are small) - counted on top, conservatively
+        temporary += 2 * lora_bytes
     comps = {
         "baseline": baseline,
         "base_weights": shape.base_weight_bytes,
         "adapters": lora_bytes,
         "gradients": lora_bytes,
         "optimizer_state": optimizer,
-        "activations": activations,
+        "activations": kept,
         "loss_head": loss_head,
         "temporary_buffers": temporary,
     }
     if device == "cpu":
         work = sum(v for k, v in comps.items() if k not in ("baseline", "base_weights"))
-        comps["allocator_overhead"] = int(CPU_ALLOCATOR_SLACK * work) + CPU_RUNTIME_FLOOR
+        bounded = getattr(t, "host_allocator", "bounded") == "bounded"
+        comps["allocator_overhead"] = int((CPU_ALLOCATOR_SLACK if bounded else CPU_DEFAULT_ALLOCATOR_SLACK) * work)
     return {k: int(v) for k, v in comps.items()}
 
 

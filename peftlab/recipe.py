@@ -121,6 +121,10 @@ class TrainConfig(Section):
     auto_fit: bool = False
     """Before training, shrink micro_batch_size (raising grad_accum) and then max_seq_len until the
     memory planner (``peftlab estimate``) says the run fits the free device / host memory."""
+    host_allocator: Literal["bounded", "default"] = "bounded"
+    """CPU runs: ``bounded`` fixes glibc's mmap threshold at 1 MiB, so freed activations go back to the
+    OS and peak host memory follows the live tensors (what ``peftlab estimate`` predicts);
+    ``default`` keeps the C library's adaptive allocator (can be faster, holds more; see README Memory)."""
     early_stopping: EarlyStoppingConfig | None = None
     """Stop when an eval metric stops improving (needs eval_every); the best adapter is kept in best/."""
     loss: LossConfig = LossConfig()

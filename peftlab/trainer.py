@@ -135,6 +135,14 @@ class TrainResult:
     best: dict[str, Any] | None = None  # early stopping: best metric, step and its adapter dir (best/)
 
 
+def _real_tokens(batch: dict[str, Any]) -> int:
+    """Non-padding tokens of a batch (packs under sdpa/eager carry a 4D mask, so not its sum)."""
+    if "num_tokens" in batch:
+        return int(batch["num_tokens"])
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None and mask.dim() == 2 else batch["input_ids"].numel()
+
+
 class Trainer:
     def __init__(self, recipe: Any, *, quiet: bool = False):
         from peftlab.data import build_data, collate
@@ -154,6 +162,12 @@ class Trainer:
         from peftlab import freezing
 
         freezing.resolve_layers(recipe)  # adapter.layers: top:k -> explicit indices
+        from peftlab.models import pick_device
+
+        if recipe.train.host_allocator == "bounded" and pick_device(recipe.train.device).type == "cpu":
+            from peftlab.hostmem import bound_host_heap
+
+            bound_host_heap()  # before loading: peak host memory = live tensors (peftlab/hostmem.py)
         if recipe.task == "causal_lm":
             if recipe.train.auto_fit:  # shrink micro-batch / max_seq_len to what the memory planner says fits
                 from peftlab.estimate import apply_auto_fit
@@ -525,8 +539,7 @@ class Trainer:
         ckpt.test_trace({"step": step, "sample_ids": sample_ids, "loss": float(total).hex(),
                          "skipped": result.skipped})
         return {"loss": total, "lr": lr, "grad_norm": result.grad_norm, "targets": n_targets,
-                "tokens": int(sum(int(b["attention_mask"].sum()) if b["attention_mask"].dim() == 2
-                                  else b["input_ids"].numel() for b in batches)),
+                "tokens": int(sum(_real_tokens(b) for b in batches)),
                 "skipped": result.skipped}
 
     def _loss_spike(self, loss: float) -> str | None:

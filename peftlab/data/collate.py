@@ -39,7 +39,8 @@ def collate(examples: Sequence[dict[str, Any]], *, pad_token_id: int, pad_to_mul
     Returns ``input_ids``, ``labels`` (-100 at padding; shape (B,) for classification),
     ``attention_mask`` (2D for plain examples; 4D block-diagonal causal for packs under sdpa/eager;
     absent for packs under flash attention), ``position_ids`` (packs), ``loss_weights`` (per token,
-    like labels; (B,) for classification) and ``sample_ids`` ((B,) or (B, max samples per pack), -1
+    like labels; (B,) for classification), ``num_tokens`` (0-dim: the batch's non-padding tokens, which
+    a 4D pack mask no longer shows) and ``sample_ids`` ((B,) or (B, max samples per pack), -1
     padded).
 
     Mixture loss (L = sum_i lambda_i * L_i): the trainer weights each target token's cross-entropy by
@@ -66,7 +67,8 @@ def collate(examples: Sequence[dict[str, Any]], *, pad_token_id: int, pad_to_mul
         attention_mask[b, :n] = 1
         lw = ex.get("loss_weight", 1.0)
         loss_weights[b, :n] = torch.tensor(lw, dtype=torch.float32) if isinstance(lw, list) else float(lw)
-    batch: dict[str, torch.Tensor] = {"input_ids": input_ids, "labels": labels, "loss_weights": loss_weights}
+    batch: dict[str, torch.Tensor] = {"input_ids": input_ids, "labels": labels, "loss_weights": loss_weights,
+                                      "num_tokens": attention_mask.sum()}  # real (non-padding) tokens
     if not packed:
         batch["attention_mask"] = attention_mask
         batch["sample_ids"] = torch.tensor([ex["sample_id"] for ex in examples], dtype=torch.long)
