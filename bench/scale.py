@@ -156,7 +156,7 @@ def alpaca_rows(n: int) -> list[dict[str, str]]:
 
 
 def recipe_dict(ckpt: Path, work: Path, *, seq: int, steps: int, dtype: str, checkpointing: bool = True,
-                micro_batch: int = 1, r: int = 16, kernels: str = "auto", rows: int = 400) -> dict[str, Any]:
+                micro_batch: int = 1, r: int = 16, kernels: str = "auto", host_allocator: str = "default") -> dict[str, Any]:
     data = work / "alpaca.json"
     if not data.is_file():
         data.write_text(json.dumps(alpaca_rows(1000)))
@@ -168,7 +168,8 @@ def recipe_dict(ckpt: Path, work: Path, *, seq: int, steps: int, dtype: str, che
         "data": {"train": [{"path": str(data), "format": "alpaca"}], "template": "llama3", "max_seq_len": seq,
                  "packing": True, "overlength": "truncate"},
         "train": {"max_steps": steps, "micro_batch_size": micro_batch, "grad_accum": 1, "lr": 2e-4,
-                  "warmup_steps": 0, "log_every": 1, "eval_at_start": False, "device": "cpu", "seed": 0},
+                  "warmup_steps": 0, "log_every": 1, "eval_at_start": False, "device": "cpu", "seed": 0,
+                  "host_allocator": host_allocator},
         "eval": {"metric": "loss"},
         "output": {"dir": str(work / "run"), "report_to": ["jsonl"], "plot": False, "overwrite": True},
         "kernels": kernels,
@@ -262,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--work", default=None, help="where the 16-bit checkpoint lives (default: $TMPDIR/peftlab-scale)")
     ap.add_argument("--max-rss-gb", type=float, default=20.0)
+    ap.add_argument("--host-allocator", default="bounded", choices=["bounded", "default"],
+                    help="train.host_allocator of the training run (bounded: peak RSS = live tensors)")
     ap.add_argument("--skip", nargs="*", default=[], choices=list(PHASES), help="phases to leave out")
     ap.add_argument("--smoke", action="store_true", help="tiny config, 1 step: checks the script runs")
     ap.add_argument("--results-dir", default=None)
@@ -304,9 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     if "train" not in ns.skip:
         print(f"== train: seq {ns.seq}, {ns.steps} steps, {ns.threads} threads", flush=True)
         res = measure_train(ckpt, work, seq=ns.seq, steps=ns.steps, dtype=ns.dtype, threads=ns.threads,
-                            max_rss_gb=ns.max_rss_gb)
+                            max_rss_gb=ns.max_rss_gb, host_allocator=ns.host_allocator)
         rows.append({**common, **res, "phase": "train", "seq": ns.seq, "lora_r": 16,
-                     "gradient_checkpointing": True})
+                     "gradient_checkpointing": True, "host_allocator": ns.host_allocator})
         append_jsonl(RESULTS_NAME, rows[-1], ns.results_dir)
     print(f"\ncheckpoint: {ckpt} ({ckpt_gb:.2f} GB bf16, {config['num_hidden_layers']} layers)")
     print_table(rows, ["phase", "peak_rss_gb", "sampled_anon_gb", "over_limit", "load_s", "model_gb", "step_s", "tokens_per_s",

@@ -29,13 +29,17 @@ from peftlab.errors import PeftlabError
 GiB = 1 << 30
 MiB = 1 << 20
 CUDA_CONTEXT_BYTES = 500 * MiB  # CUDA context + cuBLAS workspace outside the caching allocator (typ. 0.3-0.6 GiB)
-# Host-side working set of a CPU run beyond the live tensors the components count: heap blocks of
-# small (< 1 MiB) tensors that the allocator keeps, and page-rounding. With train.host_allocator:
-# bounded (the default; peftlab/hostmem.py) big tensors go back to the OS when freed; with the C
-# library's adaptive default the heap also keeps freed activations. Fractions of what the step
-# allocates, calibrated on bench/bench_estimate.py's measurements (bench/RESULTS.md).
+# Host-side working set of a CPU run beyond the live tensors the components count.
+# - train.host_allocator: bounded (peftlab/hostmem.py): every tensor >= 1 MiB is its own mapping and
+#   goes back to the OS when freed; what remains is heap kept for small tensors and page rounding:
+#   a small fraction of what the step allocates.
+# - default (glibc's adaptive threshold): the heap keeps freed activation blocks, fragmented by the
+#   tensors that stay alive. Measured (bench/bench_estimate.py, bench/scale.py) it holds about as much
+#   as CPU_HEAP_RETENTION x (hidden + intermediate) activations of every layer for every token,
+#   with or without gradient checkpointing (100M Llama fp32 at 256 and 1024 tokens; Llama-3.1-8B
+#   bf16 at 1024 tokens) - an empirical figure, not a derivation.
 CPU_ALLOCATOR_SLACK = 0.05
-CPU_DEFAULT_ALLOCATOR_SLACK = 0.6
+CPU_HEAP_RETENTION = 3.8
 
 
 def peak_rss_bytes() -> int:
@@ -378,9 +382,12 @@ def _components(recipe: Any, shape: ModelShape, *, device: str, elem: int, mbs: 
         "temporary_buffers": temporary,
     }
     if device == "cpu":
-        work = sum(v for k, v in comps.items() if k not in ("baseline", "base_weights"))
-        bounded = getattr(t, "host_allocator", "bounded") == "bounded"
-        comps["allocator_overhead"] = int((CPU_ALLOCATOR_SLACK if bounded else CPU_DEFAULT_ALLOCATOR_SLACK) * work)
+        if t.host_allocator == "bounded":
+            work = sum(v for k, v in comps.items() if k not in ("baseline", "base_weights"))
+            comps["allocator_overhead"] = int(CPU_ALLOCATOR_SLACK * work)
+        else:
+            comps["allocator_overhead"] = int(CPU_HEAP_RETENTION * n_tokens * shape.n_layers
+                                              * (shape.hidden + shape.intermediate) * elem)
     return {k: int(v) for k, v in comps.items()}
 
 

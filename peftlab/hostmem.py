@@ -12,9 +12,11 @@ threshold.
 
 :func:`bound_host_heap` fixes the threshold (``mallopt(M_MMAP_THRESHOLD)``, which also turns the
 dynamic adjustment off), so every tensor of 1 MiB or more is its own mapping and is returned when
-freed: peak RSS follows the live tensors, which is what ``peftlab estimate`` predicts. The cost is a
-page fault per fresh page of each large allocation. The trainer applies it on the CPU unless
-``train.host_allocator: default``; on other C libraries it is a no-op.
+freed: peak RSS follows the live tensors, which is what ``peftlab estimate`` predicts without an
+empirical allocator term. The cost is a page fault per fresh page of each large allocation: measured
++40% step time on that 100M model (2 threads), so it is opt-in — the trainer applies it on the CPU
+when ``train.host_allocator: bounded`` (the 8B scale run in bench/scale.py uses it); on other C
+libraries it is a no-op.
 """
 from __future__ import annotations
 

@@ -121,10 +121,11 @@ class TrainConfig(Section):
     auto_fit: bool = False
     """Before training, shrink micro_batch_size (raising grad_accum) and then max_seq_len until the
     memory planner (``peftlab estimate``) says the run fits the free device / host memory."""
-    host_allocator: Literal["bounded", "default"] = "bounded"
-    """CPU runs: ``bounded`` fixes glibc's mmap threshold at 1 MiB, so freed activations go back to the
-    OS and peak host memory follows the live tensors (what ``peftlab estimate`` predicts);
-    ``default`` keeps the C library's adaptive allocator (can be faster, holds more; see README Memory)."""
+    host_allocator: Literal["default", "bounded"] = "default"
+    """CPU runs: ``default`` keeps the C library's adaptive allocator (fastest; its heap keeps freed
+    activations); ``bounded`` fixes glibc's mmap threshold at 1 MiB so freed tensors go back to the
+    OS: peak host memory follows the live tensors (measured -28% to -33%), steps are slower when
+    activations are 1-32 MiB (+40% on a 100M model, see README Memory)."""
     early_stopping: EarlyStoppingConfig | None = None
     """Stop when an eval metric stops improving (needs eval_every); the best adapter is kept in best/."""
     loss: LossConfig = LossConfig()
