@@ -114,3 +114,51 @@ def test_prediction_within_15_percent_of_measured_peak_rss(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     measured = json.loads(out.stdout.strip().splitlines()[-1])["peak"]
     assert abs(est.total - measured) <= 0.15 * measured, (est.total / MiB, measured / MiB, est.components)
+
+
+SMALL_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 512,
+                "intermediate_size": 1408, "num_hidden_layers": 6, "num_attention_heads": 8,
+                "num_key_value_heads": 4, "vocab_size": 16000, "max_position_embeddings": 1024,
+                "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    """A ~40M-parameter Llama (random init, bf16 safetensors) with the built-in tokenizer beside it."""
+    import torch
+
+    from peftlab.builtin import build_tokenizer
+    from peftlab.streaming import save_random_checkpoint
+
+    root = tmp_path_factory.mktemp("small")
+    (root / "cfg").mkdir()
+    (root / "cfg" / "config.json").write_text(json.dumps(SMALL_CONFIG))
+    ckpt = save_random_checkpoint(root / "cfg", root / "ckpt", dtype=torch.bfloat16, seed=0)
+    build_tokenizer().save_pretrained(ckpt)
+    return ckpt
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("allocator, checkpointing", [("default", False), ("default", True), ("bounded", False)])
+def test_small_model_prediction_within_15_percent(tmp_path, small_checkpoint, allocator, checkpointing):
+    """A ~40M Llama with packed 256-token rows: each host allocator, with and without checkpointing,
+    against the measured peak RSS of the same run in its own process."""
+    data = make_quickstart_data(tmp_path / "data", n_train=48, n_eval=4)
+    raw = tiny_recipe_dict(data, tmp_path / "out", model={"name": str(small_checkpoint), "dtype": "float32",
+                                                          "gradient_checkpointing": checkpointing},
+                           adapter={"r": 16, "alpha": 32})
+    raw["data"].update(max_seq_len=256, packing=True)
+    raw["data"].pop("eval")
+    raw["output"].update(report_to=["jsonl"], plot=False)
+    raw["train"].update(max_steps=2, grad_accum=1, micro_batch_size=4, host_allocator=allocator,
+                        eval_at_start=False)
+    raw["eval"]["metric"] = "loss"
+    est = estimate(recipe_from_dict(raw), device="cpu")
+    out = subprocess.run([sys.executable, "-P", "-c", MEASURE, json.dumps(raw)], check=False, capture_output=True,
+                         text=True, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    measured = json.loads(out.stdout.strip().splitlines()[-1])["peak"]
+    print(f"{allocator} checkpointing={checkpointing}: predicted {est.total / MiB:.0f} MiB, measured "
+          f"{measured / MiB:.0f} MiB ({est.total / measured - 1:+.1%})")
+    assert abs(est.total - measured) <= 0.15 * measured, (est.total / MiB, measured / MiB,
+                                                          {k: v / MiB for k, v in est.components.items()})
