@@ -5,6 +5,7 @@
 - :func:`append_jsonl` — append one result record (plus :func:`environment`) to
   ``bench/results/<name>.jsonl``.
 - :func:`median_time_ms` — median wall time of a callable (CPU; on CUDA it synchronises).
+- :func:`watch` — wait for a benchmark subprocess, killing it past a memory limit or a timeout.
 - :func:`run_peak_rss` — run a Python snippet in a fresh subprocess and return its own peak resident
   set (VmHWM, see ``peftlab.estimate.peak_rss_bytes``: a child's ``ru_maxrss`` starts at its parent's
   size): the only honest way to compare the peak memory of two methods on CPU.
@@ -136,6 +137,33 @@ def run_peak_rss(snippet: str, *, timeout: float = 1800.0, env: dict[str, str] |
         "baseline_rss_mb": data["baseline_rss_kb"] / 1024.0,
         "result": data["result"],
     }
+
+
+def watch(proc: subprocess.Popen, *, max_rss_gb: float, timeout_s: float) -> dict[str, Any]:
+    """Wait for ``proc`` while sampling its memory every 0.2 s; kill it when its anonymous resident
+    memory (RSS minus file-backed pages such as memory-mapped checkpoint shards, which the kernel can
+    drop) passes ``max_rss_gb`` GiB or it runs longer than ``timeout_s``. Returns ``{"status": "ok" |
+    "exceeded N GB" | "timeout N s", "sampled_rss_gb", "sampled_anon_gb"}`` (sampled maxima, GiB)."""
+    import psutil
+
+    ps = psutil.Process(proc.pid)
+    status, rss_max, anon_max = "ok", 0, 0
+    start = time.perf_counter()
+    while proc.poll() is None:
+        try:
+            info = ps.memory_info()
+        except psutil.Error:
+            break
+        rss_max, anon_max = max(rss_max, info.rss), max(anon_max, info.rss - info.shared)
+        if info.rss - info.shared > max_rss_gb * 2**30:
+            status = f"exceeded {max_rss_gb:g} GB"
+            proc.kill()
+        elif time.perf_counter() - start > timeout_s:
+            status = f"timeout {timeout_s:g} s"
+            proc.kill()
+        time.sleep(0.2)
+    proc.wait()
+    return {"status": status, "sampled_rss_gb": rss_max / 2**30, "sampled_anon_gb": anon_max / 2**30}
 
 
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:

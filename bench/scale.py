@@ -37,7 +37,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import append_jsonl, print_table
+from common import append_jsonl, print_table, watch
 
 SHARED = HERE.parents[1] / "shared" / "data"
 GB = 1e9
@@ -55,57 +55,34 @@ SMOKE_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "h
 
 def run_watched(args: list[str], *, max_rss_gb: float, timeout: float = 7200.0,
                 env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run ``python -P <args>`` and return the JSON it printed after ``MARK`` plus ``peak_rss_gb``.
-
-    The child reports its own peak RSS (VmHWM). This parent samples the child every 0.2 s: its RSS and
-    its anonymous part (RSS minus file-backed pages, e.g. memory-mapped checkpoint shards, which the
-    kernel can drop) — ``sampled_rss_gb`` / ``sampled_anon_gb`` — and kills it when the anonymous part
-    passes ``max_rss_gb`` (then ``over_limit`` is set; the sampled figures are lower bounds)."""
-    import psutil
+    """Run ``python -P <args>`` under :func:`common.watch` and return the JSON it printed after ``MARK``
+    (its own peak RSS, VmHWM, among it) plus the sampled RSS / anonymous maxima. A child killed for
+    passing ``max_rss_gb`` of anonymous memory comes back as ``over_limit`` with the sampled figures
+    (lower bounds)."""
+    import threading
 
     proc = subprocess.Popen([sys.executable, "-P", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, **(env or {})})
-    ps = psutil.Process(proc.pid)
-    t0 = time.perf_counter()
-    sampled = anon = 0
-    over = False
-    import threading
-
     out: list[str] = []
     err: list[str] = []
     readers = [threading.Thread(target=lambda s=s, acc=acc: acc.extend(s), daemon=True)
                for s, acc in ((proc.stdout, out), (proc.stderr, err))]
     for r in readers:
         r.start()
-    while proc.poll() is None:
-        try:
-            info = ps.memory_info()
-            rss, rss_anon = info.rss, info.rss - info.shared
-        except psutil.Error:
-            rss = rss_anon = 0
-        sampled, anon = max(sampled, rss), max(anon, rss_anon)
-        if rss_anon > max_rss_gb * GB:
-            over = True
-            proc.kill()
-            break
-        if time.perf_counter() - t0 > timeout:
-            proc.kill()
-            raise RuntimeError(f"{args[:2]} ran past {timeout:.0f} s")
-        time.sleep(0.2)
-    proc.wait()
+    t0 = time.perf_counter()
+    w = watch(proc, max_rss_gb=max_rss_gb, timeout_s=timeout)
     for r in readers:
         r.join()
-    wall = time.perf_counter() - t0
-    if over:
-        return {"over_limit": True, "peak_rss_gb": sampled / GB, "sampled_rss_gb": sampled / GB,
-                "sampled_anon_gb": anon / GB, "wall_s": wall}
+    sampled = {"sampled_rss_gb": w["sampled_rss_gb"] * 2**30 / GB, "sampled_anon_gb": w["sampled_anon_gb"] * 2**30 / GB,
+               "wall_s": time.perf_counter() - t0}
+    if w["status"].startswith("exceeded"):
+        return {"over_limit": True, "peak_rss_gb": sampled["sampled_rss_gb"], **sampled}
+    if w["status"] != "ok":
+        raise RuntimeError(f"phase {args[:3]}: {w['status']}")
     line = next((ln for ln in reversed(out) if ln.startswith(MARK)), None)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"phase {args[:3]} failed (rc={proc.returncode}):\n{''.join(err)[-4000:]}")
-    res = json.loads(line[len(MARK):])
-    res.update(sampled_rss_gb=sampled / GB, sampled_anon_gb=anon / GB)
-    res["wall_s"] = wall
-    return res
+    return {**json.loads(line[len(MARK):]), **sampled}
 
 
 def report(result: dict[str, Any]) -> None:

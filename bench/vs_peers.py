@@ -54,7 +54,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import REPO_ROOT, append_jsonl, print_table
+from common import REPO_ROOT, append_jsonl, print_table, watch
 
 SHARED = REPO_ROOT.parent / "shared" / "data"
 NAME = "vs_peers"
@@ -378,31 +378,14 @@ def worker(job_path: str) -> None:
 def run_side(job: dict[str, Any], work: Path, max_rss_gb: float, timeout_s: float) -> dict[str, Any]:
     """Run one side in a fresh interpreter; kill it when its RSS passes ``max_rss_gb`` (the point is then
     recorded as exceeded, not the machine brought down). Returns the side's figures (or its failure)."""
-    import psutil
-
     work.mkdir(parents=True, exist_ok=True)
     job = {**job, "out_dir": str(work / "out"), "result_path": str(work / "result.json")}
     (work / "job.json").write_text(json.dumps(job))
     log = (work / "log.txt").open("w")
     proc = subprocess.Popen([sys.executable, "-P", str(Path(__file__).resolve()), "--worker", str(work / "job.json")],
                             stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
-    limit = max_rss_gb * 2**30
-    watched, peak_seen, status = psutil.Process(proc.pid), 0, "ok"
-    start = time.perf_counter()
-    while proc.poll() is None:
-        try:
-            rss = watched.memory_info().rss
-        except psutil.NoSuchProcess:
-            break
-        peak_seen = max(peak_seen, rss)
-        if rss > limit:
-            status = f"exceeded {max_rss_gb:g} GB"
-            proc.kill()
-        elif time.perf_counter() - start > timeout_s:
-            status = f"timeout {timeout_s:g} s"
-            proc.kill()
-        time.sleep(0.2)
-    proc.wait()
+    watched = watch(proc, max_rss_gb=max_rss_gb, timeout_s=timeout_s)
+    status, peak_seen = watched["status"], watched["sampled_rss_gb"] * 2**30
     log.close()
     if status == "ok" and (proc.returncode != 0 or not (work / "result.json").exists()):
         status = f"failed (rc={proc.returncode})"
