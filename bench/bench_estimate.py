@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""The memory planner against measurement: ``peftlab estimate``'s predicted peak vs the measured peak
+resident set of the same QLoRA run (a fresh process per case, ``ru_maxrss``), on this CPU.
+
+Cases (model x sequence length x gradient checkpointing): the built-in tiny model (the quickstart's),
+a ~100M Llama (Llama-2 32k vocabulary), Llama-3.2-1B's architecture (128k vocabulary, tied head) and
+— from bench/scale.py's last full run, when present — Llama-3.1-8B's. Models are random-init
+checkpoints built from the configs in ../shared/data (written once under --work); the data are
+packed Alpaca rows, so every micro-batch holds exactly ``seq`` tokens.
+
+    python -P bench/bench_estimate.py [--only tiny small 1b] [--threads 2]
+    python -P bench/bench_estimate.py --smoke --results-dir /tmp/r
+
+Prints the table (predicted, measured, error) and appends one JSON line per case to
+``bench/results/bench_estimate.jsonl``. Goal (issue 10): |error| <= 15% everywhere.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import append_jsonl, print_table
+from scale import RESULTS_NAME as SCALE_RESULTS
+from scale import SHARED, SMOKE_CONFIG, ensure_checkpoint, measure_train
+
+SMALL = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 768,
+         "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 12,
+         "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 4096,
+         "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
+
+# name -> (config, tokenizer dir, dtype, [(seq, micro_batch, gradient_checkpointing), ...])
+CASES: dict[str, tuple[Any, str | None, str, list[tuple[int, int, bool]]]] = {
+    "tiny": ("builtin:tiny-llama", None, "float32", [(256, 4, False), (256, 4, True), (1024, 2, False)]),
+    "small": (SMALL, "llama2-7b-chat", "float32", [(512, 2, False), (512, 2, True), (1024, 4, True)]),
+    "1b": ("llama-3.2-1b", "llama3-8b-instruct", "bfloat16", [(512, 1, False), (1024, 1, True),
+                                                              (2048, 1, True)]),
+}
+
+
+def _config(spec: Any) -> dict[str, Any] | str:
+    if isinstance(spec, dict):
+        return dict(spec)
+    if spec.startswith("builtin:"):
+        return spec
+    return json.loads((SHARED / "configs" / spec / "config.json").read_text())
+
+
+def scale_rows(results_dir: Path | None) -> list[dict[str, Any]]:
+    """The 8B training rows of bench/scale.py (its latest full run), as planner-vs-measured rows."""
+    path = (results_dir or HERE / "results") / f"{SCALE_RESULTS}.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    rows = [r for r in rows if r.get("phase") == "train" and not r.get("smoke") and not r.get("over_limit")]
+    return [{"case": f"{r['config']} (scale.py)", "seq": r["seq"], "micro_batch": 1, "ckpt": True,
+             "dtype": r["dtype"], "predicted_gb": r["predicted_gb"], "measured_gb": r["peak_rss_gb"],
+             "error": r["prediction_error"], "from": r["git_commit"]} for r in rows[-1:]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="*", default=None, choices=list(CASES))
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--work", default=None)
+    ap.add_argument("--max-rss-gb", type=float, default=20.0)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--results-dir", default=None)
+    ns = ap.parse_args(argv)
+    results_dir = Path(ns.results_dir) if ns.results_dir else None
+    cases = dict(CASES)
+    if ns.smoke:
+        cases = {"smoke": (SMOKE_CONFIG, None, "float32", [(64, 2, False), (64, 2, True)])}
+        work = Path(tempfile.mkdtemp(prefix="peftlab-estimate-smoke-"))
+        ns.steps = 1
+    else:
+        work = Path(ns.work or Path(tempfile.gettempdir()) / "peftlab-scale")
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, (spec, tok, dtype, points) in cases.items():
+        if ns.only and name not in ns.only:
+            continue
+        if tok and not (SHARED / "tokenizers" / tok).is_dir():
+            print(f"skip {name}: ../shared/data/tokenizers/{tok} not found")
+            continue
+        config = _config(spec)
+        if isinstance(config, str):
+            from peftlab.models import resolve_model_path
+
+            ckpt = Path(resolve_model_path(config))
+        else:
+            ckpt = ensure_checkpoint(config, work, tokenizer=str(SHARED / "tokenizers" / tok) if tok else None)
+        for seq, mbs, ckpting in points:
+            print(f"== {name}: seq {seq} x {mbs}, checkpointing {ckpting}", flush=True)
+            res = measure_train(ckpt, work, seq=seq, steps=ns.steps, dtype=dtype, threads=ns.threads,
+                                max_rss_gb=ns.max_rss_gb, checkpointing=ckpting, micro_batch=mbs)
+            row = {"case": name, "seq": seq, "micro_batch": mbs, "ckpt": ckpting, "dtype": dtype,
+                   "predicted_gb": res["predicted_gb"], "measured_gb": res["peak_rss_gb"],
+                   "error": res.get("prediction_error"), "over_limit": res.get("over_limit", False),
+                   "step_s": res.get("step_s"), "predicted": res["predicted"], "smoke": ns.smoke}
+            rows.append(row)
+            append_jsonl("bench_estimate", row, results_dir)
+    rows += [] if ns.smoke else scale_rows(results_dir)
+    print()
+    print_table(rows, ["case", "dtype", "seq", "micro_batch", "ckpt", "predicted_gb", "measured_gb", "error",
+                       "step_s"])
+    worst = max((abs(r["error"]) for r in rows if r.get("error") is not None), default=0.0)
+    print(f"\nworst |error|: {worst:.1%} (goal: <= 15%)")
+    if ns.smoke:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
