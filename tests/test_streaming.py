@@ -153,3 +153,27 @@ def test_streaming_peak_memory_is_below_the_16bit_model(tmp_path):
     # peak is the child's own high-water mark (VmHWM): ru_maxrss would start at the pytest worker's
     # size and made this test flaky. The dense model in the compute dtype would be 2x the checkpoint.
     assert growth < ckpt_bytes, (growth, ckpt_bytes, r)
+
+
+@pytest.mark.parametrize("quant_type, double_quant, storage", [("nf4", True, torch.uint8), ("fp4", False, torch.uint8),
+                                                              ("nf4", True, torch.bfloat16)])
+def test_chunked_cpu_quantisation_is_bitwise_bitsandbytes(monkeypatch, quant_type, double_quant, storage):
+    """Quantising a weight in chunks (what the streaming loader does on the CPU for big weights) gives the
+    same bytes and state as bitsandbytes' whole-tensor quantize_4bit, including a trailing partial block."""
+    import bitsandbytes.functional as bnbf
+
+    from peftlab import streaming
+
+    monkeypatch.setattr(streaming, "CPU_QUANT_CHUNK", 64 * 7)  # several chunks; the last one partial
+    w = torch.randn(37, 104, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)  # 60 blocks + 8
+    settings = QuantSettings(quant_type, double_quant, 64, torch.bfloat16, storage)
+    packed, state = streaming.quantize_4bit_cpu_chunked(w, settings)
+    ref_packed, ref = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type=quant_type,
+                                         quant_storage=storage)
+    assert packed.dtype == ref_packed.dtype and torch.equal(packed.view(torch.uint8), ref_packed.view(torch.uint8))
+    assert torch.equal(state.absmax, ref.absmax) and state.shape == ref.shape and state.dtype == ref.dtype
+    if double_quant:
+        assert torch.equal(state.offset, ref.offset) and torch.equal(state.state2.absmax, ref.state2.absmax)
+        assert torch.equal(state.state2.code, ref.state2.code)
+    param = streaming.quantize_weight(w, settings)  # the loader's entry point takes the chunked path here
+    assert torch.equal(bnbf.dequantize_4bit(param.data, param.quant_state), bnbf.dequantize_4bit(ref_packed, ref))
