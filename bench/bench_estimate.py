@@ -27,20 +27,22 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import append_jsonl, print_table
+from scale import GB, SHARED, SMOKE_CONFIG, ensure_checkpoint, measure_train, recipe_dict
 from scale import RESULTS_NAME as SCALE_RESULTS
-from scale import SHARED, SMOKE_CONFIG, ensure_checkpoint, measure_train
 
 SMALL = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 768,
          "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 12,
          "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 4096,
          "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
 
-# name -> (config, tokenizer dir, dtype, [(seq, micro_batch, gradient_checkpointing), ...])
-CASES: dict[str, tuple[Any, str | None, str, list[tuple[int, int, bool]]]] = {
-    "tiny": ("builtin:tiny-llama", None, "float32", [(256, 4, False), (256, 4, True), (1024, 2, False)]),
-    "small": (SMALL, "llama2-7b-chat", "float32", [(512, 2, False), (512, 2, True), (1024, 4, True)]),
-    "1b": ("llama-3.2-1b", "llama3-8b-instruct", "bfloat16", [(512, 1, False), (1024, 1, True),
-                                                              (2048, 1, True)]),
+# name -> (config, tokenizer dir, dtype, [(seq, micro_batch, gradient_checkpointing, host_allocator), ...])
+CASES: dict[str, tuple[Any, str | None, str, list[tuple[int, int, bool, str]]]] = {
+    "tiny": ("builtin:tiny-llama", None, "float32", [(256, 4, False, "default"), (256, 4, True, "default"),
+                                                     (1024, 2, False, "default")]),
+    "small": (SMALL, "llama2-7b-chat", "float32", [(512, 2, False, "default"), (512, 2, True, "default"),
+                                                   (1024, 4, True, "default"), (1024, 4, True, "bounded")]),
+    "1b": ("llama-3.2-1b", "llama3-8b-instruct", "bfloat16", [(512, 1, False, "default"), (1024, 1, True, "default"),
+                                                              (2048, 1, True, "default"), (2048, 1, True, "bounded")]),
 }
 
 
@@ -52,16 +54,31 @@ def _config(spec: Any) -> dict[str, Any] | str:
     return json.loads((SHARED / "configs" / spec / "config.json").read_text())
 
 
-def scale_rows(results_dir: Path | None) -> list[dict[str, Any]]:
-    """The 8B training rows of bench/scale.py (its latest full run), as planner-vs-measured rows."""
+def scale_rows(results_dir: Path | None, work: Path) -> list[dict[str, Any]]:
+    """The 8B training runs of bench/scale.py (the newest full run per host allocator) against the
+    planner of THIS checkout (from the config alone), with the prediction made at run time beside it."""
+    from peftlab.estimate import estimate
+    from peftlab.recipe import recipe_from_dict
+
     path = (results_dir or HERE / "results") / f"{SCALE_RESULTS}.jsonl"
     if not path.is_file():
         return []
     rows = [json.loads(x) for x in path.read_text().splitlines()]
     rows = [r for r in rows if r.get("phase") == "train" and not r.get("smoke") and not r.get("over_limit")]
-    return [{"case": f"{r['config']} (scale.py)", "seq": r["seq"], "micro_batch": 1, "ckpt": True,
-             "dtype": r["dtype"], "predicted_gb": r["predicted_gb"], "measured_gb": r["peak_rss_gb"],
-             "error": r["prediction_error"], "from": r["git_commit"]} for r in rows[-1:]]
+    latest = {r.get("host_allocator", "default"): r for r in rows}
+    out = []
+    for allocator, r in latest.items():
+        cfg, tok = SHARED / "configs" / r["config"], SHARED / "tokenizers" / "llama3-8b-instruct"
+        if not (cfg / "config.json").is_file() or not tok.is_dir():
+            continue
+        raw = recipe_dict(cfg, work, seq=r["seq"], steps=1, dtype=r["dtype"], host_allocator=allocator)
+        raw["model"]["tokenizer"] = str(tok)
+        predicted = estimate(recipe_from_dict(raw), device="cpu").total / GB
+        out.append({"case": f"{r['config']} (scale.py)", "seq": r["seq"], "micro_batch": 1, "ckpt": True,
+                    "allocator": allocator, "dtype": r["dtype"], "predicted_gb": predicted,
+                    "measured_gb": r["peak_rss_gb"], "error": predicted / r["peak_rss_gb"] - 1,
+                    "predicted_at_run_gb": r["predicted_gb"], "step_s": r.get("step_s"), "from": r["git_commit"]})
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     results_dir = Path(ns.results_dir) if ns.results_dir else None
     cases = dict(CASES)
     if ns.smoke:
-        cases = {"smoke": (SMOKE_CONFIG, None, "float32", [(64, 2, False), (64, 2, True)])}
+        cases = {"smoke": (SMOKE_CONFIG, None, "float32", [(64, 2, False, "default"), (64, 2, True, "bounded")])}
         work = Path(tempfile.mkdtemp(prefix="peftlab-estimate-smoke-"))
         ns.steps = 1
     else:
@@ -97,20 +114,21 @@ def main(argv: list[str] | None = None) -> int:
             ckpt = Path(resolve_model_path(config))
         else:
             ckpt = ensure_checkpoint(config, work, tokenizer=str(SHARED / "tokenizers" / tok) if tok else None)
-        for seq, mbs, ckpting in points:
-            print(f"== {name}: seq {seq} x {mbs}, checkpointing {ckpting}", flush=True)
+        for seq, mbs, ckpting, allocator in points:
+            print(f"== {name}: seq {seq} x {mbs}, checkpointing {ckpting}, host allocator {allocator}", flush=True)
             res = measure_train(ckpt, work, seq=seq, steps=ns.steps, dtype=dtype, threads=ns.threads,
-                                max_rss_gb=ns.max_rss_gb, checkpointing=ckpting, micro_batch=mbs)
-            row = {"case": name, "seq": seq, "micro_batch": mbs, "ckpt": ckpting, "dtype": dtype,
+                                max_rss_gb=ns.max_rss_gb, checkpointing=ckpting, micro_batch=mbs,
+                                host_allocator=allocator)
+            row = {"case": name, "seq": seq, "micro_batch": mbs, "ckpt": ckpting, "allocator": allocator, "dtype": dtype,
                    "predicted_gb": res["predicted_gb"], "measured_gb": res["peak_rss_gb"],
                    "error": res.get("prediction_error"), "over_limit": res.get("over_limit", False),
                    "step_s": res.get("step_s"), "predicted": res["predicted"], "smoke": ns.smoke}
             rows.append(row)
             append_jsonl("bench_estimate", row, results_dir)
-    rows += [] if ns.smoke else scale_rows(results_dir)
+    rows += [] if ns.smoke else scale_rows(results_dir, work)
     print()
-    print_table(rows, ["case", "dtype", "seq", "micro_batch", "ckpt", "predicted_gb", "measured_gb", "error",
-                       "step_s"])
+    print_table(rows, ["case", "dtype", "seq", "micro_batch", "ckpt", "allocator", "predicted_gb", "measured_gb",
+                       "error", "step_s"])
     worst = max((abs(r["error"]) for r in rows if r.get("error") is not None), default=0.0)
     print(f"\nworst |error|: {worst:.1%} (goal: <= 15%)")
     if ns.smoke:
