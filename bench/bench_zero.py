@@ -3,7 +3,7 @@
 Each configuration trains the same recipe (the built-in micro/tiny Llama, LoRA, fp32) for a fixed
 number of steps with the same GLOBAL batch: one process accumulates ``world x grad_accum``
 micro-batches, each of the 2 DeepSpeed ranks ``grad_accum``. Every rank reports its peak resident
-set size (``ru_maxrss``: on CPU the whole process — weights, activations, DeepSpeed buffers) and the
+set size (VmHWM: on CPU the whole process — weights, activations, DeepSpeed buffers) and the
 steps/s of ``Trainer.train()`` (the loop, one 4-row eval and the adapter save).
 
     .venv/bin/python -P bench/bench_zero.py [--model builtin:tiny-llama] [--steps 20] [--smoke]
@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--smoke", action="store_true", help="micro-llama, 3 steps (checks the script runs)")
+    p.add_argument("--results-dir", default=None, help="where bench_zero.jsonl goes (smoke runs: only there)")
     args = p.parse_args(argv)
     if args.worker:
         worker(*args.worker)
@@ -110,8 +111,8 @@ def main(argv: list[str] | None = None) -> None:
                    "peak_rss_mib_per_rank": [round(r["peak_rss_mib"], 1) for r in ranks],
                    "final_loss": ranks[0]["final_loss"]}
             rows.append(row)
-            if not args.smoke:
-                append_jsonl("bench_zero", row)
+            if not args.smoke or args.results_dir:
+                append_jsonl("bench_zero", {**row, "smoke": args.smoke}, args.results_dir)
     print(f"{'config':8} {'procs':>5} {'steps/s':>8} {'peak RSS / rank (MiB)':>24} {'final loss':>10}")
     for r in rows:
         rss = ", ".join(f"{x:.0f}" for x in r["peak_rss_mib_per_rank"])
