@@ -44,6 +44,9 @@ def git_commit() -> str:
         return "unknown"
 
 
+_START_COMMIT = git_commit()
+
+
 def device_name() -> str:
     """"cuda:<GPU name>" when CUDA is available, else "cpu:<processor> x<cores>"."""
     import torch
@@ -68,7 +71,7 @@ def environment() -> dict[str, Any]:
     return {
         "device": device_name(),
         "versions": versions,
-        "git_commit": git_commit(),
+        "git_commit": _START_COMMIT,  # the code the benchmark started with, not HEAD at the time of writing
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "host": platform.node(),
