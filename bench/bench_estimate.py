@@ -81,6 +81,30 @@ def scale_rows(results_dir: Path | None, work: Path) -> list[dict[str, Any]]:
     return out
 
 
+def repredict(name: str, ckpt: Path, work: Path, *, seq: int, mbs: int, ckpting: bool, allocator: str, dtype: str,
+              results_dir: Path | None) -> dict[str, Any] | None:
+    """The newest measured row of this case with the planner of THIS checkout (measurement unchanged)."""
+    from peftlab.estimate import estimate
+    from peftlab.recipe import recipe_from_dict
+
+    path = (results_dir or HERE / "results") / "bench_estimate.jsonl"
+    if not path.is_file():
+        return None
+    key = (name, seq, mbs, ckpting, allocator)
+    found = [r for r in map(json.loads, path.read_text().splitlines())
+             if (r["case"], r["seq"], r["micro_batch"], r["ckpt"], r.get("allocator", "default")) == key
+             and not r.get("smoke") and not r.get("repredicted") and not r.get("over_limit")]
+    if not found:
+        return None
+    m = found[-1]
+    raw = recipe_dict(ckpt, work, seq=seq, steps=2, dtype=dtype, checkpointing=ckpting, micro_batch=mbs,
+                      host_allocator=allocator)
+    est = estimate(recipe_from_dict(raw), device="cpu")
+    return {"case": name, "seq": seq, "micro_batch": mbs, "ckpt": ckpting, "allocator": allocator, "dtype": dtype,
+            "predicted_gb": est.total / GB, "measured_gb": m["measured_gb"], "error": est.total / GB / m["measured_gb"] - 1,
+            "step_s": m.get("step_s"), "measured_at": m["git_commit"], "predicted_at_run_gb": m["predicted_gb"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="*", default=None, choices=list(CASES))
@@ -90,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-rss-gb", type=float, default=20.0)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--results-dir", default=None)
+    ap.add_argument("--predict-only", action="store_true",
+                    help="no training: re-predict the newest measurement of every case with this checkout's planner")
     ns = ap.parse_args(argv)
     results_dir = Path(ns.results_dir) if ns.results_dir else None
     cases = dict(CASES)
@@ -115,6 +141,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             ckpt = ensure_checkpoint(config, work, tokenizer=str(SHARED / "tokenizers" / tok) if tok else None)
         for seq, mbs, ckpting, allocator in points:
+            if ns.predict_only:
+                row = repredict(name, ckpt, work, seq=seq, mbs=mbs, ckpting=ckpting, allocator=allocator, dtype=dtype,
+                                results_dir=results_dir)
+                if row:
+                    rows.append(row)
+                    append_jsonl("bench_estimate", {**row, "repredicted": True, "smoke": ns.smoke}, results_dir)
+                continue
             print(f"== {name}: seq {seq} x {mbs}, checkpointing {ckpting}, host allocator {allocator}", flush=True)
             res = measure_train(ckpt, work, seq=seq, steps=ns.steps, dtype=dtype, threads=ns.threads,
                                 max_rss_gb=ns.max_rss_gb, checkpointing=ckpting, micro_batch=mbs,
