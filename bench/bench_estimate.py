@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """The memory planner against measurement: ``peftlab estimate``'s predicted peak vs the measured peak
-resident set of the same QLoRA run (a fresh process per case, ``ru_maxrss``), on this CPU.
+resident set of the same QLoRA run (a fresh process per case, its own VmHWM), on this CPU.
 
 Cases (model x sequence length x gradient checkpointing): the built-in tiny model (the quickstart's),
 a ~100M Llama (Llama-2 32k vocabulary), Llama-3.2-1B's architecture (128k vocabulary, tied head) and

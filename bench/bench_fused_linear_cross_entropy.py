@@ -4,7 +4,7 @@ Setting: a LoRA/QLoRA step — the head is frozen, the final hidden states requi
 backward of the loss head, normalised by the number of target tokens.
 
 CPU (default): each (config, method) runs in its own subprocess and reports its peak RSS
-(``ru_maxrss``), plus an "inputs" subprocess that only builds the tensors, so the loss head's own
+(its own VmHWM), plus an "inputs" subprocess that only builds the tensors, so the loss head's own
 memory is ``peak - inputs``. fp32 (CPU training math). GPU (``--gpu``): first checks Triton-vs-reference
 parity on the GPU (PASS/FAIL), then ``torch.cuda.max_memory_allocated`` above the inputs and the
 ``triton.testing.do_bench`` median, in bf16.
