@@ -158,6 +158,8 @@ class Trainer:
         self._check_output_dir()
         self.ckpt_root = ckpt.safe_subpath(self.out_dir, recipe.checkpoint.dir, what="checkpoint.dir")
         resume_from = self._resume_checkpoint()
+        if recipe.train.threads:
+            torch.set_num_threads(recipe.train.threads)
         seed_everything(recipe.train.seed)
         from peftlab import freezing
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import make_quickstart_data, tiny_recipe_dict
 
+from peftlab.errors import PeftlabError
 from peftlab.loss import LossSettings
 from peftlab.recipe import recipe_from_dict
 from peftlab.trainer import Trainer, accumulate_gradients
@@ -86,6 +87,19 @@ def test_same_seed_same_run(data_dir, tmp_path):
                                adapter={"dropout": 0.1})
         losses.append(Trainer(recipe_from_dict(raw), quiet=True).train().losses)
     assert losses[0] == losses[1]
+
+
+def test_train_threads_sets_the_torch_pool(data_dir, tmp_path):
+    before = torch.get_num_threads()
+    want = 2 if before != 2 else 1
+    raw = tiny_recipe_dict(data_dir, tmp_path / "t", train={"max_steps": 1, "eval_at_start": False, "threads": want})
+    try:
+        Trainer(recipe_from_dict(raw), quiet=True)
+        assert torch.get_num_threads() == want
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(PeftlabError, match="train.threads"):
+        recipe_from_dict({**raw, "train": {**raw["train"], "threads": 0}})
 
 
 # ---- exactness of the step ----------------------------------------------------------------------
