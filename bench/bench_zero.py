@@ -55,17 +55,24 @@ def run(name: str, *, model: str, steps: int, nproc: int, deepspeed: str | None,
         seq: int) -> list[dict]:
     import yaml
 
-    sys.path.insert(0, str(REPO_ROOT / "tests"))
-    from helpers import make_quickstart_data, tiny_recipe_dict
-
     data = work / "data"
-    if not (data / "train.jsonl").is_file():
-        make_quickstart_data(data, n_train=256, n_eval=4)
-    raw = tiny_recipe_dict(data, work / f"out-{name}", model={"name": model}, quantization={"mode": "none"},
-                           train={"max_steps": steps, "micro_batch_size": mbs, "grad_accum": 2 // nproc,
-                                  "eval_at_start": False, "log_every": 1000},
-                           output={"report_to": [], "plot": False, "overwrite": True}, eval={"metric": "loss"})
-    raw["data"]["max_seq_len"] = seq
+    if not (data / "train.jsonl").is_file():  # the quickstart's generated rows (recipes/make_quickstart_data.py)
+        sys.path.insert(0, str(REPO_ROOT / "recipes"))
+        try:
+            import make_quickstart_data as gen
+        finally:
+            sys.path.pop(0)
+        train, held_out = gen.generate(256, 4, 1234)
+        gen.write_jsonl(train, data / "train.jsonl")
+        gen.write_jsonl(held_out, data / "eval.jsonl")
+    raw = {"model": {"name": model}, "quantization": {"mode": "none"},
+           "adapter": {"r": 8, "alpha": 16, "dropout": 0.0},
+           "data": {"train": [{"path": str(data / "train.jsonl"), "format": "messages"}],
+                    "eval": [{"path": str(data / "eval.jsonl"), "format": "messages"}], "max_seq_len": seq},
+           "train": {"max_steps": steps, "micro_batch_size": mbs, "grad_accum": 2 // nproc, "lr": 3e-3,
+                     "warmup_steps": 0, "seed": 7, "eval_at_start": False, "log_every": 1000},
+           "eval": {"metric": "loss", "max_prompts": 4, "max_new_tokens": 4},
+           "output": {"dir": str(work / f"out-{name}"), "report_to": [], "plot": False, "overwrite": True}}
     if deepspeed:
         raw["deepspeed"] = str(REPO_ROOT / "recipes" / "deepspeed" / f"{deepspeed}.json")
     recipe = work / f"{name}.yaml"
