@@ -24,9 +24,15 @@ def _recipe(args) -> object:
 
 
 def cmd_train(args) -> int:
+    from peftlab.distributed import shutdown_distributed
     from peftlab.trainer import train
 
-    result = train(_recipe(args), quiet=args.quiet)
+    try:
+        result = train(_recipe(args), quiet=args.quiet)
+    except BaseException:
+        shutdown_distributed(synchronize=False)
+        raise
+    shutdown_distributed()
     return 0 if result.state.step > 0 else 1
 
 
