@@ -67,7 +67,3 @@ def bound_host_heap(threshold: int = DEFAULT_THRESHOLD) -> bool:
         _BOUNDED = threshold
         libc.malloc_trim(0)
     return ok
-
-
-def host_heap_bounded() -> bool:
-    return _BOUNDED is not None

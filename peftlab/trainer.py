@@ -146,7 +146,7 @@ def _real_tokens(batch: dict[str, Any]) -> int:
 class Trainer:
     def __init__(self, recipe: Any, *, quiet: bool = False):
         from peftlab.data import build_data, collate
-        from peftlab.models import build_model
+        from peftlab.models import build_model, pick_device
 
         self.recipe = recipe
         from peftlab.distributed import init_distributed
@@ -164,8 +164,6 @@ class Trainer:
         from peftlab import freezing
 
         freezing.resolve_layers(recipe)  # adapter.layers: top:k -> explicit indices
-        from peftlab.models import pick_device
-
         if recipe.train.host_allocator == "bounded" and pick_device(recipe.train.device).type == "cpu":
             from peftlab.hostmem import bound_host_heap
 

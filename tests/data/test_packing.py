@@ -67,6 +67,7 @@ def test_collate_packs_block_diagonal_mask_and_padding():
     assert batch["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 0, 1, 2]
     assert batch["sample_ids"].tolist() == [[1, 2], [3, -1]]
     assert (batch["labels"][1, 2:] == IGNORE).all() and (batch["loss_weights"][1, 2:] == 0).all()
+    assert int(batch["num_tokens"]) == 7  # real tokens, not the 16 positions of the padded 4D-masked batch
     eager = collate([p1, p2], pad_token_id=0, attn_implementation="eager")["attention_mask"]
     assert eager.dtype == torch.float32 and torch.equal(eager[0, 0] == 0, m[0, 0, :5, :5])
     fa = collate([p1], pad_token_id=0, attn_implementation="flash_attention_2")
