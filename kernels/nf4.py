@@ -22,9 +22,16 @@ kernel ``kDequantizeBlockwise`` in ``csrc/kernels.cu``):
 3. one round-to-nearest cast of that fp32 value to the output dtype.
 
 The CUDA kernel follows the same order (``lut[nib] * local_abs_max`` in fp32, converted to ``T`` on store)
-with the same fp32 NF4 constants; its FP4 table differs from ``get_4bit_type("fp4")`` only in the sign of
-code 0b1000 (``-0.0`` on CUDA, ``+0.0`` in the table), which compares equal. Our Triton kernel is launched
-with ``enable_fp_fusion=False`` so the compiler cannot contract step 1 into an FMA on the GPU either.
+with the same fp32 NF4 constants. Our Triton kernel is launched with ``enable_fp_fusion=False`` so the
+compiler cannot contract step 1 into an FMA on the GPU either.
+
+FP4 code 0b1000 is NEGATIVE zero everywhere in peftlab (:func:`code_book`). The code is sign bit + zero
+magnitude, and bitsandbytes' own kernels disagree on it: ``-0.0`` from the CUDA kernel
+(``dDequantizeFP4Tree``: ``lut[0] * -1``) and from the scalar CPU kernel (``fp4_lut[8] = -0.0f``, the path a
+CPU without AVX-512 takes for every shape, and an AVX-512 CPU for rows that are not a multiple of 16),
+``+0.0`` from the AVX-512 CPU kernel and from the default (PyTorch) backend, whose table
+``get_4bit_type("fp4")`` writes the entry as the Python integer ``-0`` (= +0). The values compare equal;
+only the bits differ, so a bitwise comparison with bitsandbytes holds for every other code.
 
 Known bitsandbytes 0.50 issue (found while writing these tests): on CPU, ``dequantize_4bit`` dispatches to
 the C kernel ``cdequantize_blockwise_cpu_{nf4,fp4}_*`` whenever ``in_features`` is even, and that kernel
@@ -138,6 +145,28 @@ def bnb_cpu_dequant_is_exact(quant_state: Any, device: torch.device) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- reference
+FP4_NEGATIVE_ZERO = 0b1000
+"""The FP4 code whose value is -0.0 (sign bit set, zero magnitude); see the module docstring."""
+
+
+def code_book(quant_state: Any, device: torch.device) -> torch.Tensor:
+    """The 16-entry fp32 code book of ``quant_state`` on ``device`` (a copy), FP4 code 0b1000 as -0.0.
+
+    Every peftlab dequantisation (reference, Triton kernels) reads its code book from here, so all of
+    them agree with bitsandbytes' CUDA kernel on the sign of FP4's zero whatever the table says.
+    """
+    code = quant_state.code.to(device=device, dtype=torch.float32, copy=True)
+    if _has_fp4_zero_code(quant_state):
+        code[FP4_NEGATIVE_ZERO] = -0.0
+    return code
+
+
+def _has_fp4_zero_code(quant_state: Any) -> bool:
+    """An FP4 code book whose code 0b1000 is a zero (bitsandbytes' always is; a custom one may not be)."""
+    code = quant_state.code
+    return quant_state.quant_type == "fp4" and code.numel() == 16 and float(code[FP4_NEGATIVE_ZERO]) == 0.0
+
+
 def dequantize_absmax(quant_state: Any) -> torch.Tensor:
     """fp32 per-block scales; for double quant: ``code2[q] * absmax2[j // bs2]`` then ``+ offset``."""
     if not quant_state.nested:
@@ -151,7 +180,8 @@ def dequantize_absmax(quant_state: Any) -> torch.Tensor:
 
 def reference_nf4_dequantize(packed: torch.Tensor, quant_state: Any, *, out_dtype: torch.dtype | None = None,
                              backend: str = "auto") -> torch.Tensor:
-    """Plain-PyTorch 4-bit dequantisation, bit for bit equal to bitsandbytes' (see module docstring).
+    """Plain-PyTorch 4-bit dequantisation, bit for bit equal to bitsandbytes' CUDA kernel (see module
+    docstring; FP4 code 0b1000 gives -0.0).
 
     Returns a tensor of ``quant_state.shape`` in ``out_dtype`` (default ``quant_state.dtype``). ``out_dtype``
     casts the fp32 ``code * absmax`` product directly (one rounding), like bitsandbytes' op with that dtype.
@@ -163,7 +193,7 @@ def reference_nf4_dequantize(packed: torch.Tensor, quant_state: Any, *, out_dtyp
     dtype = _resolve_out_dtype(quant_state, out_dtype)
     n = _numel(quant_state.shape)
     # 256-entry table byte -> (code[high nibble], code[low nibble]): the high nibble is the even element.
-    code = quant_state.code.float().to(codes.device)
+    code = code_book(quant_state, codes.device)
     byte = torch.arange(256, device=codes.device)
     pair_table = torch.stack((code[byte >> 4], code[byte & 0xF]), dim=1)  # (256, 2) fp32
     values = pair_table[codes.long()].view(-1)[:n]  # (n,) fp32, one gather per byte
@@ -269,7 +299,7 @@ def quant_kernel_args(packed: torch.Tensor, quant_state: Any) -> dict[str, Any]:
     """Tensors/scalars/constexprs that describe a 4-bit weight to the Triton kernels (no copies)."""
     codes = check_quant_state(packed, quant_state)
     device = codes.device
-    code = quant_state.code.to(device=device, dtype=torch.float32)
+    code = code_book(quant_state, device)
     if quant_state.nested:
         s2 = quant_state.state2
         absmax, absmax2 = quant_state.absmax, s2.absmax.to(device=device, dtype=torch.float32)
@@ -292,7 +322,8 @@ def nf4_dequantize(packed: torch.Tensor, quant_state: Any, *, out_dtype: torch.d
                    backend: str = "auto") -> torch.Tensor:
     """Dequantise a bitsandbytes 4-bit weight (NF4 or FP4, single or double quant) to ``quant_state.shape``.
 
-    Bit for bit equal to bitsandbytes' dequantisation (see the module docstring for the arithmetic).
+    Bit for bit equal to bitsandbytes' dequantisation (see the module docstring for the arithmetic; FP4 code
+    0b1000 is -0.0, as bitsandbytes' CUDA kernel has it).
     ``backend``: "auto" = Triton on CUDA tensors, the PyTorch reference elsewhere; "triton" forces the kernel
     (CPU tensors work under ``TRITON_INTERPRET=1``); "torch" forces the reference.
     """
@@ -313,3 +344,29 @@ def nf4_dequantize(packed: torch.Tensor, quant_state: Any, *, out_dtype: torch.d
     )
     return out
 
+
+def fp4_negative_zero_mask(packed: torch.Tensor, quant_state: Any) -> torch.Tensor:
+    """Bool tensor of ``quant_state.shape``: True where the element's 4-bit code is FP4 0b1000."""
+    codes = check_quant_state(packed, quant_state)
+    n = _numel(quant_state.shape)
+    hit = torch.stack(((codes >> 4) == FP4_NEGATIVE_ZERO, (codes & 0xF) == FP4_NEGATIVE_ZERO), dim=1)
+    return hit.view(-1)[:n].view(tuple(quant_state.shape))
+
+
+def dequantize_4bit(packed: torch.Tensor, quant_state: Any) -> torch.Tensor:
+    """``bitsandbytes.functional.dequantize_4bit`` (its fast C/CUDA kernels) with peftlab's conventions.
+
+    Where bitsandbytes 0.50's CPU C kernel is wrong (see :func:`bnb_cpu_dequant_is_exact`) the reference
+    takes over, and FP4 code 0b1000 is always -0.0 (bitsandbytes' AVX-512 CPU kernel and default backend
+    give +0.0): the result is the same bits on every CPU and on the GPU. For every place that
+    dequantises a base weight outside the kernels (DoRA, merge, the fused path's PyTorch side).
+    """
+    codes = check_quant_state(packed, quant_state)
+    if not bnb_cpu_dequant_is_exact(quant_state, codes.device) or codes.numel() <= 1:
+        return reference_nf4_dequantize(packed, quant_state)
+    import bitsandbytes.functional as bnbF
+
+    out = bnbF.dequantize_4bit(packed.reshape(-1, 1), quant_state)
+    if _has_fp4_zero_code(quant_state):
+        out.masked_fill_(fp4_negative_zero_mask(packed, quant_state), -0.0)
+    return out

@@ -4,6 +4,11 @@ Ground truth is bitsandbytes itself: ``bitsandbytes.functional.dequantize_4bit``
 right, and bitsandbytes' default (PyTorch) backend otherwise. bitsandbytes 0.50's CPU C kernel mis-scales
 weights whose even ``in_features`` is not a multiple of the block size (see kernels/nf4.py); the
 round-trip test below shows that our output is the correct one for those shapes.
+
+One code is compared by value, not by bits: FP4 0b1000 is -0.0 in peftlab (and in bitsandbytes' CUDA and
+scalar CPU kernels) but +0.0 in bitsandbytes' AVX-512 CPU kernel and default backend, so which sign
+bitsandbytes returns here depends on the CPU the suite runs on. The scalar-kernel test below pins the
+behaviour of CPUs without AVX-512 on any machine.
 """
 from __future__ import annotations
 
@@ -11,7 +16,15 @@ import bitsandbytes.functional as bnbF
 import pytest
 import torch
 from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
-from peftlab.kernels.nf4 import bnb_cpu_dequant_is_exact, nf4_dequantize, reference_nf4_dequantize
+from peftlab.kernels.nf4 import (
+    FP4_NEGATIVE_ZERO,
+    bnb_cpu_dequant_is_exact,
+    code_book,
+    dequantize_4bit,
+    fp4_negative_zero_mask,
+    nf4_dequantize,
+    reference_nf4_dequantize,
+)
 
 from peftlab.errors import PeftlabError
 
@@ -45,12 +58,23 @@ def quantize(shape, dtype, quant_type, nested, blocksize=64, seed=0):
     return w, packed, qs
 
 
-def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
+def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, fp4_zero: torch.Tensor | None = None) -> None:
+    """Same bits everywhere; where ``fp4_zero`` (FP4 code 0b1000) ``actual`` must be -0.0 and ``expected``
+    any zero (bitsandbytes' sign there depends on the CPU, see the module docstring)."""
     assert actual.dtype == expected.dtype and actual.shape == expected.shape
     # torch.equal treats -0.0 == 0.0; compare the raw bits as well
     assert torch.equal(actual, expected)
     bits = torch.int32 if actual.dtype == torch.float32 else torch.int16
-    assert torch.equal(actual.view(bits), expected.view(bits))
+    same_bits = actual.view(bits) == expected.view(bits)
+    if fp4_zero is not None:
+        assert bool((actual[fp4_zero] == 0).all() and torch.signbit(actual[fp4_zero]).all()), "FP4 0b1000 is -0.0"
+        assert bool((expected[fp4_zero] == 0).all())
+        same_bits |= fp4_zero
+    assert bool(same_bits.all()), f"{int((~same_bits).sum())} elements differ in their bits"
+
+
+def fp4_zero_mask(packed: torch.Tensor, qs) -> torch.Tensor | None:
+    return fp4_negative_zero_mask(packed, qs) if qs.quant_type == "fp4" else None
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -58,10 +82,55 @@ def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_dequant_matches_bitsandbytes_bitwise(dtype, quant_type, nested, backend):
+    zero_codes = 0
     for shape in SHAPES:
         _, packed, qs = quantize(shape, dtype, quant_type, nested)
         out = nf4_dequantize(packed, qs, backend=backend)
-        assert_bitwise_equal(out, bnb_dequant(packed, qs))
+        zero = fp4_zero_mask(packed, qs)
+        assert_bitwise_equal(out, bnb_dequant(packed, qs), zero)
+        zero_codes += int(zero.sum()) if zero is not None else 0
+    assert quant_type == "nf4" or zero_codes > 0, "the FP4 data never hit code 0b1000: the exception is untested"
+
+
+def _fp4_with_zero_code(shape, dtype) -> tuple[torch.Tensor, object]:
+    """An FP4 weight whose codes include 0b1000 (bitsandbytes' CPU quantiser maps +1e-6 next to 1.0 there)."""
+    w = torch.full(shape, -1e-6)
+    w.view(-1)[0], w.view(-1)[1] = 1.0, 1e-6
+    packed, qs = bnbF.quantize_4bit(w.to(dtype), blocksize=64, quant_type="fp4", compress_statistics=False)
+    assert bool(fp4_negative_zero_mask(packed, qs).any())
+    return packed, qs
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fp4_zero_code_is_negative_zero_like_bitsandbytes_scalar_cpu_kernel(dtype):
+    """bitsandbytes' scalar CPU kernel — what a CPU without AVX-512 runs for every shape — gives -0.0 for
+    FP4 code 0b1000. Any x86 CPU takes that path for a row length that is not a multiple of 16 within one
+    block (the AVX-512 branch needs 16 | in_features), so this pins the AVX2 behaviour on every machine:
+    there peftlab and bitsandbytes agree in every bit, the zero code included."""
+    packed, qs = _fp4_with_zero_code((1, 40), dtype)
+    expected = bnbF.dequantize_4bit(packed, qs)
+    zero = fp4_negative_zero_mask(packed, qs)
+    assert bool(torch.signbit(expected[zero]).all()), "bitsandbytes' scalar CPU kernel: FP4 0b1000 is -0.0"
+    for backend in ("torch", "triton"):
+        assert_bitwise_equal(nf4_dequantize(packed, qs, backend=backend), expected)  # no exception needed
+    assert_bitwise_equal(dequantize_4bit(packed, qs), expected)
+    # the code book itself is a copy: bitsandbytes' table (shared through its cache) is untouched
+    assert code_book(qs, packed.device)[FP4_NEGATIVE_ZERO].signbit() and not qs.code[FP4_NEGATIVE_ZERO].signbit()
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_dequantize_4bit_gives_the_same_bits_as_the_kernels(quant_type):
+    """peftlab's bitsandbytes wrapper (DoRA, merge, the fused path's PyTorch side) gives the kernels' bits on
+    every shape — bitsandbytes' C kernel where right (its AVX-512 +0.0 for FP4 0b1000 made -0.0), the
+    reference where not."""
+    for dtype in DTYPES:
+        for shape in [*SHAPES, (1, 40), (64, 64)]:
+            for nested in (False, True):
+                _, packed, qs = quantize(shape, dtype, quant_type, nested)
+                assert_bitwise_equal(dequantize_4bit(packed, qs), nf4_dequantize(packed, qs, backend="torch"))
+    if quant_type == "fp4":  # (64, 128): the shape bitsandbytes' AVX-512 kernel takes, on CPUs that have it
+        packed, qs = _fp4_with_zero_code((64, 128), torch.float32)
+        assert bool(dequantize_4bit(packed, qs)[fp4_negative_zero_mask(packed, qs)].signbit().all())
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
