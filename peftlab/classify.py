@@ -63,13 +63,11 @@ def is_encoder(config: Any) -> bool:
 
 def build_classifier_model(recipe: Any, *, adapter_dir: str | Path | None = None, trainable: bool = True):
     """The backbone with LoRA (a :class:`peftlab.models.LoadedModel`); the head is attached separately."""
-    from transformers import AutoConfig
-
-    from peftlab.models import build_model, resolve_model_path
+    from peftlab.models import build_model, load_model_config, resolve_model_path
 
     path = resolve_model_path(recipe.model.name, revision=recipe.model.revision)
-    config = AutoConfig.from_pretrained(path, revision=recipe.model.revision,
-                                        trust_remote_code=recipe.model.trust_remote_code)
+    config = load_model_config(recipe.model.name, revision=recipe.model.revision,
+                               trust_remote_code=recipe.model.trust_remote_code)
     if not is_encoder(config):
         return build_model(recipe, adapter_dir=adapter_dir, trainable=trainable)
     return _build_encoder(recipe, path, adapter_dir=adapter_dir, trainable=trainable)
@@ -82,16 +80,19 @@ def _build_encoder(recipe: Any, path: str, *, adapter_dir: str | Path | None, tr
         LoadedModel,
         attach_adapters,
         bnb_config,
+        check_weight_files,
         load_tokenizer,
         pick_device,
         pick_dtype,
     )
 
+    check_weight_files(recipe.model.name, path)
+
     device = pick_device(recipe.train.device)
     dtype = pick_dtype(recipe.model.dtype, device)
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.name, revision=recipe.model.revision,
                                trust_remote_code=recipe.model.trust_remote_code)
-    kwargs: dict[str, Any] = {"dtype": dtype, "revision": recipe.model.revision,
+    kwargs: dict[str, Any] = {"dtype": dtype, "revision": recipe.model.revision, "use_safetensors": True,
                               "trust_remote_code": recipe.model.trust_remote_code}
     qcfg = bnb_config(recipe.quantization, dtype)
     if qcfg is not None:
@@ -250,18 +251,19 @@ def save_head(model: nn.Module, adapter_dir: Path) -> None:
     (Path(adapter_dir) / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
 
 
-def load_classifier(adapter_dir: str | Path, *, device: str | None = None):
-    """(LoadedModel with LoRA and head, recipe) from an adapter dir written by a classification run."""
+def load_classifier(adapter_dir: str | Path, *, device: str | None = None, trust_remote_code: bool = False):
+    """(LoadedModel with LoRA and head, recipe) from an adapter dir written by a classification run (its
+    recipe read as untrusted input: remote code only with ``trust_remote_code``)."""
     from safetensors.torch import load_file
 
-    from peftlab.recipe import load_recipe
+    from peftlab.recipe import load_adapter_recipe
 
     d = Path(adapter_dir)
     if not (d / CONFIG_FILE).is_file() or not (d / "peftlab_recipe.yaml").is_file():
         raise PeftlabError(f"{d} is not a classification adapter (no {CONFIG_FILE} / peftlab_recipe.yaml); "
                            "pass the adapter/ or best/ directory of a task: classification run")
     overrides = [f"train.device={device}"] if device else []
-    recipe = load_recipe(d / "peftlab_recipe.yaml", overrides=overrides)
+    recipe = load_adapter_recipe(d, overrides, trust_remote_code=trust_remote_code)
     loaded = build_classifier_model(recipe, adapter_dir=d, trainable=False)
     cfg = json.loads((d / CONFIG_FILE).read_text())
     head = ClassificationHead(cfg["hidden_size"], cfg["num_outputs"], pooling=cfg["pooling"], task=cfg["task"],
@@ -273,14 +275,15 @@ def load_classifier(adapter_dir: str | Path, *, device: str | None = None):
 
 
 def predict_file(adapter_dir: str | Path, input_path: str | Path, output_path: str | Path, *,
-                 text_field: str = "text", batch_size: int = 16, device: str | None = None) -> int:
+                 text_field: str = "text", batch_size: int = 16, device: str | None = None,
+                 trust_remote_code: bool = False) -> int:
     """Classify every row of a JSONL file; writes the row plus ``label``/``label_id``/``probs`` (or
     ``prediction`` for regression) per line. Returns the number of rows."""
     from peftlab.data import collate
     from peftlab.data.build import pad_token_id_for
     from peftlab.data.tokenize import Encoder
 
-    loaded, recipe = load_classifier(adapter_dir, device=device)
+    loaded, recipe = load_classifier(adapter_dir, device=device, trust_remote_code=trust_remote_code)
     rows = []
     for i, line in enumerate(Path(input_path).read_text().splitlines(), start=1):
         if not line.strip():
@@ -325,7 +328,7 @@ def evaluate_adapter_dir(adapter_dir: str | Path, recipe: Any) -> dict[str, Any]
     from peftlab.data import build_data, collate
 
     adapter_dir = Path(adapter_dir)
-    loaded, _ = load_classifier(adapter_dir)
+    loaded, _ = load_classifier(adapter_dir, trust_remote_code=recipe.model.trust_remote_code)
     data = build_data(recipe.data, loaded.tokenizer, seed=recipe.train.seed, base_dir=Path(recipe.base_dir))
     if not data.eval:
         raise PeftlabError("peftlab eval: the recipe has no eval data (data.eval or data.eval_split)")

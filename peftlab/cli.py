@@ -36,21 +36,20 @@ def cmd_train(args) -> int:
     return 0 if result.state.step > 0 else 1
 
 
-def _adapter_recipe(path: Path, overrides: list[str]):
-    """The recipe stored next to an adapter by ``peftlab train`` (with overrides applied)."""
-    from peftlab.recipe import load_recipe
+def _adapter_recipe(args, path: Path):
+    """The recipe that rebuilds an adapter directory's model (its stored recipe read as untrusted input, or
+    one made from a plain PEFT adapter's config), with the CLI's --set / --model / --data applied."""
+    from peftlab.recipe import recipe_for_adapter
 
-    stored = path / "peftlab_recipe.yaml"
-    if not stored.is_file():
-        raise PeftlabError(f"{path} has no peftlab_recipe.yaml; pass the training recipe instead")
-    return load_recipe(stored, overrides=overrides)
+    return recipe_for_adapter(path, args.set, model=getattr(args, "model", None),
+                              trust_remote_code=args.trust_remote_code, data=getattr(args, "data", None))
 
 
 def cmd_predict(args) -> int:
     from peftlab.classify import predict_file
 
     n = predict_file(args.adapter, args.input, args.output, text_field=args.text_field,
-                     batch_size=args.batch_size, device=args.device)
+                     batch_size=args.batch_size, device=args.device, trust_remote_code=args.trust_remote_code)
     print(f"peftlab: {n} predictions written to {args.output}")
     return 0
 
@@ -66,41 +65,64 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def _eval_adapter_dir(args, recipe) -> Path:
+    """Which adapter ``peftlab eval RECIPE`` evaluates: the run's own (output.dir/adapter), else the recipe's
+    adapter.init_from (e.g. a PEFT adapter to evaluate on the recipe's data)."""
+    own = recipe.output_dir / "adapter"
+    if (own / "adapter_config.json").is_file():
+        return own
+    if recipe.adapter.init_from:
+        return recipe.resolve_path(recipe.adapter.init_from)
+    raise PeftlabError(f"no adapter at {own}: train first (peftlab train RECIPE), set adapter.init_from to an "
+                       "adapter directory, or pass the adapter directory itself (peftlab eval DIR)")
+
+
 def cmd_eval(args) -> int:
-    """Evaluate an adapter directory (or the final adapter of a recipe's output dir)."""
+    """Evaluate an adapter directory (peftlab or plain PEFT), or the adapter of a recipe."""
     from peftlab.data import build_data, collate
     from peftlab.evaluate import evaluate
     from peftlab.loss import LossSettings
     from peftlab.models import build_model
+    from peftlab.recipe import eval_data_config
 
     target = Path(args.target)
     if target.is_dir():
         adapter_dir = target
-        recipe = _adapter_recipe(target, args.set)
+        recipe = _adapter_recipe(args, target)
     else:
-        recipe = _recipe(argparse.Namespace(recipe=target, set=args.set))
-        adapter_dir = recipe.output_dir / "adapter"
+        from peftlab.recipe import load_recipe
+
+        overrides = args.set + (["model.trust_remote_code=true"] if args.trust_remote_code else [])
+        recipe = load_recipe(target, overrides=overrides)
+        if args.model:
+            recipe.model.name = args.model
+        if args.data:
+            recipe.data = eval_data_config(recipe.data, args.data)
+        adapter_dir = None if args.base_only else _eval_adapter_dir(args, recipe)
+    if not recipe.data.eval and not recipe.data.eval_split:
+        raise PeftlabError("peftlab eval: nothing to evaluate on — the recipe has no eval data (data.eval or "
+                           "data.eval_split); pass --data FILE (held-out rows in any supported format) or set "
+                           "data.eval in the recipe")
     if recipe.task != "causal_lm" and not args.base_only:  # classification/regression: LoRA + head
         from peftlab.classify import evaluate_adapter_dir
 
         print(json.dumps(evaluate_adapter_dir(adapter_dir, recipe), indent=2))
         return 0
-    if args.base_only:
-        loaded = build_model(recipe, trainable=False)
-    else:
-        if not (adapter_dir / "adapter_config.json").is_file():
-            raise PeftlabError(f"no adapter at {adapter_dir}: train first (peftlab train RECIPE) or pass an adapter dir")
-        loaded = build_model(recipe, adapter_dir=adapter_dir, trainable=False)
+    if adapter_dir is not None and not args.base_only:
+        print(f"peftlab: evaluating adapter {adapter_dir} on {recipe.model.name}", file=sys.stderr)
+    loaded = build_model(recipe, adapter_dir=None if args.base_only else adapter_dir, trainable=False,
+                         with_adapter=not args.base_only)
     data = build_data(recipe.data, loaded.tokenizer, seed=recipe.train.seed, base_dir=Path(recipe.base_dir))
-    batches = None
-    if data.eval:
-        bs = recipe.train.micro_batch_size
-        batches = []
-        for i in range(0, len(data.eval), bs):
-            b = collate(data.eval[i:i + bs], pad_token_id=data.pad_token_id,
-                        attn_implementation=recipe.model.attn_implementation)
-            b.pop("loss_weights", None)
-            batches.append({k: v.to(loaded.device) if hasattr(v, "to") else v for k, v in b.items()})
+    if not data.eval:
+        raise PeftlabError("peftlab eval: the eval data came out empty after tokenisation (check data.eval / "
+                           "data.eval_split and data.max_seq_len)")
+    bs = recipe.train.micro_batch_size
+    batches = []
+    for i in range(0, len(data.eval), bs):
+        b = collate(data.eval[i:i + bs], pad_token_id=data.pad_token_id,
+                    attn_implementation=recipe.model.attn_implementation)
+        b.pop("loss_weights", None)
+        batches.append({k: v.to(loaded.device) if hasattr(v, "to") else v for k, v in b.items()})
     metrics = evaluate(loaded.model, loaded.tokenizer, batches, data.eval_prompts, recipe=recipe,
                        settings=LossSettings.from_recipe(recipe, loaded.model))
     print(json.dumps(metrics, indent=2))
@@ -110,16 +132,25 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     from peftlab.generate import generate_text
     from peftlab.models import build_model
+    from peftlab.recipe import base_model_recipe
 
-    adapter = Path(args.adapter)
-    recipe = _adapter_recipe(adapter, args.set)
-    loaded = build_model(recipe, adapter_dir=adapter, trainable=False)
+    if args.adapter:
+        recipe = _adapter_recipe(args, Path(args.adapter))
+    elif args.model:
+        recipe = base_model_recipe(args.model, args.set, trust_remote_code=args.trust_remote_code)
+    else:
+        raise PeftlabError("pass --adapter DIR (a trained adapter, peftlab or PEFT) or --model ID|DIR (a base "
+                           "model alone)")
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not prompts:
         raise PeftlabError("no prompt: pass --prompt TEXT (repeatable) or prompts on stdin, one per line")
+    empty = [i for i, p in enumerate(prompts, start=1) if not p.strip()]
+    if empty:
+        raise PeftlabError(f"prompt {empty[0]} of {len(prompts)} is empty; give every --prompt some text")
+    loaded = build_model(recipe, adapter_dir=args.adapter, trainable=False, with_adapter=bool(args.adapter))
     outs = generate_text(loaded.model, loaded.tokenizer, prompts, max_new_tokens=args.max_new_tokens,
                          do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                         seed=args.seed)
+                         seed=args.seed, system=recipe.data.system_prompt)
     for p, o in zip(prompts, outs):
         print(o if len(prompts) == 1 else json.dumps({"prompt": p, "generation": o}))
     return 0
@@ -209,7 +240,8 @@ def cmd_merge(args) -> int:
 
     result = merge_adapter(args.adapter, args.out, base=args.base, dtype=args.dtype,
                            base_precision=args.base_precision, max_shard_size=args.max_shard_size,
-                           report_samples=args.report_samples, overwrite=args.overwrite, overrides=args.set)
+                           report_samples=args.report_samples, overwrite=args.overwrite, overrides=args.set,
+                           trust_remote_code=args.trust_remote_code)
     if args.push_to_hub:
         from peftlab.export import model_card, push_to_hub
 
@@ -291,6 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="peftlab", description="Parameter-efficient fine-tuning of LLMs.")
     sub = p.add_subparsers(dest="command", required=True)
 
+    def with_trust(sp):
+        sp.add_argument("--trust-remote-code", action="store_true",
+                        help="allow the base model's own Python code to run (never turned on by an adapter dir)")
+        return sp
+
     def with_set(sp):
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key, e.g. --set train.lr=1e-4 (repeatable)")
@@ -301,9 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(fn=cmd_train)
 
-    sp = with_set(sub.add_parser("eval", help="evaluate an adapter dir or a recipe's trained adapter"))
+    sp = with_set(sub.add_parser("eval", help="evaluate an adapter dir (peftlab or PEFT) or a recipe's adapter"))
     sp.add_argument("target", help="RECIPE.yaml or ADAPTER_DIR")
-    sp.add_argument("--base-only", action="store_true", help="evaluate the base model with a fresh (no-op) adapter")
+    sp.add_argument("--base-only", action="store_true", help="evaluate the base model alone (no adapter)")
+    sp.add_argument("--model", default=None, help="base model id/dir (default: the adapter's)")
+    sp.add_argument("--data", nargs="+", default=None, metavar="FILE",
+                    help="evaluate on these files instead of the recipe's eval data")
+    with_trust(sp)
     sp.set_defaults(fn=cmd_eval)
 
     sp = with_set(sub.add_parser("sweep", help="grid/random search over recipe keys; ranked results + best recipe"))
@@ -318,10 +359,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--text-field", default="text")
     sp.add_argument("--batch-size", type=int, default=16)
     sp.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    with_trust(sp)
     sp.set_defaults(fn=cmd_predict)
 
-    sp = with_set(sub.add_parser("generate", help="generate text with a trained adapter"))
-    sp.add_argument("--adapter", required=True)
+    sp = with_set(sub.add_parser("generate", help="generate text with a trained adapter, or a base model"))
+    sp.add_argument("--adapter", default=None, help="adapter dir (peftlab or PEFT format)")
+    sp.add_argument("--model", default=None, help="base model id/dir: alone, or instead of the adapter's base")
+    with_trust(sp)
     sp.add_argument("--prompt", action="append", default=[])
     sp.add_argument("--max-new-tokens", type=int, default=64)
     sp.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -379,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=None, help="seed of DARE's random drops (default 0)")
     sp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     sp.add_argument("--push-to-hub", metavar="REPO", help="upload the result with a generated model card")
+    with_trust(sp)
     sp.set_defaults(fn=cmd_merge)
 
     sp = with_set(sub.add_parser("export", help="export for serving: gguf | peft | safetensors"))

@@ -342,6 +342,12 @@ def _write(out: Path, tensors: dict[str, Tensor], config: dict[str, Any], source
                 for r in (yaml.safe_load(p.read_text()) or {} for p in recipes)]
         if all(k == keys[0] for k in keys):
             shutil.copy2(recipes[0], out / RECIPE_NAME)
+    # The chat template carries over when every input was trained with the same one.
+    from peftlab.adapters.chat_template import read_chat_template, save_chat_template
+
+    templates = {read_chat_template(s.path) for s in sources}
+    if len(templates) == 1:
+        save_chat_template(out, templates.pop())
 
 
 # --------------------------------------------------------------------------------------------------

@@ -15,12 +15,17 @@ from torch import nn
 
 
 def chat_prompt_ids(tokenizer: Any, text: str, system: str | None = None) -> list[int]:
-    """Token ids of ``text`` as one user turn plus the assistant header (or plain text, no template)."""
+    """Token ids of ``text`` as one user turn plus the assistant header (plain text when the tokenizer has
+    no chat template), encoded exactly as training encodes its held-out prompts (one BOS, see
+    :class:`peftlab.data.tokenize.Encoder`) — so an adapter is sampled with the prompts it was trained on."""
+    from peftlab.data.templates import ChatRenderer
+    from peftlab.data.tokenize import Encoder
+
+    encoder = Encoder(tokenizer)
     if getattr(tokenizer, "chat_template", None):
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return tokenizer(rendered, add_special_tokens=False).input_ids
-    return tokenizer(text).input_ids
+        text = ChatRenderer(tokenizer).render(messages, add_generation_prompt=True)
+    return encoder.encode_prompt(text)
 
 
 def stop_token_ids(tokenizer: Any, model: nn.Module) -> list[int]:
@@ -71,6 +76,7 @@ def generate_ids(model: nn.Module, tokenizer: Any, prompts: Sequence[list[int]],
     return out
 
 
-def generate_text(model: nn.Module, tokenizer: Any, prompts: Sequence[str], **kwargs: Any) -> list[str]:
-    ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
+def generate_text(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, system: str | None = None,
+                  **kwargs: Any) -> list[str]:
+    ids = [chat_prompt_ids(tokenizer, p, system) for p in prompts]
     return [tokenizer.decode(c, skip_special_tokens=True) for c in generate_ids(model, tokenizer, ids, **kwargs)]

@@ -27,6 +27,7 @@ from peftlab.adapters.peft_format import (
     load_adapter,
     lora_state_dict,
     read_adapter_config,
+    read_adapter_weights,
     save_adapter,
 )
 
@@ -45,6 +46,7 @@ __all__ = [
     "lora_state_dict",
     "merge_lora",
     "read_adapter_config",
+    "read_adapter_weights",
     "remove_lora",
     "save_adapter",
     "select_target_modules",

@@ -29,13 +29,21 @@ class LossSettings:
     label_smoothing: float = 0.0
     z_loss: float = 0.0
     softcap: float | None = None
+    model_softcaps: bool = False  # the model's own forward already soft-caps its logits (Gemma-2)
 
     @classmethod
     def from_recipe(cls, recipe: Any, model: nn.Module | None = None) -> LossSettings:
+        """The recipe's loss settings; a model whose config soft-caps its logits (Gemma-2's
+        ``final_logit_softcapping``) gets that cap in the fused loss, which never runs the model's head."""
+        from peftlab.errors import PeftlabError
+
         softcap = recipe.train.loss.softcap
-        if softcap is None and model is not None:  # e.g. Gemma-2's final_logit_softcapping
-            softcap = getattr(model.config, "final_logit_softcapping", None)
-        return cls(recipe.kernels, recipe.train.loss.label_smoothing, recipe.train.loss.z_loss, softcap)
+        own = getattr(getattr(model, "config", None), "final_logit_softcapping", None) if model is not None else None
+        if own is not None and softcap is not None and float(softcap) != float(own):
+            raise PeftlabError(f"train.loss.softcap={softcap}: the model already caps its logits at {own} "
+                               "(final_logit_softcapping in its config); remove train.loss.softcap")
+        return cls(recipe.kernels, recipe.train.loss.label_smoothing, recipe.train.loss.z_loss,
+                   softcap if softcap is not None else own, model_softcaps=own is not None)
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -100,7 +108,7 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, normaliz
             weights = None
     if settings.backend == "off":
         logits = model(**model_inputs(batch), use_cache=False).logits.float()
-        if settings.softcap:
+        if settings.softcap and not settings.model_softcaps:  # never cap twice
             logits = settings.softcap * torch.tanh(logits / settings.softcap)
         per_token = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                                     reduction="none", label_smoothing=settings.label_smoothing)

@@ -42,9 +42,13 @@ REPORT_NAME = "merge_report.json"
 INDEX_NAME = "model.safetensors.index.json"
 KEY_PREFIX = "base_model.model."
 DEFAULT_MAX_SHARD_SIZE = "2GB"
-# Files of a tokenizer as transformers saves them (the chat template lives in chat_template.jinja
-# or tokenizer_config.json); the merged model gets them through AutoTokenizer.save_pretrained.
+# Files that make a directory a tokenizer directory (an adapter dir with one of them carries its own).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# Every file of a tokenizer that the merged model gets verbatim (transformers' save_pretrained would drop
+# tokenizer.model and special_tokens_map.json, which llama.cpp's converter and older loaders read).
+TOKENIZER_FILE_PATTERNS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                           "added_tokens.json", "tokenizer.model", "*.model", "vocab.json", "vocab.txt",
+                           "merges.txt", "chat_template.jinja", "chat_template.json")
 
 # Shown by the fidelity report when the training recipe's eval data cannot be read.
 BUILTIN_PROMPTS = (
@@ -161,18 +165,19 @@ def _load_dtype(recipe: Any) -> torch.dtype:
 
 
 def resolve_source(adapter_dir: str | os.PathLike[str], base: str | None = None,
-                   overrides: list[str] | None = None) -> MergeSource:
+                   overrides: list[str] | None = None, *, trust_remote_code: bool = False) -> MergeSource:
     """Find the adapter's base model and how training saw it.
 
-    Order: ``base`` (``--base``), then the training recipe stored in the adapter dir, then the PEFT
-    config's ``base_model_name_or_path``.
+    Order: ``base`` (``--base``), then the training recipe stored in the adapter dir (read as untrusted
+    input: it never turns on remote code), then the PEFT config's ``base_model_name_or_path``.
     """
     from peftlab.lora import read_adapter_config
-    from peftlab.recipe import load_recipe
+    from peftlab.recipe import load_adapter_recipe
 
     path = Path(adapter_dir)
     config = read_adapter_config(path)
-    recipe = load_recipe(path / RECIPE_NAME, overrides=overrides) if (path / RECIPE_NAME).is_file() else None
+    recipe = (load_adapter_recipe(path, overrides, trust_remote_code=trust_remote_code)
+              if (path / RECIPE_NAME).is_file() else None)
     name = base or (recipe.model.name if recipe is not None else None) or config.get("base_model_name_or_path")
     if not name:
         raise PeftlabError(
@@ -255,9 +260,9 @@ def _pattern_value(pattern: dict[str, Any] | None, name: str, default: Any) -> A
 
 def read_updates(adapter_dir: Path, config: dict[str, Any]) -> dict[str, LoraUpdate]:
     """The LoRA update of every module of an adapter, keyed by module name (``model.layers.0...q_proj``)."""
-    from peftlab.adapters.peft_format import _read_weights
+    from peftlab.lora import read_adapter_weights
 
-    weights = _read_weights(adapter_dir)
+    weights = read_adapter_weights(adapter_dir)
     modules: dict[str, dict[str, Tensor]] = {}
     for key, tensor in weights.items():
         match = re.fullmatch(rf"{re.escape(KEY_PREFIX)}(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)",
@@ -390,7 +395,16 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
 
 
+def default_permissions(path: Path) -> None:
+    """Give a directory made by ``tempfile.mkdtemp`` (mode 0700) the mode any new directory gets (0777 less
+    the umask): a merged model is shared with the people and services that serve it."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o777 & ~mask)
+
+
 def _commit_out_dir(tmp: Path, out_dir: Path) -> None:
+    default_permissions(tmp)
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         os.replace(out_dir, old)
@@ -410,9 +424,13 @@ def _iter_checkpoint(base_dir: Path) -> Iterator[tuple[str, Tensor]]:
                 yield key, f.get_tensor(key)
 
 
-def save_model_files(source_dir: Path, out_dir: Path, dtype: torch.dtype, tokenizer_dir: Path) -> None:
-    """config.json (dtype set, quantization_config dropped), generation_config.json, tokenizer files."""
+def save_model_files(source_dir: Path, out_dir: Path, dtype: torch.dtype, tokenizer_dir: Path,
+                     chat_template: str | None = None) -> None:
+    """config.json (dtype set, quantization_config dropped), generation_config.json, and every tokenizer file
+    of ``tokenizer_dir`` copied as is; ``chat_template`` (the one training used) as chat_template.jinja."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from peftlab.adapters.chat_template import save_chat_template
 
     config = AutoConfig.from_pretrained(source_dir)
     config.dtype = dtype
@@ -422,11 +440,16 @@ def save_model_files(source_dir: Path, out_dir: Path, dtype: torch.dtype, tokeni
     if (source_dir / "generation_config.json").is_file():
         GenerationConfig.from_pretrained(source_dir).save_pretrained(out_dir)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        AutoTokenizer.from_pretrained(tokenizer_dir)  # it must load: the merged model is useless without it
     except (OSError, ValueError) as exc:
         raise PeftlabError(f"could not load the tokenizer from {tokenizer_dir} ({exc}); the merged model "
                            "needs one. Pass --base with a model directory that has tokenizer files.") from None
-    tokenizer.save_pretrained(out_dir)
+    for pattern in TOKENIZER_FILE_PATTERNS:
+        for f in tokenizer_dir.glob(pattern):
+            if f.is_file() and not (out_dir / f.name).exists():
+                shutil.copyfile(f, out_dir / f.name)
+    if chat_template is not None:
+        save_chat_template(out_dir, chat_template)
 
 
 def _tokenizer_dir(source: MergeSource) -> Path:
@@ -449,6 +472,7 @@ def merge_adapter(
     report_samples: int = 8,
     overwrite: bool = False,
     overrides: list[str] | None = None,
+    trust_remote_code: bool = False,
     log: Any = print,
 ) -> MergeResult:
     """Merge the adapter at ``adapter_dir`` into its base, shard by shard; write an HF model dir at ``out_dir``.
@@ -459,7 +483,9 @@ def merge_adapter(
     """
     if base_precision not in BASE_PRECISIONS:
         raise PeftlabError(f"--base-precision {base_precision!r}: use trained or original")
-    source = resolve_source(adapter_dir, base, overrides)
+    from peftlab.adapters.chat_template import read_chat_template
+
+    source = resolve_source(adapter_dir, base, overrides, trust_remote_code=trust_remote_code)
     out = Path(out_dir)
     out_dtype = output_dtype(dtype, source.base_dir)
     max_bytes = parse_size(max_shard_size)
@@ -497,7 +523,8 @@ def merge_adapter(
                 f"have (e.g. {sorted(missing)[:3]}); is this the base model the adapter was trained on?"
             )
         shards = writer.finish()
-        save_model_files(source.base_dir, tmp, out_dtype, _tokenizer_dir(source))
+        save_model_files(source.base_dir, tmp, out_dtype, _tokenizer_dir(source),
+                         chat_template=read_chat_template(source.adapter_dir))
         if (source.adapter_dir / RECIPE_NAME).is_file():
             shutil.copy2(source.adapter_dir / RECIPE_NAME, tmp / RECIPE_NAME)
         _commit_out_dir(tmp, out)

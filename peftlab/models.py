@@ -7,6 +7,7 @@ transformers or PEFT is patched.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ from torch import nn
 
 from peftlab.builtin import is_builtin, resolve_builtin
 from peftlab.errors import PeftlabError
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -62,8 +65,16 @@ def resolve_model_path(name: str, *, revision: str | None = None) -> str:
 
 
 def _hub_error(name: str, exc: Exception, what: str = "model") -> PeftlabError:
+    text = str(exc)
+    if "trust_remote_code" in text or "custom code" in text:
+        return PeftlabError(
+            f"the {what} of {name!r} needs its repository's own Python code (its config.json has an auto_map) and "
+            "peftlab runs such code only when you ask for it: if you trust it, set model.trust_remote_code: true "
+            "in your recipe or pass --trust-remote-code")
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
-    why = "offline mode is on and it is not in the local cache" if offline else f"{type(exc).__name__}: {exc}"
+    local = Path(name).expanduser().exists()
+    why = ("offline mode is on and it is not in the local cache" if offline and not local
+           else f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}")
     fix = ("set model.tokenizer to a directory or hub id that has tokenizer files"
            if what == "tokenizer" else
            "use a local model directory, a hub id reachable from this machine, or builtin:tiny-llama")
@@ -94,6 +105,59 @@ def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code:
     return tok
 
 
+def load_model_config(name: str, *, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+    """The transformers config of ``name`` (hub id, local dir, built-in), with peftlab's error messages."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolve_model_path(name, revision=revision), revision=revision,
+                                          trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(name, exc) from None
+
+
+# Weight files transformers would read with pickle (torch.load); peftlab never unpickles a checkpoint.
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def check_weight_files(name: str, path: str) -> None:
+    """A local model directory must hold safetensors weights: pickle checkpoints are refused unread."""
+    local = Path(path)
+    if not local.is_dir() or any(local.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in local.glob(pattern))
+    if pickles:
+        raise PeftlabError(
+            f"model.name={name!r}: {local} holds only pickle weights ({', '.join(pickles[:3])}); peftlab does not "
+            "load pickle files (unpickling can run code). Convert the checkpoint once, where you trust it: "
+            f"python -c \"from transformers import AutoModelForCausalLM as M; "
+            f"M.from_pretrained('{local}').save_pretrained('{local}', safe_serialization=True)\""
+        )
+    raise PeftlabError(f"model.name={name!r}: {local} has no weights (*.safetensors); point it at a complete "
+                       "Hugging Face model directory")
+
+
+def attention_implementation(config: Any, requested: str, *, key: str = "model.attn_implementation") -> str:
+    """The attention backend to load ``config``'s architecture with: ``requested`` when the architecture
+    supports it; ``sdpa`` falls back to ``eager`` (said once) for architectures transformers has no SDPA path
+    for (Gemma-2: its attention logits are soft-capped); any other unsupported choice is refused."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        cls = AutoModelForCausalLM._model_mapping[type(config)]
+    except (KeyError, AttributeError):  # remote-code or unknown architectures: transformers decides
+        return requested
+    supported = {"sdpa": getattr(cls, "_supports_sdpa", True),
+                 "flash_attention_2": getattr(cls, "_supports_flash_attn", True), "eager": True}
+    if supported.get(requested, True):
+        return requested
+    if requested == "sdpa":
+        logger.warning("%s=sdpa: %s has no SDPA attention in transformers; using eager (set %s: eager to "
+                       "silence this)", key, cls.__name__, key)
+        return "eager"
+    raise PeftlabError(f"{key}={requested}: {cls.__name__} does not support it; set {key} to sdpa or eager")
+
+
 def bnb_config(quant: Any, compute_dtype: torch.dtype):
     """The transformers ``BitsAndBytesConfig`` of a recipe's ``quantization`` section (None: 16-bit)."""
     if quant.mode == "none":
@@ -122,14 +186,18 @@ def load_base_model(name: str, *, dtype: torch.dtype, device: torch.device, quan
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name, revision=revision)
+    check_weight_files(name, path)
+    config = load_model_config(name, revision=revision, trust_remote_code=trust_remote_code)
+    attn_implementation = attention_implementation(config, attn_implementation)
     if (loader == "streaming" and quant is not None and quant.mode != "none" and Path(path).is_dir()
             and any(Path(path).glob("*.safetensors"))):
         from peftlab.streaming import QuantSettings, load_quantized
 
         return load_quantized(path, QuantSettings.from_recipe(quant, dtype), device=device,
                               attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    # use_safetensors: a hub repository with only pickle weights is refused, never unpickled
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation,
-                                  "revision": revision, "trust_remote_code": trust_remote_code}
+                              "revision": revision, "trust_remote_code": trust_remote_code, "use_safetensors": True}
     qcfg = bnb_config(quant, dtype) if quant is not None else None
     if qcfg is not None:
         if quant.blocksize != 64:
@@ -174,9 +242,11 @@ class LoadedModel:
 
 
 def build_model(recipe, *, device: torch.device | None = None, adapter_dir: str | Path | None = None,
-                trainable: bool = True) -> LoadedModel:
+                trainable: bool = True, with_adapter: bool = True) -> LoadedModel:
     """Model + tokenizer of a recipe, with LoRA adapters: fresh, or loaded from ``adapter_dir`` /
-    ``adapter.init_from``. The kernel backend of the recipe is set on every LoRA layer."""
+    ``adapter.init_from`` (``with_adapter=False``: the base alone). The kernel backend of the recipe is set
+    on every LoRA layer; the chat template saved with a loaded adapter replaces the tokenizer's."""
+    from peftlab.adapters.chat_template import use_adapter_template
 
     device = device or pick_device(recipe.train.device)
     dtype = pick_dtype(recipe.model.dtype, device)
@@ -187,7 +257,11 @@ def build_model(recipe, *, device: torch.device | None = None, adapter_dir: str 
     model = load_base_model(recipe.model.name, dtype=dtype, device=device, quant=recipe.quantization,
                             attn_implementation=recipe.model.attn_implementation,
                             revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
-    names = attach_adapters(model, recipe, device, adapter_dir=adapter_dir, trainable=trainable)
+    names: list[str] = []
+    if with_adapter:
+        names = attach_adapters(model, recipe, device, adapter_dir=adapter_dir, trainable=trainable)
+        init_from = recipe.resolve_path(recipe.adapter.init_from) if recipe.adapter.init_from else None
+        use_adapter_template(tokenizer, adapter_dir or init_from)
     if recipe.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return LoadedModel(model, tokenizer, device, dtype, resolve_model_path(recipe.model.name), names)

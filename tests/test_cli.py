@@ -64,7 +64,7 @@ def test_data_preview_marks_trained_spans(run, capsys):
 
 def test_user_errors_exit_2_with_a_message(run, tmp_path, capsys):
     _, adapter = run
-    assert main(["eval", str(tmp_path)]) == 2
-    assert "peftlab_recipe.yaml" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path)]) == 2  # neither a peftlab nor a PEFT adapter directory
+    assert "adapter_config.json is missing" in capsys.readouterr().err
     assert main(["generate", "--adapter", str(adapter), "--set", "train.lr=-3", "--prompt", "x"]) == 2
     assert "train.lr" in capsys.readouterr().err

@@ -193,3 +193,18 @@ def test_errors(adapters, micro_dir, tmp_path):
     pm.save_pretrained(dora)
     with pytest.raises(PeftlabError, match="DoRA adapter"):
         combine_adapters([dora, adapters["a"]], [1, 1], tmp_path / "o", method="svd")
+
+
+def test_the_chat_template_carries_over_when_every_input_agrees(adapters, tmp_path):
+    import shutil
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(adapters["a"], a)
+    shutil.copytree(adapters["b"], b)
+    for d in (a, b):
+        (d / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    combine_adapters([a, b], [1.0, 0.5], tmp_path / "same", method="cat")
+    assert (tmp_path / "same" / "chat_template.jinja").read_text() == "{{ messages[0]['content'] }}"
+    (b / "chat_template.jinja").write_text("{{ 'other' }}")
+    combine_adapters([a, b], [1.0, 0.5], tmp_path / "differ", method="cat")
+    assert not (tmp_path / "differ" / "chat_template.jinja").exists()

@@ -224,18 +224,35 @@ def _normalise_key(key: str) -> str:
     return re.sub(r"\.lora_magnitude_vector(\.[^.]+)?\.weight$", ".lora_magnitude_vector", key)
 
 
-def _read_weights(adapter_dir: Path) -> dict[str, Tensor]:
-    st_path, bin_path = adapter_dir / WEIGHTS_NAME, adapter_dir / LEGACY_WEIGHTS_NAME
-    if st_path.is_file():
-        from safetensors.torch import load_file
+def read_adapter_weights(adapter_dir: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """The tensors of ``adapter_model.safetensors`` under PEFT's saved key names.
 
-        weights = load_file(str(st_path))
-    elif bin_path.is_file():
-        weights = torch.load(bin_path, map_location="cpu", weights_only=True)
-    else:
+    An adapter directory is untrusted input: a pickle ``adapter_model.bin`` is refused without being
+    opened (unpickling can run code), and a damaged safetensors file ends in one message naming it.
+    """
+    adapter_dir = Path(adapter_dir)
+    st_path, bin_path = adapter_dir / WEIGHTS_NAME, adapter_dir / LEGACY_WEIGHTS_NAME
+    if not st_path.is_file() and bin_path.is_file():
+        raise PeftlabError(
+            f"{bin_path} is a pickle file; peftlab does not open pickles from adapters (unpickling can run code). "
+            "Convert it once, where you trust it, e.g.: python -c \"import torch; from safetensors.torch import "
+            f"save_file; save_file(torch.load('{bin_path}', weights_only=True), "
+            f"'{st_path}', metadata={{'format': 'pt'}})\""
+        )
+    if not st_path.is_file():
         raise PeftlabError(f"{WEIGHTS_NAME} is missing in {str(adapter_dir)!r}; the adapter folder is "
                            "incomplete (re-save it, or copy the weights file next to its config).")
+    from safetensors.torch import load_file
+
+    try:
+        weights = load_file(str(st_path))
+    except Exception as exc:  # noqa: BLE001 (SafetensorError, OSError, ...: a damaged file, one message)
+        raise PeftlabError(f"{st_path} is corrupt: it is not a readable safetensors file ({exc}). Re-save or "
+                           "re-download the adapter; a training run's checkpoints hold earlier copies") from None
     return {_normalise_key(k): v for k, v in weights.items()}
+
+
+_read_weights = read_adapter_weights  # old private name, still imported by export.py (TODO: layout issue)
 
 
 def _key_list(keys: Iterable[str], limit: int = 8) -> str:
@@ -260,7 +277,7 @@ def load_adapter(
     """
     path = Path(adapter_dir)
     config = read_adapter_config(path)
-    weights = _read_weights(path)
+    weights = read_adapter_weights(path)
     names = inject_lora(
         model,
         r=config["r"],
