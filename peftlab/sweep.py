@@ -18,8 +18,11 @@ A sweep file names a base recipe and the keys to vary (any dotted recipe key: ``
     output: runs/sweep
 
 Every trial's recipe is validated before the first one trains (a typo fails in a second, not after
-an hour). Each trial trains into ``<output>/trial-NNN/``; its score is the best value of ``metric``
-over its evals (with early stopping) or its final eval. The results are ranked into
+an hour), and so is the search itself: an empty ``parameters:``, a key with an empty list of values,
+and a recipe without eval data (``data.eval`` or ``data.eval_split``: the ranking needs an eval
+metric) are refused before anything trains or is written. Each trial trains into
+``<output>/trial-NNN/``; its score is the best value of ``metric`` over its evals (with early
+stopping) or its final eval. The results are ranked into
 ``results.csv`` and ``results.md`` and the winner is written as ``best_recipe.yaml`` (the base recipe
 plus the winning values; train it again, or take ``trial-NNN/best`` / ``adapter``).
 
@@ -161,6 +164,13 @@ def _draw(key: str, dist: Any, rng: random.Random) -> Any:
 def configurations(spec: SweepSpec) -> list[dict[str, Any]]:
     """The parameter settings of the trials, in run order (deterministic for ``spec.seed``)."""
     keys = list(spec.parameters)
+    if not keys:
+        raise PeftlabError("sweep parameters: empty; name at least one recipe key and its values to search, e.g. "
+                           "parameters: {train.lr: [1.0e-4, 3.0e-4]} (to train one recipe, use peftlab train)")
+    empty = [k for k in keys if isinstance(spec.parameters[k], list) and not spec.parameters[k]]
+    if empty:
+        raise PeftlabError(f"sweep parameters.{empty[0]}: an empty list of values; give at least one value, "
+                           "e.g. [1.0e-4, 3.0e-4], or remove the key")
     if spec.method == "grid":
         bad = [k for k in keys if not isinstance(spec.parameters[k], list)]
         if bad:
@@ -235,7 +245,6 @@ def run_sweep(spec: SweepSpec, base: dict[str, Any], base_dir: Path, *, runner: 
     from peftlab.recipe import recipe_from_dict
 
     out = (base_dir / spec.output) if not Path(spec.output).is_absolute() else Path(spec.output)
-    out.mkdir(parents=True, exist_ok=True)
     mode = spec.mode if spec.mode != "auto" else ("min" if lower_is_better(spec.metric) else "max")
     trials = [Trial(f"trial-{i:03d}", params, {}) for i, params in enumerate(configurations(spec))]
     # Validate every trial's recipe first: a typo in a key fails now, with the recipe's own message.
@@ -244,6 +253,13 @@ def run_sweep(spec: SweepSpec, base: dict[str, Any], base_dir: Path, *, runner: 
         recipe = recipe_from_dict(t.raw, source=f"(sweep {t.name}: {t.params})", base_dir=base_dir)
         if spec.early_stopping is not None and recipe.train.eval_every is None:
             raise PeftlabError("sweep early_stopping needs train.eval_every in the base recipe (or in `set:`)")
+        if not recipe.data.eval and recipe.data.eval_split <= 0:
+            raise PeftlabError(
+                f"sweep: the recipe of {t.name} has no eval data, and the sweep ranks trials by the eval metric "
+                f"{spec.metric!r}; give the base recipe data.eval (held-out datasets) or data.eval_split (a "
+                "fraction of data.train held out, e.g. 0.1), or add it to the sweep's `set:` "
+                "(set: [data.eval_split=0.1])")
+    out.mkdir(parents=True, exist_ok=True)  # only once every trial's recipe is known to be trainable
     full_steps = recipe_from_dict(trials[0].raw, base_dir=base_dir).train.max_steps
     budgets = _budgets(spec, full_steps)
     alive = list(trials)

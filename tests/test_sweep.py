@@ -85,3 +85,59 @@ def test_four_trial_sweep_on_the_micro_model_picks_the_best(tmp_path):
     assert winner["train"]["lr"] == 5e-3 and winner["adapter"]["r"] == int(best["adapter.r"])
     spec, _, _ = load_sweep(tmp_path / "sweep.yaml")
     assert spec.output == str(out)
+
+
+def _cli_sweep(tmp_path, capsys, sweep: dict, base: dict) -> str:
+    """Run `peftlab sweep` on files in tmp_path; expect the refusal (status 2), before any trial trained."""
+    import time
+
+    from peftlab.cli import main
+
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"recipe": "base.yaml", "output": "sweep", **sweep}))
+    t0 = time.perf_counter()
+    assert main(["sweep", str(tmp_path / "sweep.yaml"), "--quiet"]) == 2
+    assert time.perf_counter() - t0 < 10  # refused up front, not after training a trial
+    assert not (tmp_path / "sweep").exists()  # no trial directory, no results
+    err = capsys.readouterr().err
+    assert err.startswith("peftlab: error: sweep")
+    return err
+
+
+@pytest.mark.parametrize("method", ["grid", "random"])
+def test_empty_value_list_is_refused_before_training(tmp_path, capsys, method):
+    base = tiny_recipe_dict(tmp_path, tmp_path / "o")
+    sweep = {"method": method, "trials": 2, "parameters": {"adapter.r": [4, 8], "train.lr": []}}
+    err = _cli_sweep(tmp_path, capsys, sweep, base)
+    assert "sweep parameters.train.lr: an empty list of values; give at least one value" in err
+    calls = []
+    with pytest.raises(PeftlabError, match="parameters.train.lr: an empty list"):
+        run_sweep(SweepSpec(base=base, output=str(tmp_path / "s2"), **sweep), base, tmp_path,
+                  runner=lambda *a: calls.append(a))
+    assert calls == []
+
+
+@pytest.mark.parametrize("method", ["grid", "random"])
+def test_empty_grid_is_refused(tmp_path, capsys, method):
+    base = tiny_recipe_dict(tmp_path, tmp_path / "o")
+    err = _cli_sweep(tmp_path, capsys, {"method": method, "trials": 2, "parameters": {}}, base)
+    assert "sweep parameters: empty; name at least one recipe key and its values to search" in err
+
+
+def test_base_recipe_without_eval_data_is_refused_before_any_trial(tmp_path, capsys):
+    base = tiny_recipe_dict(tmp_path, tmp_path / "o")
+    del base["data"]["eval"]
+    err = _cli_sweep(tmp_path, capsys, {"parameters": {"train.lr": [1e-4, 3e-4]}}, base)
+    assert ("sweep: the recipe of trial-000 has no eval data, and the sweep ranks trials by the eval metric "
+            "'eval_loss'; give the base recipe data.eval (held-out datasets) or data.eval_split") in err
+    # the fix it names: an eval split set for every trial
+    spec = SweepSpec(base=base, parameters={"train.lr": [1e-4, 3e-4]}, set=["data.eval_split=0.1"],
+                     output=str(tmp_path / "s2"))
+    seen = []
+
+    def scripted(raw, base_dir, metric, mode):
+        seen.append(raw["data"]["eval_split"])
+        return TrialResult(score=raw["train"]["lr"], steps=1, output_dir=raw["output"]["dir"])
+
+    assert run_sweep(spec, base, tmp_path, runner=scripted).best.params == {"train.lr": 1e-4}
+    assert seen == [0.1, 0.1]
