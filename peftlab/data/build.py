@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.data.config import DataConfig, DatasetSpec
-from peftlab.data.formats import BadRow, detect_format, row_weight, to_record
+from peftlab.data.formats import BadRow, detect_format, refuse_preference_data, row_weight, to_record
 from peftlab.data.packing import pack
-from peftlab.data.sources import Source
+from peftlab.data.sources import Source, UnreadableRow
 from peftlab.data.stats import DatasetStats, DataStats, padding_waste
 from peftlab.data.tokenize import IGNORE_INDEX, Encoded, EncodedClass, Encoder
 from peftlab.errors import PeftlabError
@@ -70,15 +70,30 @@ class _Item:
     row: int
     where: str
     record: dict[str, Any]
+    fmt: str = "auto"  # the dataset's format (as detected), for messages about the row
 
 
 def read_records(source: Source, spec: DatasetSpec, name: str, cfg: DataConfig, st: DatasetStats,
                  key: str) -> Iterator[_Item]:
-    """Canonical records of one dataset; bad rows raise (naming file:row and field) or are counted."""
+    """Canonical records of one dataset; bad rows raise (naming file:row and field) or are counted.
+
+    Preference data (DPO pairs, KTO rows) is refused, whatever ``on_bad_rows`` says: it is the whole
+    dataset that does not fit SFT, not a row.
+    """
     fmt = spec.format
     for row in source:
+        if isinstance(row.data, UnreadableRow):
+            st.rows += 1
+            if cfg.on_bad_rows == "skip":
+                st.bad_rows += 1
+                continue
+            raise PeftlabError(f"{row.where}: unreadable row in dataset {name!r} ({key}): {row.data.problem}. "
+                               f"{row.data.fix[0].upper()}{row.data.fix[1:]}, or set data.on_bad_rows: skip to "
+                               "leave such rows out (they are counted).")
         if fmt == "auto":
+            refuse_preference_data(row.data, fmt, spec.fields, row.where, name, key)  # pairs fit no format
             fmt = detect_format(row.data, spec.fields, row.where, name)
+        refuse_preference_data(row.data, fmt, spec.fields, row.where, name, key)
         st.rows += 1
         try:
             rec = to_record(row.data, fmt, spec.fields)
@@ -88,7 +103,7 @@ def read_records(source: Source, spec: DatasetSpec, name: str, cfg: DataConfig, 
         except BadRow as e:
             _bad(e, row.where, name, fmt, cfg, st, key)
             continue
-        yield _Item(row.index, row.where, rec)
+        yield _Item(row.index, row.where, rec, fmt)
         if cfg.max_samples is not None and st.rows >= cfg.max_samples:
             break
 
@@ -106,6 +121,7 @@ def _bad(e: BadRow, where: str, name: str, fmt: str, cfg: DataConfig, st: Datase
 def fit_length(ids: list[int], labels: list[int], cfg: DataConfig, st: DatasetStats) -> list[tuple[list[int], list[int]]]:
     """Apply ``overlength`` to one tokenized sample; pieces with nothing to train on are dropped."""
     n = cfg.max_seq_len
+    st.longest = max(st.longest, len(ids))
     if len(ids) <= n:
         return [(ids, labels)]
     if cfg.overlength == "drop":
@@ -175,12 +191,13 @@ def encode_items(items: Iterable[_Item], encoder: Encoder, cfg: DataConfig, ds_i
     for chunk, encs in encoded_chunks(items, encoder, cfg.num_proc):
         for it, enc in zip(chunk, encs):
             if isinstance(enc, BadRow):
-                _bad(enc, it.where, name, fmt_hint, cfg, st, key)
+                _bad(enc, it.where, name, it.fmt if fmt_hint == "auto" else fmt_hint, cfg, st, key)
                 continue
             base = {"sample_id": sample_id(ds_index, it.row), "dataset": ds_index,
                     "loss_weight": float(spec.loss_weight) * float(it.record.get("weight", 1.0))}
             if isinstance(enc, EncodedClass):
                 ids = enc.input_ids
+                st.longest = max(st.longest, len(ids))
                 if len(ids) > cfg.max_seq_len:
                     if cfg.overlength == "drop":
                         st.dropped += 1
@@ -271,7 +288,7 @@ def build_bundle(cfg: DataConfig, tokenizer: Any, *, seed: int, train_sources: l
         parts.append(list(encode_items(train_items, encoder, cfg, i, spec, names[i], st, key, spec.format)))
         if not parts[-1]:
             raise PeftlabError(f"{key} ({spec.path}): no training samples left after over-length handling "
-                               f"({st.dropped} dropped); raise data.max_seq_len or use overlength: truncate")
+                               f"({st.dropped} dropped): {overlength_hint(cfg, st)}")
         stats.datasets.append(st)
         if held:
             est = DatasetStats(names[i], split="eval")
@@ -337,6 +354,22 @@ def build_bundle(cfg: DataConfig, tokenizer: Any, *, seed: int, train_sources: l
     return DataBundle(train=train, eval=eval_examples or None, eval_prompts=prompts, stats=stats,
                       dataset_names=names, label_map=label_map, task=task,
                       pad_token_id=pad_token_id_for(tokenizer))
+
+
+def overlength_hint(cfg: DataConfig, st: DatasetStats) -> str:
+    """Why over-length handling left nothing, and the fix that fits the current ``data.overlength``."""
+    n, longest = cfg.max_seq_len, f"the longest sample has {st.longest} tokens"
+    if cfg.overlength == "drop":
+        return (f"every sample is longer than data.max_seq_len ({n}) and overlength: drop leaves them out. Raise "
+                f"data.max_seq_len ({longest}), or set data.overlength: truncate (keep the first max_seq_len "
+                "tokens) or split (cut into pieces of max_seq_len tokens)")
+    if cfg.overlength == "truncate":
+        return (f"overlength: truncate keeps the first {n} tokens (data.max_seq_len) of each sample, and in these "
+                "samples they hold nothing to train on (the prompt alone is longer). Raise data.max_seq_len "
+                f"({longest}), shorten the prompts, or set data.overlength: split (the trained tokens are kept in "
+                "later pieces, without the start of their prompt)")
+    return (f"overlength: split cut the samples into pieces of {n} tokens (data.max_seq_len) and no piece holds "
+            f"a trained token after its first position. Raise data.max_seq_len ({longest})")
 
 
 def _check_nonempty(items: list[_Item], st: DatasetStats, name: str, spec: DatasetSpec, key: str) -> None:

@@ -22,7 +22,8 @@ class DatasetSpec(BaseModel):
     path: str
     format: Format = "auto"
     split: str = "train"
-    # canonical field name -> name in the data, e.g. {"instruction": "question", "output": "answer"}
+    # canonical field name -> name in the data, e.g. {"instruction": "question", "output": "answer"};
+    # a name may be a path into nested rows: "data.question", "turns[0].text" (formats.field_value)
     fields: dict[str, str] = Field(default_factory=dict)
     weight: float = Field(1.0, ge=0.0)
     loss_weight: float = Field(1.0, ge=0.0)
@@ -33,6 +34,18 @@ class DatasetSpec(BaseModel):
     def _path_not_empty(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("path is empty: give a file, a directory or a hub dataset id")
+        return v
+
+    @field_validator("fields")
+    @classmethod
+    def _field_paths(cls, v: dict[str, str]) -> dict[str, str]:
+        from peftlab.data.formats import parse_field_path
+
+        for canon, name in v.items():
+            try:
+                parse_field_path(name)
+            except ValueError as e:
+                raise ValueError(f"fields.{canon}: {e}") from None
         return v
 
     def display_name(self) -> str:

@@ -4,15 +4,21 @@
 Every row carries its location (``file:line`` for JSONL/CSV, ``file:row N`` for JSON arrays and
 Parquet) so that a bad row can be reported where the user can find it. Rows are produced lazily:
 in streaming mode nothing holds more than one Parquet batch in memory.
+
+Text files must be UTF-8 (a leading byte-order mark is accepted). A JSONL line or CSV record that
+cannot be read (bytes that are not UTF-8, a JSONL line that is not JSON) comes out as a row whose
+``data`` is an :class:`UnreadableRow`, so that ``data.on_bad_rows`` applies to it like to any bad row.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import hashlib
 import io
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +29,17 @@ from peftlab.errors import PeftlabError
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".jsonl.gz", ".json.gz", ".csv.gz")
 _DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+@dataclass
+class UnreadableRow:
+    """A line that could not be read: ``problem`` says why, ``fix`` how to repair the file."""
+
+    problem: str
+    fix: str
+
+
+RECODE_HINT = "re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 IN > OUT` for Latin-1 text)"
 
 
 @dataclass
@@ -42,10 +59,27 @@ def _suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
-def _open_text(path: Path) -> io.TextIOBase:
+def _open_text(path: Path, errors: str = "strict") -> io.TextIOBase:
+    # utf-8-sig: a byte-order mark (spreadsheet exports) would otherwise become part of the first column name
     if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", newline="")  # type: ignore[return-value]
-    return open(path, encoding="utf-8", newline="")
+        return gzip.open(path, "rt", encoding="utf-8-sig", errors=errors, newline="")  # type: ignore[return-value]
+    return open(path, encoding="utf-8-sig", errors=errors, newline="")
+
+
+def _open_bytes(path: Path) -> io.BufferedIOBase:
+    if path.name.lower().endswith(".gz"):
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    return open(path, "rb")
+
+
+def _not_utf8(err: UnicodeDecodeError, offset: int, path: Path) -> str:
+    """One wording for a non-UTF-8 byte: its value and its byte offset in the file (0-based)."""
+    byte = err.object[err.start:err.start + 1].hex()
+    where = "of the uncompressed data" if path.name.lower().endswith(".gz") else "of the file"
+    return f"not UTF-8 text (byte 0x{byte} at byte offset {offset} {where})"
+
+
+_SURROGATE = re.compile("[\udc80-\udcff]")
 
 
 def hash_files(paths: list[Path]) -> str:
@@ -130,10 +164,7 @@ class Source:
         elif suffix in (".json", ".json.gz"):
             yield from _iter_json(f)
         elif suffix in (".csv", ".csv.gz"):
-            with _open_text(f) as fh:
-                reader = csv.DictReader(fh)
-                for i, rec in enumerate(reader):
-                    yield Row(i, dict(rec), f"{f}:{reader.line_num}")
+            yield from _iter_csv(f)
         elif suffix == ".parquet":
             import pyarrow.parquet as pq
 
@@ -186,30 +217,62 @@ def _looks_like_hub_id(s: str) -> bool:
 
 
 def _iter_jsonl(f: Path) -> Iterator[Row]:
-    with _open_text(f) as fh:
-        n = 0
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
+    # bytes, decoded line by line: a bad byte spoils its own line only, and its offset is known
+    with _open_bytes(f) as fh:
+        n = offset = 0
+        for lineno, raw in enumerate(fh, start=1):
+            start, offset = offset, offset + len(raw)
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw, start = raw[len(codecs.BOM_UTF8):], start + len(codecs.BOM_UTF8)
+            if not raw.strip():
                 continue
+            rec: Any
             try:
-                rec = json.loads(line)
+                rec = json.loads(raw.rstrip(b"\r\n").decode("utf-8"))  # columns count on the line itself
+            except UnicodeDecodeError as e:
+                rec = UnreadableRow(_not_utf8(e, start + e.start, f), RECODE_HINT)
             except json.JSONDecodeError as e:
-                raise PeftlabError(f"{f}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); each line of a "
-                                   ".jsonl file must be one JSON object") from e
+                rec = UnreadableRow(f"not valid JSON ({e.msg} at column {e.colno})",
+                                    "fix the line: each line of a .jsonl file must be one JSON object")
             yield Row(n, rec, f"{f}:{lineno}")
             n += 1
 
 
+def _iter_csv(f: Path) -> Iterator[Row]:
+    # surrogateescape keeps a non-UTF-8 byte as a lone surrogate, so one bad record does not stop the file
+    with _open_text(f, errors="surrogateescape") as fh:
+        reader = csv.DictReader(fh)
+        for i, rec in enumerate(reader):
+            bad = next((v for v in rec.values() if isinstance(v, str) and _SURROGATE.search(v)), None)
+            data: Any = dict(rec)
+            if bad is not None:
+                byte = ord(_SURROGATE.search(bad).group()) - 0xDC00  # type: ignore[union-attr]
+                data = UnreadableRow(f"not UTF-8 text (byte 0x{byte:02x} in this record)", RECODE_HINT)
+            yield Row(i, data, f"{f}:{reader.line_num}")
+
+
 def _iter_json(f: Path) -> Iterator[Row]:
-    with _open_text(f) as fh:
-        text = fh.read()
+    # one document: read whole, so the absolute offset of a bad byte comes straight from the decoder
+    with _open_bytes(f) as fh:
+        raw = fh.read()
+    skip = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    bad_byte: str | None = None
+    try:
+        text = raw[skip:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = skip + e.start
+        line = raw.count(b"\n", 0, at) + 1
+        bad_byte = f"{f}:{line}: {_not_utf8(e, at, f)}; {RECODE_HINT}"
+        text = raw[skip:].decode("utf-8", errors="surrogateescape")  # still tell JSON Lines apart
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        if e.msg == "Extra data":  # JSON Lines saved with a .json suffix
+        if e.msg == "Extra data":  # JSON Lines saved with a .json suffix (read line by line: bad lines are rows)
             yield from _iter_jsonl(f)
             return
-        raise PeftlabError(f"{f}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from e
+        raise PeftlabError(bad_byte or f"{f}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if bad_byte is not None:  # one JSON document: nothing smaller than the file to skip
+        raise PeftlabError(bad_byte)
     if isinstance(obj, dict):
         # {"data": [...]} / {"train": [...]} wrappers are common; anything else is a single row
         wrapped = [obj[k] for k in ("data", "train", "rows", "examples") if isinstance(obj.get(k), list)]

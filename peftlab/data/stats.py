@@ -21,6 +21,7 @@ class DatasetStats:
     dropped: int = 0            # over-length dropped, or nothing left to train on after truncation
     split_extra: int = 0        # extra examples created by overlength: split
     drawn: int = 0              # examples in the train mixture after weighting
+    longest: int = 0            # tokens of the longest sample before over-length handling
 
 
 @dataclass

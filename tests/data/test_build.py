@@ -9,6 +9,7 @@ import pytest
 
 from peftlab.builtin import build_tokenizer
 from peftlab.data import DataConfig, build_data, collate, preview
+from peftlab.errors import PeftlabError
 
 IGNORE = -100
 
@@ -175,3 +176,94 @@ def test_num_proc_gives_identical_output(tmp_path, tok):
     one = build_data(cfg, tok, seed=0, base_dir=tmp_path)
     two = build_data(cfg.model_copy(update={"num_proc": 2}), tok, seed=0, base_dir=tmp_path)
     assert one.train == two.train and one.eval == two.eval and one.stats == two.stats
+
+
+# ---- unreadable rows (not UTF-8, not JSON) follow data.on_bad_rows --------------------------------
+
+LATIN1 = b'{"text": "one"}\n{"text": "caf\xe9"}\n{"text": "three"}\n'
+
+
+def test_non_utf8_line_is_one_clear_error_or_a_counted_skip(tmp_path, tok):
+    (tmp_path / "l.jsonl").write_bytes(LATIN1)
+    with pytest.raises(PeftlabError) as e:
+        build_data(DataConfig(train=["l.jsonl"]), tok, seed=0, base_dir=tmp_path)
+    assert str(e.value) == (
+        f"{tmp_path / 'l.jsonl'}:2: unreadable row in dataset 'l' (data.train[0]): not UTF-8 text (byte 0xe9 at "
+        "byte offset 29 of the file). Re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 IN > OUT` for "
+        "Latin-1 text), or set data.on_bad_rows: skip to leave such rows out (they are counted).")
+    for streaming in (False, True):
+        b = build_data(DataConfig(train=["l.jsonl"], on_bad_rows="skip", shuffle=False, streaming=streaming), tok,
+                       seed=0, base_dir=tmp_path)
+        texts = [tok.decode(x["input_ids"], skip_special_tokens=True) for x in b.train]
+        assert texts == ["one", "three"]
+        assert b.stats.bad_rows == 1 and b.stats.datasets[0].rows == 3
+
+
+def test_bad_json_line_follows_on_bad_rows(tmp_path, tok):
+    (tmp_path / "j.jsonl").write_text('{"text": "one"}\n{"text": \n{"text": "three"}\n')
+    with pytest.raises(PeftlabError, match=r"j\.jsonl:2: unreadable row in dataset 'j' \(data\.train\[0\]\): not valid "
+                                           r"JSON \(Expecting value at column 10\)\. Fix the line: each line of a "
+                                           r"\.jsonl file must be one JSON object, or set data\.on_bad_rows: skip"):
+        build_data(DataConfig(train=["j.jsonl"]), tok, seed=0, base_dir=tmp_path)
+    b = build_data(DataConfig(train=["j.jsonl"], on_bad_rows="skip"), tok, seed=0, base_dir=tmp_path)
+    assert len(b.train) == 2 and b.stats.bad_rows == 1
+
+
+def test_non_utf8_through_the_cli(tmp_path, capsys):
+    import yaml
+
+    from peftlab.cli import main
+
+    (tmp_path / "l.jsonl").write_bytes(LATIN1)
+    recipe = {"model": {"name": "builtin:micro-llama"}, "data": {"train": ["l.jsonl"], "max_seq_len": 64}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["data", str(tmp_path / "r.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"peftlab: error: {tmp_path / 'l.jsonl'}:2: unreadable row in dataset 'l' (data.train[0]): "
+                          "not UTF-8 text (byte 0xe9 at byte offset 29 of the file)")
+    assert main(["data", str(tmp_path / "r.yaml"), "--set", "data.on_bad_rows=skip"]) == 0
+    assert "bad rows skipped: 1" in capsys.readouterr().out
+
+
+# ---- the over-length hint fits the current data.overlength ---------------------------------------
+
+def test_overlength_hint_fits_the_setting(tmp_path, tok):
+    # a prompt longer than max_seq_len: truncation leaves nothing to train on
+    write_jsonl(tmp_path / "p.jsonl", [{"messages": [{"role": "user", "content": "u" * 40},
+                                                     {"role": "assistant", "content": "a"}]}])
+    full = build_data(DataConfig(train=["p.jsonl"]), tok, seed=0, base_dir=tmp_path)
+    longest = len(full.train[0]["input_ids"])
+    with pytest.raises(PeftlabError) as e:
+        build_data(DataConfig(train=["p.jsonl"], max_seq_len=16), tok, seed=0, base_dir=tmp_path)
+    msg = str(e.value)
+    assert msg.startswith("data.train[0] (p.jsonl): no training samples left after over-length handling (1 dropped): "
+                          "overlength: truncate keeps the first 16 tokens (data.max_seq_len) of each sample, and in "
+                          "these samples they hold nothing to train on (the prompt alone is longer). Raise "
+                          f"data.max_seq_len (the longest sample has {longest} tokens), shorten the prompts, or set "
+                          "data.overlength: split")
+    advice = msg.split("Raise", 1)[1]
+    assert "truncate" not in advice and "drop" not in advice  # no advice to set what is already set
+    split = build_data(DataConfig(train=["p.jsonl"], max_seq_len=16, overlength="split"), tok, seed=0,
+                       base_dir=tmp_path)  # the fix it names works: the reply is trained in the last piece
+    assert split.train and split.stats.train_trained_tokens > 0
+    # everything longer than max_seq_len with overlength: drop
+    write_jsonl(tmp_path / "t.jsonl", [{"text": "x" * 50}, {"text": "y" * 30}])
+    with pytest.raises(PeftlabError) as e:
+        build_data(DataConfig(train=["t.jsonl"], max_seq_len=20, overlength="drop"), tok, seed=0, base_dir=tmp_path)
+    msg = str(e.value)
+    assert msg.endswith("(2 dropped): every sample is longer than data.max_seq_len (20) and overlength: drop leaves "
+                        "them out. Raise data.max_seq_len (the longest sample has 52 tokens), or set "
+                        "data.overlength: truncate (keep the first max_seq_len tokens) or split (cut into pieces of "
+                        "max_seq_len tokens)")  # 52: BOS + 50 x + EOS
+
+
+def test_overlength_hint_for_split():
+    from peftlab.data.build import overlength_hint
+    from peftlab.data.stats import DatasetStats
+
+    st = DatasetStats("d", longest=300)
+    hint = overlength_hint(DataConfig(train=["x.jsonl"], max_seq_len=8, overlength="split"), st)
+    assert hint == ("overlength: split cut the samples into pieces of 8 tokens (data.max_seq_len) and no piece "
+                    "holds a trained token after its first position. Raise data.max_seq_len (the longest sample "
+                    "has 300 tokens)")
+    assert "overlength: truncate" not in hint and "set data.overlength" not in hint

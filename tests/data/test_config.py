@@ -30,3 +30,12 @@ def test_unknown_key_and_bad_values_are_named():
         DataConfig(train=[])
     with pytest.raises(ValidationError, match="path is empty"):
         DataConfig(train=[{"path": " "}])
+
+
+def test_field_paths_are_checked():
+    spec = DatasetSpec(path="a.jsonl", fields={"instruction": "data.question", "output": "answers[0].text"})
+    assert spec.fields["output"] == "answers[0].text"
+    for bad in ("data..question", "answers[x]", "answers[0", ".q"):
+        with pytest.raises(ValidationError, match=r"fields\.instruction: .* is not a column name or a path into "
+                                                  r"nested rows; use keys joined by dots and \[N\] for list items"):
+            DatasetSpec(path="a.jsonl", fields={"instruction": bad})

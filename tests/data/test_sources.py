@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 
 import pytest
 
 from peftlab.data.config import DatasetSpec
-from peftlab.data.sources import Source
+from peftlab.data.sources import Source, UnreadableRow
 from peftlab.errors import PeftlabError
 
 ROWS = [{"instruction": f"i{k}", "input": "", "output": f"o{k}"} for k in range(5)]
@@ -85,10 +86,51 @@ def test_missing_path_unknown_suffix_hub_offline(tmp_path, monkeypatch):
         list(src)
 
 
-def test_bad_json_line_names_the_line(tmp_path):
-    (tmp_path / "b.jsonl").write_text('{"text": "a"}\n{"text": \n')
-    with pytest.raises(PeftlabError, match=r"b\.jsonl:2: not valid JSON"):
-        list(Source(DatasetSpec(path=str(tmp_path / "b.jsonl"))))
+def test_bad_json_line_is_an_unreadable_row_naming_the_line(tmp_path):
+    (tmp_path / "b.jsonl").write_text('{"text": "a"}\n{"text": \n{"text": "c"}\n')
+    rows = list(Source(DatasetSpec(path=str(tmp_path / "b.jsonl"))))
+    assert [r.where.rsplit("/", 1)[1] for r in rows] == ["b.jsonl:1", "b.jsonl:2", "b.jsonl:3"]
+    assert isinstance(rows[1].data, UnreadableRow) and rows[1].data.problem.startswith("not valid JSON")
+    assert rows[2].data == {"text": "c"}
+
+
+def test_non_utf8_byte_names_line_and_byte_offset(tmp_path):
+    """A Latin-1 byte in a JSONL line: that line is unreadable (file:line, the byte, its offset), the rest reads."""
+    raw = b'{"text": "ok"}\n\n{"text": "caf\xe9"}\n{"text": "fine"}\n'
+    (tmp_path / "l.jsonl").write_bytes(raw)
+    rows = list(Source(DatasetSpec(path=str(tmp_path / "l.jsonl"))))
+    assert rows[1].where.endswith("l.jsonl:3") and isinstance(rows[1].data, UnreadableRow)
+    assert raw.index(0xE9) == 29
+    assert rows[1].data.problem == "not UTF-8 text (byte 0xe9 at byte offset 29 of the file)"
+    assert "re-encode the file as UTF-8" in rows[1].data.fix
+    assert [r.data for r in (rows[0], rows[2])] == [{"text": "ok"}, {"text": "fine"}]
+    # gzip: the offset is in the uncompressed data
+    (tmp_path / "g.jsonl.gz").write_bytes(gzip.compress(raw))
+    bad = list(Source(DatasetSpec(path=str(tmp_path / "g.jsonl.gz"))))[1].data
+    assert bad.problem == "not UTF-8 text (byte 0xe9 at byte offset 29 of the uncompressed data)"
+    # a CSV record is unreadable on its own; the other records read
+    (tmp_path / "c.csv").write_bytes(b"text,label\nok,a\ncaf\xe9,b\nfine,c\n")
+    rows = list(Source(DatasetSpec(path=str(tmp_path / "c.csv"))))
+    assert rows[1].where.endswith("c.csv:3") and rows[1].data.problem == "not UTF-8 text (byte 0xe9 in this record)"
+    assert [rows[0].data, rows[2].data] == [{"text": "ok", "label": "a"}, {"text": "fine", "label": "c"}]
+    # one JSON document has no smaller unit to skip: an error naming file:line and the offset
+    (tmp_path / "a.json").write_bytes(b'[{"text": "ok"},\n {"text": "caf\xe9"}]')
+    with pytest.raises(PeftlabError, match=r"a\.json:2: not UTF-8 text \(byte 0xe9 at byte offset 31 of the file\); "
+                                           "re-encode the file as UTF-8"):
+        list(Source(DatasetSpec(path=str(tmp_path / "a.json"))))
+    # ... but JSON Lines named .json are read line by line
+    (tmp_path / "l.json").write_bytes(raw)
+    assert isinstance(list(Source(DatasetSpec(path=str(tmp_path / "l.json"))))[1].data, UnreadableRow)
+
+
+def test_byte_order_mark_is_accepted(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "b.jsonl").write_bytes(bom + b'{"text": "a"}\n{"text": "b"}\n')
+    (tmp_path / "b.json").write_bytes(bom + b'[{"text": "a"}]')
+    (tmp_path / "b.csv").write_bytes(bom + b"text,label\na,x\n")
+    assert [r.data for r in Source(DatasetSpec(path=str(tmp_path / "b.jsonl")))] == [{"text": "a"}, {"text": "b"}]
+    assert [r.data for r in Source(DatasetSpec(path=str(tmp_path / "b.json")))] == [{"text": "a"}]
+    assert [r.data for r in Source(DatasetSpec(path=str(tmp_path / "b.csv")))] == [{"text": "a", "label": "x"}]
 
 
 def test_fingerprint_follows_content(tmp_path):
