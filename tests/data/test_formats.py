@@ -346,3 +346,9 @@ def test_preference_mapping_on_a_real_chat_template(shared_data, tmp_path):
     trained = [i for i, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE_INDEX]
     assert real.decode(trained) == "Blue.<|eot_id|>"
     assert "Green" not in real.decode(ex["input_ids"])
+
+
+def test_bad_row_message_names_the_detected_format(tmp_path, tok):
+    row = {"messages": [{"role": "user", "content": "hi"}]}  # no assistant turn: found at tokenization
+    with pytest.raises(PeftlabError, match=r"d\.jsonl:1: bad row in dataset 'd' \(data\.train\[0\], format messages\)"):
+        one(tmp_path, tok, [row])
