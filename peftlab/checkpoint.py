@@ -95,6 +95,42 @@ def _write_bytes(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def probe_writable(directory: Path) -> None:
+    """Write, fsync and remove a small file in ``directory``: raises the OSError a real write would get
+    (read-only filesystem, permissions, full disk) before a run has done any work."""
+    probe = directory / f".peftlab-write-test-{os.getpid()}"
+    try:
+        _write_bytes(probe, b"peftlab\n")
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+# errno -> what the user can do about it (messages of every write into output.dir)
+_STORAGE_FIXES = {
+    errno.ENOSPC: "free disk space, or choose an output.dir on a disk with room",
+    errno.EDQUOT: "free space within your disk quota, or choose an output.dir elsewhere",
+    errno.EROFS: "the filesystem is mounted read-only: remount it read-write, or choose an output.dir on a "
+                 "writable disk",
+    errno.EACCES: "this user may not write there: fix its permissions (chmod / chown), or choose another "
+                  "output.dir",
+    errno.EPERM: "this user may not write there: fix its permissions or attributes (chmod / chown / chattr), "
+                 "or choose another output.dir",
+    errno.EFBIG: "the file outgrew the file-size limit of this process (ulimit -f) or of the filesystem: raise "
+                 "the limit, or choose an output.dir on another filesystem",
+    errno.EIO: "the disk reported an I/O error: check the disk (dmesg), or choose an output.dir on another one",
+    errno.EISDIR: "a directory is in the way of that file: move it away",
+    errno.ENOTDIR: "a file is in the way of a directory of that path: move it away",
+    errno.ENOENT: "the directory disappeared while the run was writing to it: recreate it",
+}
+STORAGE_ERRNOS = frozenset(_STORAGE_FIXES)
+
+
+def storage_problem(exc: OSError) -> tuple[str, str]:
+    """(what the OS said, what to do about it) for a failed write into the output directory."""
+    why = exc.strerror or (os.strerror(exc.errno) if exc.errno else str(exc))
+    return why, _STORAGE_FIXES.get(exc.errno, "check that output.dir is on a writable disk with free space")
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -230,13 +266,13 @@ def write_checkpoint(root: Path, step: int, files: dict[str, bytes], *, keep_las
             shutil.rmtree(final, ignore_errors=True)
         if not isinstance(exc, OSError):
             raise
-        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        why, fix = storage_problem(exc)
         kept = (f"the previous checkpoint {previous} is intact" if previous is not None
                 else "no earlier checkpoint exists in it")
-        hint = " free disk space, then" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
         raise PeftlabError(
             f"could not write checkpoint {name} into {root}: {why}; {kept}. The partial checkpoint was "
-            f"removed;{hint} rerun with resume: auto to continue from the last complete checkpoint"
+            f"removed. To continue: {fix}, then rerun with resume: auto (it continues from the last complete "
+            "checkpoint)"
         ) from None
     test_kill_point(f"save-{step}-done")
     if keep_last is not None:
@@ -319,14 +355,45 @@ def scan(root: Path, *, deep: bool = True) -> tuple[list[tuple[Path, int]], list
     return complete, broken
 
 
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Every ``step-N`` directory under ``root`` (complete or not), oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(checkpoint_step(p), p) for p in root.iterdir() if p.is_dir()]
+    return [p for step, p in sorted((s, p) for s, p in found if s is not None)]
+
+
+def remove_checkpoints(root: Path) -> None:
+    """Delete every checkpoint under ``root`` and the leftovers of interrupted saves (``output.overwrite``)."""
+    if not root.is_dir():
+        return
+    for child in root.iterdir():
+        if checkpoint_step(child) is not None or child.name.startswith((".tmp-", ".trash-", ".ds-staging-")):
+            shutil.rmtree(child, ignore_errors=True)
+
+
 def latest_complete(root: Path, *, deep: bool = False) -> Path | None:
     complete, _ = scan(root, deep=deep)
     return complete[-1][0] if complete else None
 
 
 def find_resume_checkpoint(root: Path, warn: Callable[[str], None]) -> Path | None:
-    """The newest complete checkpoint under ``root`` (``resume: auto``); skipped ones are named via ``warn``."""
+    """The newest complete checkpoint under ``root`` (``resume: auto``); skipped ones are named via ``warn``.
+
+    None when there is nothing to resume from: no checkpoint, or only saves interrupted before their
+    ``COMPLETE`` marker (a crash during the first save; starting at step 0 loses nothing). When every
+    checkpoint that WAS completed is now damaged, PeftlabError naming each one and why: starting over
+    would silently throw that training away, so the user chooses.
+    """
     complete, broken = scan(root)
+    if not complete and any((path / MARKER).is_file() for path, _ in broken):
+        listing = "\n  ".join(f"{path}: {reason}" for path, reason in broken)
+        raise PeftlabError(
+            f"resume: auto found no usable checkpoint in {root}; every checkpoint there is damaged or "
+            f"incomplete:\n  {listing}\nNothing was changed or deleted. Either resume from a checkpoint you "
+            "trust (resume: PATH, e.g. a copy restored from a backup), or start over with resume: null and "
+            "output.overwrite: true (that deletes these checkpoints and the run's metrics.jsonl)"
+        )
     newest = complete[-1][1] if complete else -1
     for path, reason in broken:
         step = checkpoint_step(path) or 0

@@ -40,6 +40,8 @@ from peftlab.errors import PeftlabError
 if TYPE_CHECKING:
     from peftlab.engine import StepResult
 
+DEEPSPEED_TAG = "engine"
+"""The tag (sub-directory) of DeepSpeed's checkpoint inside a peftlab checkpoint's ``deepspeed/``."""
 DEFAULT_JOIN_TIMEOUT_S = 300.0
 """How long a rank waits for the others to join (``PEFTLAB_JOIN_TIMEOUT``)."""
 DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0
@@ -523,12 +525,13 @@ class ZeroEngine:
             raise PeftlabError("this checkpoint was written by the single-process engine; resume it without "
                                "the deepspeed recipe key, or start a new run")
 
-    def save_checkpoint(self, directory: Path, tag: str = "engine") -> None:
+    def save_checkpoint(self, directory: Path, tag: str = DEEPSPEED_TAG) -> None:
         """DeepSpeed's sharded checkpoint (every rank writes its partition) into ``directory/tag``."""
-        # Frozen (base) weights are left out: they come from the model recipe; load is non-strict.
+        # Frozen (base) weights are left out: they come from the model recipe; load is non-strict. DeepSpeed's
+        # `latest` is written by the trainer into the atomic checkpoint instead (DeepSpeed writes it in place).
         self.ds.save_checkpoint(str(directory), tag=tag, save_latest=False, exclude_frozen_parameters=True)
 
-    def load_checkpoint(self, directory: Path, tag: str = "engine") -> None:
+    def load_checkpoint(self, directory: Path, tag: str = DEEPSPEED_TAG) -> None:
         path, _ = self.ds.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
                                           load_lr_scheduler_states=True, load_module_strict=False)
         if path is None:

@@ -37,8 +37,7 @@ class RunLog:
             return
         record = {"step": step, "split": split, **{k: v for k, v in figures.items() if _jsonable(v)}}
         if self._jsonl:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_line(self.path, json.dumps(record))
         if self._tb is not None:
             for k, v in figures.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
@@ -59,6 +58,18 @@ class RunLog:
         for tracker in self._trackers:
             tracker.close()
         self._trackers = []
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line to ``path``. A refused write (read-only or full disk, permissions) raises its
+    OSError with ``filename`` set — a failed ``write`` has none of its own — so the trainer can name the file."""
+    try:
+        with path.open("a") as f:
+            f.write(line + "\n")
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
 
 
 def _jsonable(v: Any) -> bool:

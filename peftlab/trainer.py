@@ -19,6 +19,7 @@ the loss takes final hidden states and the head weight (fused, never whole logit
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -222,17 +223,40 @@ class Trainer:
 
     # ---- setup helpers -------------------------------------------------------------------------
     def _check_output_dir(self) -> None:
+        """Refuse an output.dir the run cannot use (a file, not writable) or would mix with an earlier run's
+        checkpoints — before anything in it is changed; then clear what a fresh run replaces."""
         out = self.out_dir
-        if (out / "adapter" / "adapter_config.json").exists() and not self.recipe.output.overwrite \
-                and self.recipe.resume is None:
+        blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            where = "is a file" if blocker == out else f"lies under {blocker}, which is a file"
+            raise PeftlabError(f"output.dir {out} {where}, not a directory; set output.dir to a directory "
+                               "(peftlab creates it when missing), or move that file away")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            ckpt.probe_writable(out)
+        except OSError as exc:
+            why, fix = ckpt.storage_problem(exc)
+            raise PeftlabError(f"output.dir {out} is not writable ({why}): {fix}. The run writes its checkpoints, "
+                               "metrics and adapter there; nothing was trained") from None
+        fresh = self.recipe.resume is None
+        if (out / "adapter" / "adapter_config.json").exists() and not self.recipe.output.overwrite and fresh:
             raise PeftlabError(
                 f"output.dir {out} already holds a finished run; choose another output.dir, set "
                 "output.overwrite: true, or resume it"
             )
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in ("metrics.jsonl",):
-            if (out / stale).exists() and self.recipe.resume is None:
-                (out / stale).unlink(missing_ok=True)  # every rank checks; one removes
+        ckpt_root = ckpt.safe_subpath(out, self.recipe.checkpoint.dir, what="checkpoint.dir")
+        earlier = ckpt.checkpoint_dirs(ckpt_root)
+        if fresh and earlier and not self.recipe.output.overwrite:
+            # Their steps would interleave with this run's: rotation could keep theirs and drop ours, and a
+            # later resume: auto would continue the OTHER run.
+            raise PeftlabError(
+                f"output.dir {out} holds checkpoints of an earlier run ({', '.join(p.name for p in earlier[-3:])}"
+                f"{', ...' if len(earlier) > 3 else ''} in {ckpt_root}); continue that run with resume: auto, start "
+                "over with output.overwrite: true (deletes them), or choose another output.dir"
+            )
+        if fresh and self._is_main():  # every rank checked; one removes what the fresh run replaces
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+            ckpt.remove_checkpoints(ckpt_root)
 
     def _is_main(self) -> bool:
         dist = getattr(self, "dist", None)
@@ -378,11 +402,19 @@ class Trainer:
         directory ``<checkpoint root>/.ds-staging-step-N`` — the checkpoint root must therefore be on a
         filesystem every rank sees (shared storage on multi-node runs). After a barrier rank 0 adds every
         staged file as ``deepspeed/<relative path>`` to the atomic checkpoint (so ``COMPLETE`` lists and
-        hashes them), removes the staging directory, and tells the other ranks whether it succeeded.
+        hashes them) with DeepSpeed's ``latest`` file naming the tag, removes the staging directory, and tells
+        the other ranks whether it succeeded. ``deepspeed/`` is thus a complete DeepSpeed checkpoint directory:
+        ``zero_to_fp32.py <checkpoint>/deepspeed OUT`` works on it without ``--tag``.
         """
         import shutil
 
-        from peftlab.distributed import all_reduce_sum, barrier, check_adapter_tensors, gathered_adapter_state
+        from peftlab.distributed import (
+            DEEPSPEED_TAG,
+            all_reduce_sum,
+            barrier,
+            check_adapter_tensors,
+            gathered_adapter_state,
+        )
 
         name = ckpt.checkpoint_name(step)
         staging = self.ckpt_root / f".ds-staging-{name}"
@@ -402,6 +434,9 @@ class Trainer:
                 files.update(self._checkpoint_files())
                 for f in sorted(p for p in staging.rglob("*") if p.is_file()):
                     files[f"deepspeed/{f.relative_to(staging).as_posix()}"] = f.read_bytes()
+                # DeepSpeed's own tools (zero_to_fp32.py, load_checkpoint without a tag) read the tag from
+                # `latest`; written here, so it is hashed in COMPLETE and renamed into place with the rest.
+                files["deepspeed/latest"] = DEEPSPEED_TAG.encode()
                 path = ckpt.write_checkpoint(self.ckpt_root, step, files, keep_last=self.recipe.checkpoint.keep_last)
             except PeftlabError as exc:
                 error = exc
@@ -566,6 +601,48 @@ class Trainer:
                         recipe=self.recipe, settings=self.settings)
 
     def train(self) -> TrainResult:
+        """Train to the end (or to a signal / early stop). A full or read-only disk and running out of
+        memory end in a PeftlabError that names the cause, the recipe keys or steps that fix it, and the
+        checkpoint to continue from — never a traceback; complete checkpoints are never touched."""
+        try:
+            return self._train()
+        except BaseException as exc:  # re-raised below unless it is one of the two failures handled here
+            memory = out_of_memory_detail(exc)
+            storage = self._output_write_error(exc) if memory is None else None
+            if memory is None and storage is None:
+                raise
+        # Outside the except block: the failed step's frames and tensors are released before the memory
+        # planner runs for the message.
+        with contextlib.suppress(Exception):
+            self.log.close()
+        if memory is not None:
+            raise PeftlabError(out_of_memory_message(self.recipe, memory, f"after {self.state.step} completed steps")
+                               + " " + self._resume_hint()) from None
+        path, errno_value, why, fix = storage
+        raise PeftlabError(
+            f"training stopped after step {self.state.step}: could not write {path}: {why} (errno "
+            f"{errno.errorcode.get(errno_value, errno_value)}); {fix}. {self._resume_hint()}") from None
+
+    def _resume_hint(self) -> str:
+        """Where the run can continue from after it stopped (for failure messages)."""
+        last = self._last_saved[1] if self._last_saved else ckpt.latest_complete(self.ckpt_root)
+        if last is None:
+            return ("No checkpoint was written yet (train.save_every sets how often), so the run must start over: "
+                    "rerun the same command once that is fixed")
+        return (f"The last complete checkpoint {last} (step {ckpt.checkpoint_step(last)}) is intact; once that is "
+                "fixed, continue with: peftlab train RECIPE --set resume=auto")
+
+    def _output_write_error(self, exc: BaseException) -> tuple[str, int, str, str] | None:
+        """(file, errno, reason, fix) when ``exc`` is the disk refusing a write of this run's output."""
+        if not isinstance(exc, OSError) or exc.errno not in ckpt.STORAGE_ERRNOS:
+            return None
+        name = exc.filename
+        if name is None or not Path(name).resolve().is_relative_to(self.out_dir.resolve()):
+            return None
+        why, fix = ckpt.storage_problem(exc)
+        return str(name), exc.errno, why, fix
+
+    def _train(self) -> TrainResult:
         r = self.recipe
         say = (lambda *a: None) if self.quiet else (lambda *a: print(*a, flush=True))
         trainable, total = _param_counts(self.model)
@@ -650,8 +727,9 @@ class Trainer:
                 losses: list[float]) -> TrainResult:
         r = self.recipe
         say = (lambda *a: None) if self.quiet else (lambda *a: print(*a, flush=True))
-        if r.output.plot and self.dist.is_main:
-            plot_loss_curve(self.out_dir / "metrics.jsonl", self.out_dir / "loss_curve.png")
+        curve = None
+        if r.output.plot and self.dist.is_main:  # drawn from metrics.jsonl: None without jsonl records
+            curve = plot_loss_curve(self.out_dir / "metrics.jsonl", self.out_dir / "loss_curve.png")
         summary = {"steps": self.state.step, "tokens_seen": self.state.tokens_seen,
                    "skipped_steps": self.state.skipped_steps, "train_time_s": time.perf_counter() - t0,
                    "eval_before": _strip_samples(before), "eval_after": _strip_samples(after),
@@ -663,8 +741,13 @@ class Trainer:
             say(f"best {best['metric']}={best['best']} at step {best['best_step']}: {best['adapter']}")
         if self.dist.is_main:
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        say(f"adapter (PEFT format): {adapter_dir}\nmetrics: {self.out_dir / 'metrics.jsonl'}  "
-            f"loss curve: {self.out_dir / 'loss_curve.png'}")
+        # Name only the files this run wrote (output.plot: false draws no curve; no jsonl, no metrics file).
+        written = [f"metrics: {self.out_dir / 'metrics.jsonl'}"] if "jsonl" in r.output.report_to else []
+        if curve is not None:
+            written.append(f"loss curve: {curve}")
+        elif r.output.plot and "jsonl" not in r.output.report_to:
+            written.append("loss curve: not drawn (it is drawn from metrics.jsonl: add jsonl to output.report_to)")
+        say(f"adapter (PEFT format): {adapter_dir}" + ("\n" + "  ".join(written) if written else ""))
         return TrainResult(self.out_dir, adapter_dir, self.state, before, after, losses,
                            checkpoint=self._last_saved[1] if self._last_saved else None, best=best)
 
@@ -734,9 +817,42 @@ def data_fingerprint(rows) -> str:
 
 
 def _param_counts(model) -> tuple[int, int]:
-    from peftlab.models import count_parameters
+    """(trainable, total) parameters. Under ZeRO-3 a parameter holds only an empty partition on each rank
+    (``numel() == 0``); its whole size is ``ds_numel`` — counted so, or the start-up line says 0 trainable.
+    4-bit weights count their logical elements (``quant_state.shape``)."""
+    trainable = total = 0
+    for p in model.parameters():
+        quant_state = getattr(p, "quant_state", None)
+        if quant_state is not None:
+            n = int(torch.Size(quant_state.shape).numel())
+        elif hasattr(p, "ds_numel"):
+            n = int(p.ds_numel)
+        else:
+            n = p.numel()
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
 
-    return count_parameters(model)
+
+_ALLOCATION_FAILURES = ("can't allocate memory", "cannot allocate memory", "out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
+def out_of_memory_detail(exc: BaseException) -> str | None:
+    """The first line of ``exc`` when it is an allocation failure (CUDA OOM, MemoryError, torch's CPU
+    allocator), else None."""
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
+            isinstance(exc, RuntimeError) and any(s in str(exc) for s in _ALLOCATION_FAILURES)):
+        lines = str(exc).strip().splitlines()
+        return (lines[0] if lines else type(exc).__name__)[:300]
+    return None
+
+
+def out_of_memory_message(recipe: Any, detail: str, when: str) -> str:
+    """What ran out, what ``peftlab estimate`` predicts for this recipe, and the recipe keys that lower it."""
+    from peftlab.estimate import out_of_memory_advice
+
+    return f"out of memory {when} ({detail}). {out_of_memory_advice(recipe)}"
 
 
 def _progress(total: int, disable: bool):
@@ -755,4 +871,15 @@ def _strip_samples(m: dict[str, Any]) -> dict[str, Any]:
 
 
 def train(recipe: Any, *, quiet: bool = False) -> TrainResult:
-    return Trainer(recipe, quiet=quiet).train()
+    """``peftlab train``: build the run and train it; running out of memory while loading the model or the
+    data is reported like running out during training (the keys that lower memory, the planner's figures)."""
+    try:
+        trainer = Trainer(recipe, quiet=quiet)
+    except BaseException as exc:  # re-raised unless it is an allocation failure
+        memory = out_of_memory_detail(exc)
+        if memory is None:
+            raise
+    else:
+        return trainer.train()
+    raise PeftlabError(out_of_memory_message(recipe, memory, "while loading the model and data")
+                       + " Nothing was trained or written yet.") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -25,9 +26,9 @@ def _raw(data_dir: Path, out: Path, **sections) -> dict:
              **sections.pop("train", {})}
     resume = sections.pop("resume", None)
     adapter = {"dropout": 0.1, **sections.pop("adapter", {})}
+    output = {"report_to": ["jsonl"], "plot": False, **sections.pop("output", {})}
     raw = tiny_recipe_dict(data_dir, out, quantization={"mode": "none"}, adapter=adapter, data={"max_seq_len": 48},
-                           train=train, eval={"max_prompts": 1, "max_new_tokens": 2},
-                           output={"report_to": ["jsonl"], "plot": False}, **sections)
+                           train=train, eval={"max_prompts": 1, "max_new_tokens": 2}, output=output, **sections)
     return {**raw, "resume": resume}
 
 
@@ -325,3 +326,116 @@ def _record_weights_before_step(t: Trainer, weights: dict):
         return step(**kw)
 
     return wrapped
+
+
+# ---- every checkpoint damaged; a fresh run into an old run's checkpoints -------------------------------------------
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_resume_auto_refuses_when_every_checkpoint_is_damaged(data_dir, run_copy):
+    root = run_copy / "checkpoints"
+    _truncate(root / "step-0000001" / "engine.pt")
+    f = root / "step-0000002" / "adapter" / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1] + b"\x00")  # same size, other content
+    metrics = (run_copy / "metrics.jsonl").read_bytes()
+    with pytest.raises(PeftlabError) as e:
+        _trainer(data_dir, run_copy, resume="auto")
+    msg = str(e.value)
+    assert msg.startswith(f"resume: auto found no usable checkpoint in {root}")
+    assert f"{root / 'step-0000001'}: engine.pt is truncated" in msg
+    assert f"{root / 'step-0000002'}: adapter/adapter_model.safetensors does not match its checksum" in msg
+    assert "Nothing was changed or deleted" in msg and "resume: PATH" in msg
+    assert "resume: null and output.overwrite: true" in msg
+    # nothing was deleted: the old metrics and both (damaged) checkpoints are as they were
+    assert (run_copy / "metrics.jsonl").read_bytes() == metrics
+    assert _steps(root) == ["step-0000001", "step-0000002"]
+    # starting over as the message says: the damaged checkpoints and the old metrics go
+    t = _trainer(data_dir, run_copy, output={"overwrite": True})
+    assert t.state.step == 0 and t.resumed_from is None
+    assert not (run_copy / "metrics.jsonl").exists() and _steps(root) == []
+
+
+def test_resume_auto_starts_over_when_only_interrupted_saves_exist(data_dir, run_copy, capsys):
+    """A save killed before its COMPLETE marker never was a checkpoint: step 0, with a warning, as before."""
+    root = run_copy / "checkpoints"
+    for step in ("step-0000001", "step-0000002"):
+        (root / step / ckpt.MARKER).unlink()
+    t = _trainer(data_dir, run_copy, resume="auto")
+    assert t.state.step == 0 and t.resumed_from is None
+    assert "no COMPLETE marker" in capsys.readouterr().err
+
+
+def test_fresh_run_into_an_earlier_runs_checkpoints_is_refused(data_dir, run_copy):
+    """Without resume, an earlier run's checkpoints would interleave with the new run's (rotation could keep
+    theirs, and a later resume: auto would continue the other run): refused unless output.overwrite."""
+    shutil.rmtree(run_copy / "adapter")  # an interrupted run: checkpoints, no final adapter
+    root = run_copy / "checkpoints"
+    with pytest.raises(PeftlabError, match=r"holds checkpoints of an earlier run \(step-0000001, step-0000002 in "
+                                           r".*resume: auto.*output.overwrite: true"):
+        _trainer(data_dir, run_copy)
+    assert _steps(root) == ["step-0000001", "step-0000002"] and (run_copy / "metrics.jsonl").exists()
+
+
+# ---- the output directory: a file, not writable, failing mid-run ---------------------------------------------------
+
+
+def test_output_dir_that_is_a_file_is_refused(data_dir, tmp_path):
+    (tmp_path / "out").write_text("not a directory")
+    with pytest.raises(PeftlabError, match=rf"output.dir {tmp_path / 'out'} is a file, not a directory; set "
+                                           r"output.dir to a directory"):
+        _trainer(data_dir, tmp_path / "out")
+    with pytest.raises(PeftlabError, match=rf"output.dir {tmp_path / 'out' / 'run'} lies under {tmp_path / 'out'}, "
+                                           "which is a file"):
+        _trainer(data_dir, tmp_path / "out" / "run")
+    assert (tmp_path / "out").read_text() == "not a directory"
+
+
+@pytest.mark.parametrize("code, fix", [(errno.EROFS, "the filesystem is mounted read-only: remount it read-write"),
+                                       (errno.EACCES, "this user may not write there: fix its permissions"),
+                                       (errno.ENOSPC, "free disk space")])
+def test_unwritable_output_dir_is_refused_before_any_work(data_dir, tmp_path, monkeypatch, code, fix):
+    """Simulated at the write site (tests run as root, which ignores permissions; the real errno is checked
+    end to end in test_resume.py)."""
+    def refuse(path: Path, data: bytes) -> None:
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(ckpt, "_write_bytes", refuse)
+    out = tmp_path / "out"
+    with pytest.raises(PeftlabError) as e:
+        _trainer(data_dir, out)
+    assert str(e.value).startswith(f"output.dir {out} is not writable ({os.strerror(code)}): {fix}")
+    assert "nothing was trained" in str(e.value)
+    assert list(out.iterdir()) == []  # the probe file is gone too
+
+
+def test_metrics_write_failing_mid_run_stops_with_the_checkpoint_to_resume_from(data_dir, tmp_path, monkeypatch):
+    from peftlab import metrics
+
+    out = tmp_path / "o"
+    t = _trainer(data_dir, out, train={"max_steps": 5})
+    real_append = metrics.append_line
+
+    def append(path: Path, line: str) -> None:
+        if t.state.step >= 3:  # the filesystem turns read-only during step 3's log line
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        real_append(path, line)
+
+    monkeypatch.setattr(metrics, "append_line", append)
+    with pytest.raises(PeftlabError) as e:
+        t.train()
+    root = out / "checkpoints"
+    msg = str(e.value)
+    assert msg.startswith(f"training stopped after step 3: could not write {out / 'metrics.jsonl'}: Read-only file "
+                          "system (errno EROFS); the filesystem is mounted read-only")
+    assert f"The last complete checkpoint {root / 'step-0000002'} (step 2) is intact" in msg
+    assert msg.endswith("continue with: peftlab train RECIPE --set resume=auto")
+    assert ckpt.verify(root / "step-0000002") is None and not (out / "adapter").exists()
+    monkeypatch.setattr(metrics, "append_line", real_append)
+    result = _trainer(data_dir, out, train={"max_steps": 5}, resume="auto").train()
+    assert result.state.step == 5
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4, 5]

@@ -163,6 +163,12 @@ def test_guard_refuses_a_partitioned_ungathered_adapter(data_dir, tmp_path, monk
     gathered = gathered_adapter_state(trainer.model)
     check_adapter_tensors(gathered)
     assert all(t.numel() > 0 for t in gathered.values())
+    # the start-up line's counts: partitioned parameters count their whole size (ds_numel), not 0
+    from peftlab.trainer import _param_counts
+
+    trainable, total = _param_counts(trainer.model)
+    assert trainable == sum(t.numel() for t in gathered.values()) > 0
+    assert total == sum(int(p.ds_numel) for p in trainer.model.parameters()) > trainable
     # the trainer's save path gathers; the plain single-process writer is never used under DeepSpeed
     trainer.save_adapter(tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()

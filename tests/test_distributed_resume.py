@@ -1,7 +1,8 @@
 """Checkpoints under DeepSpeed go through DeepSpeed's own sharded checkpoint: a 2-process ZeRO run killed
 after a checkpoint and resumed with `resume: auto` continues with the same per-step losses as an
-uninterrupted 2-process run (optimizer partitions, scheduler and adapter restored on every rank), and the
-checkpoint's COMPLETE marker lists and hashes every file of DeepSpeed's checkpoint."""
+uninterrupted 2-process run (optimizer partitions, scheduler and adapter restored on every rank), the
+checkpoint's COMPLETE marker lists and hashes every file of DeepSpeed's checkpoint, and DeepSpeed's own
+zero_to_fp32 converts it without a tag (the `latest` file)."""
 from __future__ import annotations
 
 import json
@@ -72,6 +73,16 @@ def test_killed_zero_run_resumes_with_the_losses_of_an_uninterrupted_run(stage, 
     adapter = load_file(str(newest / "adapter" / "adapter_model.safetensors"))
     assert len(adapter) == 28 and all(t.numel() > 0 for t in adapter.values())
     assert not [p for p in root.iterdir() if p.name.startswith(".ds-staging-")], "staging directory left behind"
+    # DeepSpeed's own converter reads the tag from `latest` (listed and hashed in COMPLETE like the rest):
+    # without --tag it reconstructs, from the ranks' optimizer partitions, exactly the adapter weights.
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    assert "deepspeed/latest" in listed and (newest / "deepspeed" / "latest").read_text() == "engine"
+    fp32 = get_fp32_state_dict_from_zero_checkpoint(str(newest / "deepspeed"))
+    lora = {f"base_model.model.{k}": v for k, v in fp32.items() if "lora_" in k}
+    assert lora.keys() == adapter.keys()
+    for key, value in adapter.items():
+        assert torch.equal(lora[key], value), key
 
     resumed = _torchrun(tmp_path, recipe, "--set", "resume=auto")
     assert resumed.returncode == 0, resumed.stderr[-4000:]

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -169,3 +171,69 @@ def test_keep_last_rotation_and_no_leftovers(runs):
     complete, broken = ckpt.scan(root)
     assert len(complete) == 3 and not broken, names  # keep_last: 3; crashed saves cleaned up
     assert not [n for n in names if n.startswith(".")]
+
+
+# ---- the real errno of an unwritable output directory, at the start and mid-run ---------------------------------
+
+
+def _obeying_file_permissions() -> list[str]:
+    """A command prefix under which a subprocess obeys file permissions. Root ignores them (CAP_DAC_OVERRIDE):
+    setpriv drops that capability from the child's bounding set, so a chmod makes the real EACCES."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root, which ignores file permissions, and setpriv (util-linux) is missing")
+    prefix = [setpriv, "--bounding-set", "-dac_override,-dac_read_search", "--"]
+    if subprocess.run([*prefix, "true"], check=False).returncode != 0:
+        pytest.skip("running as root and cannot drop CAP_DAC_OVERRIDE here (setpriv failed)")
+    return prefix
+
+
+def test_unwritable_output_dir_stops_with_a_message_at_start_and_mid_run(tmp_path):
+    prefix = _obeying_file_permissions()
+    data = make_quickstart_data(tmp_path / "data", n_train=40, n_eval=2)
+    out = tmp_path / "run"
+    recipe = _recipe(tmp_path, data, out)
+    trace, cache = tmp_path / "run.trace", tmp_path / "cache"
+
+    def launch(**env: str) -> subprocess.Popen:
+        full = {**os.environ, "PEFTLAB_TEST_TRACE": str(trace), "PEFTLAB_DATA_CACHE": str(cache),
+                "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **env}
+        return subprocess.Popen([*prefix, sys.executable, "-P", "-m", "peftlab.cli", "train", str(recipe),
+                                 "--set", "resume=auto"], cwd=REPO, env=full, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    # At the start: output.dir exists and may not be written.
+    out.mkdir()
+    out.chmod(0o555)
+    p = launch()
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 2, err[-3000:]
+    assert f"peftlab: error: output.dir {out} is not writable (Permission denied): this user may not write there" in err
+    assert "Traceback" not in err and list(out.iterdir()) == []
+    out.chmod(0o755)
+
+    # Mid-run: metrics.jsonl turns read-only once step 3 has run (the checkpoint of step 2 is complete).
+    p = launch(PEFTLAB_TEST_STEP_DELAY="0.3")
+    deadline = time.monotonic() + 240
+    while not [r for r in _trace(trace) if r["step"] >= 3] and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (out / "metrics.jsonl").chmod(0o444)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 2, err[-3000:]
+    m = re.search(r"peftlab: error: training stopped after step (\d+): could not write (\S+): Permission denied "
+                  r"\(errno EACCES\); this user may not write there.* The last complete checkpoint (\S+) \(step (\d+)\) "
+                  r"is intact; once that is fixed, continue with: peftlab train RECIPE --set resume=auto", err)
+    assert m, err[-3000:]
+    stopped, path, last, last_step = int(m[1]), m[2], Path(m[3]), int(m[4])
+    assert path == str(out / "metrics.jsonl") and "Traceback" not in err
+    # step N is logged before it is saved: the failed log of step N leaves the save before it as the last one
+    assert stopped >= 3 and last_step == (stopped - 1) - (stopped - 1) % SAVE_EVERY and ckpt.verify(last) is None
+    assert ckpt.latest_complete(out / "checkpoints") == last
+
+    (out / "metrics.jsonl").chmod(0o644)
+    p = launch()
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    assert [r["step"] for r in _train_records(out)] == list(range(1, STEPS + 1))

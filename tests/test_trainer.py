@@ -188,3 +188,96 @@ def test_fused_loss_training_matches_unfused_curve(data_dir, tmp_path):
         t = Trainer(recipe_from_dict(raw), quiet=True)
         curves[backend] = t.train().losses
     assert torch.allclose(torch.tensor(curves["torch"]), torch.tensor(curves["off"]), rtol=1e-4, atol=1e-5), curves
+
+
+# ---- what the run says and writes ---------------------------------------------------------------------
+
+
+def test_plot_false_names_no_loss_curve(data_dir, tmp_path, capsys):
+    out = tmp_path / "noplot"
+    raw = tiny_recipe_dict(data_dir, out, train={"max_steps": 1, "eval_at_start": False},
+                           output={"plot": False, "report_to": ["jsonl"]}, eval={"max_prompts": 1})
+    Trainer(recipe_from_dict(raw), quiet=False).train()
+    said = capsys.readouterr().out
+    assert f"adapter (PEFT format): {out / 'adapter'}\nmetrics: {out / 'metrics.jsonl'}\n" in said
+    assert "loss_curve" not in said and not (out / "loss_curve.png").exists()
+
+
+# ---- running out of memory ----------------------------------------------------------------------------
+
+
+def _oom_recipe(data_dir, out):
+    return recipe_from_dict(tiny_recipe_dict(
+        data_dir, out, quantization={"mode": "none"},
+        train={"max_steps": 4, "save_every": 1, "eval_at_start": False, "grad_accum": 1},
+        output={"report_to": ["jsonl"], "plot": False}, eval={"max_prompts": 1}))
+
+
+@pytest.fixture
+def fixed_baseline(monkeypatch):
+    """The planner's process baseline without its measuring subprocess (seconds on a busy CPU)."""
+    from peftlab import estimate
+    from peftlab.estimate import MiB
+
+    monkeypatch.setattr(estimate, "_probe_baseline", lambda recipe: 300 * MiB)
+    return 300 * MiB
+
+
+@pytest.mark.parametrize("failure", ["cpu-allocator", "MemoryError", "cuda"])
+def test_out_of_memory_mid_run_names_the_keys_the_estimate_and_the_checkpoint(data_dir, tmp_path, fixed_baseline,
+                                                                              failure):
+    from peftlab.estimate import estimate, fmt
+
+    out = tmp_path / "oom"
+    trainer = Trainer(_oom_recipe(data_dir, out), quiet=True)
+    clean_loss = trainer.loss_fn
+
+    def loss_at(model, batch, **kw):
+        if trainer.state.step + 1 == 3:
+            if failure == "cpu-allocator":  # a real allocation failure of torch's CPU allocator
+                torch.empty(1 << 60)
+            raise MemoryError() if failure == "MemoryError" else torch.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 20.00 GiB")
+        return clean_loss(model, batch, **kw)
+
+    trainer.loss_fn = loss_at
+    with pytest.raises(PeftlabError) as e:
+        trainer.train()
+    msg = str(e.value)
+    detail = {"cpu-allocator": "DefaultCPUAllocator: can't allocate memory", "MemoryError": "(MemoryError)",
+              "cuda": "(CUDA out of memory. Tried to allocate 20.00 GiB)"}[failure]
+    assert msg.startswith("out of memory after 2 completed steps (") and detail in msg
+    r = trainer.recipe
+    predicted = estimate(r, baseline=fixed_baseline, device="cpu").total
+    assert (f"`peftlab estimate` predicts a peak of {fmt(predicted)} for this recipe (micro_batch_size=4, "
+            "max_seq_len=64)") in msg
+    for key in ("train.micro_batch_size (now 4; raise train.grad_accum, now 1, to keep the batch)",
+                "data.max_seq_len (now 64)", "model.gradient_checkpointing: true", "quantization.mode: nf4",
+                "train.auto_fit: true"):
+        assert key in msg
+    assert f"The last complete checkpoint {out / 'checkpoints' / 'step-0000002'} (step 2) is intact" in msg
+    assert "--set resume=auto" in msg
+
+
+def test_out_of_memory_while_loading_says_nothing_was_written(data_dir, tmp_path, fixed_baseline, monkeypatch):
+    from peftlab import models
+    from peftlab.trainer import train
+
+    def build_model(recipe, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(models, "build_model", build_model)
+    with pytest.raises(PeftlabError, match=r"^out of memory while loading the model and data \(CUDA out of memory.*"
+                                           r"predicts a peak of .*Recipe keys that lower memory: .*Nothing was trained"):
+        train(_oom_recipe(data_dir, tmp_path / "oom-load"), quiet=True)
+
+
+def test_other_runtime_errors_are_not_reported_as_memory(data_dir, tmp_path):
+    trainer = Trainer(_oom_recipe(data_dir, tmp_path / "bug"), quiet=True)
+
+    def broken(model, batch, **kw):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    trainer.loss_fn = broken
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        trainer.train()
