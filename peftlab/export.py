@@ -15,8 +15,13 @@ uploads; without a network it fails with a message that says where the files are
 from __future__ import annotations
 
 import json
+import math
 import os
+import shlex
 import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,73 +91,32 @@ def _convert(gguf: Any, data: np.ndarray, qtype: Any) -> np.ndarray:
     return gguf.quants.quantize(data.astype(np.float32), qtype)
 
 
-def _tokenizer_pre(tokenizer_json: dict[str, Any]) -> str:
-    """llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer.
-
-    llama.cpp recognises pre-tokenizers by name. GPT-2's regex (a ByteLevel pre-tokenizer with
-    ``use_regex``) is ``gpt-2``; the Llama-3 split regex is ``llama-bpe``; anything else gets
-    ``default`` (which llama.cpp treats as Llama-3-like), noted in the export result.
-    """
-    pre = tokenizer_json.get("pre_tokenizer") or {}
-    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    types = [p.get("type") for p in parts]
-    if types == ["ByteLevel"] and parts[0].get("use_regex", True):
-        return "gpt-2"
-    splits = [p for p in parts if p.get("type") == "Split"]
-    if splits and "(?i:'s|'t|'re|'ve|'m|'ll|'d)" in json.dumps(splits[0].get("pattern", {})) \
-            and "\\p{N}{1,3}" in json.dumps(splits[0].get("pattern", {})):
-        return "llama-bpe"
-    return "default"
-
-
 def add_tokenizer(writer: Any, model_dir: Path, vocab_size: int, notes: list[str]) -> None:
     """Tokens, scores, types, merges, special ids and chat template, as convert_hf_to_gguf writes them.
 
-    Byte-level BPE (``tokenizer.json`` with a ByteLevel decoder) is written as llama.cpp's ``gpt2``
-    model; SentencePiece-style BPE with byte fallback (Llama-2, Mistral) as ``llama``. The token
-    list is padded to the embedding rows with ``[PAD{i}]`` tokens of type UNUSED.
+    The vocabulary (:mod:`peftlab.gguf_vocab`): byte-level BPE as llama.cpp's ``gpt2`` model,
+    SentencePiece (``tokenizer.model``, or a tokenizer.json BPE with byte fallback / Unigram) as
+    ``llama`` with SentencePiece's scores and token types. Special ids and merges come from gguf's
+    ``SpecialVocab``; the chat template is the one transformers loads (``chat_template.jinja`` first).
     """
     import gguf
-    from gguf.vocab import BpeVocab, LlamaHfVocab, SpecialVocab
+    from gguf.vocab import SpecialVocab
 
-    tok_json = model_dir / "tokenizer.json"
-    if not tok_json.is_file():
-        raise PeftlabError(f"{model_dir} has no tokenizer.json; GGUF export embeds the tokenizer and reads it "
-                           "from there (save the tokenizer with a fast tokenizer: AutoTokenizer(...).save_pretrained)")
-    tj = json.loads(tok_json.read_text())
-    try:
-        vocab: Any = BpeVocab(model_dir)
-        pre = _tokenizer_pre(tj)
-    except FileNotFoundError:
-        try:
-            vocab = LlamaHfVocab(model_dir)
-            pre = None
-        except (FileNotFoundError, ImportError, ValueError, TypeError) as exc:
-            raise PeftlabError(f"{tok_json}: GGUF export supports byte-level BPE and SentencePiece-style BPE "
-                               f"tokenizers; this one is neither ({exc})") from None
-    tokens, scores, types = [], [], []
-    for text, score, ttype in vocab.all_tokens():
-        tokens.append(text)
-        scores.append(score)
-        types.append(ttype)
-    if len(tokens) > vocab_size:
-        raise PeftlabError(f"the tokenizer has {len(tokens)} tokens but the model only {vocab_size} embedding rows")
-    for i in range(len(tokens), vocab_size):
-        tokens.append(f"[PAD{i}]".encode())
-        scores.append(-1000.0)
-        types.append(gguf.TokenType.UNUSED)
-    writer.add_tokenizer_model(vocab.tokenizer_model)
-    if pre is not None:
-        writer.add_tokenizer_pre(pre)
-        if pre == "default":
-            notes.append("tokenizer pre-tokenizer not recognised; written as 'default' (check tokenization "
-                         "in llama.cpp)")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    special = SpecialVocab(model_dir, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=vocab_size)
+    from peftlab.gguf_vocab import chat_template, read_vocab
+
+    vocab = read_vocab(model_dir, vocab_size)
+    notes.extend(vocab.notes)
+    writer.add_tokenizer_model(vocab.model)
+    writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_scores(vocab.scores)
+    writer.add_token_types(vocab.types)
+    if vocab.add_space_prefix is not None:
+        writer.add_add_space_prefix(vocab.add_space_prefix)
+    special = SpecialVocab(model_dir, load_merges=vocab.model == "gpt2", n_vocab=vocab_size)
+    special.chat_template = chat_template(model_dir)
     special.add_to_gguf(writer, quiet=True)
-    if vocab.tokenizer_model == "gpt2" and not special.merges:
+    if vocab.model == "gpt2" and not special.merges:
         # llama.cpp refuses a gpt2 tokenizer without a merges key; a byte-level vocabulary with no
         # merges (the built-in tokenizer) needs it present and empty.
         writer.add_key_value(gguf.Keys.Tokenizer.MERGES, [], gguf.GGUFValueType.ARRAY,
@@ -176,18 +140,157 @@ def _writer_class():
     return Writer
 
 
+# --------------------------------------------------------------------------------------------------
+# RoPE
+
+
+ROPE_TYPES = ("default", "linear", "llama3")
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _rope_params(config: dict[str, Any]) -> dict[str, Any]:
+    # transformers 5 writes rope_parameters (with rope_theta inside), older versions rope_scaling
+    return config.get("rope_parameters") or config.get("rope_scaling") or {}
+
+
 def _rope_theta(config: dict[str, Any]) -> float:
-    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    return float(params.get("rope_theta") or config.get("rope_theta") or 10000.0)
+    return float(_rope_params(config).get("rope_theta") or config.get("rope_theta") or 10000.0)
 
 
-def _check_rope(config: dict[str, Any]) -> dict[str, Any]:
-    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    kind = params.get("rope_type") or params.get("type") or "default"
-    if kind not in ("default", "linear"):
-        raise PeftlabError(f"rope type {kind!r} is not supported by peftlab's GGUF export yet (default and "
-                           "linear are); use llama.cpp's convert_hf_to_gguf.py on the merged model directory")
-    return params | {"rope_type": kind}
+def _head_dim(config: dict[str, Any]) -> int:
+    return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+
+
+def _rope_kind(config: dict[str, Any]) -> str:
+    params = _rope_params(config)
+    return params.get("rope_type") or params.get("type") or "default"
+
+
+def llama3_rope_factors(config: dict[str, Any]) -> np.ndarray:
+    """The ``rope_freqs`` tensor of a Llama-3.1-style (``rope_type: llama3``) model, as llama.cpp writes it.
+
+    llama.cpp's RoPE divides each rotary pair's angle by this factor (``ggml_rope_ext``'s freq
+    factors): 1 for wavelengths shorter than ``original_max_position_embeddings / high_freq_factor``,
+    ``factor`` for those longer than ``original_max_position_embeddings / low_freq_factor``, and in
+    between the inverse of transformers' smooth interpolation, so ``base_freq / factor_i`` is
+    transformers' llama3 inverse frequency. Base frequencies in float32, as llama.cpp computes them.
+    """
+    params = _rope_params(config)
+    missing = [k for k in LLAMA3_ROPE_KEYS if params.get(k) is None]
+    if missing:
+        raise PeftlabError(f"config.json: rope_type llama3 needs {', '.join(missing)} in rope_scaling / "
+                           "rope_parameters; the config is incomplete")
+    dim = _head_dim(config)
+    factor, low, high = (float(params[k]) for k in LLAMA3_ROPE_KEYS[:3])
+    old_context = float(params["original_max_position_embeddings"])
+    low_wavelen, high_wavelen = old_context / low, old_context / high
+    freqs = 1.0 / (_rope_theta(config) ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factors = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            factors.append(1.0 / ((1.0 - smooth) / factor + smooth))
+    return np.asarray(factors, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# what can be exported, checked before any work
+
+
+def _convert_advice(out: Path, type: str, model: str | None, adapter: str | None, merge_flags: Sequence[str]) -> str:
+    """Commands that export what peftlab's GGUF writer does not cover, with llama.cpp's own converter
+    (``convert_hf_to_gguf.py`` writes f32/f16/bf16/q8_0; other types go through ``llama-quantize``)."""
+    outtype = type if type in ("f32", "f16", "bf16", "q8_0") else "f16"
+    merged = model or str(out.parent / f"{out.stem}-merged")
+    gguf_out = out if outtype == type else out.with_name(f"{out.stem}-{outtype}.gguf")
+    steps = []
+    if adapter:
+        steps.append(shlex.join(["peftlab", "export", "--format", "safetensors", "--adapter", adapter, *merge_flags,
+                                 "--out", merged]))
+    steps.append(shlex.join(["python", "convert_hf_to_gguf.py", merged, "--outfile", str(gguf_out),
+                             "--outtype", outtype]))
+    if outtype != type:
+        steps.append(shlex.join(["llama-quantize", str(gguf_out), str(out), type.upper()]))
+    lead = "merge, then convert with llama.cpp's converter" if adapter else "convert with llama.cpp's converter"
+    return f"{lead} (convert_hf_to_gguf.py is in a llama.cpp checkout): " + "; then ".join(f"`{s}`" for s in steps)
+
+
+def check_gguf_export(model_dir: str | os.PathLike[str], out_file: str | os.PathLike[str], *, type: str = "f16",
+                      overwrite: bool = False, model: str | None = None, adapter: str | None = None,
+                      merge_flags: Sequence[str] = ()) -> dict[str, Any]:
+    """Everything GGUF export refuses, checked before any work; returns the model's config.
+
+    ``model_dir`` holds the config of the model to export (for an adapter: its base, so the check runs
+    before the merge). ``model`` / ``adapter`` / ``merge_flags`` (``--base``, ``--set``, ... as the user
+    gave them) are what the advice in a refusal repeats. Also proves ``out_file``'s directory writable
+    by creating (and removing) a file there.
+    """
+    if type not in GGUF_TYPES:
+        raise PeftlabError(f"--type {type!r}: use one of {', '.join(GGUF_TYPES)}")
+    model_dir, out = Path(model_dir), Path(out_file)
+    if out.suffix != ".gguf":
+        raise PeftlabError(f"--out {out}: a GGUF export is one file; name it *.gguf")
+    if out.is_dir():
+        raise PeftlabError(f"--out {out} is a directory; a GGUF export is one file: name a *.gguf file")
+    if out.exists() and not overwrite:
+        raise PeftlabError(f"--out {out} exists; choose a new file name or pass --overwrite")
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        raise PeftlabError(f"{model_dir} has no config.json; --model must be a merged Hugging Face model directory")
+    config = json.loads(config_file.read_text())
+    advice = _convert_advice(out, type, model or (None if adapter else str(model_dir)), adapter, merge_flags)
+    kind = config.get("model_type")
+    if kind not in LLAMA_LIKE:
+        what = f"the base model of {adapter}" if adapter else str(model_dir)
+        raise PeftlabError(f"GGUF export supports Llama-architecture models ({', '.join(LLAMA_LIKE)}); {what} is "
+                           f"{kind!r}. Instead, {advice}")
+    rope = _rope_kind(config)
+    if rope not in ROPE_TYPES:
+        raise PeftlabError(f"rope type {rope!r} is not supported by peftlab's GGUF export ({', '.join(ROPE_TYPES)} "
+                           f"are). Instead, {advice}")
+    if rope == "llama3":
+        llama3_rope_factors(config)  # refuses an incomplete llama3 config now rather than after a merge
+    _check_writable(out)
+    return config
+
+
+def _check_writable(out: Path) -> None:
+    where = out.parent
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.probe-", dir=where)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise PeftlabError(f"--out {out}: cannot write to {where} ({exc.strerror or exc}); choose a --out in a "
+                           "directory you can write to, or make that directory writable. Nothing was done.") from None
+
+
+@contextmanager
+def _writing(out: Path) -> Iterator[None]:
+    """OS errors while writing the GGUF file (disk full, permissions) as one message about ``out``."""
+    try:
+        yield
+    except OSError as exc:
+        raise PeftlabError(f"--out {out}: writing the GGUF file failed ({exc.strerror or exc}); free space or "
+                           "choose a --out on another disk. No partial file was left.") from None
+
+
+def keep_merged(merged_dir: Path, out: Path) -> Path:
+    """Move an intermediate merged model beside ``out`` (when the export after a merge fails: the merge
+    is kept, not thrown away); returns where it is."""
+    keep = out.parent / f"{out.stem}-merged"
+    n = 1
+    while keep.exists():
+        n += 1
+        keep = out.parent / f"{out.stem}-merged-{n}"
+    os.replace(merged_dir, keep)
+    return keep
 
 
 @dataclass
@@ -195,7 +298,8 @@ class GGUFResult:
     path: Path
     type: str
     tensors: int
-    bytes: int
+    bytes: int  # the file's size: tensors + metadata + tokenizer
+    tensor_bytes: int = 0
     notes: list[str] = field(default_factory=list)
 
 
@@ -207,26 +311,15 @@ def export_gguf(model_dir: str | os.PathLike[str], out_file: str | os.PathLike[s
 
     from peftlab.merge import _iter_checkpoint, checkpoint_shards
 
-    if type not in GGUF_TYPES:
-        raise PeftlabError(f"--type {type!r}: use one of {', '.join(GGUF_TYPES)}")
     model_dir, out = Path(model_dir), Path(out_file)
-    if out.exists() and not overwrite:
-        raise PeftlabError(f"--out {out} exists; choose a new file name or pass --overwrite")
-    if out.suffix != ".gguf":
-        raise PeftlabError(f"--out {out}: a GGUF export is one file; name it *.gguf")
-    config = json.loads((model_dir / "config.json").read_text())
-    if config.get("model_type") not in LLAMA_LIKE:
-        raise PeftlabError(f"GGUF export supports Llama-architecture models ({', '.join(LLAMA_LIKE)}); "
-                           f"{model_dir} is {config.get('model_type')!r}. Use llama.cpp's convert_hf_to_gguf.py "
-                           "on the merged model directory instead.")
-    rope = _check_rope(config)
+    config = check_gguf_export(model_dir, out, type=type, overwrite=overwrite, model=str(model_dir))
+    rope = _rope_kind(config)
     n_layers, n_head = config["num_hidden_layers"], config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads") or n_head
     hidden = config["hidden_size"]
-    head_dim = config.get("head_dim") or hidden // n_head
+    head_dim = _head_dim(config)
     notes: list[str] = []
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     writer = _writer_class()(tmp, "llama")
     try:
@@ -242,9 +335,9 @@ def export_gguf(model_dir: str | os.PathLike[str], out_file: str | os.PathLike[s
             writer.add_key_length(head_dim)
             writer.add_value_length(head_dim)
         writer.add_rope_freq_base(_rope_theta(config))
-        if rope["rope_type"] == "linear":
+        if rope == "linear":
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            writer.add_rope_scaling_factor(float(rope["factor"]))
+            writer.add_rope_scaling_factor(float(_rope_params(config)["factor"]))
         writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
         writer.add_vocab_size(config["vocab_size"])
         writer.add_file_type(_file_type(gguf, type))
@@ -252,6 +345,13 @@ def export_gguf(model_dir: str | os.PathLike[str], out_file: str | os.PathLike[s
         add_tokenizer(writer, model_dir, config["vocab_size"], notes)
 
         # pass 1: names, shapes and types from the shard headers (no tensor data read)
+        extra: list[tuple[str, np.ndarray]] = []
+        if rope == "llama3":
+            # llama.cpp's Llama-3.1 RoPE: one F32 vector of per-pair frequency divisors (convert_hf_to_gguf
+            # writes it as an extra tensor; llama.cpp needs no rope-scaling keys for it)
+            extra.append((f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS]}.weight", llama3_rope_factors(config)))
+        for name, data in extra:
+            writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, raw_dtype=gguf.GGMLQuantizationType.F32)
         tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
         plan: list[tuple[str, str, Any]] = []
         for shard in checkpoint_shards(model_dir):
@@ -269,12 +369,17 @@ def export_gguf(model_dir: str | os.PathLike[str], out_file: str | os.PathLike[s
                     nbytes = _nbytes(gguf, shape, qtype)
                     writer.add_tensor_info(name, _byte_shape(gguf, shape, qtype), _np_dtype(gguf, qtype),
                                            nbytes, raw_dtype=qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
+        with _writing(out):
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
         # pass 2: convert and write one tensor at a time, in the planned order
-        planned = {key: (name, qtype) for key, name, qtype in plan}
         total = 0
+        for _, data in extra:
+            with _writing(out):
+                writer.write_tensor_data(data)
+            total += data.nbytes
+        planned = {key: (name, qtype) for key, name, qtype in plan}
         for key, tensor in _iter_checkpoint(model_dir):
             if key not in planned:
                 continue
@@ -285,16 +390,21 @@ def export_gguf(model_dir: str | os.PathLike[str], out_file: str | os.PathLike[s
             elif key.endswith("k_proj.weight"):
                 data = llama_permute(data, n_head, n_kv)
             converted = _convert(gguf, data, qtype)
-            writer.write_tensor_data(converted)
+            with _writing(out):
+                writer.write_tensor_data(converted)
             total += converted.nbytes
-        writer.close()
-        os.replace(tmp, out)
+        with _writing(out):
+            writer.close()
+            os.replace(tmp, out)
     except BaseException:
-        writer.close()
+        try:
+            writer.close()
+        except OSError:
+            pass  # the write that failed is being reported; closing may fail the same way
         if tmp.exists():
             tmp.unlink()
         raise
-    return GGUFResult(out, type, len(plan), total, notes)
+    return GGUFResult(out, type, len(plan) + len(extra), out.stat().st_size, total, notes)
 
 
 def _byte_shape(gguf: Any, shape: tuple[int, ...], qtype: Any) -> tuple[int, ...]:
