@@ -4,8 +4,10 @@
   GGUF file for llama.cpp-family runtimes, written with the ``gguf`` Python package — tensor names
   as llama.cpp's ``convert_hf_to_gguf.py`` writes them (``token_embd``, ``blk.N.attn_q``, ...,
   ``output_norm``, ``output``), q/k rows permuted the way that script permutes them (HF Llama rotates
-  halves of each head, llama.cpp rotates adjacent pairs), the tokenizer and chat template embedded.
-  Tensors are streamed: one is held in memory at a time.
+  halves of each head, llama.cpp rotates adjacent pairs), Llama-3.1 RoPE scaling as the ``rope_freqs``
+  tensor, the tokenizer (:mod:`peftlab.gguf_vocab`: SentencePiece scores and token types) and the chat
+  template embedded. Everything it would refuse is checked first (``check_gguf_export``; the CLI runs
+  it before merging an adapter). Tensors are streamed: one is held in memory at a time.
 - ``peft``: the adapter alone, validated (and converted from ``.bin`` to safetensors) for PEFT / vLLM.
 - ``safetensors``: the merged model as an HF directory (``peftlab.merge``).
 
