@@ -278,17 +278,34 @@ def cmd_export(args) -> int:
                                overrides=args.set).report
         kind = "merged model"
     else:
+        import shutil
         import tempfile
 
-        from peftlab.merge import merge_adapter
+        from peftlab.merge import merge_adapter, resolve_source
 
-        with tempfile.TemporaryDirectory(prefix=".peftlab-merge-", dir=out.parent if out.parent.exists() else None) \
-                as tmp:
-            model_dir = Path(args.model) if args.model else Path(tmp) / "merged"
-            if args.adapter:
-                report = merge_adapter(args.adapter, model_dir, base=args.base, dtype="fp32",
+        # Everything the export would refuse (architecture, RoPE, --type, an existing or unwritable --out)
+        # is refused now, before a merge that can take long; for an adapter the base's config decides.
+        source = Path(args.model) if args.model else resolve_source(args.adapter, args.base, args.set).base_dir
+        merge_flags = ((["--base", args.base] if args.base else []) + [f"--set={kv}" for kv in args.set]
+                       + (["--base-precision", args.base_precision] if args.base_precision != "trained" else []))
+        export.check_gguf_export(source, out, type=args.type, overwrite=args.overwrite, model=args.model,
+                                 adapter=args.adapter, merge_flags=merge_flags)
+        if args.model:
+            res = export.export_gguf(args.model, out, type=args.type, overwrite=args.overwrite)
+        else:
+            tmp = Path(tempfile.mkdtemp(prefix=".peftlab-merge-", dir=out.parent))
+            try:
+                merged = tmp / "merged"
+                report = merge_adapter(args.adapter, merged, base=args.base, dtype="fp32",
                                        base_precision=args.base_precision, overrides=args.set).report
-            res = export.export_gguf(model_dir, out, type=args.type, overwrite=args.overwrite)
+                try:
+                    res = export.export_gguf(merged, out, type=args.type, overwrite=args.overwrite)
+                except PeftlabError as exc:  # keep the merge: the export can be rerun from it
+                    keep = export.keep_merged(merged, out)
+                    raise PeftlabError(f"{exc} The merged model is kept in {keep}: export it with "
+                                       f"--model {keep} (no second merge).") from None
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         print(f"GGUF ({res.type}, {res.tensors} tensors, {res.bytes / 1e6:.1f} MB) -> {res.path}")
         for note in res.notes:
             print(f"note: {note}")
