@@ -449,8 +449,7 @@ def export_peft(adapter_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
     from safetensors.torch import save_file
     from torch import nn
 
-    from peftlab.adapters.peft_format import _read_weights
-    from peftlab.lora import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
+    from peftlab.lora import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, read_adapter_weights
     from peftlab.merge import RECIPE_NAME, _pattern_value, local_model_dir, read_updates
 
     src, out = Path(adapter_dir), Path(out_dir)
@@ -491,7 +490,7 @@ def export_peft(adapter_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
             notes.append(f"all {len(updates)} modules fit {base_name}")
     if config.get("use_dora"):
         notes.append("DoRA adapter: PEFT loads it; serving engines may not support DoRA (merge it instead)")
-    tensors = {k: v.contiguous() for k, v in _read_weights(src).items()}
+    tensors = {k: v.contiguous() for k, v in read_adapter_weights(src).items()}
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{WEIGHTS_NAME}.tmp-{os.getpid()}"
     save_file(tensors, str(tmp), metadata={"format": "pt"})

@@ -252,9 +252,6 @@ def read_adapter_weights(adapter_dir: str | os.PathLike[str]) -> dict[str, Tenso
     return {_normalise_key(k): v for k, v in weights.items()}
 
 
-_read_weights = read_adapter_weights  # old private name, still imported by export.py (TODO: layout issue)
-
-
 def _key_list(keys: Iterable[str], limit: int = 8) -> str:
     keys = sorted(keys)
     shown = ", ".join(keys[:limit])
