@@ -1,4 +1,5 @@
-"""Host memory of a CPU training process: glibc's allocator made predictable.
+"""The host side of a CPU training process: glibc's allocator made predictable, and OpenMP threads that
+degrade gracefully on a shared machine (see "CPU threads" below).
 
 glibc's ``malloc`` serves a request below its *mmap threshold* from a heap arena and a larger one
 with a private mapping that goes back to the OS at ``free``. The threshold is dynamic: each time a
@@ -21,6 +22,10 @@ libraries it is a no-op.
 from __future__ import annotations
 
 import ctypes
+import math
+import os
+import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
@@ -67,3 +72,93 @@ def bound_host_heap(threshold: int = DEFAULT_THRESHOLD) -> bool:
         _BOUNDED = threshold
         libc.malloc_trim(0)
     return ok
+
+
+# ---- CPU threads ----------------------------------------------------------------------------------
+#
+# torch's CPU kernels run on an OpenMP pool (torch 2.13's wheel bundles GNU libgomp). By default a libgomp
+# thread that waits at a barrier SPINS (GOMP_SPINCOUNT = 300,000 iterations) before it sleeps. When other
+# processes keep the cores busy, the spinning waiters take CPU time from the sibling that still has work,
+# which the OS then deschedules for whole time slices. Measured on this project's 2-core machine
+# (quickstart model, 2 threads, seconds per step; figures and conditions in bench/RESULTS.md): with one
+# `yes` per core on an already loaded machine 11-13 s (max 24 s) by default, 1.0-1.1 s with
+# OMP_WAIT_POLICY=PASSIVE (waiters sleep at once), 1.5-2.5 s with 1 thread; with two `yes` per core,
+# interleaved, 1.2-3.7 s (max 7.4 s) by default against 0.56-1.07 s passive; lightly loaded, passive costs
+# 0.05-0.1 s of ~0.2 s. Passive is therefore the default; a user's OMP_WAIT_POLICY / GOMP_SPINCOUNT wins
+# (GOMP_SPINCOUNT=1000, a short spin, measured as good under load and slightly faster lightly loaded).
+# libgomp reads these variables ONCE, when it is loaded — i.e. when torch is imported; set later they
+# change nothing (measured: 9.0 s, as the default). So the CLI calls configure_openmp_wait_policy() before
+# anything imports torch, and the trainer reports what is in effect.
+
+WAIT_POLICY_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+_WAIT_POLICY_SET: str | None = None  # what configure_openmp_wait_policy() set, when it set something
+
+
+def openmp_runtime_loaded() -> bool:
+    """Whether an OpenMP runtime (libgomp, Intel's libiomp, LLVM's libomp) is already mapped into this
+    process — from then on its environment variables have been read."""
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    except OSError:  # no /proc: torch loads the runtime, so its import is the moment
+        return "torch" in sys.modules
+    return any(lib in maps for lib in ("libgomp", "libiomp", "libomp"))
+
+
+def configure_openmp_wait_policy(environ: MutableMapping[str, str] = os.environ) -> str | None:
+    """Make waiting OpenMP threads sleep instead of spin (``OMP_WAIT_POLICY=PASSIVE``) — unless the user
+    chose a policy (``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` set) or the runtime is already loaded (too
+    late: it read its environment then). Call it before torch is imported; returns what it set, or None.
+    Child processes (DeepSpeed ranks, the memory planner's probe) inherit the choice."""
+    global _WAIT_POLICY_SET
+    if any(k in environ for k in WAIT_POLICY_ENV) or openmp_runtime_loaded():
+        return None
+    environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    _WAIT_POLICY_SET = "PASSIVE"
+    return _WAIT_POLICY_SET
+
+
+def openmp_wait_policy() -> str:
+    """What OpenMP's wait policy is in this process, in words (for the trainer's start-up line)."""
+    env = {k: os.environ[k] for k in WAIT_POLICY_ENV if k in os.environ}
+    if _WAIT_POLICY_SET is not None and env.get("OMP_WAIT_POLICY") == _WAIT_POLICY_SET:
+        return "passive (waiting threads sleep; peftlab's default, OMP_WAIT_POLICY overrides it)"
+    if env:
+        return ", ".join(f"{k}={v}" for k, v in env.items()) + " (from the environment)"
+    return ("libgomp's default: waiting threads spin first (slow when other processes keep the cores busy; "
+            "set OMP_WAIT_POLICY=passive before starting)")
+
+
+def cpu_budget() -> int:
+    """CPUs this process may use: its affinity mask (taskset, SLURM), capped by a cgroup v2 CPU quota
+    (a container's ``--cpus``) — torch's default pool has one thread per core it can SEE, which in a
+    container with a quota oversubscribes what it may use."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = _cgroup_cpu_max().split()[:2]
+        if quota != "max":
+            n = min(n, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def _cgroup_cpu_max() -> str:
+    """cgroup v2's ``cpu.max`` of this process's cgroup ("QUOTA PERIOD" or "max PERIOD"); OSError where
+    absent (cgroup v1, the root cgroup, no /sys)."""
+    with open("/proc/self/cgroup") as f:
+        path = next((line.strip()[3:] for line in f if line.startswith("0::")), "/")
+    with open(os.path.join("/sys/fs/cgroup", path.lstrip("/"), "cpu.max")) as f:
+        return f.read()
+
+
+def choose_cpu_threads(requested: int | None, current: int) -> tuple[int, str]:
+    """(threads for torch's intra-op pool, why): ``train.threads`` when set; else torch's current pool
+    (its default, or ``OMP_NUM_THREADS``) capped at :func:`cpu_budget`."""
+    if requested:
+        return requested, "train.threads"
+    budget = cpu_budget()
+    if current > budget:
+        return budget, f"the {budget} CPU(s) this process may use (affinity / cgroup quota)"
+    source = "OMP_NUM_THREADS" if "OMP_NUM_THREADS" in os.environ else "torch's default"
+    return current, f"{source}; train.threads sets it"

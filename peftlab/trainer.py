@@ -159,8 +159,12 @@ class Trainer:
         self._check_output_dir()
         self.ckpt_root = ckpt.safe_subpath(self.out_dir, recipe.checkpoint.dir, what="checkpoint.dir")
         resume_from = self._resume_checkpoint()
-        if recipe.train.threads:
-            torch.set_num_threads(recipe.train.threads)
+        from peftlab.hostmem import choose_cpu_threads
+
+        # train.threads, else torch's pool capped at the CPUs this process may use (reported at start-up)
+        self.cpu_threads = choose_cpu_threads(recipe.train.threads, torch.get_num_threads())
+        if self.cpu_threads[0] != torch.get_num_threads():
+            torch.set_num_threads(self.cpu_threads[0])
         seed_everything(recipe.train.seed)
         from peftlab import freezing
 
@@ -651,6 +655,11 @@ class Trainer:
             f"{total:,} parameters")
         say(f"data: {len(self.data.train)} train rows, {len(self.data.eval or [])} eval rows, "
             f"{self.total_steps} optimizer steps of {r.train.micro_batch_size}x{r.train.grad_accum}")
+        if self.device.type == "cpu":
+            from peftlab.hostmem import openmp_wait_policy
+
+            threads, why = self.cpu_threads
+            say(f"cpu: {threads} thread(s) ({why}); OpenMP wait policy: {openmp_wait_policy()}")
         before: dict[str, Any] = {}
         if r.train.eval_at_start and self.resumed_from is None:
             before = self.evaluate()

@@ -201,6 +201,8 @@ def test_plot_false_names_no_loss_curve(data_dir, tmp_path, capsys):
     said = capsys.readouterr().out
     assert f"adapter (PEFT format): {out / 'adapter'}\nmetrics: {out / 'metrics.jsonl'}\n" in said
     assert "loss_curve" not in said and not (out / "loss_curve.png").exists()
+    # the start-up line says how many CPU threads run and how they wait (see test_cpu_threads.py)
+    assert f"\ncpu: {torch.get_num_threads()} thread(s) (" in said and "); OpenMP wait policy: " in said
 
 
 # ---- running out of memory ----------------------------------------------------------------------------
