@@ -42,11 +42,9 @@ from peftlab.errors import PeftlabError
 
 from .nf4 import (
     _HAS_TRITON,
-    bnb_cpu_dequant_is_exact,
+    dequantize_4bit,
     nf4_dequantize,
-    packed_bytes,
     quant_kernel_args,
-    reference_nf4_dequantize,
     triton_is_interpreted,
     use_triton,
 )
@@ -344,20 +342,13 @@ def _apply_dropout(x: torch.Tensor, mask: torch.Tensor | None, p: float) -> torc
 def dequantize_base_weight(base: _Base, dtype: torch.dtype) -> torch.Tensor:
     """The base weight as a (N, K) tensor in ``dtype`` — bitsandbytes' dequant, once, no extra copies.
 
-    Uses ``bitsandbytes.functional.dequantize_4bit`` (its fast C/CUDA kernels) except where bitsandbytes 0.50
-    is wrong on CPU (see ``kernels/nf4.py``); there the bit-exact PyTorch reference takes over.
+    :func:`peftlab.kernels.nf4.dequantize_4bit`: bitsandbytes' fast C/CUDA kernels with peftlab's conventions
+    (the bit-exact reference where bitsandbytes 0.50 is wrong on CPU; FP4's negative zero kept).
     """
     if not base.quantized:
         w = base.weight.detach()
         return w if w.dtype == dtype else w.to(dtype)
-    qs = base.quant_state
-    codes = packed_bytes(base.weight)
-    if bnb_cpu_dequant_is_exact(qs, codes.device) and codes.numel() > 1:
-        import bitsandbytes.functional as bnbF
-
-        w = bnbF.dequantize_4bit(base.weight.data.reshape(-1, 1), qs)
-    else:
-        w = reference_nf4_dequantize(base.weight, qs)
+    w = dequantize_4bit(base.weight.data, base.quant_state)
     return w if w.dtype == dtype else w.to(dtype)
 
 

@@ -474,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from peftlab.hostmem import configure_openmp_wait_policy
+
+    configure_openmp_wait_policy()  # libgomp reads OMP_WAIT_POLICY once, when torch loads it: before that
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

@@ -307,12 +307,14 @@ def trained_weight(weight: Tensor, quant: BaseQuant) -> Tensor:
     bitsandbytes exactly as ``Params4bit`` does when transformers loads the model (fp32 result)."""
     import bitsandbytes.functional as bnbf
 
+    from peftlab.kernels.nf4 import dequantize_4bit
+
     storage = {"uint8": torch.uint8, "bfloat16": torch.bfloat16, "float16": torch.float16,
                "float32": torch.float32}[quant.quant_storage]
     w = weight.to(quant.load_dtype).contiguous()
     packed, state = bnbf.quantize_4bit(w, blocksize=quant.blocksize, compress_statistics=quant.double_quant,
                                        quant_type=quant.mode, quant_storage=storage)
-    return bnbf.dequantize_4bit(packed, state).float()
+    return dequantize_4bit(packed, state).float()  # peftlab's conventions: the bits every backend gives
 
 
 # --------------------------------------------------------------------------------------------------

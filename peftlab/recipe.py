@@ -125,9 +125,9 @@ class TrainConfig(Section):
     """Before training, shrink micro_batch_size (raising grad_accum) and then max_seq_len until the
     memory planner (``peftlab estimate``) says the run fits the free device / host memory."""
     threads: int | None = Field(None, gt=0)
-    """CPU threads of torch's intra-op pool (``torch.set_num_threads``); None: torch's default, one per
-    core. On a machine shared with other work use fewer than its cores: OpenMP threads wait for
-    descheduled siblings (measured on 2 busy cores: a tiny-model step 8.5 s with 2 threads, 0.2 s with 1)."""
+    """CPU threads of torch's intra-op pool (``torch.set_num_threads``); None: torch's default capped at the
+    CPUs the process may use (affinity, cgroup quota). peftlab's CLI makes waiting OpenMP threads sleep
+    (``OMP_WAIT_POLICY=passive`` unless set), so a machine shared with other work slows a run gracefully."""
     host_allocator: Literal["default", "bounded"] = "default"
     """CPU runs: ``default`` keeps the C library's adaptive allocator (fastest; its heap keeps freed
     activations); ``bounded`` fixes glibc's mmap threshold at 1 MiB so freed tensors go back to the

@@ -805,6 +805,10 @@ class Trainer:
         # every training setting) travels beside it, so `peftlab eval/generate/merge DIR` rebuild the
         # exact model that was trained.
         dump_recipe(self.resolved_recipe(), path / "peftlab_recipe.yaml")
+        # The chat template training rendered with travels with the adapter (eval/generate/merge/GGUF use it).
+        from peftlab.adapters.chat_template import save_chat_template, training_template
+
+        save_chat_template(path, training_template(self.tokenizer, self.recipe.data.template))
         from peftlab.freezing import save_unfrozen
 
         save_unfrozen(self.model, self.unfrozen, path)

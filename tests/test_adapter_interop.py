@@ -111,8 +111,8 @@ def test_eval_and_generate_refuse_what_they_cannot_do(peft_adapter, data_dir, tm
 @pytest.fixture(scope="module")
 def chatml_run(tmp_path_factory, data_dir):
     """A run that renders its data with data.template: chatml (the tokenizer's own template is Llama-3 style)."""
-    from peftlab.trainer import train
     from peftlab.recipe import recipe_from_dict
+    from peftlab.trainer import train
 
     root = tmp_path_factory.mktemp("chatml")
     raw = tiny_recipe_dict(data_dir, root / "out", data={"template": "chatml", "max_seq_len": 160},
@@ -140,7 +140,7 @@ def test_the_training_template_travels_with_the_adapter(chatml_run, data_dir):
     recipe, adapter = chatml_run
     saved = (adapter / "chat_template.jinja").read_text()
     assert saved == "{{ bos_token }}" + NAMED_TEMPLATES["chatml"]  # BOS: the tokenizer's convention, made explicit
-    want, data = _training_prompt_ids(recipe)
+    want, _ = _training_prompt_ids(recipe)
     user = json.loads((data_dir / "eval.jsonl").read_text().splitlines()[0])["messages"][-2]["content"]
     loaded = build_model(recipe_for_adapter(adapter), adapter_dir=adapter, trainable=False)
     assert loaded.tokenizer.chat_template == saved

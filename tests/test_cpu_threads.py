@@ -69,3 +69,26 @@ def test_thread_count_is_capped_at_the_cpus_the_process_may_use(monkeypatch):
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity on this platform")
 def test_budget_of_this_process_is_its_affinity_at_most():
     assert 1 <= hostmem.cpu_budget() <= len(os.sched_getaffinity(0))
+
+
+def test_the_cli_sets_the_policy_before_torch_loads():
+    """`peftlab ...` (peftlab.cli.main) chooses the policy before anything imports torch."""
+    script = "\n".join([
+        "import sys",
+        "from peftlab.cli import main",
+        "assert 'torch' not in sys.modules, 'importing the CLI loaded torch (and its OpenMP runtime)'",
+        "try:",
+        "    main(['--help'])",
+        "except SystemExit:",
+        "    pass",
+        "import torch",
+        "torch.ones(4) + 1",
+        "from peftlab.hostmem import openmp_wait_policy",
+        "print('policy:', openmp_wait_policy())",
+    ])
+    full = {k: v for k, v in os.environ.items() if k not in hostmem.WAIT_POLICY_ENV}
+    full["OMP_DISPLAY_ENV"] = "verbose"
+    p = subprocess.run([sys.executable, "-P", "-c", script], env=full, capture_output=True, text=True, check=True,
+                       timeout=120)
+    assert "policy: passive" in p.stdout
+    assert "GOMP_SPINCOUNT = '0'" in p.stderr, p.stderr[-2000:]

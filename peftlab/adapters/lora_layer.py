@@ -57,13 +57,13 @@ def base_weight_fp32(layer: nn.Module) -> Tensor:
     """The base layer's weight as a dense fp32 [out, in] tensor (NF4/FP4 dequantised), no grad."""
     with torch.no_grad():
         if is_4bit(layer):
-            import bitsandbytes.functional as bnbf
+            from peftlab.kernels.nf4 import dequantize_4bit
 
             weight = layer.weight
             quant_state = weight.quant_state
             if getattr(quant_state, "packing_format_for_cpu", False):
                 return _unpack_cpu_packed_nf4(weight.data, quant_state)
-            return bnbf.dequantize_4bit(weight.data, quant_state).float()
+            return dequantize_4bit(weight.data, quant_state).float()
         if _is_8bit(layer):
             raise PeftlabError(
                 f"{type(layer).__name__} holds an 8-bit weight: DoRA and merging need a dense or 4-bit base. "
