@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO_ROOT, append_jsonl, print_table  # noqa: E402
+from common import REPO_ROOT, append_jsonl, print_table
 
 WAIT_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 SETTINGS: dict[str, tuple[int, dict[str, str]]] = {
