@@ -41,7 +41,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def micro_dir() -> Path:
     """The built-in micro model's directory (built once per machine, no pre-training: seconds)."""
-    from peftlab.builtin import resolve_builtin
+    from peftlab.model.builtin import resolve_builtin
 
     return resolve_builtin("builtin:micro-llama")
 
@@ -49,6 +49,6 @@ def micro_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
     """The built-in tiny model's directory (the quickstart's base; built once per machine)."""
-    from peftlab.builtin import resolve_builtin
+    from peftlab.model.builtin import resolve_builtin
 
     return resolve_builtin("builtin:tiny-llama")

@@ -1,6 +1,9 @@
 """Shared builders for tests: recipes over the built-in models and generated quickstart data."""
 from __future__ import annotations
 
+import json
+import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,3 +40,30 @@ def tiny_recipe_dict(data_dir: Path, out_dir: Path, **sections: dict[str, Any]) 
     for key, value in sections.items():
         raw.setdefault(key, {}).update(value)
     return raw
+
+
+# ---- multi-process runs (torchrun / the DeepSpeed launcher on CPU, gloo) ----
+
+TORCHRUN_TIMEOUT_S = 300
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(PYTHONSAFEPATH="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", PEFTLAB_JOIN_TIMEOUT="60")
+    return env
+
+
+def ds_config(name: str) -> str:
+    return str(REPO / "recipes" / "deepspeed" / f"{name}.json")
+
+
+def train_losses(out: Path) -> list[float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["split"] == "train"]

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peftlab.cli import build_parser
-from peftlab.recipe import reference_markdown
+from peftlab.cli.main import build_parser
+from peftlab.recipe.schema import reference_markdown
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -16,7 +16,7 @@ def test_recipe_reference_matches_the_schema():
     documented = text.split(start, 1)[1].split(end, 1)[0]
     assert documented == reference_markdown(), (
         "README.md's recipe reference is stale: regenerate it with "
-        "`python -P -c 'from peftlab.recipe import reference_markdown; print(reference_markdown())'`")
+        "`python -P -c 'from peftlab.recipe.schema import reference_markdown; print(reference_markdown())'`")
 
 
 def test_readme_shows_the_two_commands_and_every_cli_subcommand():

@@ -1,2 +1,5 @@
-"""Adapters: LoRA layers (``lora_layer``), injection into models (``lora_inject``) and the PEFT file
-format (``peft_format``). The public API is re-exported by :mod:`peftlab.lora`."""
+"""LoRA, the only LoRA API: layers (``lora_layer``), injection into a model's module instances
+(``lora_inject``), the PEFT file format (``peft_format``), the delta/merge arithmetic (``arithmetic``),
+which layers train and with which learning rates (``freezing``), and the chat template that travels
+with an adapter (``chat_template``).
+"""

@@ -219,7 +219,7 @@ def inject_lora(
     check_backend(kernel_backend)
     if lora_modules(model):
         raise PeftlabError(
-            "the model already has LoRA layers; call peftlab.lora.remove_lora(model) or merge_lora(model) "
+            "the model already has LoRA layers; call peftlab.adapters.lora_inject.remove_lora(model) or merge_lora(model) "
             "before injecting again."
         )
     names = select_target_modules(

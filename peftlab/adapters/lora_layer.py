@@ -250,14 +250,14 @@ class LoraLinear(nn.Module):
 
         The unmerged weight is kept (one extra copy of the base weight) so :meth:`unmerge` restores it
         bit for bit; subtracting ``ΔW`` again, as PEFT does, would not. 4-bit bases cannot be merged in
-        place: :func:`peftlab.lora.merge_lora` replaces them by dense layers instead.
+        place: :func:`peftlab.adapters.lora_inject.merge_lora` replaces them by dense layers instead.
         """
         if self.merged:
             return
         if is_4bit(self.base_layer) or _is_8bit(self.base_layer):
             raise PeftlabError(
                 "a quantized base weight cannot hold the merged update in place; use "
-                "peftlab.lora.merge_lora(model), which replaces the layer by a dense nn.Linear."
+                "peftlab.adapters.lora_inject.merge_lora(model), which replaces the layer by a dense nn.Linear."
             )
         weight = self.base_layer.weight
         with torch.no_grad():

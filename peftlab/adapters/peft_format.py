@@ -85,7 +85,7 @@ def adapter_config(model: nn.Module, *, base_model_name_or_path: str, **extra: A
     """
     modules = lora_modules(model)
     if not modules:
-        raise PeftlabError("the model has no LoRA layers; call peftlab.lora.inject_lora(model, ...) first.")
+        raise PeftlabError("the model has no LoRA layers; call peftlab.adapters.lora_inject.inject_lora(model, ...) first.")
     for flag in ("use_dora", "use_rslora"):
         if len({getattr(m, flag) for m in modules.values()}) > 1:
             raise PeftlabError(

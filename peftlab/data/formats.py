@@ -224,7 +224,7 @@ def row_weight(row: Mapping[str, Any], fields: Mapping[str, str]) -> float:
     """The row's sample weight: column ``weight`` (or ``fields: {weight: <column>}``), 1.0 when absent.
 
     It multiplies the row's loss (with the dataset's ``loss_weight``); the step loss is normalised by
-    the summed weights, so weight 2 is the same as the row appearing twice (see peftlab.loss).
+    the summed weights, so weight 2 is the same as the row appearing twice (see peftlab.objectives.causal_lm).
     """
     import math
 

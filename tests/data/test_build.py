@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from peftlab.builtin import build_tokenizer
 from peftlab.data import DataConfig, build_data, collate, preview
 from peftlab.errors import PeftlabError
+from peftlab.model.builtin import build_tokenizer
 
 IGNORE = -100
 
@@ -212,7 +212,7 @@ def test_bad_json_line_follows_on_bad_rows(tmp_path, tok):
 def test_non_utf8_through_the_cli(tmp_path, capsys):
     import yaml
 
-    from peftlab.cli import main
+    from peftlab.cli.main import main
 
     (tmp_path / "l.jsonl").write_bytes(LATIN1)
     recipe = {"model": {"name": "builtin:micro-llama"}, "data": {"train": ["l.jsonl"], "max_seq_len": 64}}

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from peftlab.builtin import build_tokenizer
 from peftlab.data import DataConfig, build_data
 from peftlab.data.config import DataConfig as _DC
+from peftlab.model.builtin import build_tokenizer
 
 ROWS = [{"messages": [{"role": "user", "content": f"q{k}"}, {"role": "assistant", "content": "a" * (k + 1)}]}
         for k in range(12)]

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from peftlab.builtin import build_tokenizer
 from peftlab.data import DataConfig, build_data
 from peftlab.data.formats import BadRow, detect_format, to_record
 from peftlab.errors import PeftlabError
+from peftlab.model.builtin import build_tokenizer
 
 IGNORE = -100
 
@@ -273,7 +273,7 @@ def test_true_false_classification_still_trains(tmp_path, tok):
 def test_kto_refusal_through_the_cli(tmp_path, capsys):
     import yaml
 
-    from peftlab.cli import main
+    from peftlab.cli.main import main
 
     (tmp_path / "kto.jsonl").write_text(json.dumps({"prompt": "Q", "completion": "bad answer", "label": False}) + "\n")
     recipe = {"model": {"name": "builtin:micro-llama"}, "quantization": {"mode": "none"},

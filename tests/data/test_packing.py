@@ -85,7 +85,7 @@ def test_collate_refuses_leaky_attention():
 def tiny_model():
     from transformers import AutoModelForCausalLM
 
-    from peftlab.builtin import resolve_builtin
+    from peftlab.model.builtin import resolve_builtin
 
     model = AutoModelForCausalLM.from_pretrained(resolve_builtin("builtin:tiny-llama"), dtype=torch.float32)
     return model.eval()

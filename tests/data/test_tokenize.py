@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peftlab.builtin import build_tokenizer
 from peftlab.data.collate import collate
 from peftlab.data.formats import BadRow
 from peftlab.data.tokenize import IGNORE_INDEX, Encoder, labels_from_spans
+from peftlab.model.builtin import build_tokenizer
 
 CHAT = [
     {"role": "system", "content": "Be brief."},

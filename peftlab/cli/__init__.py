@@ -1,0 +1,2 @@
+"""The ``peftlab`` command line (``main``); ``python -m peftlab.cli`` runs it too.
+"""

@@ -1,0 +1,143 @@
+"""The optimisation engine: backward, gradient clipping, optimizer and scheduler steps.
+
+The trainer talks to an engine through four calls — ``backward(loss)``, ``step()``, ``state_dict()``,
+``load_state_dict()`` — so that the single-process PyTorch engine here and the DeepSpeed engine
+(:mod:`peftlab.engine.deepspeed`, ZeRO 1/2/3) are interchangeable without touching the loop.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftlab.errors import PeftlabError
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def build_optimizer(params: list[nn.Parameter], train: Any, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW from torch, or bitsandbytes' 8-bit / paged AdamW (``train.optimizer``)."""
+    if not params:
+        raise PeftlabError("nothing to train: no parameter requires grad (check adapter.target_modules)")
+    kw = {"lr": train.lr, "betas": tuple(train.betas), "eps": train.eps, "weight_decay": train.weight_decay}
+    if train.optimizer == "adamw":
+        # foreach kernels on CPU, fused on CUDA; both are exact AdamW.
+        fused = device.type == "cuda"
+        return torch.optim.AdamW(params, fused=fused, **kw)
+    if device.type != "cuda":
+        raise PeftlabError(
+            f"train.optimizer={train.optimizer} needs a CUDA GPU (bitsandbytes' 8-bit and paged optimizers "
+            "have no CPU implementation); use train.optimizer: adamw on the CPU"
+        )
+    import bitsandbytes as bnb
+
+    cls = {
+        "adamw_8bit": bnb.optim.AdamW8bit,
+        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+        "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
+    }[train.optimizer]
+    return cls(params, **kw)
+
+
+def lr_lambda(kind: str, warmup: int, total: int):
+    """Multiplier of the peak lr at optimizer step ``s`` (0-based; applied after step s)."""
+
+    def f(s: int) -> float:
+        if warmup and s < warmup:
+            return (s + 1) / warmup
+        if kind == "constant" or total <= warmup:
+            return 1.0
+        progress = min(1.0, (s - warmup) / max(1, total - warmup))
+        if kind == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def warmup_steps(train: Any, total_steps: int) -> int:
+    if train.warmup_steps is not None:
+        return train.warmup_steps
+    return math.ceil(train.warmup_ratio * total_steps)
+
+
+@dataclass
+class StepResult:
+    grad_norm: float
+    skipped: bool  # a non-finite gradient: the update was not applied
+
+
+class LocalEngine:
+    """One process, one device: plain PyTorch autograd + optimizer."""
+
+    def __init__(self, model: nn.Module, train: Any, total_steps: int, device: torch.device,
+                 param_groups: list[dict[str, Any]] | None = None):
+        """``param_groups`` (peftlab.freezing.optimizer_param_groups): per-group learning rates (LoRA+,
+        unfrozen modules), each with ``lr_scale`` = its lr / train.lr; None: one group at train.lr."""
+        self.model = model
+        self.train = train
+        # Mixed-precision loss scaling (fp16) would live here; fp32/bf16 training needs none. Checkpoints
+        # save and restore it whenever it is set.
+        self.scaler: torch.amp.GradScaler | None = None
+        self.params = trainable_parameters(model)
+        self.optimizer = build_optimizer(param_groups if param_groups else self.params, train, device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(train.scheduler, warmup_steps(train, total_steps), total_steps)
+        )
+        self.max_grad_norm = train.max_grad_norm
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, *, skip: bool = False) -> StepResult:
+        """Clip and apply the accumulated gradients — unless their norm is not finite or the caller says
+        ``skip`` (a non-finite loss): then the update is dropped (weights and optimizer moments untouched),
+        the schedule still advances, and the result says ``skipped``."""
+        grads = [p.grad.detach() for p in self.params if p.grad is not None]
+        if not grads:
+            norm_f = 0.0
+        elif self.max_grad_norm is not None and not skip:
+            norm_f = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
+        else:
+            norm_f = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+        skipped = skip or not math.isfinite(norm_f)
+        if not skipped:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(norm_f, skipped)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore optimizer moments, schedule position and loss scale from a checkpoint.
+
+        The hyperparameters come from the *current* recipe (a resumed run may lower ``train.lr`` after a
+        loss spike, or extend ``max_steps``): the learning rate is recomputed exactly as the scheduler
+        would — peak lr x schedule(step) — so an unchanged recipe continues bit for bit.
+        """
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        t = self.train
+        self.scheduler.base_lrs = [t.lr * g.get("lr_scale", 1.0) for g in self.optimizer.param_groups]
+        for group, lam, base_lr in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas,
+                                       self.scheduler.base_lrs):
+            group["initial_lr"] = base_lr
+            group["lr"] = base_lr * lam(self.scheduler.last_epoch)
+            for key, value in (("betas", tuple(t.betas)), ("eps", t.eps), ("weight_decay", t.weight_decay)):
+                if key in group:
+                    group[key] = value
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]

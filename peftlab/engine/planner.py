@@ -1,0 +1,578 @@
+"""The memory planner behind ``peftlab estimate``: predicted peak memory of a run, by component.
+
+Everything comes from the model's config: the model is built on the meta device (no memory, any
+architecture transformers knows), its linears are swapped for 4-bit ones and LoRA is injected exactly
+as a real run does, so weight and adapter sizes are counted, not guessed. Activations follow what
+autograd keeps per decoder layer in a QLoRA step (see :func:`activation_bytes_per_token`); the peak
+is at the end of the forward pass, when every layer's saved tensors, the loss head's buffers and the
+first backward temporaries are alive together.
+
+On a GPU "device memory" is what the CUDA allocator holds plus the CUDA context; on the CPU it is the
+process's peak resident set (:func:`peak_rss_bytes`), which also holds the Python + torch + transformers +
+bitsandbytes baseline — measured once per environment in a fresh interpreter that imports what
+``peftlab train`` imports (cached under the peftlab cache), not a constant from another machine.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from peftlab.errors import PeftlabError
+
+GiB = 1 << 30
+MiB = 1 << 20
+CUDA_CONTEXT_BYTES = 500 * MiB  # CUDA context + cuBLAS workspace outside the caching allocator (typ. 0.3-0.6 GiB)
+# Host-side working set of a CPU run beyond the live tensors the components count.
+# - train.host_allocator: bounded (peftlab/hostmem.py): every tensor >= 1 MiB is its own mapping and
+#   goes back to the OS when freed; what remains is heap kept for small tensors and page rounding:
+#   a small fraction of what the step allocates.
+# - default (glibc's adaptive threshold): the heap keeps freed activation blocks, fragmented by the
+#   tensors that stay alive. Measured (bench/bench_estimate.py, bench/scale.py: default minus bounded
+#   peak of the same run) it holds CPU_HEAP_RETENTION x (hidden + intermediate) activations of every
+#   layer for every token, with or without gradient checkpointing, where the factor was 3.6-5.2 across
+#   a 100M Llama fp32 (1k-4k tokens), Llama-3.2-1B and Llama-3.1-8B bf16: an empirical figure fitted
+#   to those runs (4.5: within ±15% of each), not a derivation. bounded needs no such term.
+CPU_ALLOCATOR_SLACK = 0.05
+CPU_HEAP_RETENTION = 4.5
+
+
+def peak_rss_bytes() -> int:
+    """This process's own peak resident set: ``VmHWM`` of /proc/self/status.
+
+    Not ``getrusage(RUSAGE_SELF).ru_maxrss``: on Linux execve carries the high-water mark of the
+    forked copy of the parent over into the child's ``ru_maxrss``, so a child started by a 1.5 GB
+    process reports >= 1.5 GB whatever it used itself (measured). Falls back to ``ru_maxrss`` where
+    /proc is absent."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def parse_size(text: str) -> int:
+    """'24GiB', '24GB', '500MiB', '1.5T', '123456' -> bytes (GB = 10^9, GiB = 2^30)."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*", text, flags=re.IGNORECASE)
+    if not m:
+        raise PeftlabError(f"--device-memory {text!r}: expected a size such as 24GiB, 80GB or 16000MiB")
+    value, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
+    power = "KMGT".index(unit) + 1 if unit else 0
+    return int(value * ((1024 if binary or not unit else 1000) ** power))
+
+
+def fmt(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB / 4 else f"{n / MiB:.1f} MiB"
+
+
+# ---- the model, on meta ---------------------------------------------------------------------------
+
+
+@dataclass
+class ModelShape:
+    """What the planner needs to know about the model, counted on a meta-device instance."""
+
+    model_type: str
+    n_layers: int
+    hidden: int
+    intermediate: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab: int
+    base_weight_bytes: int          # 4-bit packed + quant states + dense params + buffers
+    quantized_params: int
+    dense_params: int
+    largest_linear: int             # elements of the largest 4-bit linear weight (dequantised in backward)
+    lora_params: int
+    lora_modules_per_layer: dict[str, int] = field(default_factory=dict)  # input width of each LoRA layer
+    lora_r: int = 16
+
+
+def _quantized_bytes(n: int, blocksize: int, double_quant: bool) -> int:
+    packed = (n + 1) // 2
+    blocks = math.ceil(n / blocksize)
+    if double_quant:  # uint8 absmax + fp32 absmax per 256 of them + 16-entry 4-bit code + 256-entry 8-bit code + offset
+        return packed + blocks + 4 * math.ceil(blocks / 256) + 16 * 4 + 256 * 4 + 4
+    return packed + 4 * blocks + 16 * 4
+
+
+def model_shape(recipe: Any, dtype: torch.dtype = torch.float32) -> ModelShape:
+    """Build the recipe's model on the meta device (+ 4-bit swap, + LoRA) and count it."""
+    from peftlab.model.load import resolve_model_path
+    from peftlab.model.quantized_load import QuantSettings, empty_model, load_config, swap_linears_for_4bit
+
+    path = resolve_model_path(recipe.model.name, revision=recipe.model.revision)
+    try:
+        config = load_config(path, trust_remote_code=recipe.model.trust_remote_code)
+    except PeftlabError:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path, revision=recipe.model.revision,
+                                            trust_remote_code=recipe.model.trust_remote_code)
+    model = empty_model(config, dtype=dtype, attn_implementation="eager",
+                        trust_remote_code=recipe.model.trust_remote_code)
+    q = recipe.quantization
+    swapped: set[str] = set()
+    if q.mode != "none":
+        swapped = set(swap_linears_for_4bit(model, QuantSettings.from_recipe(q, dtype)))
+    from peftlab.adapters.lora_inject import inject_lora
+
+    a = recipe.adapter
+    with torch.device("meta"):
+        names = inject_lora(model, r=a.r, alpha=a.alpha, dropout=a.dropout, target_modules=a.target_modules,
+                                 use_rslora=a.rslora, use_dora=a.dora, layers=a.layers)
+    quantized = dense = base_bytes = largest = lora_params = 0
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        for attr, p in module._parameters.items():
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            full = f"{name}.{attr}"
+            if "lora_" in full:
+                lora_params += p.numel()
+                continue
+            if name.removesuffix(".base_layer") in swapped and attr == "weight":
+                n = int(module.in_features) * int(module.out_features)
+                quantized += n
+                largest = max(largest, n)
+                base_bytes += _quantized_bytes(n, q.blocksize, q.double_quant)
+            else:
+                dense += p.numel()
+                base_bytes += p.numel() * dtype.itemsize
+    base_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
+    if not swapped:
+        largest = 0
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n_heads = text.num_attention_heads
+    hidden = text.hidden_size
+    head_dim = getattr(text, "head_dim", None) or hidden // n_heads
+    per_layer: dict[str, int] = {}
+    layer0 = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.0\.(.+)$")
+    for n in names:
+        m = layer0.search(n)
+        if m:
+            per_layer[m.group(1)] = int(model.get_submodule(n).in_features)
+    return ModelShape(
+        model_type=config.model_type, n_layers=text.num_hidden_layers, hidden=hidden,
+        intermediate=getattr(text, "intermediate_size", None) or 4 * hidden, n_heads=n_heads,
+        n_kv_heads=getattr(text, "num_key_value_heads", None) or n_heads, head_dim=head_dim,
+        vocab=text.vocab_size, base_weight_bytes=base_bytes, quantized_params=quantized, dense_params=dense,
+        largest_linear=largest, lora_params=lora_params, lora_modules_per_layer=per_layer, lora_r=a.r)
+
+
+# ---- activations ---------------------------------------------------------------------------------
+
+
+def activation_bytes_per_token(shape: ModelShape, *, elem: int, seq_len: int, attn: str, dropout: float) -> int:
+    """Bytes autograd keeps per token for one decoder layer of a (Q)LoRA step (Llama-family layout).
+
+    Attention block: layer input (saved by the RMSNorm), normed input (saved by the LoRA A of q/k/v),
+    rotated q and k plus v and the attention output (saved by SDPA; + the nh x T softmax rows under
+    eager attention), o_proj's contiguous input. MLP block: residual, normed input, gate, silu(gate),
+    up and their product (4 x intermediate). LoRA: the r-wide mid activation of every adapted layer,
+    and with dropout each adapted layer's own dropped input + its mask. 4-bit base matmuls save no
+    input (bitsandbytes keeps only the packed weight). Norm statistics (1 float per token) are noise.
+    """
+    H, inter = shape.hidden, shape.intermediate
+    q_width, kv_width = shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
+    elems = 4 * H + 3 * q_width + 2 * kv_width + 4 * inter + shape.n_heads
+    elems += shape.lora_r * len(shape.lora_modules_per_layer)
+    per_token = elems * elem
+    if attn == "eager":
+        per_token += 2 * shape.n_heads * seq_len * elem  # attention probabilities + their matmul input
+    if dropout > 0:
+        per_token += sum(width * (elem + 1) for width in shape.lora_modules_per_layer.values())
+    return per_token
+
+
+# ---- the estimate --------------------------------------------------------------------------------
+
+
+OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8, "paged_adamw_32bit": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}
+
+
+@dataclass
+class Estimate:
+    """Predicted peak memory of one process (rank) of a run, by component (bytes)."""
+
+    components: dict[str, int]
+    device: str
+    micro_batch_size: int
+    seq_len: int
+    budget: int | None = None
+    per_rank: dict[str, int] = field(default_factory=dict)
+    max_seq_len: int | None = None           # at the recipe's micro-batch size
+    max_micro_batch_size: int | None = None  # at the recipe's max_seq_len
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(self.components.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.budget is None or self.total <= self.budget
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"components": self.components, "total": self.total, "device": self.device,
+                "micro_batch_size": self.micro_batch_size, "seq_len": self.seq_len, "budget": self.budget,
+                "fits": self.fits, "per_rank": self.per_rank, "max_seq_len": self.max_seq_len,
+                "max_micro_batch_size": self.max_micro_batch_size, "notes": self.notes}
+
+
+PROBE = r"""
+import json, os, sys
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import psutil, torch
+from peftlab.engine.local import LocalEngine
+from peftlab.objectives.causal_lm import LossSettings, causal_lm_loss
+from peftlab.model.load import build_model
+from peftlab.recipe.schema import recipe_from_dict
+import peftlab.trainer.loop, peftlab.data, peftlab.evaluation.evaluate, peftlab.metrics.runlog
+mods = json.loads(sys.argv[1])
+for m in mods:
+    __import__(m)
+raw = json.loads(sys.argv[2])
+recipe = recipe_from_dict(raw)
+if recipe.train.host_allocator == "bounded":
+    from peftlab.engine.hostmem import bound_host_heap
+    bound_host_heap()
+loaded = build_model(recipe)
+engine = LocalEngine(loaded.model, recipe.train, 2, loaded.device)
+ids = torch.randint(0, 200, (2, 16))
+mask = torch.ones_like(ids); mask[1, 12:] = 0
+batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+loaded.model.train()
+causal_lm_loss(loaded.model, batch, normalizer=30.0, settings=LossSettings.from_recipe(recipe)).backward()
+engine.step()
+print(psutil.Process().memory_info().rss)
+"""
+
+
+def _probe_baseline(recipe: Any) -> int:
+    """Resident set of a fresh interpreter that has done what every ``peftlab train`` does before the
+    model-size-dependent part: imported torch/transformers/bitsandbytes/peftlab (+ TensorBoard and
+    matplotlib when the recipe reports to them), loaded the recipe's tokenizer, built the built-in
+    micro model with the recipe's quantisation and LoRA and run one training step on it (so autograd's
+    and the math libraries' one-time buffers are in). Cached per environment and recipe shape."""
+    from peftlab.model.builtin import cache_root
+
+    mods = ["tqdm.auto"]
+    if "tensorboard" in recipe.output.report_to:
+        mods.append("torch.utils.tensorboard")
+    if recipe.output.plot:
+        mods += ["matplotlib", "matplotlib.pyplot"]
+    raw = {"model": {"name": "builtin:micro-llama", "dtype": recipe.model.dtype,
+                     "tokenizer": recipe.model.tokenizer or recipe.model.name,
+                     "attn_implementation": recipe.model.attn_implementation,
+                     "gradient_checkpointing": recipe.model.gradient_checkpointing},
+           "quantization": recipe.quantization.model_dump(), "adapter": {"r": 4, "dropout": recipe.adapter.dropout},
+           "data": {"train": [{"path": "unused.jsonl"}]}, "kernels": recipe.kernels,
+           "train": {"device": "cpu", "optimizer": "adamw", "host_allocator": recipe.train.host_allocator}}
+    key = json.dumps([sys.executable, torch.__version__, mods, raw], sort_keys=True)
+    cache = cache_root() / "estimate_baseline.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return int(known[key])
+    out = subprocess.run([sys.executable, "-P", "-c", PROBE, json.dumps(mods), json.dumps(raw)],
+                         capture_output=True, text=True, check=False, timeout=600)
+    if out.returncode != 0:
+        raise PeftlabError("could not measure the process baseline (a one-step run of builtin:micro-llama "
+                           f"failed): {out.stderr.strip()[-800:]}")
+    rss = int(out.stdout.strip().splitlines()[-1])
+    known[key] = rss
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(known))
+    except OSError:
+        pass
+    return rss
+
+
+def _dtype_of(recipe: Any, device: str) -> torch.dtype:
+    from peftlab.model.load import DTYPES
+
+    if recipe.model.dtype != "auto":
+        return DTYPES[recipe.model.dtype]
+    return torch.bfloat16 if device == "cuda" else torch.float32
+
+
+def _components(recipe: Any, shape: ModelShape, *, device: str, elem: int, mbs: int, seq: int,
+                baseline: int) -> dict[str, int]:
+    """The predicted peak, by component. The peak is the larger of two moments of a step:
+
+    - the end of the forward pass: every saved activation + the loss head's buffers (the whole fp32
+      logits, log-softmax and their gradient when ``kernels: off``; one chunk + the hidden-state
+      gradient with the fused loss);
+    - the start of the backward pass: the saved activations, the hidden-state gradient, under
+      gradient checkpointing the layer being recomputed (all its activations), and the backward
+      temporaries (one dequantised base weight, ~4 activation gradients of the MLP width, the
+      attention mask in the compute dtype).
+
+    ``loss_head`` and ``temporary_buffers`` are what each contributes at the peak moment (the fused
+    loss's chunk buffers are gone before backward starts, so at a backward peak only its hidden-state
+    gradient counts)."""
+    from peftlab.kernels.fused_linear_cross_entropy import default_chunk_rows
+
+    t = recipe.train
+    n_tokens = mbs * seq
+    lora_bytes = shape.lora_params * 4  # adapters train in fp32 whatever the base dtype
+    attn = recipe.model.attn_implementation
+    # CPU SDPA with peftlab's boolean padding / packing mask takes torch's flash kernel (torch >= 2.3;
+    # checked with torch._fused_sdp_choice): like CUDA SDPA it keeps no attention probabilities
+    per_token = activation_bytes_per_token(shape, elem=elem, seq_len=seq, attn=attn,
+                                           dropout=recipe.adapter.dropout)
+    layer_acts = per_token * n_tokens
+    # the 4D mask of a batch (bool for sdpa, fp32 for eager) lives for the whole step; SDPA converts a
+    # boolean mask to the compute dtype on every call (a transient of the same shape)
+    mask = 0 if attn == "flash_attention_2" else mbs * seq * seq * (1 if attn == "sdpa" else 4)
+    mask_transient = 0 if attn == "flash_attention_2" else mbs * seq * seq * elem
+    if recipe.model.gradient_checkpointing:
+        kept = shape.n_layers * n_tokens * shape.hidden * elem  # each layer keeps only its input
+        recompute = layer_acts
+    else:
+        kept = shape.n_layers * layer_acts
+        recompute = 0
+    # final norm input + output, embeddings output (kept by layer 0's norm is already counted)
+    kept += 2 * n_tokens * shape.hidden * elem + mask
+    grad_hidden = n_tokens * shape.hidden * 4
+    widest = max(shape.intermediate, shape.hidden)
+    backward_temps = shape.largest_linear * (4 + elem) + 4 * n_tokens * widest * elem + mask_transient
+    if recipe.kernels == "off":  # whole fp32 logits, their log-softmax and their gradient: alive into backward
+        loss_fwd = 3 * n_tokens * shape.vocab * 4 + (n_tokens * shape.vocab * elem if elem != 4 else 0)
+        loss_bwd = loss_fwd
+    else:  # fused: one chunk of fp32 logits (+ softmax, grad) and the hidden-state gradient made in forward
+        rows = default_chunk_rows(n_tokens, shape.hidden, shape.vocab)
+        loss_fwd = 3 * rows * shape.vocab * 4 + grad_hidden
+        loss_bwd = grad_hidden
+    fwd_peak = loss_fwd + mask_transient
+    bwd_peak = loss_bwd + recompute + backward_temps
+    if fwd_peak >= bwd_peak:
+        loss_head, temporary = loss_fwd, mask_transient
+    else:
+        loss_head, temporary = loss_bwd, recompute + backward_temps
+    optimizer = shape.lora_params * OPTIMIZER_BYTES_PER_PARAM[t.optimizer]
+    if device == "cpu":
+        # torch's foreach AdamW step allocates param-sized intermediates (after backward: never at the
+        # same time as the activations, but the adapters are small) - counted on top, conservatively
+        temporary += 2 * lora_bytes
+    comps = {
+        "baseline": baseline,
+        "base_weights": shape.base_weight_bytes,
+        "adapters": lora_bytes,
+        "gradients": lora_bytes,
+        "optimizer_state": optimizer,
+        "activations": kept,
+        "loss_head": loss_head,
+        "temporary_buffers": temporary,
+    }
+    if device == "cpu":
+        if t.host_allocator == "bounded":
+            work = sum(v for k, v in comps.items() if k not in ("baseline", "base_weights"))
+            comps["allocator_overhead"] = int(CPU_ALLOCATOR_SLACK * work)
+        else:
+            comps["allocator_overhead"] = int(CPU_HEAP_RETENTION * n_tokens * shape.n_layers
+                                              * (shape.hidden + shape.intermediate) * elem)
+    return {k: int(v) for k, v in comps.items()}
+
+
+def _zero_table(comps: dict[str, int], gpus: int) -> dict[str, int]:
+    """Per-rank totals under each ZeRO stage (and offload) for ``gpus`` data-parallel ranks.
+
+    Stage 1 shards optimizer state, 2 also gradients, 3 also parameters (the 4-bit base included,
+    which needs quant_storage = the compute dtype). Offload moves optimizer state (and under stage 3
+    parameters) to host memory. Not counted: ZeRO-3's gathered layer and DeepSpeed's bucket buffers.
+    """
+    c = comps
+    g = max(gpus, 1)
+    fixed = c["baseline"] + c["activations"] + c["loss_head"] + c["temporary_buffers"] + c.get("allocator_overhead", 0)
+    w, a, gr, o = c["base_weights"], c["adapters"], c["gradients"], c["optimizer_state"]
+    return {
+        "no_zero": fixed + w + a + gr + o,
+        "zero1": fixed + w + a + gr + o // g,
+        "zero2": fixed + w + a + (gr + o) // g,
+        "zero3": fixed + (w + a + gr + o) // g,
+        "zero2_offload_optimizer": fixed + w + a + gr // g,
+        "zero3_offload_params_optimizer": fixed + gr // g,
+    }
+
+
+def estimate(recipe: Any, *, device_memory: int | None = None, gpus: int = 1, device: str | None = None,
+             baseline: int | None = None, micro_batch_size: int | None = None,
+             seq_len: int | None = None, shape: ModelShape | None = None) -> Estimate:
+    """Predicted peak memory of the recipe's run on one rank (see the module docstring)."""
+    if device is None:
+        device = "cuda" if recipe.train.device == "cuda" or (recipe.train.device == "auto"
+                                                               and torch.cuda.is_available()) else "cpu"
+    dtype = _dtype_of(recipe, device)
+    elem = dtype.itemsize
+    shape = shape or model_shape(recipe, dtype)
+    if baseline is None:
+        baseline = _probe_baseline(recipe) if device == "cpu" else CUDA_CONTEXT_BYTES
+    mbs = micro_batch_size or recipe.train.micro_batch_size
+    seq = seq_len or recipe.data.max_seq_len
+    comps = _components(recipe, shape, device=device, elem=elem, mbs=mbs, seq=seq, baseline=baseline)
+    est = Estimate(comps, device, mbs, seq, device_memory, _zero_table(comps, gpus))
+    if device == "cpu" and recipe.train.optimizer != "adamw":
+        est.notes.append(f"train.optimizer={recipe.train.optimizer} needs CUDA; on the CPU use adamw")
+    if recipe.train.optimizer.startswith("paged"):
+        est.notes.append("paged optimizer state can be evicted to host memory under pressure: "
+                         f"{fmt(comps['optimizer_state'])} of the total is pageable")
+    if device_memory is not None:
+        def total(m: int, s: int) -> int:
+            return sum(_components(recipe, shape, device=device, elem=elem, mbs=m, seq=s, baseline=baseline).values())
+
+        est.max_seq_len = _largest(lambda s: total(mbs, s) <= device_memory, 1, _max_positions(recipe, shape))
+        est.max_micro_batch_size = _largest(lambda m: total(m, seq) <= device_memory, 1, 4096)
+    return est
+
+
+def _max_positions(recipe: Any, shape: ModelShape) -> int:
+    return max(recipe.data.max_seq_len, 131072)
+
+
+def _largest(ok, lo: int, hi: int) -> int | None:
+    """Largest n in [lo, hi] with ok(n) (ok is monotone), None when even lo does not fit."""
+    if not ok(lo):
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+    return lo
+
+
+def does_not_fit_message(est: Estimate) -> str:
+    hints = []
+    if est.max_micro_batch_size:
+        hints.append(f"train.micro_batch_size: {est.max_micro_batch_size} (raise grad_accum to keep the batch)")
+    if est.max_seq_len:
+        hints.append(f"data.max_seq_len: {est.max_seq_len}")
+    hints.append("model.gradient_checkpointing: true, kernels: auto (fused loss), or a ZeRO config with --gpus")
+    return (f"does not fit: the run needs {fmt(est.total)} on the {est.device}, the budget is {fmt(est.budget or 0)} "
+            f"(short by {fmt(est.total - (est.budget or 0))}). Try " + "; or ".join(hints))
+
+
+def format_estimate(est: Estimate, gpus: int = 1) -> str:
+    where = "host RSS (CPU)" if est.device == "cpu" else "GPU memory"
+    lines = [f"predicted peak {where} per rank, micro_batch_size={est.micro_batch_size} seq_len={est.seq_len}:"]
+    for k, v in est.components.items():
+        lines.append(f"  {k:<20} {fmt(v):>12}")
+    lines.append(f"  {'total':<20} {fmt(est.total):>12}")
+    if est.per_rank:
+        lines.append(f"per rank with {gpus} rank(s):")
+        lines += [f"  {k:<32} {fmt(v):>12}" for k, v in est.per_rank.items()]
+    if est.budget is not None:
+        lines.append(f"budget {fmt(est.budget)}: " + ("fits" if est.fits else "DOES NOT FIT"))
+        lines.append(f"  largest seq_len at micro_batch_size={est.micro_batch_size}: {est.max_seq_len or 'none'}")
+        lines.append(f"  largest micro_batch_size at seq_len={est.seq_len}: {est.max_micro_batch_size or 'none'}")
+        if not est.fits:
+            lines.append(does_not_fit_message(est))
+    lines += [f"note: {n}" for n in est.notes]
+    return "\n".join(lines)
+
+
+def default_budget(device: str) -> int:
+    """The memory a run may use here: free GPU memory, or available host memory plus nothing else."""
+    if device == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def usable_memory(device: str) -> int:
+    """What a run in THIS process can use now: free memory plus what the process already holds (its CUDA
+    caching allocator's reservation, or its resident set on the CPU) — for a run that has just failed."""
+    if device == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        return int(free + torch.cuda.memory_reserved())
+    import psutil
+
+    return int(psutil.virtual_memory().available + psutil.Process().memory_info().rss)
+
+
+def out_of_memory_advice(recipe: Any, *, device: str | None = None, budget: int | None = None) -> str:
+    """For a run that ran out of memory: what the planner predicts for its recipe against the memory the
+    process can use, what it predicts would fit, and the recipe keys that lower memory. Never raises:
+    when the planner itself fails the figures are left out (the original failure matters more)."""
+    t, d = recipe.train, recipe.data
+    keys = [(f"train.micro_batch_size (now {t.micro_batch_size}; raise train.grad_accum, now {t.grad_accum}, to "
+             "keep the batch)"), f"data.max_seq_len (now {d.max_seq_len})"]
+    if not recipe.model.gradient_checkpointing:
+        keys.append("model.gradient_checkpointing: true")
+    if recipe.quantization.mode == "none":
+        keys.append("quantization.mode: nf4 (a 4-bit base)")
+    if not t.auto_fit:
+        keys.append("train.auto_fit: true (shrinks micro_batch_size, then max_seq_len, to what the planner says "
+                    "fits)")
+    try:
+        if device is None:
+            device = "cuda" if t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available()) else "cpu"
+        usable = budget if budget is not None else usable_memory(device)
+        est = estimate(recipe, device_memory=usable, device=device)
+        figures = (f"`peftlab estimate` predicts a peak of {fmt(est.total)} for this recipe (micro_batch_size="
+                   f"{est.micro_batch_size}, max_seq_len={est.seq_len}) against {fmt(usable)} this process can use "
+                   f"on the {device} (free now + what it holds)")
+        fits = []
+        if est.max_micro_batch_size and est.max_micro_batch_size < t.micro_batch_size:
+            fits.append(f"train.micro_batch_size: {est.max_micro_batch_size}")
+        if est.max_seq_len and est.max_seq_len < d.max_seq_len:
+            fits.append(f"data.max_seq_len: {est.max_seq_len}")
+        if fits:
+            figures += "; it predicts a fit with " + " or ".join(fits)
+        elif est.fits:
+            figures += ("; that prediction fits, so the memory went elsewhere (other processes on this machine, "
+                        "or a component the planner does not count)")
+        else:
+            figures += "; nothing it can shrink fits"
+    except Exception as exc:  # noqa: BLE001 — the planner failing must not hide the original failure
+        figures = f"(the memory planner failed too: {type(exc).__name__}; run `peftlab estimate RECIPE` later)"
+    return figures + ". Recipe keys that lower memory: " + "; ".join(keys) + "."
+
+
+def apply_auto_fit(recipe: Any, *, device_memory: int | None = None, say=print) -> Any:
+    """``train.auto_fit``: shrink micro_batch_size (keeping micro_batch_size x grad_accum) and then
+    max_seq_len until the planner says the run fits; raise when nothing fits. Returns the recipe."""
+    est0 = estimate(recipe, device_memory=1)  # shape + baseline once
+    device = est0.device
+    budget = device_memory or default_budget(device)
+    shape = model_shape(recipe, _dtype_of(recipe, device))
+    base = est0.components["baseline"]
+    est = estimate(recipe, device_memory=budget, shape=shape, baseline=base, device=device)
+    if est.fits:
+        return recipe
+    t = recipe.train
+    if est.max_micro_batch_size:
+        mbs = est.max_micro_batch_size
+        effective = t.micro_batch_size * t.grad_accum
+        t.micro_batch_size = mbs
+        t.grad_accum = max(1, math.ceil(effective / mbs))
+        say(f"auto_fit: micro_batch_size -> {mbs}, grad_accum -> {t.grad_accum} (predicted peak "
+            f"{fmt(estimate(recipe, device_memory=budget, shape=shape, baseline=base, device=device).total)} "
+            f"of {fmt(budget)})")
+        return recipe
+    one = estimate(recipe, device_memory=budget, shape=shape, baseline=base, device=device, micro_batch_size=1)
+    if one.max_seq_len and one.max_seq_len >= 2:
+        t.micro_batch_size = 1
+        recipe.data.max_seq_len = one.max_seq_len
+        say(f"auto_fit: micro_batch_size -> 1, data.max_seq_len -> {one.max_seq_len} (longer rows are "
+            f"{recipe.data.overlength}d)")
+        return recipe
+    raise PeftlabError(does_not_fit_message(one))

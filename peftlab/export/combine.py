@@ -1,0 +1,414 @@
+"""Combining several LoRA adapters into one: ``peftlab merge --adapters A B --method ties --out DIR``.
+
+The result is one adapter in the PEFT format whose tensors equal what PEFT's
+``PeftModel.add_weighted_adapter`` computes (``peft/tuners/lora/model.py`` and
+``peft/utils/merge_utils.py``), re-implemented here on the adapter files alone (no base weights):
+
+- ``linear`` / ``ties`` / ``dare_linear`` / ``dare_ties`` / ``magnitude_prune`` act on A and B
+  separately: adapter i's weight ``w_i·s_i`` (``s_i`` its LoRA scaling) is split as
+  ``sign·sqrt(|w_i·s_i|)`` on A and ``sqrt(|w_i·s_i|)`` on B, then the method combines the A's and
+  the B's (all adapters must share one rank).
+- ``cat`` concatenates ``w_i·s_i·A_i`` rows and ``B_i`` columns (rank = the sum of the ranks) — exact.
+- ``svd`` and the ``*_svd`` variants combine the full ``ΔW_i = s_i·B_i·A_i`` and factor the result
+  back to rank ``svd_rank`` (default: the largest input rank) with an SVD.
+
+The output adapter has ``lora_alpha = r``, so its scaling is 1 and ``B·A`` is the combined ``ΔW``.
+DARE's random drops come from a ``torch.Generator`` seeded with ``seed`` and are drawn in PEFT's
+order (modules in model order; per module the A's of every adapter, then the B's), so a generator in
+the state PEFT's global RNG is in gives PEFT's exact result.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from peftlab.errors import PeftlabError
+
+LINEAR_FAMILY = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+SVD_FAMILY = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
+METHODS = LINEAR_FAMILY + ("cat",) + SVD_FAMILY
+NEEDS_DENSITY = ("ties", "dare_linear", "dare_ties", "magnitude_prune",
+                 "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
+KEY_PREFIX = "base_model.model."
+PROVENANCE_NAME = "peftlab_combine.json"
+
+
+# --------------------------------------------------------------------------------------------------
+# PEFT's merge_utils, with an explicit generator for the random pruning
+
+
+def magnitude_based_pruning(tensor: Tensor, density: float) -> Tensor:
+    mask = torch.zeros_like(tensor).reshape(-1)
+    k = int(density * tensor.numel())
+    top_k = torch.topk(tensor.abs().reshape(-1), k=k, largest=True)
+    mask[top_k[1]] = 1
+    return tensor * mask.reshape(tensor.shape)
+
+
+def random_pruning(tensor: Tensor, density: float, rescale: bool, generator: torch.Generator | None) -> Tensor:
+    mask = torch.bernoulli(torch.full_like(input=tensor, fill_value=density), generator=generator)
+    pruned = tensor * mask
+    return pruned / density if rescale else pruned
+
+
+def prune(tensor: Tensor, density: float, method: str, generator: torch.Generator | None = None,
+          rescale: bool = False) -> Tensor:
+    if density >= 1:
+        return tensor  # PEFT warns and keeps everything (and draws no random numbers)
+    if method == "magnitude":
+        return magnitude_based_pruning(tensor, density)
+    return random_pruning(tensor, density, rescale, generator)
+
+
+def majority_sign_mask(tensor: Tensor, method: str = "total") -> Tensor:
+    sign = tensor.sign()
+    magnitude = tensor.sum(dim=0) if method == "total" else sign.sum(dim=0)
+    majority = torch.where(magnitude >= 0, 1, -1)
+    return sign == majority
+
+
+def disjoint_merge(tensors: Tensor, mask: Tensor) -> Tensor:
+    mixed = (tensors * mask).sum(dim=0)
+    kept = mask.sum(dim=0)
+    return mixed / torch.clamp(kept, min=1.0)
+
+
+def _weighted(tensors: Tensor, weights: Tensor) -> Tensor:
+    return tensors * weights.view(weights.shape + (1,) * (tensors.dim() - weights.dim()))
+
+
+def combine_tensors(tensors: list[Tensor], weights: Tensor, method: str, density: float | None,
+                    majority_sign_method: str, generator: torch.Generator | None) -> Tensor:
+    """One of PEFT's task-arithmetic combinations (``method`` without the ``_svd`` suffix)."""
+    if method in ("linear", "svd"):
+        return _weighted(torch.stack(tensors, dim=0), weights).sum(dim=0)
+    if method.startswith("magnitude_prune"):
+        pruned = torch.stack([prune(t, density, "magnitude") for t in tensors], dim=0)
+        return _weighted(pruned, weights).sum(dim=0)
+    if method.startswith("ties"):
+        pruned = torch.stack([prune(t, density, "magnitude") for t in tensors], dim=0)
+        mask = majority_sign_mask(pruned, majority_sign_method)
+        return disjoint_merge(_weighted(pruned, weights), mask)
+    if method.startswith("dare_linear"):
+        pruned = torch.stack([prune(t, density, "random", generator, rescale=True) for t in tensors], dim=0)
+        return _weighted(pruned, weights).sum(dim=0)
+    if method.startswith("dare_ties"):
+        pruned = torch.stack([prune(t, density, "random", generator, rescale=True) for t in tensors], dim=0)
+        mask = majority_sign_mask(pruned, majority_sign_method)
+        return disjoint_merge(_weighted(pruned, weights), mask)
+    raise PeftlabError(f"unknown combination method {method!r}; use one of {', '.join(METHODS)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# adapters on disk
+
+
+@dataclass
+class SourceAdapter:
+    path: Path
+    config: dict[str, Any]
+    A: dict[str, Tensor]  # module name -> lora_A [r, in]
+    B: dict[str, Tensor]  # module name -> lora_B [out, r]
+    scaling: dict[str, float]
+
+    @property
+    def max_rank(self) -> int:
+        """PEFT's rank for allocation: r, or the largest rank_pattern value."""
+        pattern = self.config.get("rank_pattern") or {}
+        return max(self.config["r"], *pattern.values()) if pattern else self.config["r"]
+
+
+def read_source(path: str | os.PathLike[str]) -> SourceAdapter:
+    from peftlab.adapters.peft_format import read_adapter_config
+    from peftlab.export.merge import read_updates
+
+    path = Path(path)
+    config = read_adapter_config(path)
+    if config.get("use_dora"):
+        raise PeftlabError(
+            f"{path} is a DoRA adapter: its magnitude vectors cannot be combined with other adapters (PEFT's "
+            "add_weighted_adapter re-initialises them from the base weight). Merge each DoRA adapter into "
+            "the base with `peftlab merge --adapter DIR`, or combine plain LoRA / rsLoRA adapters."
+        )
+    updates = read_updates(path, config)
+    return SourceAdapter(path, config, {n: u.lora_A for n, u in updates.items()},
+                         {n: u.lora_B for n, u in updates.items()}, {n: u.scaling for n, u in updates.items()})
+
+
+def _natural_key(name: str) -> list[Any]:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def module_order(names: set[str], base: str | None) -> list[str]:
+    """``names`` in the base model's module order (PEFT's iteration order; it fixes DARE's draws).
+
+    Without a reachable base the order is by layer number and then name — the same set of modules,
+    but DARE's random draws then land on modules in a different order than in PEFT.
+    """
+    if base:
+        try:
+            from peftlab.export.merge import local_model_dir, model_layout
+
+            order, _ = model_layout(local_model_dir(base))
+            position = {n: i for i, n in enumerate(order)}
+            if names <= position.keys():
+                return sorted(names, key=position.__getitem__)
+        except (PeftlabError, OSError, ValueError, KeyError):
+            pass
+    return sorted(names, key=_natural_key)
+
+
+def _output_targets(sources: list[SourceAdapter], modules: list[str]) -> dict[str, Any]:
+    """The targeting keys of the combined adapter's config.
+
+    When every input adapter wraps the same modules, the first adapter's targeting keys select them
+    exactly; otherwise the full module names do (PEFT matches an exact name as a target).
+    """
+    first = sources[0]
+    if all(set(s.A) == set(first.A) for s in sources):
+        keys = ("target_modules", "layers_to_transform", "layers_pattern", "exclude_modules")
+        return {k: first.config.get(k) for k in keys}
+    return {"target_modules": list(modules), "layers_to_transform": None, "layers_pattern": None,
+            "exclude_modules": None}
+
+
+# --------------------------------------------------------------------------------------------------
+# the combination
+
+
+@dataclass
+class CombineResult:
+    out_dir: Path
+    method: str
+    rank: int
+    modules: int
+
+
+def combine_adapters(
+    adapters: Sequence[str | os.PathLike[str]],
+    weights: Sequence[float],
+    out_dir: str | os.PathLike[str],
+    *,
+    method: str = "linear",
+    density: float | None = None,
+    majority_sign_method: str = "total",
+    svd_rank: int | None = None,
+    svd_clamp: float | None = None,
+    seed: int | None = 0,
+    generator: torch.Generator | None = None,
+    base: str | None = None,
+    overwrite: bool = False,
+) -> CombineResult:
+    """Combine ``adapters`` with ``weights`` by ``method`` into one PEFT-format adapter at ``out_dir``.
+
+    ``density`` (0 < density ≤ 1) is required by the pruning methods. DARE draws from ``generator``
+    when given, else from a generator seeded with ``seed``. ``base`` (default: the first adapter's
+    ``base_model_name_or_path``) only fixes the module order.
+    """
+    if method not in METHODS:
+        raise PeftlabError(f"--method {method!r}: use one of {', '.join(METHODS)}")
+    if len(adapters) < 1:
+        raise PeftlabError("--adapters: name at least one adapter directory")
+    if len(weights) != len(adapters):
+        raise PeftlabError(f"--weights: {len(weights)} weight(s) for {len(adapters)} adapter(s); give one "
+                           "weight per adapter, in the same order")
+    if majority_sign_method not in ("total", "frequency"):
+        raise PeftlabError(f"majority_sign_method {majority_sign_method!r}: use total or frequency")
+    if len(adapters) == 1:
+        method = "linear"  # PEFT: one adapter can only be combined linearly
+    if method in NEEDS_DENSITY:
+        if density is None:
+            raise PeftlabError(f"--method {method} prunes: pass --density (the fraction of values kept, e.g. 0.5)")
+        if not 0.0 < density <= 1.0:
+            raise PeftlabError(f"--density {density}: must be in (0, 1]")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise PeftlabError(f"--out {out} exists and is not empty; choose a new directory or pass --overwrite")
+    sources = [read_source(a) for a in adapters]
+    ranks = [s.max_rank for s in sources]
+    if method in LINEAR_FAMILY:
+        module_ranks = {t.shape[0] for s in sources for t in s.A.values()}
+        if len(set(ranks)) != 1 or len(module_ranks) != 1:
+            raise PeftlabError(
+                f"--method {method} combines A and B matrices entry by entry, so all adapters need one rank "
+                f"(got ranks {ranks}); use --method cat or svd for adapters of different ranks"
+            )
+        new_rank = ranks[0]
+    elif method == "cat":
+        new_rank = sum(ranks)
+    else:
+        new_rank = svd_rank or max(ranks)
+    if generator is None:
+        generator = torch.Generator().manual_seed(int(seed or 0))
+    names = set().union(*(s.A for s in sources))
+    order = module_order(names, base or sources[0].config.get("base_model_name_or_path"))
+    tensors: dict[str, Tensor] = {}
+    for name in order:
+        present = [(s, w) for s, w in zip(sources, weights) if name in s.A]
+        dtype = present[0][0].A[name].dtype
+        if method in LINEAR_FAMILY:
+            a, b = _combine_factors(name, present, method, density, majority_sign_method, generator)
+        elif method == "cat":
+            a, b = _concatenate(name, present, new_rank)
+        else:
+            a, b = _combine_svd(name, present, method, new_rank, density, majority_sign_method, generator,
+                                svd_clamp)
+        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = a.to(dtype).contiguous()
+        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = b.to(dtype).contiguous()
+    config = dict(sources[0].config)
+    config.update(_output_targets(sources, order))
+    # scaling 1 (alpha = r, no rsLoRA): B·A is the combined ΔW. PEFT keeps use_rslora of the first
+    # adapter, which would scale an rsLoRA combination by sqrt(r) on top; the tensors are PEFT's either way.
+    config.update(r=new_rank, lora_alpha=new_rank, use_rslora=False, alpha_pattern={}, rank_pattern={},
+                  use_dora=False)
+    _write(out, tensors, config, sources, method=method, weights=list(weights), density=density,
+           majority_sign_method=majority_sign_method, svd_rank=svd_rank, seed=seed)
+    return CombineResult(out, method, new_rank, len(order))
+
+
+def _split_weight(weight: float, scaling: float) -> tuple[float, float]:
+    """PEFT: the sign goes on A only, sqrt(|w·s|) on both sides."""
+    ws = weight * scaling
+    sign = 1 if ws >= 0 else -1
+    return math.sqrt(abs(ws)) * sign, math.sqrt(abs(ws))
+
+
+def _combine_factors(name, present, method, density, majority_sign_method, generator) -> tuple[Tensor, Tensor]:
+    wa, wb = zip(*(_split_weight(w, s.scaling[name]) for s, w in present))
+    a = combine_tensors([s.A[name] for s, _ in present], torch.tensor(wa), method, density,
+                        majority_sign_method, generator)
+    b = combine_tensors([s.B[name] for s, _ in present], torch.tensor(wb), method, density,
+                        majority_sign_method, generator)
+    return a, b
+
+
+def _concatenate(name, present, new_rank) -> tuple[Tensor, Tensor]:
+    a_parts = [s.A[name] * w * s.scaling[name] for s, w in present]
+    b_parts = [s.B[name] for s, _ in present]
+    a_cat, b_cat = torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1)
+    a = torch.zeros(new_rank, a_cat.shape[1], dtype=a_cat.dtype)
+    b = torch.zeros(b_cat.shape[0], new_rank, dtype=b_cat.dtype)
+    a[: a_cat.shape[0]] = a_cat
+    b[:, : b_cat.shape[1]] = b_cat
+    return a, b
+
+
+def _combine_svd(name, present, method, new_rank, density, majority_sign_method, generator,
+                 clamp) -> tuple[Tensor, Tensor]:
+    # PEFT's get_delta_weight: (B @ A) * scaling, in fp32 for half-precision adapters on the CPU
+    deltas = [(s.B[name].float() @ s.A[name].float()) * s.scaling[name] for s, _ in present]
+    weights = torch.tensor([w for _, w in present]).to(deltas[0].device)
+    delta = combine_tensors(deltas, weights, method.removesuffix("_svd"), density, majority_sign_method, generator)
+    u, s, vh = torch.linalg.svd(delta, full_matrices=True)
+    u = u[:, :new_rank] @ torch.diag(s[:new_rank])
+    vh = vh[:new_rank, :]
+    if clamp is not None:
+        hi = torch.quantile(torch.cat([u.flatten(), vh.flatten()]), clamp)
+        u, vh = u.clamp(-hi, hi), vh.clamp(-hi, hi)
+    return vh, u
+
+
+def _write(out: Path, tensors: dict[str, Tensor], config: dict[str, Any], sources: list[SourceAdapter],
+           **provenance: Any) -> None:
+    from safetensors.torch import save_file
+
+    from peftlab.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME
+    from peftlab.export.merge import RECIPE_NAME
+
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{WEIGHTS_NAME}.tmp-{os.getpid()}"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out / WEIGHTS_NAME)
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    provenance["adapters"] = [str(s.path) for s in sources]
+    (out / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2) + "\n")
+    # The training recipe tells `peftlab merge` how the base was quantised; it carries over when every
+    # input that has one agrees on the base model and its quantisation.
+    recipes = [s.path / RECIPE_NAME for s in sources if (s.path / RECIPE_NAME).is_file()]
+    if recipes and len(recipes) == len(sources):
+        import yaml
+
+        keys = [(r.get("model", {}).get("name"), r.get("model", {}).get("dtype"), r.get("quantization"))
+                for r in (yaml.safe_load(p.read_text()) or {} for p in recipes)]
+        if all(k == keys[0] for k in keys):
+            shutil.copy2(recipes[0], out / RECIPE_NAME)
+    # The chat template carries over when every input was trained with the same one.
+    from peftlab.adapters.chat_template import read_chat_template, save_chat_template
+
+    templates = {read_chat_template(s.path) for s in sources}
+    if len(templates) == 1:
+        save_chat_template(out, templates.pop())
+
+
+# --------------------------------------------------------------------------------------------------
+# the YAML form: peftlab merge --config combine.yaml
+
+
+def load_combine_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a combination YAML file into :func:`combine_adapters` keyword arguments.
+
+    ```yaml
+    method: ties            # linear | ties | dare_linear | dare_ties | svd | cat | ...
+    density: 0.5
+    seed: 0
+    adapters:
+      - {path: runs/math/adapter, weight: 1.0}
+      - {path: runs/chat/adapter, weight: 0.5}
+    out: runs/math+chat      # optional; --out wins
+    ```
+    Relative paths are resolved against the YAML file's directory.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise PeftlabError(f"--config {path}: no such file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise PeftlabError(f"--config {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise PeftlabError(f"--config {path}: the top level must be a mapping (method, adapters, ...)")
+    known = {"method", "adapters", "weights", "density", "seed", "majority_sign_method", "svd_rank",
+             "svd_clamp", "base", "out"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        import difflib
+
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, 1)) else k
+                 for k in unknown]
+        raise PeftlabError(f"--config {path}: unknown key(s) {', '.join(hints)}; known: {', '.join(sorted(known))}")
+    items = raw.get("adapters")
+    if not isinstance(items, list) or not items:
+        raise PeftlabError(f"--config {path}: 'adapters' must be a non-empty list of paths or {{path, weight}}")
+    base_dir = path.resolve().parent
+    dirs, weights = [], []
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            item = {"path": item}
+        if not isinstance(item, dict) or "path" not in item or set(item) - {"path", "weight"}:
+            raise PeftlabError(f"--config {path}: adapters[{i}] must be a path or a mapping with path and weight")
+        dirs.append(str(base_dir / Path(item["path"]).expanduser()))
+        weights.append(item.get("weight"))
+    if raw.get("weights") is not None:
+        if any(w is not None for w in weights):
+            raise PeftlabError(f"--config {path}: give weights either per adapter or as 'weights', not both")
+        weights = list(raw["weights"])
+    weights = [1.0 if w is None else float(w) for w in weights]
+    args: dict[str, Any] = {"adapters": dirs, "weights": weights}
+    for key in ("method", "density", "seed", "majority_sign_method", "svd_rank", "svd_clamp", "base"):
+        if raw.get(key) is not None:
+            args[key] = raw[key]
+    if raw.get("out") is not None:
+        args["out_dir"] = str(base_dir / Path(raw["out"]).expanduser())
+    return args

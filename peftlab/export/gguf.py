@@ -1,0 +1,597 @@
+"""Exports for serving: ``peftlab export --format gguf|peft|safetensors``, and ``--push-to-hub``.
+
+- ``gguf``: a merged Llama-architecture model (or an adapter plus its base, merged on the way) as one
+  GGUF file for llama.cpp-family runtimes, written with the ``gguf`` Python package — tensor names
+  as llama.cpp's ``convert_hf_to_gguf.py`` writes them (``token_embd``, ``blk.N.attn_q``, ...,
+  ``output_norm``, ``output``), q/k rows permuted the way that script permutes them (HF Llama rotates
+  halves of each head, llama.cpp rotates adjacent pairs), Llama-3.1 RoPE scaling as the ``rope_freqs``
+  tensor, the tokenizer (:mod:`peftlab.export.gguf_vocab`: SentencePiece scores and token types) and the chat
+  template embedded. Everything it would refuse is checked first (``check_gguf_export``; the CLI runs
+  it before merging an adapter). Tensors are streamed: one is held in memory at a time.
+- ``peft``: the adapter alone, validated (and converted from ``.bin`` to safetensors) for PEFT / vLLM.
+- ``safetensors``: the merged model as an HF directory (``peftlab.export.merge``).
+
+``--push-to-hub REPO`` writes a model card (recipe, data, metrics, fidelity) next to the export and
+uploads; without a network it fails with a message that says where the files are.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from peftlab.errors import PeftlabError
+
+FORMATS = ("gguf", "peft", "safetensors")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+LLAMA_LIKE = ("llama", "mistral")  # model_types llama.cpp converts with the LLAMA architecture
+
+
+# --------------------------------------------------------------------------------------------------
+# GGUF
+
+
+def llama_permute(weight: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
+    """llama.cpp's q/k permutation (``LlamaModel.permute`` in convert_hf_to_gguf.py).
+
+    HF checkpoints order each head's rows as [first halves of the rotary pairs, second halves]
+    (``rotate_half``); llama.cpp's Llama RoPE rotates adjacent rows (0,1), (2,3), ... This interleaves
+    the two halves of every head so both compute the same attention.
+    """
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return (weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def _ggml_type(gguf: Any, name: str) -> Any:
+    t = gguf.GGMLQuantizationType
+    return {"f32": t.F32, "f16": t.F16, "bf16": t.BF16, "q8_0": t.Q8_0, "q4_0": t.Q4_0}[name]
+
+
+def _file_type(gguf: Any, name: str) -> Any:
+    ft = gguf.LlamaFileType
+    return {"f32": ft.ALL_F32, "f16": ft.MOSTLY_F16, "bf16": ft.MOSTLY_BF16, "q8_0": ft.MOSTLY_Q8_0,
+            "q4_0": ft.MOSTLY_Q4_0}[name]
+
+
+def _tensor_type(gguf: Any, gguf_name: str, shape: tuple[int, ...], requested: str) -> Any:
+    """The GGML type of one tensor, as llama.cpp's converter chooses it.
+
+    Norms and other 1-D tensors stay F32. Block-quantised types need rows divisible by the block
+    size (32) and fall back to F16 otherwise. Under q4_0 the output head is kept at Q8_0 (llama.cpp's
+    quantizer also keeps ``output.weight`` at higher precision: it matters most for quality).
+    """
+    t = gguf.GGMLQuantizationType
+    if len(shape) == 1 or gguf_name.endswith("_norm.weight"):
+        return t.F32
+    qtype = _ggml_type(gguf, requested)
+    if requested == "q4_0" and gguf_name == "output.weight":
+        qtype = t.Q8_0
+    if qtype in (t.Q8_0, t.Q4_0) and shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] != 0:
+        return t.F16
+    return qtype
+
+
+def _convert(gguf: Any, data: np.ndarray, qtype: Any) -> np.ndarray:
+    t = gguf.GGMLQuantizationType
+    if qtype == t.F32:
+        return data.astype(np.float32)
+    if qtype == t.F16:
+        return data.astype(np.float16)
+    return gguf.quants.quantize(data.astype(np.float32), qtype)
+
+
+def add_tokenizer(writer: Any, model_dir: Path, vocab_size: int, notes: list[str]) -> None:
+    """Tokens, scores, types, merges, special ids and chat template, as convert_hf_to_gguf writes them.
+
+    The vocabulary (:mod:`peftlab.export.gguf_vocab`): byte-level BPE as llama.cpp's ``gpt2`` model,
+    SentencePiece (``tokenizer.model``, or a tokenizer.json BPE with byte fallback / Unigram) as
+    ``llama`` with SentencePiece's scores and token types. Special ids and merges come from gguf's
+    ``SpecialVocab``; the chat template is the one transformers loads (``chat_template.jinja`` first).
+    """
+    import gguf
+    from gguf.vocab import SpecialVocab
+
+    from peftlab.export.gguf_vocab import chat_template, read_vocab
+
+    vocab = read_vocab(model_dir, vocab_size)
+    notes.extend(vocab.notes)
+    writer.add_tokenizer_model(vocab.model)
+    writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_scores(vocab.scores)
+    writer.add_token_types(vocab.types)
+    if vocab.add_space_prefix is not None:
+        writer.add_add_space_prefix(vocab.add_space_prefix)
+    special = SpecialVocab(model_dir, load_merges=vocab.model == "gpt2", n_vocab=vocab_size)
+    special.chat_template = chat_template(model_dir)
+    special.add_to_gguf(writer, quiet=True)
+    if vocab.model == "gpt2" and not special.merges:
+        # llama.cpp refuses a gpt2 tokenizer without a merges key; a byte-level vocabulary with no
+        # merges (the built-in tokenizer) needs it present and empty.
+        writer.add_key_value(gguf.Keys.Tokenizer.MERGES, [], gguf.GGUFValueType.ARRAY,
+                             sub_type=gguf.GGUFValueType.STRING)
+    if special.chat_template is None:
+        notes.append("the tokenizer has no chat template; none embedded")
+
+
+def _writer_class():
+    """GGUFWriter that can write an empty array (gguf's writer refuses them; the GGUF format allows
+    them and llama.cpp reads them) — needed for the empty merges list of a merge-free BPE vocabulary."""
+    import gguf
+
+    class Writer(gguf.GGUFWriter):
+        def _pack_val(self, val, vtype, add_vtype, sub_type=None):
+            if vtype == gguf.GGUFValueType.ARRAY and len(val) == 0 and sub_type is not None:
+                header = self._pack("I", vtype) if add_vtype else b""
+                return header + self._pack("I", sub_type) + self._pack("Q", 0)
+            return super()._pack_val(val, vtype, add_vtype, sub_type=sub_type)
+
+    return Writer
+
+
+# --------------------------------------------------------------------------------------------------
+# RoPE
+
+
+ROPE_TYPES = ("default", "linear", "llama3")
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _rope_params(config: dict[str, Any]) -> dict[str, Any]:
+    # transformers 5 writes rope_parameters (with rope_theta inside), older versions rope_scaling
+    return config.get("rope_parameters") or config.get("rope_scaling") or {}
+
+
+def _rope_theta(config: dict[str, Any]) -> float:
+    return float(_rope_params(config).get("rope_theta") or config.get("rope_theta") or 10000.0)
+
+
+def _head_dim(config: dict[str, Any]) -> int:
+    return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+
+
+def _rope_kind(config: dict[str, Any]) -> str:
+    params = _rope_params(config)
+    return params.get("rope_type") or params.get("type") or "default"
+
+
+def llama3_rope_factors(config: dict[str, Any]) -> np.ndarray:
+    """The ``rope_freqs`` tensor of a Llama-3.1-style (``rope_type: llama3``) model, as llama.cpp writes it.
+
+    llama.cpp's RoPE divides each rotary pair's angle by this factor (``ggml_rope_ext``'s freq
+    factors): 1 for wavelengths shorter than ``original_max_position_embeddings / high_freq_factor``,
+    ``factor`` for those longer than ``original_max_position_embeddings / low_freq_factor``, and in
+    between the inverse of transformers' smooth interpolation, so ``base_freq / factor_i`` is
+    transformers' llama3 inverse frequency. Base frequencies in float32, as llama.cpp computes them.
+    """
+    params = _rope_params(config)
+    missing = [k for k in LLAMA3_ROPE_KEYS if params.get(k) is None]
+    if missing:
+        raise PeftlabError(f"config.json: rope_type llama3 needs {', '.join(missing)} in rope_scaling / "
+                           "rope_parameters; the config is incomplete")
+    dim = _head_dim(config)
+    factor, low, high = (float(params[k]) for k in LLAMA3_ROPE_KEYS[:3])
+    old_context = float(params["original_max_position_embeddings"])
+    low_wavelen, high_wavelen = old_context / low, old_context / high
+    freqs = 1.0 / (_rope_theta(config) ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factors = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            factors.append(1.0 / ((1.0 - smooth) / factor + smooth))
+    return np.asarray(factors, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# what can be exported, checked before any work
+
+
+def _convert_advice(out: Path, type: str, model: str | None, adapter: str | None, merge_flags: Sequence[str]) -> str:
+    """Commands that export what peftlab's GGUF writer does not cover, with llama.cpp's own converter
+    (``convert_hf_to_gguf.py`` writes f32/f16/bf16/q8_0; other types go through ``llama-quantize``)."""
+    outtype = type if type in ("f32", "f16", "bf16", "q8_0") else "f16"
+    merged = model or str(out.parent / f"{out.stem}-merged")
+    gguf_out = out if outtype == type else out.with_name(f"{out.stem}-{outtype}.gguf")
+    steps = []
+    if adapter:
+        steps.append(shlex.join(["peftlab", "export", "--format", "safetensors", "--adapter", adapter, *merge_flags,
+                                 "--out", merged]))
+    steps.append(shlex.join(["python", "convert_hf_to_gguf.py", merged, "--outfile", str(gguf_out),
+                             "--outtype", outtype]))
+    if outtype != type:
+        steps.append(shlex.join(["llama-quantize", str(gguf_out), str(out), type.upper()]))
+    lead = "merge, then convert with llama.cpp's converter" if adapter else "convert with llama.cpp's converter"
+    return f"{lead} (convert_hf_to_gguf.py is in a llama.cpp checkout): " + "; then ".join(f"`{s}`" for s in steps)
+
+
+def check_gguf_export(model_dir: str | os.PathLike[str], out_file: str | os.PathLike[str], *, type: str = "f16",
+                      overwrite: bool = False, model: str | None = None, adapter: str | None = None,
+                      merge_flags: Sequence[str] = ()) -> dict[str, Any]:
+    """Everything GGUF export refuses, checked before any work; returns the model's config.
+
+    ``model_dir`` holds the config of the model to export (for an adapter: its base, so the check runs
+    before the merge). ``model`` / ``adapter`` / ``merge_flags`` (``--base``, ``--set``, ... as the user
+    gave them) are what the advice in a refusal repeats. Also proves ``out_file``'s directory writable
+    by creating (and removing) a file there.
+    """
+    if type not in GGUF_TYPES:
+        raise PeftlabError(f"--type {type!r}: use one of {', '.join(GGUF_TYPES)}")
+    model_dir, out = Path(model_dir), Path(out_file)
+    if out.suffix != ".gguf":
+        raise PeftlabError(f"--out {out}: a GGUF export is one file; name it *.gguf")
+    if out.is_dir():
+        raise PeftlabError(f"--out {out} is a directory; a GGUF export is one file: name a *.gguf file")
+    if out.exists() and not overwrite:
+        raise PeftlabError(f"--out {out} exists; choose a new file name or pass --overwrite")
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        raise PeftlabError(f"{model_dir} has no config.json; --model must be a merged Hugging Face model directory")
+    config = json.loads(config_file.read_text())
+    advice = _convert_advice(out, type, model or (None if adapter else str(model_dir)), adapter, merge_flags)
+    kind = config.get("model_type")
+    if kind not in LLAMA_LIKE:
+        what = f"the base model of {adapter}" if adapter else str(model_dir)
+        raise PeftlabError(f"GGUF export supports Llama-architecture models ({', '.join(LLAMA_LIKE)}); {what} is "
+                           f"{kind!r}. Instead, {advice}")
+    rope = _rope_kind(config)
+    if rope not in ROPE_TYPES:
+        raise PeftlabError(f"rope type {rope!r} is not supported by peftlab's GGUF export ({', '.join(ROPE_TYPES)} "
+                           f"are). Instead, {advice}")
+    if rope == "llama3":
+        llama3_rope_factors(config)  # refuses an incomplete llama3 config now rather than after a merge
+    _check_writable(out)
+    return config
+
+
+def _check_writable(out: Path) -> None:
+    where = out.parent
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.probe-", dir=where)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise PeftlabError(f"--out {out}: cannot write to {where} ({exc.strerror or exc}); choose a --out in a "
+                           "directory you can write to, or make that directory writable. Nothing was done.") from None
+
+
+@contextmanager
+def _writing(out: Path) -> Iterator[None]:
+    """OS errors while writing the GGUF file (disk full, permissions) as one message about ``out``."""
+    try:
+        yield
+    except OSError as exc:
+        raise PeftlabError(f"--out {out}: writing the GGUF file failed ({exc.strerror or exc}); free space or "
+                           "choose a --out on another disk. No partial file was left.") from None
+
+
+def keep_merged(merged_dir: Path, out: Path) -> Path:
+    """Move an intermediate merged model beside ``out`` (when the export after a merge fails: the merge
+    is kept, not thrown away); returns where it is."""
+    keep = out.parent / f"{out.stem}-merged"
+    n = 1
+    while keep.exists():
+        n += 1
+        keep = out.parent / f"{out.stem}-merged-{n}"
+    os.replace(merged_dir, keep)
+    return keep
+
+
+@dataclass
+class GGUFResult:
+    path: Path
+    type: str
+    tensors: int
+    bytes: int  # the file's size: tensors + metadata + tokenizer
+    tensor_bytes: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def export_gguf(model_dir: str | os.PathLike[str], out_file: str | os.PathLike[str], *, type: str = "f16",
+                overwrite: bool = False) -> GGUFResult:
+    """Write the merged HF model in ``model_dir`` (Llama architecture) as a GGUF file at ``out_file``."""
+    import gguf
+    from safetensors import safe_open
+
+    from peftlab.export.merge import _iter_checkpoint, checkpoint_shards
+
+    model_dir, out = Path(model_dir), Path(out_file)
+    config = check_gguf_export(model_dir, out, type=type, overwrite=overwrite, model=str(model_dir))
+    rope = _rope_kind(config)
+    n_layers, n_head = config["num_hidden_layers"], config["num_attention_heads"]
+    n_kv = config.get("num_key_value_heads") or n_head
+    hidden = config["hidden_size"]
+    head_dim = _head_dim(config)
+    notes: list[str] = []
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    writer = _writer_class()(tmp, "llama")
+    try:
+        writer.add_name(config.get("_name_or_path") or model_dir.name)
+        writer.add_context_length(config["max_position_embeddings"])
+        writer.add_embedding_length(hidden)
+        writer.add_block_count(n_layers)
+        writer.add_feed_forward_length(config["intermediate_size"])
+        writer.add_head_count(n_head)
+        writer.add_head_count_kv(n_kv)
+        writer.add_rope_dimension_count(head_dim)
+        if head_dim != hidden // n_head:
+            writer.add_key_length(head_dim)
+            writer.add_value_length(head_dim)
+        writer.add_rope_freq_base(_rope_theta(config))
+        if rope == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(float(_rope_params(config)["factor"]))
+        writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+        writer.add_vocab_size(config["vocab_size"])
+        writer.add_file_type(_file_type(gguf, type))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        add_tokenizer(writer, model_dir, config["vocab_size"], notes)
+
+        # pass 1: names, shapes and types from the shard headers (no tensor data read)
+        extra: list[tuple[str, np.ndarray]] = []
+        if rope == "llama3":
+            # llama.cpp's Llama-3.1 RoPE: one F32 vector of per-pair frequency divisors (convert_hf_to_gguf
+            # writes it as an extra tensor; llama.cpp needs no rope-scaling keys for it)
+            extra.append((f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS]}.weight", llama3_rope_factors(config)))
+        for name, data in extra:
+            writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, raw_dtype=gguf.GGMLQuantizationType.F32)
+        tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+        plan: list[tuple[str, str, Any]] = []
+        for shard in checkpoint_shards(model_dir):
+            with safe_open(str(shard), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
+                    if key.endswith(".rotary_emb.inv_freq"):
+                        continue
+                    name = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
+                    if name is None:
+                        raise PeftlabError(f"{shard.name}: tensor {key!r} has no llama.cpp name; GGUF export "
+                                           "covers the Llama architecture's tensors only")
+                    shape = tuple(f.get_slice(key).get_shape())
+                    qtype = _tensor_type(gguf, name, shape, type)
+                    plan.append((key, name, qtype))
+                    nbytes = _nbytes(gguf, shape, qtype)
+                    writer.add_tensor_info(name, _byte_shape(gguf, shape, qtype), _np_dtype(gguf, qtype),
+                                           nbytes, raw_dtype=qtype)
+        with _writing(out):
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+        # pass 2: convert and write one tensor at a time, in the planned order
+        total = 0
+        for _, data in extra:
+            with _writing(out):
+                writer.write_tensor_data(data)
+            total += data.nbytes
+        planned = {key: (name, qtype) for key, name, qtype in plan}
+        for key, tensor in _iter_checkpoint(model_dir):
+            if key not in planned:
+                continue
+            name, qtype = planned[key]
+            data = tensor.float().numpy()
+            if key.endswith("q_proj.weight"):
+                data = llama_permute(data, n_head, n_head)
+            elif key.endswith("k_proj.weight"):
+                data = llama_permute(data, n_head, n_kv)
+            converted = _convert(gguf, data, qtype)
+            with _writing(out):
+                writer.write_tensor_data(converted)
+            total += converted.nbytes
+        with _writing(out):
+            writer.close()
+            os.replace(tmp, out)
+    except BaseException:
+        try:
+            writer.close()
+        except OSError:
+            pass  # the write that failed is being reported; closing may fail the same way
+        if tmp.exists():
+            tmp.unlink()
+        raise
+    return GGUFResult(out, type, len(plan) + len(extra), out.stat().st_size, total, notes)
+
+
+def _byte_shape(gguf: Any, shape: tuple[int, ...], qtype: Any) -> tuple[int, ...]:
+    t = gguf.GGMLQuantizationType
+    if qtype in (t.F32, t.F16):
+        return shape
+    return gguf.quant_shape_to_byte_shape(shape, qtype)
+
+
+def _np_dtype(gguf: Any, qtype: Any) -> np.dtype:
+    t = gguf.GGMLQuantizationType
+    return {t.F32: np.dtype(np.float32), t.F16: np.dtype(np.float16)}.get(qtype, np.dtype(np.uint8))
+
+
+def _nbytes(gguf: Any, shape: tuple[int, ...], qtype: Any) -> int:
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    n = int(np.prod(shape))
+    return n // block * type_size
+
+
+# --------------------------------------------------------------------------------------------------
+# PEFT adapter export
+
+
+@dataclass
+class PeftExportResult:
+    path: Path
+    modules: int
+    notes: list[str] = field(default_factory=list)
+
+
+def export_peft(adapter_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, base: str | None = None,
+                overwrite: bool = False) -> PeftExportResult:
+    """Validate an adapter and write it as ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+    Checks: the config is a LoRA config peftlab/PEFT load; every module has lora_A and lora_B of one
+    rank that matches ``r`` / ``rank_pattern``; when the base model can be found, every module exists
+    there with the adapter's in/out sizes. ``.bin`` weights are converted to safetensors.
+    """
+    from safetensors.torch import save_file
+    from torch import nn
+
+    from peftlab.adapters.peft_format import (
+        CONFIG_NAME,
+        WEIGHTS_NAME,
+        read_adapter_config,
+        read_adapter_weights,
+    )
+    from peftlab.export.merge import RECIPE_NAME, _pattern_value, local_model_dir, read_updates
+
+    src, out = Path(adapter_dir), Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise PeftlabError(f"--out {out} exists and is not empty; choose a new directory or pass --overwrite")
+    config = read_adapter_config(src)
+    updates = read_updates(src, config)
+    if not updates:
+        raise PeftlabError(f"{src}: the adapter has no LoRA weights")
+    for name, upd in updates.items():
+        want = _pattern_value(config.get("rank_pattern"), name, config["r"])
+        if upd.lora_A.shape[0] != want:
+            raise PeftlabError(f"{src}: {name} has rank {upd.lora_A.shape[0]} but adapter_config.json says "
+                               f"{want} (r / rank_pattern); the config does not belong to these weights")
+    notes = []
+    base_name = base or config.get("base_model_name_or_path")
+    if base_name:
+        try:
+            base_dir = local_model_dir(base_name)
+        except PeftlabError as exc:
+            base_dir = None
+            notes.append(f"base model not checked: {exc}")
+        if base_dir is not None:
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_dir))
+            modules = dict(model.named_modules())
+            for name, upd in updates.items():
+                m = modules.get(name)
+                if not isinstance(m, nn.Linear):
+                    raise PeftlabError(f"{src}: module {name} is not a linear layer of {base_name}; the adapter "
+                                       "belongs to another base model")
+                if (upd.lora_A.shape[1], upd.lora_B.shape[0]) != (m.in_features, m.out_features):
+                    raise PeftlabError(
+                        f"{src}: {name} maps {upd.lora_A.shape[1]} -> {upd.lora_B.shape[0]} features but "
+                        f"{base_name} has {m.in_features} -> {m.out_features}; wrong base model")
+            notes.append(f"all {len(updates)} modules fit {base_name}")
+    if config.get("use_dora"):
+        notes.append("DoRA adapter: PEFT loads it; serving engines may not support DoRA (merge it instead)")
+    tensors = {k: v.contiguous() for k, v in read_adapter_weights(src).items()}
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{WEIGHTS_NAME}.tmp-{os.getpid()}"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out / WEIGHTS_NAME)
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for extra in (RECIPE_NAME, "peftlab_combine.json"):
+        if (src / extra).is_file() and src.resolve() != out.resolve():
+            shutil.copy2(src / extra, out / extra)
+    return PeftExportResult(out, len(updates), notes)
+
+
+# --------------------------------------------------------------------------------------------------
+# model card and hub upload
+
+
+def model_card(*, title: str, base: str | None, kind: str, adapter_dir: Path | None = None,
+               report: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> str:
+    """A README.md for the hub: what it is, the base, the training recipe, data, metrics, fidelity."""
+    import yaml
+
+    recipe: dict[str, Any] = {}
+    metrics: dict[str, Any] = {}
+    if adapter_dir is not None:
+        rp = adapter_dir / "peftlab_recipe.yaml"
+        if rp.is_file():
+            recipe = yaml.safe_load(rp.read_text()) or {}
+        summary = adapter_dir.parent / "summary.json"
+        if summary.is_file():
+            metrics = json.loads(summary.read_text()).get("eval_after", {})
+    if not base and adapter_dir is not None:
+        base = recipe.get("model", {}).get("name")
+        if not base and (adapter_dir / "adapter_config.json").is_file():
+            base = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    front = {"library_name": "peft" if kind == "adapter" else "transformers", "tags": ["peftlab", "lora"]}
+    if base:
+        front["base_model"] = base
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {title}", "",
+             f"A {kind} fine-tuned with [peftlab](https://github.com/) (LoRA" +
+             (f", base quantised to {recipe['quantization']['mode'].upper()} during training"
+              if recipe.get("quantization", {}).get("mode", "none") != "none" else "") + ").", ""]
+    if base:
+        lines += [f"- **Base model:** `{base}`"]
+    a = recipe.get("adapter")
+    if a:
+        lines += [f"- **Adapter:** r={a.get('r')}, alpha={a.get('alpha')}, targets={a.get('target_modules')}"
+                  + (", rsLoRA" if a.get("rslora") else "") + (", DoRA" if a.get("dora") else "")]
+    data = recipe.get("data")
+    if data:
+        train = [s.get("path") or s.get("hf") or s for s in data.get("train", [])]
+        evals = [s.get("path") or s.get("hf") or s for s in data.get("eval", []) or []]
+        lines += [f"- **Training data:** {train}", f"- **Eval data:** {evals or 'none'}"]
+    t = recipe.get("train")
+    if t:
+        lines.append(f"- **Training:** lr={t.get('lr')}, epochs={t.get('epochs')}, max_steps={t.get('max_steps')}, "
+                     f"micro_batch_size={t.get('micro_batch_size')}, grad_accum={t.get('grad_accum')}, "
+                     f"seed={t.get('seed')}")
+    for key, value in (extra or {}).items():
+        lines += [f"- **{key}:** {value}"]
+    if metrics:
+        lines += ["", "## Metrics (held-out, after training)", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
+    if report:
+        lines += ["", "## Merge fidelity (adapter model vs merged model)", "", "| | |", "|---|---|"]
+        for key in ("samples_source", "base_precision", "dtype", "max_abs_logit_diff", "mean_abs_logit_diff",
+                    "perplexity_adapter", "perplexity_merged", "top1_agreement"):
+            if key in report:
+                v = report[key]
+                lines.append(f"| {key} | {v:.4g} |" if isinstance(v, float) else f"| {key} | {v} |")
+    if recipe:
+        lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).strip(), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def push_to_hub(path: Path, repo: str, card: str) -> str:
+    """Upload ``path`` (a directory, or one file) with ``card`` as README.md to the hub repo ``repo``.
+
+    The card is written beside the export first, so nothing is lost when the upload fails.
+    """
+    card_path = (path if path.is_dir() else path.with_name(f"{path.stem}.README.md"))
+    card_path = card_path / "README.md" if path.is_dir() else card_path
+    card_path.write_text(card)
+    later = (f"the export and its model card are in {path}" + ("" if path.is_dir() else f" and {card_path}") +
+             f"; upload them later with `huggingface-cli upload {repo} {path if path.is_dir() else path.parent}`")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise PeftlabError(f"--push-to-hub {repo}: no network (HF_HUB_OFFLINE=1), nothing was uploaded; {later}")
+    try:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(repo, exist_ok=True)
+        if path.is_dir():
+            api.upload_folder(folder_path=str(path), repo_id=repo)
+        else:
+            api.upload_file(path_or_fileobj=str(path), path_in_repo=path.name, repo_id=repo)
+            api.upload_file(path_or_fileobj=str(card_path), path_in_repo="README.md", repo_id=repo)
+    except Exception as exc:  # noqa: BLE001 (network, auth, permissions: all end in the same advice)
+        raise PeftlabError(f"--push-to-hub {repo} failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                           f"log in with `huggingface-cli login` and check the network; {later}") from None
+    return f"https://huggingface.co/{repo}"

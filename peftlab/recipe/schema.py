@@ -1,0 +1,596 @@
+"""The recipe: one typed, validated description of a run.
+
+A recipe is YAML in, a :class:`Recipe` out. Every section is a pydantic model that forbids unknown
+keys, fills the defaults a practitioner expects (QLoRA NF4 with double quantisation, LoRA r=16
+alpha=32 on all linear layers, AdamW, cosine schedule with warmup, gradient clipping at 1.0, a
+fixed seed), and reports mistakes as :class:`~peftlab.errors.PeftlabError` naming the key, what was
+expected and a "did you mean" for near-miss key names. ``--set train.lr=1e-4`` overrides go
+through the same validation.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from peftlab.data.config import DataConfig
+from peftlab.errors import PeftlabError
+
+logger = logging.getLogger(__name__)
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(Section):
+    name: str = "builtin:tiny-llama"
+    """Hub id (``meta-llama/Llama-3.1-8B``), local directory, or ``builtin:<name>``."""
+    revision: str | None = None
+    dtype: Dtype = "auto"
+    """Compute dtype: auto = bfloat16 on GPUs that support it, float32 on CPU."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    tokenizer: str | None = None
+    """Tokenizer id/dir when it differs from the model's."""
+
+
+class QuantizationConfig(Section):
+    mode: Literal["nf4", "fp4", "none"] = "nf4"
+    double_quant: bool = True
+    blocksize: Literal[64, 128, 256] = 64
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
+    """Storage dtype of packed 4-bit weights (DeepSpeed ZeRO-3 wants the compute dtype)."""
+
+
+class AdapterConfig(Section):
+    kind: Literal["lora"] = "lora"
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    rslora: bool = False
+    dora: bool = False
+    layers: list[int] | str | None = None
+    """Decoder layers that get adapters (PEFT's layers_to_transform): indices and ``"16..31"`` ranges
+    (inclusive), or ``"top:8"`` / ``"bottom:4"`` for the last / first k layers; None: every layer."""
+    init_from: str | None = None
+    """Start from an existing adapter directory (PEFT format) instead of a fresh init."""
+    loraplus_lr_ratio: float | None = Field(None, gt=0)
+    """LoRA+: the B matrices train at ratio x train.lr (A at train.lr); None: one learning rate."""
+    unfreeze: list[str] = []
+    """Base modules trained in full besides the adapters: ``embeddings``, ``head`` or module names
+    (suffix match, e.g. ``embed_tokens``); saved beside the adapter (unfrozen_modules.safetensors)."""
+    unfreeze_lr: float | None = Field(None, gt=0)
+    """Learning rate of the unfrozen modules; None: train.lr."""
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layer_ranges(cls, v: Any) -> Any:
+        from peftlab.adapters.freezing import parse_layers
+
+        return parse_layers(v)
+
+
+class LossConfig(Section):
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    z_loss: float = Field(0.0, ge=0.0)
+    softcap: float | None = Field(None, gt=0.0)
+
+
+class EarlyStoppingConfig(Section):
+    """Early stopping (peftlab.trainer.early_stopping): stop after ``patience`` evals without improvement."""
+
+    metric: str = "eval_loss"
+    """Any eval metric: eval_loss (or loss), perplexity, exact_match, token_f1, accuracy, f1_macro, ..."""
+    patience: int = Field(3, ge=1)
+    min_delta: float = Field(0.0, ge=0.0)
+    """An eval improves only when it beats the best by more than this."""
+    mode: Literal["auto", "min", "max"] = "auto"
+    """auto: min for losses/perplexity/mse, max for scores."""
+
+
+class TrainConfig(Section):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    """Optimizer steps; overrides epochs when set."""
+    micro_batch_size: int = Field(4, gt=0)
+    grad_accum: int = Field(4, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    warmup_steps: int | None = Field(None, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = Field(10, gt=0)
+    eval_every: int | None = Field(None, gt=0)
+    """Evaluate every N optimizer steps (None: only before and after training)."""
+    eval_at_start: bool = True
+    save_every: int | None = Field(None, gt=0)
+    auto_fit: bool = False
+    """Before training, shrink micro_batch_size (raising grad_accum) and then max_seq_len until the
+    memory planner (``peftlab estimate``) says the run fits the free device / host memory."""
+    threads: int | None = Field(None, gt=0)
+    """CPU threads of torch's intra-op pool (``torch.set_num_threads``); None: torch's default capped at the
+    CPUs the process may use (affinity, cgroup quota). peftlab's CLI makes waiting OpenMP threads sleep
+    (``OMP_WAIT_POLICY=passive`` unless set), so a machine shared with other work slows a run gracefully."""
+    host_allocator: Literal["default", "bounded"] = "default"
+    """CPU runs: ``default`` keeps the C library's adaptive allocator (fastest; its heap keeps freed
+    activations); ``bounded`` fixes glibc's mmap threshold at 1 MiB so freed tensors go back to the
+    OS: peak host memory follows the live tensors (measured -28% to -33%), steps are slower when
+    activations are 1-32 MiB (+40% on a 100M model, see README Memory)."""
+    early_stopping: EarlyStoppingConfig | None = None
+    """Stop when an eval metric stops improving (needs eval_every); the best adapter is kept in best/."""
+    loss: LossConfig = LossConfig()
+
+
+class EvalConfig(Section):
+    metric: Literal["exact_match", "token_f1", "loss", "perplexity", "accuracy", "f1_macro", "f1_micro",
+                    "precision", "recall", "mse"] = "exact_match"
+    max_new_tokens: int = Field(32, gt=0)
+    max_prompts: int = Field(100, gt=0)
+    batch_size: int = Field(16, gt=0)
+    show_samples: int = Field(1, ge=0)
+
+
+class OutputConfig(Section):
+    dir: str = "runs/peftlab"
+    report_to: list[Literal["jsonl", "tensorboard", "mlflow", "wandb"]] = ["jsonl", "tensorboard"]
+    """mlflow: a local file store run in <dir>/mlruns; wandb: an offline run in <dir>/wandb."""
+    plot: bool = True
+    overwrite: bool = False
+    """Allow training into a directory that already holds a finished run."""
+
+
+class CheckpointConfig(Section):
+    """Resumable checkpoints (docs/fault-tolerance.md); written every ``train.save_every`` steps."""
+
+    keep_last: int | None = Field(3, ge=1)
+    """Complete checkpoints kept (oldest deleted first; the newest is never deleted). None: keep all."""
+    dir: str = "checkpoints"
+    """Folder of the checkpoints, relative to output.dir (it may not point outside output.dir)."""
+
+    @field_validator("dir")
+    @classmethod
+    def _dir_inside_output(cls, v: str) -> str:
+        from pathlib import PurePath
+
+        parts = PurePath(v).parts
+        if not v.strip() or PurePath(v).is_absolute() or ".." in parts or v.startswith("~"):
+            raise ValueError("must be a relative folder inside output.dir without '..', e.g. checkpoints")
+        return v
+
+
+class GuardsConfig(Section):
+    """Training guards: non-finite steps and loss spikes (docs/fault-tolerance.md)."""
+
+    max_consecutive_nonfinite: int = Field(5, ge=1)
+    """Abort after this many optimizer steps in a row with a non-finite loss or gradient (each is skipped)."""
+    loss_spike_action: Literal["warn", "abort", "off"] = "warn"
+    loss_spike_factor: float = Field(3.0, gt=1.0)
+    """A step's loss above factor x the median of the last ``loss_spike_window`` finite losses is a spike."""
+    loss_spike_window: int = Field(20, ge=2)
+    """Steps in the running median; the watchdog arms once the window is full."""
+
+
+class TeacherConfig(Section):
+    """The distillation teacher: a base model, optionally with its own (e.g. quickstart-trained) adapter."""
+
+    name: str | None = None
+    """Hub id, local directory or ``builtin:<name>``; may be left out when ``adapter`` is set (the base
+    named in the adapter's adapter_config.json is used)."""
+    revision: str | None = None
+    tokenizer: str | None = None
+    """Tokenizer id/dir when it differs from the teacher's (must give the student's vocabulary)."""
+    adapter: str | None = None
+    """A PEFT-format adapter directory applied to the teacher (frozen), e.g. ``runs/quickstart/adapter``."""
+    quantization: QuantizationConfig | None = None
+    """The teacher's own quantization; None: the one its adapter was trained on (when it records it),
+    else the recipe's ``quantization`` section."""
+    dtype: Dtype | None = None
+    """Compute dtype of the teacher; None: ``model.dtype``."""
+    trust_remote_code: bool = False
+
+
+class DistillConfig(Section):
+    """Knowledge distillation: L = alpha * CE(student, labels) + (1 - alpha) * T^2 * D(teacher, student)."""
+
+    teacher: TeacherConfig
+    kind: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    beta: float = Field(0.5, ge=0.0, le=1.0)
+    """JSD mixture weight of the teacher (0 = forward KL, 1 = reverse KL); only used by kind=jsd."""
+    temperature: float = Field(1.0, gt=0.0)
+    alpha: float = Field(0.5, ge=0.0, le=1.0)
+    """Weight of the hard-label cross-entropy; 0 = pure distillation, 1 = plain fine-tuning."""
+    mode: Literal["online", "offline"] = "online"
+    """online: the teacher runs in the training process; offline: its top-k log-probs are read from
+    ``cache_dir`` (written once by ``peftlab distill-cache RECIPE``)."""
+    cache_dir: str | None = None
+    """Teacher cache directory (offline mode); None: ``<output.dir>/teacher-cache``."""
+    top_k: int = Field(64, gt=0)
+    """Teacher log-probabilities stored per target token (offline mode)."""
+    cache_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    """Storage dtype of the cached log-probabilities (float16: 2 bytes, ~1e-3 relative error)."""
+
+    @field_validator("teacher", mode="before")
+    @classmethod
+    def _teacher_shorthand(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _teacher_named(self) -> DistillConfig:
+        if self.teacher.name is None and self.teacher.adapter is None:
+            raise ValueError("distill.teacher needs a name (hub id, local dir or builtin:<name>) or an adapter "
+                             "directory whose adapter_config.json names its base model")
+        return self
+
+
+class Recipe(Section):
+    model: ModelConfig = ModelConfig()
+    quantization: QuantizationConfig = QuantizationConfig()
+    adapter: AdapterConfig = AdapterConfig()
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    output: OutputConfig = OutputConfig()
+    kernels: Literal["auto", "triton", "torch", "off"] = "auto"
+    """Fused kernels: auto = Triton on CUDA, PyTorch elsewhere; off = the model's own unfused path."""
+    # Seams for the scale-out, fault-tolerance and distillation sections (other issues).
+    deepspeed: str | None = None
+    resume: str | None = None
+    """``auto``: continue from the newest complete checkpoint in output.dir (fresh start if none);
+    a checkpoint directory: continue from that one; None: start fresh."""
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    guards: GuardsConfig = GuardsConfig()
+    distill: DistillConfig | None = None
+    """Distillation from a teacher model (see docs/distillation.md); None: plain fine-tuning."""
+    task: Literal["causal_lm", "classification", "regression"] = "causal_lm"
+    """classification / regression: LoRA + a head on {text, label} rows (docs/workflows.md)."""
+
+    # Where relative paths in the recipe are resolved from (the recipe file's directory).
+    base_dir: str = Field(".", exclude=True)
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _deepspeed_is_json(cls, v: str | None) -> str | None:
+        if v is not None and not v.endswith(".json"):
+            raise ValueError("expected the path of a DeepSpeed JSON config, e.g. recipes/deepspeed/zero2.json")
+        return v
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Recipe:
+        if self.quantization.mode != "none" and self.model.dtype == "float16" and self.train.device == "cpu":
+            raise ValueError(
+                f"quantization.mode={self.quantization.mode} with model.dtype=float16 on train.device=cpu: "
+                "bitsandbytes' CPU path computes in float32 or bfloat16; set model.dtype to float32, "
+                "bfloat16 or auto"
+            )
+        if self.adapter.dora and self.kernels == "triton":
+            raise ValueError(
+                "adapter.dora=true with kernels=triton: the fused QLoRA kernel does not implement DoRA; "
+                "set kernels to auto (DoRA layers then use the PyTorch path) or torch"
+            )
+        if self.model.attn_implementation == "flash_attention_2" and self.train.device == "cpu":
+            raise ValueError("model.attn_implementation=flash_attention_2 needs a CUDA GPU; use sdpa on CPU")
+        if self.train.early_stopping is not None and self.train.eval_every is None:
+            raise ValueError("train.early_stopping needs train.eval_every (evaluate every N steps), e.g. "
+                             "train.eval_every: 50")
+        if self.resume is not None and (self.task != "causal_lm" or self.adapter.unfreeze):
+            raise ValueError("resume with task=classification/regression or adapter.unfreeze is not supported: "
+                             "checkpoints hold the LoRA weights only, not the head / unfrozen modules; remove "
+                             "resume (start a fresh run)")
+        if self.task != "causal_lm":
+            if self.distill is not None or self.data.packing:
+                raise ValueError(f"task={self.task} cannot be combined with distill or data.packing; remove them")
+            if self.data.label_type == "auto":  # the task decides how labels are read
+                self.data.label_type = "class" if self.task == "classification" else "regression"
+            elif (self.data.label_type == "class") != (self.task == "classification"):
+                raise ValueError(f"task={self.task} with data.label_type={self.data.label_type}: set "
+                                 "data.label_type: auto (the task then decides)")
+        loss = self.train.loss
+        if self.distill is not None and (loss.label_smoothing or loss.z_loss or loss.softcap):
+            raise ValueError(
+                "distill with train.loss.label_smoothing/z_loss/softcap: the distillation loss does not "
+                "implement them; remove those keys (the teacher's distribution already smooths the targets)"
+            )
+        return self
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def resolve_path(self, p: str | Path) -> Path:
+        """A path from the recipe, relative to the recipe file's directory."""
+        p = Path(p).expanduser()
+        return p if p.is_absolute() else (Path(self.base_dir) / p)
+
+    @property
+    def output_dir(self) -> Path:
+        return self.resolve_path(self.output.dir)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def fingerprint(self, *keys: str) -> str:
+        """Stable hash of the named top-level sections (all when none are named)."""
+        d = self.to_dict()
+        if keys:
+            d = {k: d[k] for k in keys}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---- loading ------------------------------------------------------------------------------------
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the (nested) pydantic model found at ``loc`` (for "did you mean")."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        field = current.model_fields.get(part)
+        if field is None:
+            return list(current.model_fields)
+        current = _unwrap(field.annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _unwrap(annotation: Any) -> Any:
+    """The BaseModel inside ``X | None`` / ``list[X]`` annotations, else the annotation."""
+    for arg in getattr(annotation, "__args__", ()) or ():
+        inner = _unwrap(arg)
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            return inner
+    return annotation
+
+
+# Names practitioners bring from PEFT / TRL / Axolotl / torchtune, mapped to ours.
+ALIASES = {
+    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "use_rslora": "rslora",
+    "use_dora": "dora", "lora_target_modules": "target_modules", "layers_to_transform": "layers",
+    "learning_rate": "lr", "batch_size": "micro_batch_size", "per_device_train_batch_size": "micro_batch_size",
+    "micro_batch": "micro_batch_size", "gradient_accumulation_steps": "grad_accum", "num_epochs": "epochs",
+    "num_train_epochs": "epochs", "lr_scheduler": "scheduler", "lr_scheduler_type": "scheduler",
+    "optim": "optimizer", "max_grad_norm": "max_grad_norm", "output_dir": "dir", "base_model": "name",
+    "sequence_len": "max_seq_len", "max_length": "max_seq_len", "load_in_4bit": "mode",
+}
+
+
+def _suggest(name: str, known: list[str]) -> str | None:
+    alias = ALIASES.get(name)
+    if alias in known:
+        return alias
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid recipe {source}:"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            name = str(loc[-1])
+            known = _fields_at(Recipe, loc[:-1])
+            close = _suggest(name, known)
+            hint = f" — did you mean '{'.'.join(str(p) for p in loc[:-1] + (close,))}'?" if close else ""
+            allowed = f" (known keys here: {', '.join(known)})" if known else ""
+            lines.append(f"  {key}: unknown key{hint}{allowed}")
+        elif e["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            got = e.get("input")
+            shown = repr(got) if not isinstance(got, dict) else "a mapping"
+            lines.append(f"  {key}: {e['msg']} (got {shown})")
+    return "\n".join(lines)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise PeftlabError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise PeftlabError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise PeftlabError(f"--set {item!r}: value is not valid YAML ({exc})") from None
+    return path, value
+
+
+def set_nested(raw: dict[str, Any], path: list[str], value: Any, *, where: str) -> None:
+    """``raw[a][b][c] = value`` for ``path == [a, b, c]``, creating missing sections; ``where`` prefixes
+    the error when a step of the path is a value, not a section."""
+    node = raw
+    for part in path[:-1]:
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise PeftlabError(f"{where}: '{part}' is not a section")
+        node = nxt
+    node[path[-1]] = value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a raw recipe mapping."""
+    for item in overrides:
+        path, value = _parse_override(item)
+        set_nested(raw, path, value, where=f"--set {item!r}")
+    return raw
+
+
+def recipe_from_dict(raw: dict[str, Any], *, source: str = "(dict)", base_dir: str | Path = ".",
+                     overrides: list[str] | None = None) -> Recipe:
+    if not isinstance(raw, dict):
+        raise PeftlabError(f"invalid recipe {source}: the top level must be a mapping of sections "
+                           "(model, quantization, adapter, data, train, eval, output)")
+    raw = apply_overrides(json.loads(json.dumps(raw)), overrides or [])
+    raw.pop("base_dir", None)
+    try:
+        recipe = Recipe(**raw, base_dir=str(base_dir))
+    except ValidationError as err:
+        raise PeftlabError(_format_errors(err, source)) from None
+    except ValueError as err:  # raised by validators outside pydantic's wrapping
+        raise PeftlabError(f"invalid recipe {source}: {err}") from None
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load, validate and return the recipe at ``path`` (YAML, read with ``yaml.safe_load``)."""
+    path = Path(path)
+    if not path.is_file():
+        hint = " (it is a directory; pass the YAML file inside it)" if path.is_dir() else ""
+        raise PeftlabError(f"recipe file not found: {path}{hint}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise PeftlabError(f"recipe {path} is not valid YAML: {exc}") from None
+    return recipe_from_dict(raw or {}, source=str(path), base_dir=path.resolve().parent, overrides=overrides)
+
+
+ADAPTER_RECIPE_NAME = "peftlab_recipe.yaml"
+INFERENCE_ONLY_DATA = "(none: inference only)"
+
+
+def load_adapter_recipe(adapter_dir: str | Path, overrides: list[str] | None = None, *,
+                        trust_remote_code: bool = False) -> Recipe:
+    """The training recipe stored beside an adapter (``peftlab_recipe.yaml``), read as untrusted input.
+
+    An adapter directory may come from anyone, so nothing in it may run code on this machine: a stored
+    ``model.trust_remote_code: true`` (or the distillation teacher's) is switched off. Remote code runs
+    only when the user asks for it — ``trust_remote_code=True`` (the CLI's ``--trust-remote-code``) or an
+    override ``--set model.trust_remote_code=true``.
+    """
+    path = Path(adapter_dir) / ADAPTER_RECIPE_NAME
+    if not path.is_file():
+        raise PeftlabError(f"{adapter_dir} has no {ADAPTER_RECIPE_NAME}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise PeftlabError(f"{path} is not valid YAML ({exc}); re-save the adapter or pass a recipe") from None
+    asked = []
+    sections = [("model", raw.get("model") if isinstance(raw, dict) else None)]
+    distill = raw.get("distill") if isinstance(raw, dict) else None
+    if isinstance(distill, dict):
+        sections.append(("distill.teacher", distill.get("teacher")))
+    for where, section in sections:
+        if isinstance(section, dict) and section.get("trust_remote_code"):
+            section["trust_remote_code"] = False
+            asked.append(f"{where}.trust_remote_code")
+    overrides = list(overrides or []) + (["model.trust_remote_code=true"] if trust_remote_code else [])
+    recipe = recipe_from_dict(raw, source=str(path), base_dir=path.resolve().parent, overrides=overrides)
+    if asked and not recipe.model.trust_remote_code:
+        logger.warning("%s asks for remote code (%s); ignored: files that come with an adapter never run code "
+                       "here. If you trust %s, pass --trust-remote-code (or --set model.trust_remote_code=true)",
+                       path, ", ".join(asked), recipe.model.name)
+    return recipe
+
+
+def recipe_for_adapter(adapter_dir: str | Path, overrides: list[str] | None = None, *, model: str | None = None,
+                       trust_remote_code: bool = False, data: list[str] | None = None) -> Recipe:
+    """The recipe that rebuilds the model of an adapter directory for eval / generate / merge.
+
+    A peftlab adapter carries its training recipe (:func:`load_adapter_recipe`). A plain PEFT adapter
+    (only ``adapter_config.json`` + weights) gets one made from its config: the base named by
+    ``base_model_name_or_path`` (or ``model``), unquantised, default compute dtype. ``model`` also replaces
+    a peftlab adapter's base; ``data`` (files) becomes the eval data.
+    """
+    adapter_dir = Path(adapter_dir)
+    extra = list(overrides or [])
+    if (adapter_dir / ADAPTER_RECIPE_NAME).is_file():
+        if model:
+            extra.insert(0, f"model.name={json.dumps(str(model))}")
+        recipe = load_adapter_recipe(adapter_dir, extra, trust_remote_code=trust_remote_code)
+    else:
+        from peftlab.adapters.peft_format import read_adapter_config
+
+        config = read_adapter_config(adapter_dir)  # a clear error when this is not an adapter at all
+        base = model or config.get("base_model_name_or_path")
+        if not base:
+            raise PeftlabError(f"{adapter_dir}/adapter_config.json names no base model (base_model_name_or_path); "
+                               "pass --model ID|DIR")
+        raw = {"model": {"name": str(base), "trust_remote_code": trust_remote_code},
+               "quantization": {"mode": "none"},
+               "data": {"train": [{"path": INFERENCE_ONLY_DATA}]}}
+        recipe = recipe_from_dict(raw, source=f"{adapter_dir} (PEFT adapter)", base_dir=adapter_dir.resolve(),
+                                  overrides=extra)
+    if data:
+        recipe.data = eval_data_config(recipe.data, data)
+    return recipe
+
+
+def base_model_recipe(model: str, overrides: list[str] | None = None, *, trust_remote_code: bool = False) -> Recipe:
+    """A recipe for sampling a base model with no adapter (``peftlab generate --model DIR``): unquantised."""
+    raw = {"model": {"name": model, "trust_remote_code": trust_remote_code}, "quantization": {"mode": "none"},
+           "data": {"train": [{"path": INFERENCE_ONLY_DATA}]}}
+    return recipe_from_dict(raw, source=f"--model {model}", base_dir=Path.cwd(), overrides=overrides)
+
+
+def eval_data_config(data: DataConfig, files: list[str]) -> DataConfig:
+    """``data`` with ``files`` as its eval data (read from the current directory) and nothing else to build:
+    ``peftlab eval --data FILE``."""
+    specs = [{"path": str(Path(f).expanduser().resolve()), "format": "auto"} for f in files]
+    fields = data.model_dump()
+    fields.update(train=specs, eval=specs, eval_split=0.0)
+    return DataConfig(**fields)
+
+
+def dump_recipe(recipe: Recipe, path: Path) -> None:
+    path.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+
+
+def reference_markdown() -> str:
+    """The recipe reference table (every key, its type and default) — embedded in README.md.
+
+    ``tests/test_readme.py`` checks the README holds exactly this text, so the documentation cannot
+    drift from the schema.
+    """
+    lines = ["| key | type | default |", "|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            if field.exclude:
+                continue
+            key = f"{prefix}{name}"
+            sub = _unwrap(field.annotation)
+            is_section = isinstance(sub, type) and issubclass(sub, BaseModel) and sub is not type(None)
+            if is_section and (field.is_required() or isinstance(field.default, BaseModel)):
+                is_list = "list[" in str(field.annotation)
+                lines.append(f"| `{key}` | {'list of ' if is_list else ''}section | "
+                             f"{'required' if field.is_required() else ''} |")
+                walk(sub, key + ("[]." if is_list else "."))
+                continue
+            if field.is_required():
+                shown = "required"
+            else:
+                default = field.default if field.default_factory is None else field.default_factory()
+                shown = f"`{json.dumps(default)}`"
+            typ = _type_name(field.annotation)
+            lines.append(f"| `{key}` | {typ} | {shown} |")
+
+    walk(Recipe, "")
+    return "\n".join(lines)
+
+
+def _type_name(annotation: Any) -> str:
+    text = str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+    text = re.sub(r"\bpeftlab(\.\w+)*\.(?=[A-Z])", "", text).replace("NoneType", "None")  # bare class names
+    return text.replace("|", "\\|")

@@ -1,0 +1,164 @@
+"""The memory planner (peftlab/estimate.py): breakdown, budget search, and prediction vs measured RSS."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import make_quickstart_data, tiny_recipe_dict
+
+from peftlab.cli.main import main
+from peftlab.engine.planner import GiB, MiB, apply_auto_fit, estimate, model_shape, parse_size
+from peftlab.errors import PeftlabError
+from peftlab.recipe.schema import recipe_from_dict
+
+REPO = Path(__file__).resolve().parents[2]
+
+MEASURE = r"""
+import json, sys
+from peftlab.engine.planner import peak_rss_bytes
+from peftlab.recipe.schema import recipe_from_dict
+from peftlab.trainer.loop import Trainer
+Trainer(recipe_from_dict(json.loads(sys.argv[1])), quiet=True).train()
+print(json.dumps({"peak": peak_rss_bytes()}))
+"""
+
+
+def _raw(tmp_path: Path, **sections) -> dict:
+    data = make_quickstart_data(tmp_path / "data", n_train=16, n_eval=4)
+    raw = tiny_recipe_dict(data, tmp_path / "out", **sections)
+    raw["output"].update(report_to=["jsonl"], plot=False)
+    raw["train"].update(max_steps=2, grad_accum=1)
+    return raw
+
+
+def test_breakdown_is_non_negative_and_sums_to_total(tmp_path):
+    r = recipe_from_dict(_raw(tmp_path))
+    est = estimate(r, baseline=300 * MiB, device="cpu")
+    assert all(v >= 0 for v in est.components.values()), est.components
+    assert sum(est.components.values()) == est.total
+    assert est.components["base_weights"] > 0 and est.components["adapters"] > 0
+    assert est.components["optimizer_state"] == 2 * est.components["adapters"]  # AdamW: 2 fp32 moments
+    for stage, total in est.per_rank.items():
+        assert 0 < total <= est.per_rank["no_zero"], stage
+
+
+def test_counts_match_the_real_model(tmp_path):
+    """Adapter and 4-bit weight bytes on meta equal those of the loaded model."""
+    from peftlab.model.load import build_model
+
+    r = recipe_from_dict(_raw(tmp_path))
+    shape = model_shape(r)
+    loaded = build_model(r)
+    lora = sum(p.numel() for n, p in loaded.model.named_parameters() if "lora_" in n)
+    assert shape.lora_params == lora
+    real = 0
+    for name, p in loaded.model.named_parameters():
+        if "lora_" in name:
+            continue
+        real += p.numel() * p.element_size()
+        qs = getattr(p, "quant_state", None)
+        if qs is not None:
+            real += qs.absmax.nbytes + qs.code.nbytes + qs.state2.absmax.nbytes + qs.state2.code.nbytes + 4
+    real += sum(b.nbytes for b in loaded.model.buffers())
+    assert shape.base_weight_bytes == real
+
+
+def test_more_tokens_more_memory_and_checkpointing_saves(tmp_path):
+    r = recipe_from_dict(_raw(tmp_path))
+    shape = model_shape(r)
+    kw = {"baseline": 0, "device": "cpu", "shape": shape}
+    a = estimate(r, seq_len=64, **kw).components["activations"]
+    b = estimate(r, seq_len=128, **kw).components["activations"]
+    assert b > 1.9 * a
+    r.model.gradient_checkpointing = True
+    assert estimate(r, seq_len=128, **kw).components["activations"] < b
+
+
+def test_too_small_budget_says_what_it_needs(tmp_path, capsys):
+    raw = _raw(tmp_path)
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(raw))  # JSON is YAML
+    assert main(["estimate", str(path), "--device-memory", "100MiB"]) == 1
+    out = capsys.readouterr().out
+    assert "does not fit: the run needs" in out and "the budget is 100.0 MiB" in out
+    r = recipe_from_dict(raw)
+    with pytest.raises(PeftlabError, match="does not fit: the run needs"):
+        apply_auto_fit(r, device_memory=100 * MiB, say=lambda *_: None)
+
+
+def test_auto_fit_shrinks_the_micro_batch(tmp_path):
+    r = recipe_from_dict(_raw(tmp_path, data={"max_seq_len": 512}, train={"micro_batch_size": 64}))
+    full = estimate(r, device="cpu").total
+    budget = full - 30 * MiB
+    apply_auto_fit(r, device_memory=budget, say=lambda *_: None)
+    assert r.train.micro_batch_size < 64 and r.train.micro_batch_size * r.train.grad_accum >= 64
+    assert estimate(r, device="cpu").total <= budget
+
+
+def test_parse_size():
+    assert parse_size("24GiB") == 24 * GiB and parse_size("80GB") == 80 * 10**9 and parse_size("512") == 512
+    with pytest.raises(PeftlabError, match="expected a size"):
+        parse_size("lots")
+
+
+@pytest.mark.slow
+def test_prediction_within_15_percent_of_measured_peak_rss(tmp_path):
+    """The tiny run, measured in its own process (VmHWM) against the planner's total."""
+    raw = _raw(tmp_path)
+    est = estimate(recipe_from_dict(raw), device="cpu")
+    out = subprocess.run([sys.executable, "-P", "-c", MEASURE, json.dumps(raw)], check=False, capture_output=True,
+                         text=True, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    measured = json.loads(out.stdout.strip().splitlines()[-1])["peak"]
+    assert abs(est.total - measured) <= 0.15 * measured, (est.total / MiB, measured / MiB, est.components)
+
+
+SMALL_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 512,
+                "intermediate_size": 1408, "num_hidden_layers": 6, "num_attention_heads": 8,
+                "num_key_value_heads": 4, "vocab_size": 16000, "max_position_embeddings": 1024,
+                "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    """A ~40M-parameter Llama (random init, bf16 safetensors) with the built-in tokenizer beside it."""
+    import torch
+
+    from peftlab.model.builtin import build_tokenizer
+    from peftlab.model.quantized_load import save_random_checkpoint
+
+    root = tmp_path_factory.mktemp("small")
+    (root / "cfg").mkdir()
+    (root / "cfg" / "config.json").write_text(json.dumps(SMALL_CONFIG))
+    ckpt = save_random_checkpoint(root / "cfg", root / "ckpt", dtype=torch.bfloat16, seed=0)
+    build_tokenizer().save_pretrained(ckpt)
+    return ckpt
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("allocator, checkpointing", [("default", False), ("default", True), ("bounded", False)])
+def test_small_model_prediction_within_15_percent(tmp_path, small_checkpoint, allocator, checkpointing):
+    """A ~40M Llama with packed 256-token rows: each host allocator, with and without checkpointing,
+    against the measured peak RSS of the same run in its own process."""
+    data = make_quickstart_data(tmp_path / "data", n_train=48, n_eval=4)
+    raw = tiny_recipe_dict(data, tmp_path / "out", model={"name": str(small_checkpoint), "dtype": "float32",
+                                                          "gradient_checkpointing": checkpointing},
+                           adapter={"r": 16, "alpha": 32})
+    raw["data"].update(max_seq_len=256, packing=True)
+    raw["data"].pop("eval")
+    raw["output"].update(report_to=["jsonl"], plot=False)
+    raw["train"].update(max_steps=2, grad_accum=1, micro_batch_size=4, host_allocator=allocator,
+                        eval_at_start=False)
+    raw["eval"]["metric"] = "loss"
+    est = estimate(recipe_from_dict(raw), device="cpu")
+    out = subprocess.run([sys.executable, "-P", "-c", MEASURE, json.dumps(raw)], check=False, capture_output=True,
+                         text=True, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    measured = json.loads(out.stdout.strip().splitlines()[-1])["peak"]
+    print(f"{allocator} checkpointing={checkpointing}: predicted {est.total / MiB:.0f} MiB, measured "
+          f"{measured / MiB:.0f} MiB ({est.total / measured - 1:+.1%})")
+    assert abs(est.total - measured) <= 0.15 * measured, (est.total / MiB, measured / MiB,
+                                                          {k: v / MiB for k, v in est.components.items()})

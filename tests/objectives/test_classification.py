@@ -1,0 +1,177 @@
+"""Sequence classification / regression: LoRA + head on the micro decoder and on a tiny BERT built from
+a config; metrics equal scikit-learn's on the same predictions; predict reloads adapter + head."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from peftlab.errors import PeftlabError
+from peftlab.objectives.classification import (
+    classification_metrics,
+    load_classifier,
+    predict_batches,
+    regression_metrics,
+)
+from peftlab.recipe.schema import recipe_from_dict
+from peftlab.trainer.loop import Trainer
+
+sklearn_metrics = pytest.importorskip("sklearn.metrics")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _gen():
+    spec = importlib.util.spec_from_file_location("make_classify_data", REPO / "recipes" / "make_classify_data.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _data(tmp: Path, *, regression: bool = False, n_train: int = 256, n_eval: int = 64) -> Path:
+    gen = _gen()
+    train, held = gen.generate(n_train, n_eval, seed=3, regression=regression)
+    gen.write_jsonl(train, tmp / "train.jsonl")
+    gen.write_jsonl(held, tmp / "eval.jsonl")
+    return tmp
+
+
+def _recipe(data: Path, out: Path, *, task: str = "classification", model: str = "builtin:micro-llama",
+            steps: int = 40, **model_keys) -> dict:
+    return {"task": task, "model": {"name": model, **model_keys}, "quantization": {"mode": "none"},
+            "adapter": {"r": 8, "alpha": 16, "dropout": 0.0},
+            "data": {"train": [{"path": str(data / "train.jsonl"), "format": "classification"}],
+                     "eval": [{"path": str(data / "eval.jsonl"), "format": "classification"}], "max_seq_len": 64},
+            "train": {"max_steps": steps, "micro_batch_size": 16, "grad_accum": 1, "lr": 3e-3, "log_every": 5,
+                      "seed": 7, "warmup_steps": 0},
+            "eval": {"metric": "accuracy" if task == "classification" else "mse"},
+            "output": {"dir": str(out), "plot": False, "report_to": ["jsonl"]}}
+
+
+def _sk_classification(y, p, k):
+    kw = {"labels": list(range(k)), "zero_division": 0}
+    return {"accuracy": sklearn_metrics.accuracy_score(y, p),
+            "precision": sklearn_metrics.precision_score(y, p, average="macro", **kw),
+            "recall": sklearn_metrics.recall_score(y, p, average="macro", **kw),
+            "f1_macro": sklearn_metrics.f1_score(y, p, average="macro", **kw),
+            "f1_micro": sklearn_metrics.f1_score(y, p, average="micro", **kw),
+            "confusion_matrix": sklearn_metrics.confusion_matrix(y, p, labels=list(range(k))).tolist()}
+
+
+def _assert_same(ours, theirs):
+    for key, value in theirs.items():
+        if isinstance(value, list):
+            assert ours[key] == value, key
+        else:
+            assert ours[key] == pytest.approx(value, abs=1e-12), key
+
+
+def test_metrics_equal_sklearn_including_unpredicted_and_absent_classes():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 4, (200,), generator=g).tolist()
+    p = [v if r > 0.4 else (v + 1) % 4 for v, r in zip(y, torch.rand(200, generator=g).tolist())]
+    _assert_same(classification_metrics(y, p, 4), _sk_classification(y, p, 4))
+    p_skewed = [0 if v == 3 else v for v in p]  # class 3 never predicted; class 4 never present
+    _assert_same(classification_metrics(y, p_skewed, 5), _sk_classification(y, p_skewed, 5))
+    t, q = torch.randn(50, generator=g).tolist(), torch.randn(50, generator=g).tolist()
+    ours = regression_metrics(t, q)
+    assert ours["mse"] == pytest.approx(sklearn_metrics.mean_squared_error(t, q), rel=1e-12)
+    assert ours["mae"] == pytest.approx(sklearn_metrics.mean_absolute_error(t, q), rel=1e-12)
+    assert ours["r2"] == pytest.approx(sklearn_metrics.r2_score(t, q), rel=1e-12)
+
+
+@pytest.mark.slow
+def test_decoder_classifier_learns_and_predict_reloads_it(tmp_path, capsys):
+    from peftlab.cli.main import main
+
+    data = _data(tmp_path)
+    trainer = Trainer(recipe_from_dict(_recipe(data, tmp_path / "run")), quiet=True)
+    result = trainer.train()
+    before, after = result.eval_before, result.eval_after
+    assert after["accuracy"] >= 0.55 and after["accuracy"] >= before["accuracy"] + 0.15, (before, after)
+    assert after["eval_loss"] < before["eval_loss"] - 0.2
+    # the eval metrics are scikit-learn's on the model's own predictions
+    logits, labels = predict_batches(trainer.model, trainer.eval_batches())
+    preds = logits.argmax(-1).tolist()
+    _assert_same({k: after[k] for k in ("accuracy", "precision", "recall", "f1_macro", "f1_micro",
+                                        "confusion_matrix")}, _sk_classification(labels, preds, 3))
+    assert trainer.data.label_map == {"food": 0, "sport": 1, "weather": 2}
+    adapter = result.adapter_dir
+    assert {"adapter_model.safetensors", "classifier_head.safetensors", "classifier_config.json"} <= {
+        p.name for p in adapter.iterdir()}
+    # batch inference from the saved adapter + head reproduces the trained model's predictions
+    out = tmp_path / "preds.jsonl"
+    assert main(["predict", str(adapter), "--input", str(data / "eval.jsonl"), "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    names = ["food", "sport", "weather"]
+    assert [r["label"] for r in rows] == [names[k] for k in preds]
+    assert all(abs(sum(r["probs"].values()) - 1) < 1e-4 for r in rows)
+    loaded, _ = load_classifier(adapter)
+    again, _ = predict_batches(loaded.model, trainer.eval_batches())
+    torch.testing.assert_close(again, logits, rtol=1e-5, atol=1e-5)
+    # peftlab eval on the adapter dir gives the run's final eval
+    capsys.readouterr()
+    assert main(["eval", str(adapter)]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["accuracy"] == after["accuracy"] and evaluated["confusion_matrix"] == after["confusion_matrix"]
+    with pytest.raises(PeftlabError, match="resume with task=classification"):
+        recipe_from_dict({**_recipe(data, tmp_path / "run"), "resume": "auto"})
+
+
+def _tiny_bert(tmp: Path) -> Path:
+    from transformers import BertConfig, BertModel
+
+    from peftlab.model.builtin import build_tokenizer
+
+    tok = build_tokenizer()
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128, pad_token_id=tok.pad_token_id or 0)
+    torch.manual_seed(0)
+    d = tmp / "tiny-bert"
+    BertModel(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.mark.slow
+def test_encoder_classifier_and_regression(tmp_path):
+    bert = _tiny_bert(tmp_path)
+    data = _data(_mk(tmp_path / "cls"), n_train=128, n_eval=32)
+    raw = _recipe(data, tmp_path / "bert-run", model=str(bert), steps=16)
+    raw["train"]["lr"] = 1e-2
+    trainer = Trainer(recipe_from_dict(raw), quiet=True)
+    assert trainer.model.peftlab_head.pooling == "first" and type(trainer.model).__name__ == "BertModel"
+    assert trainer.loaded.lora_modules and all(".layer." in n or "pooler" in n for n in trainer.loaded.lora_modules)
+    result = trainer.train()
+    assert result.eval_after["eval_loss"] < result.eval_before["eval_loss"], (result.eval_before, result.eval_after)
+    assert {"accuracy", "f1_macro", "confusion_matrix"} <= set(result.eval_after)
+    loaded, _ = load_classifier(result.adapter_dir)
+    a, _ = predict_batches(loaded.model, trainer.eval_batches())
+    b, _ = predict_batches(trainer.model, trainer.eval_batches())
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # regression on the decoder: numeric labels, one output, MSE equal to scikit-learn's
+    rdata = _data(_mk(tmp_path / "reg"), regression=True, n_train=64, n_eval=32)
+    rt = Trainer(recipe_from_dict(_recipe(rdata, tmp_path / "reg-run", task="regression", steps=6)), quiet=True)
+    res = rt.train()
+    logits, labels = predict_batches(rt.model, rt.eval_batches())
+    assert res.eval_after["mse"] == pytest.approx(sklearn_metrics.mean_squared_error(labels, logits[:, 0].tolist()),
+                                                  rel=1e-6)
+    assert res.eval_after["mse"] < res.eval_before["mse"]
+
+
+def _mk(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def test_task_needs_classification_rows(tmp_path):
+    from helpers import make_quickstart_data
+
+    data = make_quickstart_data(tmp_path, n_train=8, n_eval=2)
+    raw = _recipe(data, tmp_path / "out", steps=1)
+    for spec in (*raw["data"]["train"], *raw["data"]["eval"]):
+        spec["format"] = "messages"
+    with pytest.raises(PeftlabError, match="task: classification needs classification rows"):
+        Trainer(recipe_from_dict(raw), quiet=True)
