@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             data_path = str(Path(tmp) / "generated.json")
             Path(data_path).write_text(json.dumps(generated_rows(max_samples or 300)))
         if source == "generated":
-            from peftlab.builtin import build_tokenizer
+            from peftlab.model.builtin import build_tokenizer
 
             tokenizer, tok_label = build_tokenizer(), "builtin:byte"
         else:

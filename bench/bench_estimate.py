@@ -57,8 +57,8 @@ def _config(spec: Any) -> dict[str, Any] | str:
 def scale_rows(results_dir: Path | None, work: Path) -> list[dict[str, Any]]:
     """The 8B training runs of bench/scale.py (the newest full run per host allocator) against the
     planner of THIS checkout (from the config alone), with the prediction made at run time beside it."""
-    from peftlab.estimate import estimate
-    from peftlab.recipe import recipe_from_dict
+    from peftlab.engine.planner import estimate
+    from peftlab.recipe.schema import recipe_from_dict
 
     path = (results_dir or HERE / "results") / f"{SCALE_RESULTS}.jsonl"
     if not path.is_file():
@@ -84,8 +84,8 @@ def scale_rows(results_dir: Path | None, work: Path) -> list[dict[str, Any]]:
 def repredict(name: str, ckpt: Path, work: Path, *, seq: int, mbs: int, ckpting: bool, allocator: str, dtype: str,
               results_dir: Path | None) -> dict[str, Any] | None:
     """The newest measured row of this case with the planner of THIS checkout (measurement unchanged)."""
-    from peftlab.estimate import estimate
-    from peftlab.recipe import recipe_from_dict
+    from peftlab.engine.planner import estimate
+    from peftlab.recipe.schema import recipe_from_dict
 
     path = (results_dir or HERE / "results") / "bench_estimate.jsonl"
     if not path.is_file():
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         config = _config(spec)
         if isinstance(config, str):
-            from peftlab.models import resolve_model_path
+            from peftlab.model.load import resolve_model_path
 
             ckpt = Path(resolve_model_path(config))
         else:

@@ -49,15 +49,15 @@ def write_checkpoint(config_dir: str | None, layers: int, out: Path, smoke: bool
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.save_pretrained(out, safe_serialization=True)
     del model
-    from peftlab.builtin import build_tokenizer  # any tokenizer will do: the batch is random token ids
+    from peftlab.model.builtin import build_tokenizer  # any tokenizer will do: the batch is random token ids
 
     build_tokenizer().save_pretrained(out)
 
 
 def peftlab_side(path: Path, device: torch.device):
-    from peftlab.loss import LossSettings, causal_lm_loss
-    from peftlab.models import build_model
-    from peftlab.recipe import recipe_from_dict
+    from peftlab.model.load import build_model
+    from peftlab.objectives.causal_lm import LossSettings, causal_lm_loss
+    from peftlab.recipe.schema import recipe_from_dict
 
     recipe = recipe_from_dict({
         "model": {"name": str(path), "gradient_checkpointing": True, "dtype": "bfloat16" if device.type == "cuda"

@@ -25,13 +25,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_ROOT, append_jsonl
 
-from peftlab.estimate import peak_rss_bytes
+from peftlab.engine.planner import peak_rss_bytes
 
 
 def worker(recipe_path: str, report: str) -> None:
     """Runs inside every rank: train, then write this rank's figures."""
-    from peftlab.recipe import load_recipe
-    from peftlab.trainer import Trainer
+    from peftlab.recipe.schema import load_recipe
+    from peftlab.trainer.loop import Trainer
 
     trainer = Trainer(load_recipe(recipe_path), quiet=True)
     t0 = time.perf_counter()

@@ -108,7 +108,7 @@ def median_time_ms(fn: Callable[[], Any], *, warmup: int = 1, iters: int = 5) ->
 
 _RSS_RUNNER = r"""
 import json, sys
-from peftlab.estimate import peak_rss_bytes
+from peftlab.engine.planner import peak_rss_bytes
 baseline = peak_rss_bytes()
 ns = {}
 exec(compile(sys.argv[1], "<bench snippet>", "exec"), ns)

@@ -87,7 +87,7 @@ def run_watched(args: list[str], *, max_rss_gb: float, timeout: float = 7200.0,
 
 def report(result: dict[str, Any]) -> None:
     """Child side: add this process's peak RSS and print the result line for :func:`run_watched`."""
-    from peftlab.estimate import peak_rss_bytes
+    from peftlab.engine.planner import peak_rss_bytes
 
     result["peak_rss_gb"] = peak_rss_bytes() / GB
     print(MARK + json.dumps(result, default=str), flush=True)
@@ -102,7 +102,7 @@ def ensure_checkpoint(config: dict[str, Any], work: Path, *, tokenizer: str | No
         return ckpt
     import torch
 
-    from peftlab.streaming import save_random_checkpoint
+    from peftlab.model.quantized_load import save_random_checkpoint
 
     cfg_dir = work / f"config-{key}"
     cfg_dir.mkdir(parents=True, exist_ok=True)
@@ -114,7 +114,7 @@ def ensure_checkpoint(config: dict[str, Any], work: Path, *, tokenizer: str | No
 
         AutoTokenizer.from_pretrained(tokenizer).save_pretrained(ckpt)
     else:
-        from peftlab.builtin import build_tokenizer
+        from peftlab.model.builtin import build_tokenizer
 
         build_tokenizer().save_pretrained(ckpt)
     print(f"wrote {ckpt} in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -159,7 +159,7 @@ def recipe_dict(ckpt: Path, work: Path, *, seq: int, steps: int, dtype: str, che
 def phase_load_peftlab(ns: argparse.Namespace) -> None:
     import torch
 
-    from peftlab.streaming import QuantSettings, load_quantized
+    from peftlab.model.quantized_load import QuantSettings, load_quantized
 
     t0 = time.perf_counter()
     m = load_quantized(ns.ckpt, QuantSettings(compute_dtype=getattr(torch, ns.dtype)))
@@ -184,8 +184,8 @@ def phase_load_transformers(ns: argparse.Namespace) -> None:
 def phase_train(ns: argparse.Namespace) -> None:
     import torch
 
-    from peftlab.recipe import recipe_from_dict
-    from peftlab.trainer import Trainer
+    from peftlab.recipe.schema import recipe_from_dict
+    from peftlab.trainer.loop import Trainer
 
     raw = json.loads(ns.recipe)
     if ns.threads:
@@ -210,8 +210,8 @@ PHASES = {"load-peftlab": phase_load_peftlab, "load-transformers": phase_load_tr
 def measure_train(ckpt: Path, work: Path, *, seq: int, steps: int, dtype: str, threads: int, max_rss_gb: float,
                   **recipe_kw: Any) -> dict[str, Any]:
     """One training run in its own process + the planner's prediction for the same recipe."""
-    from peftlab.estimate import estimate
-    from peftlab.recipe import recipe_from_dict
+    from peftlab.engine.planner import estimate
+    from peftlab.recipe.schema import recipe_from_dict
 
     raw = recipe_dict(ckpt, work, seq=seq, steps=steps, dtype=dtype, **recipe_kw)
     est = estimate(recipe_from_dict(raw), device="cpu")

@@ -104,7 +104,7 @@ def parameter_count(cfg) -> int:
 
 
 def write_model_dir(cfg, tokenizer, out: Path) -> Path:
-    from peftlab.streaming import save_random_checkpoint
+    from peftlab.model.quantized_load import save_random_checkpoint
 
     save_random_checkpoint(cfg, out, dtype=__import__("torch").bfloat16, seed=0, tokenizer=tokenizer)
     return out
@@ -227,8 +227,8 @@ class StepClock:
 
 
 def run_peftlab(job: dict[str, Any]) -> dict[str, Any]:
-    from peftlab.recipe import recipe_from_dict
-    from peftlab.trainer import Trainer
+    from peftlab.recipe.schema import recipe_from_dict
+    from peftlab.trainer.loop import Trainer
 
     raw = {
         "model": {"name": job["model_dir"], "gradient_checkpointing": True, "dtype": job["dtype"]},
@@ -351,7 +351,7 @@ def run_trl(job: dict[str, Any]) -> dict[str, Any]:
 
 def peak_rss_mb() -> float:
     """This process's own peak RSS in MB (VmHWM; see ``peftlab.estimate.peak_rss_bytes``)."""
-    from peftlab.estimate import peak_rss_bytes
+    from peftlab.engine.planner import peak_rss_bytes
 
     return peak_rss_bytes() / 2**20
 
@@ -441,7 +441,7 @@ class Setup:
         self.device = "cuda" if args.gpu else "cpu"
         self.dtype = "bfloat16" if args.gpu else "float32"
         if args.smoke:
-            from peftlab.builtin import build_tokenizer
+            from peftlab.model.builtin import build_tokenizer
 
             self.tokenizer, self.tokenizer_name = build_tokenizer(), "builtin:byte"
         else:

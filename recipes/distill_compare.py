@@ -23,10 +23,10 @@ HERE = Path(__file__).resolve().parent
 
 
 def main(argv: list[str] | None = None) -> int:
-    from peftlab.distill import load_teacher, teacher_kl
-    from peftlab.evaluate import evaluate
-    from peftlab.recipe import load_recipe, recipe_from_dict
-    from peftlab.trainer import Trainer
+    from peftlab.evaluation.evaluate import evaluate
+    from peftlab.objectives.distillation import load_teacher, teacher_kl
+    from peftlab.recipe.schema import load_recipe, recipe_from_dict
+    from peftlab.trainer.loop import Trainer
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", default=str(HERE / "distill-quickstart.yaml"))
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{args.recipe} has no distill: section")
     adapter = recipe.distill.teacher.adapter
     if adapter and (args.train_teacher or not (recipe.resolve_path(adapter) / "adapter_config.json").is_file()):
-        from peftlab.cli import main as peftlab_main
+        from peftlab.cli.main import main as peftlab_main
 
         print(f"training the teacher: peftlab quickstart (-> {recipe.resolve_path(adapter)})", flush=True)
         if peftlab_main(["quickstart", "--quiet"]) != 0:
