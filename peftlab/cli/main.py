@@ -478,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_openmp_wait_policy()  # libgomp reads OMP_WAIT_POLICY once, when torch loads it: before that
     args = build_parser().parse_args(argv)
+    from peftlab.metrics.console import setup_logging
+
+    setup_logging("warning" if getattr(args, "quiet", False) else None)  # PEFTLAB_LOG_LEVEL wins
     try:
         return args.fn(args)
     except PeftlabError as err:

@@ -1,0 +1,121 @@
+"""What a run says on the console: every message goes through ``logging`` under the ``peftlab`` logger.
+
+One switch sets how much is said (``setup_logging(level)``: the CLI's ``--quiet`` is ``warning``;
+``PEFTLAB_LOG_LEVEL`` overrides), and in a multi-process run only rank 0 speaks (:class:`RankZeroFilter`;
+``PEFTLAB_LOG_ALL_RANKS=1`` lets every rank speak, each line prefixed with its rank). Launchers, SLURM and
+notebooks capture it like any logging output: progress and results (INFO) go to stdout, warnings and errors
+to stderr. Modules log through ``logging.getLogger(__name__)`` (a child of ``peftlab``); nothing in the
+library prints. Progress bars stay tqdm (:func:`progress`), shown when INFO is.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, TextIO
+
+LOGGER = "peftlab"
+LEVEL_ENV = "PEFTLAB_LOG_LEVEL"
+ALL_RANKS_ENV = "PEFTLAB_LOG_ALL_RANKS"
+_HANDLER_ATTR = "_peftlab_console"
+
+
+def process_rank() -> int:
+    """This process's rank as a launcher exports it (0 outside a launched run)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+class RankZeroFilter(logging.Filter):
+    """Only rank 0 speaks (unless ``PEFTLAB_LOG_ALL_RANKS=1``, then every record says its rank)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        rank = process_rank()
+        if os.environ.get(ALL_RANKS_ENV) == "1":
+            record.rank_prefix = f"[rank {rank}] "
+            return True
+        record.rank_prefix = ""
+        return rank == 0
+
+
+class _Formatter(logging.Formatter):
+    """INFO lines as they are (progress, results); warnings and errors as ``peftlab: warning: ...``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        prefix = getattr(record, "rank_prefix", "")
+        if record.levelno >= logging.WARNING:
+            text = f"peftlab: {record.levelname.lower()}: {text}"
+        return prefix + text
+
+
+class _SplitHandler(logging.Handler):
+    """INFO and below to ``out``, WARNING and above to ``err``; looked up at emit time so that a test's
+    captured streams (pytest's capsys) and a notebook's redirected ones are honoured."""
+
+    def __init__(self, out: TextIO | None = None, err: TextIO | None = None):
+        super().__init__()
+        self._out, self._err = out, err
+
+    def emit(self, record: logging.LogRecord) -> None:
+        stream = (self._err or sys.stderr) if record.levelno >= logging.WARNING else (self._out or sys.stdout)
+        try:
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except Exception:  # noqa: BLE001 - logging must never take a run down
+            self.handleError(record)
+
+
+def _level(value: str | int | None) -> int:
+    if isinstance(value, int):
+        return value
+    name = (value or "info").upper()
+    level = logging.getLevelName(name)
+    if not isinstance(level, int):
+        from peftlab.errors import PeftlabError
+
+        raise PeftlabError(f"log level {value!r}: use debug, info, warning or error ({LEVEL_ENV})")
+    return level
+
+
+def setup_logging(level: str | int | None = None, *, out: TextIO | None = None, err: TextIO | None = None) -> None:
+    """Configure the ``peftlab`` logger once per process (later calls only change the level).
+
+    ``level``: ``debug | info | warning | error`` (default ``info``); the environment variable
+    ``PEFTLAB_LOG_LEVEL`` wins over it.
+    """
+    logger = logging.getLogger(LOGGER)
+    logger.setLevel(_level(os.environ.get(LEVEL_ENV) or level))
+    if not any(getattr(h, _HANDLER_ATTR, False) for h in logger.handlers):
+        handler = _SplitHandler(out, err)
+        setattr(handler, _HANDLER_ATTR, True)
+        handler.setFormatter(_Formatter())
+        handler.addFilter(RankZeroFilter())
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+def ensure_logging(quiet: bool = False) -> None:
+    """``setup_logging`` for library entry points (``train(recipe)``): a handler is added only when none is
+    configured yet, so the CLI's (or an application's own) configuration is kept."""
+    logger = logging.getLogger(LOGGER)
+    if not logger.handlers:
+        setup_logging("warning" if quiet else "info")
+    elif quiet:
+        logger.setLevel(max(logger.level, logging.WARNING))
+
+
+def info_enabled() -> bool:
+    """Whether INFO messages (and so progress bars) reach the console in this process."""
+    logger = logging.getLogger(LOGGER)
+    return logger.isEnabledFor(logging.INFO) and (process_rank() == 0 or os.environ.get(ALL_RANKS_ENV) == "1")
+
+
+def progress(total: int, *, desc: str, unit: str = "step", **kwargs: Any):
+    """A tqdm progress bar on stdout, shown when INFO messages are (rank 0, not quiet)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not info_enabled(), file=sys.stdout,
+                dynamic_ncols=True, **kwargs)
