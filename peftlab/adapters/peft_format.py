@@ -39,10 +39,11 @@ def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
     ``base_model.model.<module>.lora_A.weight``, ``...lora_B.weight`` and, for DoRA,
     ``...lora_magnitude_vector`` (PEFT saves the magnitude without a ``.weight`` suffix).
     """
-    return {key: p.detach() for key, p in _named_lora_params(model).items()}
+    return {key: p.detach() for key, p in lora_parameters(model).items()}
 
 
-def _named_lora_params(model: nn.Module) -> dict[str, nn.Parameter]:
+def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The adapter parameters themselves (not detached) under PEFT's saved key names."""
     params: dict[str, nn.Parameter] = {}
     for name, module in lora_modules(model).items():
         prefix = f"{KEY_PREFIX}{name}."
@@ -124,37 +125,32 @@ def adapter_config(model: nn.Module, *, base_model_name_or_path: str, **extra: A
     return config
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_adapter(
     model: nn.Module,
     out_dir: str | os.PathLike[str],
     *,
     base_model_name_or_path: str,
     extra_config: dict[str, Any] | None = None,
+    tensors: dict[str, Tensor] | None = None,
 ) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT format) into ``out_dir``.
 
-    Each file is written to a temporary name and renamed into place, so a crash never leaves a
-    half-written file under the final name.
+    ``tensors``: the adapter weights under PEFT's key names when they are not the model's own parameters
+    (gathered from the ranks of a ZeRO-3 run); by default :func:`lora_state_dict`. Each file is written
+    atomically (:mod:`peftlab.checkpoint.atomic`): a crash never leaves a half-written file under its name.
     """
     from safetensors.torch import save_file
+
+    from peftlab.checkpoint.atomic import atomic_write, atomic_write_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = adapter_config(model, base_model_name_or_path=base_model_name_or_path, **(extra_config or {}))
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
-    _write_atomic(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    _write_atomic(out / CONFIG_NAME, lambda p: p.write_text(text))
+    if tensors is None:
+        tensors = lora_state_dict(model)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
 
 
@@ -292,7 +288,7 @@ def load_adapter(
         alpha_pattern=config.get("alpha_pattern"),
     )
     try:
-        params = _named_lora_params(model)
+        params = lora_parameters(model)
         missing, unexpected = params.keys() - weights.keys(), weights.keys() - params.keys()
         if missing or unexpected:
             raise PeftlabError(

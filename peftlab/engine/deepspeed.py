@@ -379,9 +379,9 @@ def gathered_head(weight: torch.Tensor, bias: torch.Tensor | None = None
 
 def gathered_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The LoRA weights (PEFT key names) as whole CPU tensors on every rank — gathered under ZeRO-3."""
-    from peftlab.adapters.peft_format import _named_lora_params
+    from peftlab.adapters.peft_format import lora_parameters
 
-    named = _named_lora_params(model)
+    named = lora_parameters(model)
     partitioned = [p for p in named.values() if is_partitioned(p)]
     if not partitioned:
         return {k: p.detach().to("cpu").clone() for k, p in named.items()}
@@ -415,18 +415,12 @@ def check_adapter_tensors(tensors: dict[str, torch.Tensor], where: str = "adapte
 
 def save_adapter_gathered(model: nn.Module, out_dir: Path, *, base_model_name_or_path: str) -> Path:
     """Gather the adapter from all ranks, check it, and write it in the PEFT format on rank 0 only."""
-    from safetensors.torch import save_file
-
-    from peftlab.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, _write_atomic, adapter_config
+    from peftlab.adapters.peft_format import save_adapter
 
     tensors = {k: v.contiguous() for k, v in gathered_adapter_state(model).items()}
     check_adapter_tensors(tensors, where=str(out_dir))
     if is_main_process():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        config = adapter_config(model, base_model_name_or_path=base_model_name_or_path)
-        _write_atomic(out_dir / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-        text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-        _write_atomic(out_dir / CONFIG_NAME, lambda p: p.write_text(text))
+        save_adapter(model, out_dir, base_model_name_or_path=base_model_name_or_path, tensors=tensors)
     barrier()
     return out_dir
 

@@ -314,12 +314,12 @@ class Trainer:
         if changed:
             self._warn(f"resuming from {path} with changed settings (they apply from the next step on): "
                        + "; ".join(changed))
-        from peftlab.adapters.peft_format import _named_lora_params
+        from peftlab.adapters.peft_format import lora_parameters
 
         params = lora_state_dict(self.model)
         weights = loaded.adapter_weights
         # (ZeRO-3 parameters are empty partitions here; ds_shape is their whole shape)
-        shapes = {k: tuple(getattr(p, "ds_shape", p.shape)) for k, p in _named_lora_params(self.model).items()}
+        shapes = {k: tuple(getattr(p, "ds_shape", p.shape)) for k, p in lora_parameters(self.model).items()}
         bad = sorted(params.keys() ^ weights.keys()) + sorted(
             k for k in params.keys() & weights.keys() if shapes[k] != tuple(weights[k].shape))
         if bad:
