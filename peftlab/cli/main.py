@@ -18,13 +18,13 @@ QUICKSTART_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "quickstar
 
 
 def _recipe(args) -> object:
-    from peftlab.recipe.schema import load_recipe
+    from peftlab.recipe.parse import load_recipe
 
     return load_recipe(args.recipe, overrides=args.set)
 
 
 def cmd_train(args) -> int:
-    from peftlab.engine.deepspeed import shutdown_distributed
+    from peftlab.engine.process_group import shutdown_distributed
     from peftlab.trainer.loop import train
 
     try:
@@ -39,7 +39,7 @@ def cmd_train(args) -> int:
 def _adapter_recipe(args, path: Path):
     """The recipe that rebuilds an adapter directory's model (its stored recipe read as untrusted input, or
     one made from a plain PEFT adapter's config), with the CLI's --set / --model / --data applied."""
-    from peftlab.recipe.schema import recipe_for_adapter
+    from peftlab.recipe.from_adapter import recipe_for_adapter
 
     return recipe_for_adapter(path, args.set, model=getattr(args, "model", None),
                               trust_remote_code=args.trust_remote_code, data=getattr(args, "data", None))
@@ -83,14 +83,14 @@ def cmd_eval(args) -> int:
     from peftlab.evaluation.evaluate import evaluate
     from peftlab.model.load import build_model
     from peftlab.objectives.causal_lm import LossSettings
-    from peftlab.recipe.schema import eval_data_config
+    from peftlab.recipe.from_adapter import eval_data_config
 
     target = Path(args.target)
     if target.is_dir():
         adapter_dir = target
         recipe = _adapter_recipe(args, target)
     else:
-        from peftlab.recipe.schema import load_recipe
+        from peftlab.recipe.parse import load_recipe
 
         overrides = args.set + (["model.trust_remote_code=true"] if args.trust_remote_code else [])
         recipe = load_recipe(target, overrides=overrides)
@@ -132,7 +132,7 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     from peftlab.evaluation.generate import generate_text
     from peftlab.model.load import build_model
-    from peftlab.recipe.schema import base_model_recipe
+    from peftlab.recipe.from_adapter import base_model_recipe
 
     if args.adapter:
         recipe = _adapter_recipe(args, Path(args.adapter))
@@ -171,7 +171,7 @@ def cmd_data(args) -> int:
 
 def cmd_quickstart(args) -> int:
     """Generate the quickstart data (if missing) and train recipes/quickstart.yaml."""
-    from peftlab.recipe.schema import load_recipe
+    from peftlab.recipe.parse import load_recipe
     from peftlab.trainer.loop import train
 
     recipe_path = Path(args.recipe) if args.recipe else QUICKSTART_RECIPE

@@ -137,7 +137,7 @@ def launch(recipe: str, *, hostfile: str, no_ssh: bool = False, node_rank: int |
            nproc_per_node: int | None = None, master_addr: str | None = None, master_port: int = 29500,
            launcher: str = "pdsh", preflight_timeout: float = 120.0, overrides: list[str] | None = None) -> int:
     """Preflight, then run the deepspeed launcher; returns its exit status."""
-    from peftlab.recipe.schema import load_recipe
+    from peftlab.recipe.parse import load_recipe
 
     overrides = overrides or []
     r = load_recipe(recipe, overrides=overrides)  # a broken recipe fails here, on every node, at once

@@ -240,7 +240,7 @@ import psutil, torch
 from peftlab.engine.local import LocalEngine
 from peftlab.objectives.causal_lm import LossSettings, causal_lm_loss
 from peftlab.model.load import build_model
-from peftlab.recipe.schema import recipe_from_dict
+from peftlab.recipe.parse import recipe_from_dict
 import peftlab.trainer.loop, peftlab.data, peftlab.evaluation.evaluate, peftlab.metrics.runlog
 mods = json.loads(sys.argv[1])
 for m in mods:

@@ -1,4 +1,4 @@
-"""The recipe: one typed, validated description of a run (``schema``), read from YAML with overrides
-and did-you-mean messages (``load``), and the recipe stored beside an adapter, read as untrusted input
+"""The recipe: the typed sections and :class:`Recipe` (``schema``), YAML in with ``--set`` overrides and
+did-you-mean messages (``parse``), and the recipe stored beside an adapter, read as untrusted input
 (``from_adapter``).
 """

@@ -1,29 +1,23 @@
 """The recipe: one typed, validated description of a run.
 
-A recipe is YAML in, a :class:`Recipe` out. Every section is a pydantic model that forbids unknown
-keys, fills the defaults a practitioner expects (QLoRA NF4 with double quantisation, LoRA r=16
-alpha=32 on all linear layers, AdamW, cosine schedule with warmup, gradient clipping at 1.0, a
-fixed seed), and reports mistakes as :class:`~peftlab.errors.PeftlabError` naming the key, what was
-expected and a "did you mean" for near-miss key names. ``--set train.lr=1e-4`` overrides go
-through the same validation.
+Every section is a pydantic model that forbids unknown keys and fills the defaults a practitioner
+expects (QLoRA NF4 with double quantisation, LoRA r=16 alpha=32 on all linear layers, AdamW, cosine
+schedule with warmup, gradient clipping at 1.0, a fixed seed); :class:`Recipe` holds them and checks the
+combinations no single section can. YAML in, ``--set`` overrides and the messages of a bad recipe are
+:mod:`peftlab.recipe.parse`; the recipe stored with an adapter is :mod:`peftlab.recipe.from_adapter`.
+:func:`reference_markdown` is the README's table of every key.
 """
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
-import logging
 import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from peftlab.data.config import DataConfig
-from peftlab.errors import PeftlabError
-
-logger = logging.getLogger(__name__)
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -331,230 +325,13 @@ class Recipe(Section):
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# ---- loading ------------------------------------------------------------------------------------
-
-
-def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """Field names of the (nested) pydantic model found at ``loc`` (for "did you mean")."""
-    current: Any = model
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
-            return []
-        field = current.model_fields.get(part)
-        if field is None:
-            return list(current.model_fields)
-        current = _unwrap(field.annotation)
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return list(current.model_fields)
-    return []
-
-
-def _unwrap(annotation: Any) -> Any:
+def section_model(annotation: Any) -> Any:
     """The BaseModel inside ``X | None`` / ``list[X]`` annotations, else the annotation."""
     for arg in getattr(annotation, "__args__", ()) or ():
-        inner = _unwrap(arg)
+        inner = section_model(arg)
         if isinstance(inner, type) and issubclass(inner, BaseModel):
             return inner
     return annotation
-
-
-# Names practitioners bring from PEFT / TRL / Axolotl / torchtune, mapped to ours.
-ALIASES = {
-    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "use_rslora": "rslora",
-    "use_dora": "dora", "lora_target_modules": "target_modules", "layers_to_transform": "layers",
-    "learning_rate": "lr", "batch_size": "micro_batch_size", "per_device_train_batch_size": "micro_batch_size",
-    "micro_batch": "micro_batch_size", "gradient_accumulation_steps": "grad_accum", "num_epochs": "epochs",
-    "num_train_epochs": "epochs", "lr_scheduler": "scheduler", "lr_scheduler_type": "scheduler",
-    "optim": "optimizer", "max_grad_norm": "max_grad_norm", "output_dir": "dir", "base_model": "name",
-    "sequence_len": "max_seq_len", "max_length": "max_seq_len", "load_in_4bit": "mode",
-}
-
-
-def _suggest(name: str, known: list[str]) -> str | None:
-    alias = ALIASES.get(name)
-    if alias in known:
-        return alias
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-    return close[0] if close else None
-
-
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"invalid recipe {source}:"]
-    for e in err.errors():
-        loc = tuple(e["loc"])
-        key = ".".join(str(p) for p in loc) or "(top level)"
-        if e["type"] == "extra_forbidden":
-            name = str(loc[-1])
-            known = _fields_at(Recipe, loc[:-1])
-            close = _suggest(name, known)
-            hint = f" — did you mean '{'.'.join(str(p) for p in loc[:-1] + (close,))}'?" if close else ""
-            allowed = f" (known keys here: {', '.join(known)})" if known else ""
-            lines.append(f"  {key}: unknown key{hint}{allowed}")
-        elif e["type"] == "missing":
-            lines.append(f"  {key}: required key is missing")
-        else:
-            got = e.get("input")
-            shown = repr(got) if not isinstance(got, dict) else "a mapping"
-            lines.append(f"  {key}: {e['msg']} (got {shown})")
-    return "\n".join(lines)
-
-
-def _parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise PeftlabError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
-    key, raw = item.split("=", 1)
-    path = [p for p in key.strip().split(".") if p]
-    if not path:
-        raise PeftlabError(f"--set {item!r}: empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise PeftlabError(f"--set {item!r}: value is not valid YAML ({exc})") from None
-    return path, value
-
-
-def set_nested(raw: dict[str, Any], path: list[str], value: Any, *, where: str) -> None:
-    """``raw[a][b][c] = value`` for ``path == [a, b, c]``, creating missing sections; ``where`` prefixes
-    the error when a step of the path is a value, not a section."""
-    node = raw
-    for part in path[:-1]:
-        nxt = node.get(part)
-        if nxt is None:
-            nxt = node[part] = {}
-        if not isinstance(nxt, dict):
-            raise PeftlabError(f"{where}: '{part}' is not a section")
-        node = nxt
-    node[path[-1]] = value
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a raw recipe mapping."""
-    for item in overrides:
-        path, value = _parse_override(item)
-        set_nested(raw, path, value, where=f"--set {item!r}")
-    return raw
-
-
-def recipe_from_dict(raw: dict[str, Any], *, source: str = "(dict)", base_dir: str | Path = ".",
-                     overrides: list[str] | None = None) -> Recipe:
-    if not isinstance(raw, dict):
-        raise PeftlabError(f"invalid recipe {source}: the top level must be a mapping of sections "
-                           "(model, quantization, adapter, data, train, eval, output)")
-    raw = apply_overrides(json.loads(json.dumps(raw)), overrides or [])
-    raw.pop("base_dir", None)
-    try:
-        recipe = Recipe(**raw, base_dir=str(base_dir))
-    except ValidationError as err:
-        raise PeftlabError(_format_errors(err, source)) from None
-    except ValueError as err:  # raised by validators outside pydantic's wrapping
-        raise PeftlabError(f"invalid recipe {source}: {err}") from None
-    return recipe
-
-
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Load, validate and return the recipe at ``path`` (YAML, read with ``yaml.safe_load``)."""
-    path = Path(path)
-    if not path.is_file():
-        hint = " (it is a directory; pass the YAML file inside it)" if path.is_dir() else ""
-        raise PeftlabError(f"recipe file not found: {path}{hint}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise PeftlabError(f"recipe {path} is not valid YAML: {exc}") from None
-    return recipe_from_dict(raw or {}, source=str(path), base_dir=path.resolve().parent, overrides=overrides)
-
-
-ADAPTER_RECIPE_NAME = "peftlab_recipe.yaml"
-INFERENCE_ONLY_DATA = "(none: inference only)"
-
-
-def load_adapter_recipe(adapter_dir: str | Path, overrides: list[str] | None = None, *,
-                        trust_remote_code: bool = False) -> Recipe:
-    """The training recipe stored beside an adapter (``peftlab_recipe.yaml``), read as untrusted input.
-
-    An adapter directory may come from anyone, so nothing in it may run code on this machine: a stored
-    ``model.trust_remote_code: true`` (or the distillation teacher's) is switched off. Remote code runs
-    only when the user asks for it — ``trust_remote_code=True`` (the CLI's ``--trust-remote-code``) or an
-    override ``--set model.trust_remote_code=true``.
-    """
-    path = Path(adapter_dir) / ADAPTER_RECIPE_NAME
-    if not path.is_file():
-        raise PeftlabError(f"{adapter_dir} has no {ADAPTER_RECIPE_NAME}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise PeftlabError(f"{path} is not valid YAML ({exc}); re-save the adapter or pass a recipe") from None
-    asked = []
-    sections = [("model", raw.get("model") if isinstance(raw, dict) else None)]
-    distill = raw.get("distill") if isinstance(raw, dict) else None
-    if isinstance(distill, dict):
-        sections.append(("distill.teacher", distill.get("teacher")))
-    for where, section in sections:
-        if isinstance(section, dict) and section.get("trust_remote_code"):
-            section["trust_remote_code"] = False
-            asked.append(f"{where}.trust_remote_code")
-    overrides = list(overrides or []) + (["model.trust_remote_code=true"] if trust_remote_code else [])
-    recipe = recipe_from_dict(raw, source=str(path), base_dir=path.resolve().parent, overrides=overrides)
-    if asked and not recipe.model.trust_remote_code:
-        logger.warning("%s asks for remote code (%s); ignored: files that come with an adapter never run code "
-                       "here. If you trust %s, pass --trust-remote-code (or --set model.trust_remote_code=true)",
-                       path, ", ".join(asked), recipe.model.name)
-    return recipe
-
-
-def recipe_for_adapter(adapter_dir: str | Path, overrides: list[str] | None = None, *, model: str | None = None,
-                       trust_remote_code: bool = False, data: list[str] | None = None) -> Recipe:
-    """The recipe that rebuilds the model of an adapter directory for eval / generate / merge.
-
-    A peftlab adapter carries its training recipe (:func:`load_adapter_recipe`). A plain PEFT adapter
-    (only ``adapter_config.json`` + weights) gets one made from its config: the base named by
-    ``base_model_name_or_path`` (or ``model``), unquantised, default compute dtype. ``model`` also replaces
-    a peftlab adapter's base; ``data`` (files) becomes the eval data.
-    """
-    adapter_dir = Path(adapter_dir)
-    extra = list(overrides or [])
-    if (adapter_dir / ADAPTER_RECIPE_NAME).is_file():
-        if model:
-            extra.insert(0, f"model.name={json.dumps(str(model))}")
-        recipe = load_adapter_recipe(adapter_dir, extra, trust_remote_code=trust_remote_code)
-    else:
-        from peftlab.adapters.peft_format import read_adapter_config
-
-        config = read_adapter_config(adapter_dir)  # a clear error when this is not an adapter at all
-        base = model or config.get("base_model_name_or_path")
-        if not base:
-            raise PeftlabError(f"{adapter_dir}/adapter_config.json names no base model (base_model_name_or_path); "
-                               "pass --model ID|DIR")
-        raw = {"model": {"name": str(base), "trust_remote_code": trust_remote_code},
-               "quantization": {"mode": "none"},
-               "data": {"train": [{"path": INFERENCE_ONLY_DATA}]}}
-        recipe = recipe_from_dict(raw, source=f"{adapter_dir} (PEFT adapter)", base_dir=adapter_dir.resolve(),
-                                  overrides=extra)
-    if data:
-        recipe.data = eval_data_config(recipe.data, data)
-    return recipe
-
-
-def base_model_recipe(model: str, overrides: list[str] | None = None, *, trust_remote_code: bool = False) -> Recipe:
-    """A recipe for sampling a base model with no adapter (``peftlab generate --model DIR``): unquantised."""
-    raw = {"model": {"name": model, "trust_remote_code": trust_remote_code}, "quantization": {"mode": "none"},
-           "data": {"train": [{"path": INFERENCE_ONLY_DATA}]}}
-    return recipe_from_dict(raw, source=f"--model {model}", base_dir=Path.cwd(), overrides=overrides)
-
-
-def eval_data_config(data: DataConfig, files: list[str]) -> DataConfig:
-    """``data`` with ``files`` as its eval data (read from the current directory) and nothing else to build:
-    ``peftlab eval --data FILE``."""
-    specs = [{"path": str(Path(f).expanduser().resolve()), "format": "auto"} for f in files]
-    fields = data.model_dump()
-    fields.update(train=specs, eval=specs, eval_split=0.0)
-    return DataConfig(**fields)
-
-
-def dump_recipe(recipe: Recipe, path: Path) -> None:
-    path.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
 
 def reference_markdown() -> str:
@@ -570,7 +347,7 @@ def reference_markdown() -> str:
             if field.exclude:
                 continue
             key = f"{prefix}{name}"
-            sub = _unwrap(field.annotation)
+            sub = section_model(field.annotation)
             is_section = isinstance(sub, type) and issubclass(sub, BaseModel) and sub is not type(None)
             if is_section and (field.is_required() or isinstance(field.default, BaseModel)):
                 is_list = "list[" in str(field.annotation)

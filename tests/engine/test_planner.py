@@ -12,14 +12,14 @@ from helpers import make_quickstart_data, tiny_recipe_dict
 from peftlab.cli.main import main
 from peftlab.engine.planner import GiB, MiB, apply_auto_fit, estimate, model_shape, parse_size
 from peftlab.errors import PeftlabError
-from peftlab.recipe.schema import recipe_from_dict
+from peftlab.recipe.parse import recipe_from_dict
 
 REPO = Path(__file__).resolve().parents[2]
 
 MEASURE = r"""
 import json, sys
 from peftlab.engine.planner import peak_rss_bytes
-from peftlab.recipe.schema import recipe_from_dict
+from peftlab.recipe.parse import recipe_from_dict
 from peftlab.trainer.loop import Trainer
 Trainer(recipe_from_dict(json.loads(sys.argv[1])), quiet=True).train()
 print(json.dumps({"peak": peak_rss_bytes()}))

@@ -111,7 +111,7 @@ def test_eval_and_generate_refuse_what_they_cannot_do(peft_adapter, data_dir, tm
 @pytest.fixture(scope="module")
 def chatml_run(tmp_path_factory, data_dir):
     """A run that renders its data with data.template: chatml (the tokenizer's own template is Llama-3 style)."""
-    from peftlab.recipe.schema import recipe_from_dict
+    from peftlab.recipe.parse import recipe_from_dict
     from peftlab.trainer.loop import train
 
     root = tmp_path_factory.mktemp("chatml")
@@ -135,7 +135,7 @@ def test_the_training_template_travels_with_the_adapter(chatml_run, data_dir):
     from peftlab.data.templates import NAMED_TEMPLATES
     from peftlab.evaluation.generate import chat_prompt_ids
     from peftlab.model.load import build_model
-    from peftlab.recipe.schema import recipe_for_adapter
+    from peftlab.recipe.from_adapter import recipe_for_adapter
 
     recipe, adapter = chatml_run
     saved = (adapter / "chat_template.jinja").read_text()

@@ -9,7 +9,7 @@ import pytest
 from helpers import make_quickstart_data, tiny_recipe_dict
 
 from peftlab.metrics.runlog import RunLog
-from peftlab.recipe.schema import recipe_from_dict
+from peftlab.recipe.parse import recipe_from_dict
 from peftlab.trainer.loop import Trainer
 
 HAS_MLFLOW = importlib.util.find_spec("mlflow") is not None

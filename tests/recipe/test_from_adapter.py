@@ -147,3 +147,71 @@ def test_corrupt_adapter_weights_end_in_one_message(tmp_path, micro_dir, capsys)
         assert main(["generate", "--adapter", str(adapter), "--prompt", "hi"]) == 2
         err = capsys.readouterr().err
         assert "adapter_model.safetensors" in err and "corrupt" in err, err
+
+
+# ---- the recipes eval / generate / merge rebuild a model from (no model is loaded) ----
+
+
+def _peft_dir(path: Path, base: str | None) -> Path:
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "base_model_name_or_path": base}))
+    return path
+
+
+def test_a_plain_peft_adapter_gets_an_unquantised_recipe_of_its_base(tmp_path, monkeypatch):
+    from peftlab.recipe.from_adapter import INFERENCE_ONLY_DATA, recipe_for_adapter
+
+    adapter = _peft_dir(tmp_path / "peft", "org/base-7b")
+    r = recipe_for_adapter(adapter, ["train.seed=3"])
+    assert (r.model.name, r.quantization.mode, r.model.trust_remote_code, r.train.seed) == ("org/base-7b", "none",
+                                                                                          False, 3)
+    assert [s.path for s in r.data.train] == [INFERENCE_ONLY_DATA]
+    assert recipe_for_adapter(adapter, model="builtin:micro-llama").model.name == "builtin:micro-llama"
+    # --data: the files, resolved from the working directory, are the eval data and nothing is held out
+    monkeypatch.chdir(tmp_path)
+    r = recipe_for_adapter(adapter, data=["held.jsonl"])
+    assert [s.path for s in r.data.eval] == [str(tmp_path / "held.jsonl")] == [s.path for s in r.data.train]
+    assert r.data.eval_split == 0.0
+
+
+def test_an_adapter_without_a_base_or_a_config_is_refused(tmp_path):
+    from peftlab.errors import PeftlabError
+    from peftlab.recipe.from_adapter import load_adapter_recipe, recipe_for_adapter
+
+    with pytest.raises(PeftlabError, match=r"names no base model \(base_model_name_or_path\); pass --model"):
+        recipe_for_adapter(_peft_dir(tmp_path / "nameless", None))
+    with pytest.raises(PeftlabError, match="adapter_config.json is missing"):
+        recipe_for_adapter(tmp_path)
+    with pytest.raises(PeftlabError, match="has no peftlab_recipe.yaml"):
+        load_adapter_recipe(tmp_path)
+    (tmp_path / "peftlab_recipe.yaml").write_text("model: [unclosed")
+    with pytest.raises(PeftlabError, match="(?s)is not valid YAML .*re-save the adapter or pass a recipe"):
+        load_adapter_recipe(tmp_path)
+
+
+def test_a_stored_recipe_is_read_with_remote_code_off(tmp_path, caplog, monkeypatch):
+    import logging
+
+    from peftlab.recipe.from_adapter import load_adapter_recipe, recipe_for_adapter
+
+    monkeypatch.setattr(logging.getLogger("peftlab"), "propagate", True)  # the CLI's console may have taken it
+
+    stored = {"model": {"name": "builtin:micro-llama", "trust_remote_code": True}, "train": {"lr": 1e-3},
+              "distill": {"teacher": {"name": "builtin:tiny-llama", "trust_remote_code": True}},
+              "data": {"train": ["train.jsonl"]}}
+    (tmp_path / "peftlab_recipe.yaml").write_text(yaml.safe_dump(stored))
+    with caplog.at_level("WARNING", logger="peftlab"):
+        r = load_adapter_recipe(tmp_path)
+    assert (r.model.trust_remote_code, r.distill.teacher.trust_remote_code, r.train.lr) == (False, False, 1e-3)
+    assert "model.trust_remote_code, distill.teacher.trust_remote_code" in caplog.text
+    assert r.resolve_path("train.jsonl") == tmp_path.resolve() / "train.jsonl"  # relative to the adapter dir
+    assert load_adapter_recipe(tmp_path, trust_remote_code=True).model.trust_remote_code is True
+    assert recipe_for_adapter(tmp_path, model="builtin:tiny-llama").model.name == "builtin:tiny-llama"
+
+
+def test_a_base_model_alone():
+    from peftlab.recipe.from_adapter import base_model_recipe
+
+    r = base_model_recipe("builtin:micro-llama", ["model.dtype=float32"])
+    assert (r.model.name, r.quantization.mode, r.model.dtype) == ("builtin:micro-llama", "none", "float32")

@@ -1,105 +1,90 @@
-"""Recipe schema: defaults, overrides, and the clear messages every bad input gets."""
+"""The recipe's sections and Recipe: the defaults a practitioner expects, the combinations no single section
+can check, the helpers every stage uses (paths, fingerprints), and the README's reference table."""
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
+from pydantic import ValidationError
 
-from peftlab.errors import PeftlabError
-from peftlab.recipe.schema import load_recipe, recipe_from_dict
+from peftlab.recipe.schema import CheckpointConfig, DistillConfig, Recipe, reference_markdown
 
-MINIMAL = {"data": {"train": ["train.jsonl"]}}
-
-
-def write(tmp_path: Path, raw) -> Path:
-    p = tmp_path / "recipe.yaml"
-    p.write_text(raw if isinstance(raw, str) else yaml.safe_dump(raw))
-    return p
+DATA = {"train": ["train.jsonl"]}
 
 
-def test_defaults_are_qlora_practitioner_defaults(tmp_path):
-    r = load_recipe(write(tmp_path, MINIMAL))
+def recipe(**sections) -> Recipe:
+    return Recipe(data=DATA, **sections)
+
+
+def test_defaults_are_qlora_practitioner_defaults():
+    r = recipe(base_dir="/recipes")
     assert r.model.name == "builtin:tiny-llama"
-    assert (r.quantization.mode, r.quantization.double_quant) == ("nf4", True)
-    assert (r.adapter.r, r.adapter.alpha, r.adapter.target_modules) == (16, 32, "all-linear")
+    assert (r.quantization.mode, r.quantization.double_quant, r.quantization.blocksize) == ("nf4", True, 64)
+    assert (r.adapter.r, r.adapter.alpha, r.adapter.dropout, r.adapter.target_modules) == (16, 32, 0.05, "all-linear")
     assert (r.train.optimizer, r.train.scheduler, r.train.max_grad_norm) == ("adamw", "cosine", 1.0)
-    assert r.train.warmup_ratio > 0 and isinstance(r.train.seed, int)
-    assert r.kernels == "auto"
-    # relative paths resolve against the recipe's directory
-    assert r.output_dir == tmp_path / "runs" / "peftlab"
+    assert (r.train.lr, r.train.warmup_ratio, r.train.seed) == (2e-4, 0.03, 42)
+    assert (r.kernels, r.task, r.distill, r.resume) == ("auto", "causal_lm", None, None)
+    assert r.output_dir == Path("/recipes/runs/peftlab")  # relative to the recipe file's directory
 
 
-def test_set_overrides_are_typed_and_validated(tmp_path):
-    r = load_recipe(write(tmp_path, MINIMAL), overrides=["train.lr=1e-4", "adapter.target_modules=[q_proj,v_proj]",
-                                                         "model.gradient_checkpointing=true"])
-    assert r.train.lr == pytest.approx(1e-4)
-    assert r.adapter.target_modules == ["q_proj", "v_proj"]
-    assert r.model.gradient_checkpointing is True
-    with pytest.raises(PeftlabError, match=r"train\.lr: .*greater than 0"):
-        load_recipe(write(tmp_path, MINIMAL), overrides=["train.lr=-1"])
-    with pytest.raises(PeftlabError, match="expected KEY=VALUE"):
-        load_recipe(write(tmp_path, MINIMAL), overrides=["train.lr"])
-
-
-@pytest.mark.parametrize("raw, message", [
-    ({**MINIMAL, "train": {"learning_rate": 1e-4}}, r"train\.learning_rate: unknown key.*known keys"),
-    ({**MINIMAL, "adapter": {"rank": 8}}, r"adapter\.rank: unknown key — did you mean 'adapter\.r'"),
-    ({**MINIMAL, "trian": {}}, r"trian: unknown key — did you mean 'train'"),
-    ({**MINIMAL, "train": {"micro_batch_size": "four"}}, r"train\.micro_batch_size: .*integer.*'four'"),
-    ({**MINIMAL, "quantization": {"mode": "int3"}}, r"quantization\.mode: .*'nf4'"),
-    ({"model": {}}, r"data: required key is missing"),
-    ({**MINIMAL, "quantization": {"mode": "nf4"}, "model": {"dtype": "float16"}, "train": {"device": "cpu"}},
-     r"float16 on train\.device=cpu"),
-    ({**MINIMAL, "adapter": {"dora": True}, "kernels": "triton"}, r"does not implement DoRA"),
-    ({**MINIMAL, "deepspeed": "zero3.yaml"}, r"DeepSpeed JSON config"),
+@pytest.mark.parametrize("sections, message", [
+    ({"quantization": {"mode": "nf4"}, "model": {"dtype": "float16"}, "train": {"device": "cpu"}},
+     "float16 on train.device=cpu"),
+    ({"adapter": {"dora": True}, "kernels": "triton"}, "does not implement DoRA"),
+    ({"model": {"attn_implementation": "flash_attention_2"}, "train": {"device": "cpu"}}, "needs a CUDA GPU"),
+    ({"train": {"early_stopping": {"patience": 2}}}, "train.early_stopping needs train.eval_every"),
+    ({"task": "classification", "resume": "auto"}, "checkpoints hold the LoRA weights only"),
+    ({"task": "regression", "data": {**DATA, "packing": True}}, "cannot be combined with distill or data.packing"),
+    ({"task": "classification", "data": {**DATA, "label_type": "regression"}}, "set data.label_type: auto"),
+    ({"distill": {"teacher": "builtin:tiny-llama"}, "train": {"loss": {"z_loss": 1e-4}}},
+     "the distillation loss does not implement them"),
+    ({"deepspeed": "zero3.yaml"}, "DeepSpeed JSON config"),
+    ({"checkpoint": {"dir": "../elsewhere"}}, "relative folder inside output.dir"),
 ])
-def test_bad_recipes_name_the_key_and_the_fix(tmp_path, raw, message):
-    with pytest.raises(PeftlabError, match=message):
-        load_recipe(write(tmp_path, raw))
+def test_combinations_are_refused_with_the_fix(sections, message):
+    data = sections.pop("data", DATA)
+    with pytest.raises(ValidationError, match=message.replace(".", r"\.")):
+        Recipe(data=data, **sections)
 
 
-def test_missing_file_and_bad_yaml(tmp_path):
-    with pytest.raises(PeftlabError, match="recipe file not found"):
-        load_recipe(tmp_path / "nope.yaml")
-    with pytest.raises(PeftlabError, match="not valid YAML"):
-        load_recipe(write(tmp_path, "model: [unclosed"))
-    with pytest.raises(PeftlabError, match="top level must be a mapping"):
-        recipe_from_dict(["a"])  # type: ignore[arg-type]
+def test_the_task_decides_the_label_type():
+    assert Recipe(data=DATA, task="classification").data.label_type == "class"
+    assert Recipe(data=DATA, task="regression").data.label_type == "regression"
+    assert Recipe(data=DATA).data.label_type == "auto"
 
 
-def test_unknown_model_and_missing_model_dir(tmp_path):
-    from peftlab.model.load import resolve_model_path
-
-    with pytest.raises(PeftlabError, match="unknown built-in model 'builtin:nope'; available: builtin:tiny-llama"):
-        resolve_model_path("builtin:nope")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(PeftlabError, match="without a config.json"):
-        resolve_model_path(str(tmp_path / "empty"))
-    with pytest.raises(PeftlabError, match="no such directory"):
-        resolve_model_path("./does/not/exist")
+def test_distill_teacher_shorthand_and_a_nameless_teacher():
+    assert DistillConfig(teacher="builtin:tiny-llama").teacher.name == "builtin:tiny-llama"
+    assert DistillConfig(teacher={"adapter": "runs/q/adapter"}).teacher.name is None  # the adapter names its base
+    with pytest.raises(ValidationError, match="distill.teacher needs a name"):
+        DistillConfig(teacher={})
+    for bad in ("/abs", "~/x", "", "a/../../b"):
+        with pytest.raises(ValidationError, match="relative folder"):
+            CheckpointConfig(dir=bad)
 
 
-def test_tokenizer_only_directory_loads(tmp_path):
-    """model.tokenizer may name a directory holding only tokenizer files (no config.json)."""
-    from peftlab.model.builtin import build_tokenizer
-    from peftlab.model.load import load_tokenizer
+def test_resolve_path_and_fingerprint():
+    r = recipe(base_dir="/recipes")
+    assert r.resolve_path("data/x.jsonl") == Path("/recipes/data/x.jsonl")
+    assert r.resolve_path("/abs/x.jsonl") == Path("/abs/x.jsonl")
+    assert r.resolve_path("~/x") == Path.home() / "x"
+    same = recipe(base_dir="/elsewhere")  # where the recipe sits is no part of what it says
+    assert r.fingerprint() == same.fingerprint() and len(r.fingerprint()) == 16
+    other = recipe(train={"lr": 1e-3})
+    assert other.fingerprint() != r.fingerprint()
+    assert other.fingerprint("model", "adapter") == r.fingerprint("model", "adapter")
+    assert "base_dir" not in r.to_dict()
 
-    build_tokenizer().save_pretrained(tmp_path / "tok")
-    assert not (tmp_path / "tok" / "config.json").exists()
-    tok = load_tokenizer(str(tmp_path / "tok"))
-    assert tok("hello world")["input_ids"] == build_tokenizer()("hello world")["input_ids"]
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(PeftlabError, match="has no tokenizer files"):
-        load_tokenizer(str(tmp_path / "empty"))
 
-
-def test_cli_reports_errors_without_traceback_and_nonzero_exit(tmp_path):
-    bad = write(tmp_path, {**MINIMAL, "train": {"lr_rate": 1}})
-    proc = subprocess.run([sys.executable, "-P", "-m", "peftlab.cli.main", "train", str(bad)],
-                          check=False, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert "peftlab: error: invalid recipe" in proc.stderr and "train.lr_rate: unknown key" in proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_reference_table_names_every_key_its_type_and_default():
+    rows = {line.split(" | ")[0].strip("| `"): line for line in reference_markdown().splitlines()[2:]}
+    assert rows["train.lr"] == "| `train.lr` | float | `0.0002` |"
+    assert rows["data"] == "| `data` | section | required |"
+    assert rows["data.train[].path"].endswith("| required |")
+    assert rows["adapter.target_modules"] == ("| `adapter.target_modules` | Union[Literal['all-linear'], list[str]] "
+                                              "| `\"all-linear\"` |")
+    # optional sections are one row typed by their bare class name (no module path)
+    assert rows["distill"] == "| `distill` | DistillConfig \\| None | `null` |"
+    assert "base_dir" not in rows
+    assert set(rows) >= {f"train.{k}" for k in Recipe.model_fields["train"].annotation.model_fields
+                         if k not in ("loss",)}
