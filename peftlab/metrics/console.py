@@ -4,7 +4,8 @@ One switch sets how much is said (``setup_logging(level)``: the CLI's ``--quiet`
 ``PEFTLAB_LOG_LEVEL`` overrides), and in a multi-process run only rank 0 speaks (:class:`RankZeroFilter`;
 ``PEFTLAB_LOG_ALL_RANKS=1`` lets every rank speak, each line prefixed with its rank). Launchers, SLURM and
 notebooks capture it like any logging output: progress and results (INFO) go to stdout, warnings and errors
-to stderr. Modules log through ``logging.getLogger(__name__)`` (a child of ``peftlab``); nothing in the
+to stderr — except for a command whose stdout is its product (``peftlab eval``'s JSON, ``generate``'s text):
+there every message goes to stderr (``setup_logging(messages_to_stderr=True)``). Modules log through ``logging.getLogger(__name__)`` (a child of ``peftlab``); nothing in the
 library prints. Progress bars stay tqdm (:func:`progress`), shown when INFO is.
 """
 from __future__ import annotations
@@ -52,15 +53,22 @@ class _Formatter(logging.Formatter):
 
 
 class _SplitHandler(logging.Handler):
-    """INFO and below to ``out``, WARNING and above to ``err``; looked up at emit time so that a test's
-    captured streams (pytest's capsys) and a notebook's redirected ones are honoured."""
+    """INFO and below to ``out``, WARNING and above to ``err`` (everything to ``err`` with
+    ``messages_to_stderr``); looked up at emit time so that a test's captured streams (pytest's capsys) and a
+    notebook's redirected ones are honoured."""
 
     def __init__(self, out: TextIO | None = None, err: TextIO | None = None):
         super().__init__()
         self._out, self._err = out, err
+        self.messages_to_stderr = False
+
+    def stream_for(self, levelno: int) -> TextIO:
+        if levelno >= logging.WARNING or self.messages_to_stderr:
+            return self._err or sys.stderr
+        return self._out or sys.stdout
 
     def emit(self, record: logging.LogRecord) -> None:
-        stream = (self._err or sys.stderr) if record.levelno >= logging.WARNING else (self._out or sys.stdout)
+        stream = self.stream_for(record.levelno)
         try:
             stream.write(self.format(record) + "\n")
             stream.flush()
@@ -80,21 +88,29 @@ def _level(value: str | int | None) -> int:
     return level
 
 
-def setup_logging(level: str | int | None = None, *, out: TextIO | None = None, err: TextIO | None = None) -> None:
-    """Configure the ``peftlab`` logger once per process (later calls only change the level).
+def _console_handler() -> _SplitHandler | None:
+    return next((h for h in logging.getLogger(LOGGER).handlers if getattr(h, _HANDLER_ATTR, False)), None)
+
+
+def setup_logging(level: str | int | None = None, *, out: TextIO | None = None, err: TextIO | None = None,
+                  messages_to_stderr: bool = False) -> None:
+    """Configure the ``peftlab`` logger once per process (later calls change the level and where INFO goes).
 
     ``level``: ``debug | info | warning | error`` (default ``info``); the environment variable
-    ``PEFTLAB_LOG_LEVEL`` wins over it.
+    ``PEFTLAB_LOG_LEVEL`` wins over it. ``messages_to_stderr``: INFO lines (and progress bars) go to stderr
+    too, for a command whose stdout is its product and may be piped (``peftlab eval > metrics.json``).
     """
     logger = logging.getLogger(LOGGER)
     logger.setLevel(_level(os.environ.get(LEVEL_ENV) or level))
-    if not any(getattr(h, _HANDLER_ATTR, False) for h in logger.handlers):
+    handler = _console_handler()
+    if handler is None:
         handler = _SplitHandler(out, err)
         setattr(handler, _HANDLER_ATTR, True)
         handler.setFormatter(_Formatter())
         handler.addFilter(RankZeroFilter())
         logger.addHandler(handler)
         logger.propagate = False
+    handler.messages_to_stderr = messages_to_stderr
 
 
 def ensure_logging(quiet: bool = False) -> None:
@@ -114,8 +130,11 @@ def info_enabled() -> bool:
 
 
 def progress(total: int, *, desc: str, unit: str = "step", **kwargs: Any):
-    """A tqdm progress bar on stdout, shown when INFO messages are (rank 0, not quiet)."""
+    """A tqdm progress bar where INFO messages go (stdout unless ``messages_to_stderr``), shown when they are
+    (rank 0, not quiet)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, disable=not info_enabled(), file=sys.stdout,
+    handler = _console_handler()
+    stream = handler.stream_for(logging.INFO) if handler is not None else sys.stdout
+    return tqdm(total=total, desc=desc, unit=unit, disable=not info_enabled(), file=stream,
                 dynamic_ncols=True, **kwargs)

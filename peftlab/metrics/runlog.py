@@ -2,7 +2,8 @@
 
 Every record is one JSON object per line in ``metrics.jsonl`` ({"step", "split", ...figures});
 TensorBoard gets the scalar figures under ``<split>/<name>``. The PNG is drawn from the JSONL, so it
-can be regenerated after the fact (``plot_loss_curve``).
+can be regenerated after the fact (``plot_loss_curve``); it replaces an earlier one atomically
+(:mod:`peftlab.checkpoint.atomic`). metrics.jsonl is only ever appended to.
 """
 from __future__ import annotations
 
@@ -11,8 +12,13 @@ import math
 from pathlib import Path
 from typing import Any
 
+from peftlab.checkpoint.atomic import atomic_write
+
 
 class RunLog:
+    """Where a run's figures go: metrics.jsonl, TensorBoard and the experiment trackers of ``report_to``;
+    ``enabled=False`` (ranks other than 0) writes nothing."""
+
     def __init__(self, out_dir: Path, report_to: list[str], *, enabled: bool = True,
                  params: dict[str, Any] | None = None, run_name: str | None = None):
         """``params`` (the recipe) and ``run_name`` go to the experiment trackers (mlflow, wandb) of
@@ -81,6 +87,7 @@ def _jsonable(v: Any) -> bool:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl (none when it does not exist)."""
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -114,6 +121,8 @@ def plot_loss_curve(metrics_path: Path, out_png: Path) -> Path | None:
     ax.legend(loc="upper right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_png)
-    plt.close(fig)
+    try:
+        atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
     return out_png

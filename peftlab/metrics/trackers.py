@@ -1,6 +1,6 @@
 """Experiment trackers behind ``output.report_to``: MLflow (local store) and Weights & Biases (offline).
 
-:class:`peftlab.metrics.RunLog` writes JSONL and TensorBoard itself and forwards every record to the
+:class:`peftlab.metrics.runlog.RunLog` writes JSONL and TensorBoard itself and forwards every record to the
 trackers built here. Each tracker runs only when its package is installed; otherwise the run goes on
 and one clear message says what to install. Nothing global is touched: MLflow is driven through an
 ``MlflowClient`` bound to ``sqlite:///<output.dir>/mlflow.db`` with artifacts in
@@ -15,11 +15,13 @@ artifacts.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 PACKAGES = {"mlflow": "mlflow", "wandb": "wandb"}
 
@@ -122,9 +124,9 @@ def build_trackers(out_dir: Path, report_to: list[str], *, params: dict[str, Any
         if name not in TRACKERS:
             continue
         if importlib.util.find_spec(PACKAGES[name]) is None:
-            print(f"peftlab: warning: output.report_to lists {name}, but the {PACKAGES[name]} package is not "
-                  f"installed; not reporting to {name} (pip install {PACKAGES[name]}, or remove {name} from "
-                  "output.report_to)", file=sys.stderr, flush=True)
+            logger.warning("output.report_to lists %s, but the %s package is not installed; not reporting to %s "
+                           "(pip install %s, or remove %s from output.report_to)", name, PACKAGES[name], name,
+                           PACKAGES[name], name)
             continue
         out.append(TRACKERS[name](Path(out_dir), params or {}, run_name or Path(out_dir).name))
     return out
