@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 
 import pytest
 from helpers import make_quickstart_data, tiny_recipe_dict
@@ -73,11 +74,15 @@ def test_wandb_offline_run_is_written(run):
 
 
 @pytest.mark.skipif(HAS_WANDB, reason="wandb is installed: the missing-package message cannot be shown")
-def test_missing_tracker_package_gives_a_clear_message_and_the_run_goes_on(tmp_path, capsys):
-    log = RunLog(tmp_path, ["jsonl", "wandb"], params={"train": {"lr": 1.0}})
+def test_missing_tracker_package_gives_a_clear_message_and_the_run_goes_on(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("peftlab"), "propagate", True)  # the CLI's console may have taken it
+    with caplog.at_level(logging.WARNING, logger="peftlab"):
+        log = RunLog(tmp_path, ["jsonl", "wandb"], params={"train": {"lr": 1.0}})
     log.log(1, "train", {"loss": 2.0})
     log.close()
-    err = capsys.readouterr().err
+    [record] = [r for r in caplog.records if r.name == "peftlab.metrics.trackers"]
+    err = record.getMessage()
+    assert record.levelno == logging.WARNING
     assert "output.report_to lists wandb, but the wandb package is not installed" in err
     assert "pip install wandb" in err
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["loss"] == 2.0
