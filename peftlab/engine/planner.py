@@ -1,11 +1,11 @@
 """The memory planner behind ``peftlab estimate``: predicted peak memory of a run, by component.
 
-Everything comes from the model's config: the model is built on the meta device (no memory, any
-architecture transformers knows), its linears are swapped for 4-bit ones and LoRA is injected exactly
-as a real run does, so weight and adapter sizes are counted, not guessed. Activations follow what
-autograd keeps per decoder layer in a QLoRA step (see :func:`activation_bytes_per_token`); the peak
-is at the end of the forward pass, when every layer's saved tensors, the loss head's buffers and the
-first backward temporaries are alive together.
+Everything comes from the model's config: weight and adapter sizes are counted on a meta-device model
+and activations follow what autograd keeps per decoder layer in a QLoRA step
+(:mod:`peftlab.engine.model_shape`); the peak is the larger of the end of the forward pass (every layer's
+saved tensors and the loss head's buffers) and the start of the backward pass (its temporaries).
+What a run does with the figures — ``train.auto_fit``, the advice after running out of memory — is
+:mod:`peftlab.engine.memory_fit`.
 
 On a GPU "device memory" is what the CUDA allocator holds plus the CUDA context; on the CPU it is the
 process's peak resident set (:func:`peak_rss_bytes`), which also holds the Python + torch + transformers +
@@ -15,7 +15,6 @@ bitsandbytes baseline — measured once per environment in a fresh interpreter t
 from __future__ import annotations
 
 import json
-import math
 import re
 import subprocess
 import sys
@@ -24,13 +23,15 @@ from typing import Any
 
 import torch
 
+from peftlab.checkpoint.atomic import atomic_write_text
+from peftlab.engine.model_shape import ModelShape, activation_bytes_per_token, model_shape
 from peftlab.errors import PeftlabError
 
 GiB = 1 << 30
 MiB = 1 << 20
 CUDA_CONTEXT_BYTES = 500 * MiB  # CUDA context + cuBLAS workspace outside the caching allocator (typ. 0.3-0.6 GiB)
 # Host-side working set of a CPU run beyond the live tensors the components count.
-# - train.host_allocator: bounded (peftlab/hostmem.py): every tensor >= 1 MiB is its own mapping and
+# - train.host_allocator: bounded (peftlab/engine/hostmem.py): every tensor >= 1 MiB is its own mapping and
 #   goes back to the OS when freed; what remains is heap kept for small tensors and page rounding:
 #   a small fraction of what the step allocates.
 # - default (glibc's adaptive threshold): the heap keeps freed activation blocks, fragmented by the
@@ -74,131 +75,6 @@ def parse_size(text: str) -> int:
 
 def fmt(n: float) -> str:
     return f"{n / GiB:.2f} GiB" if abs(n) >= GiB / 4 else f"{n / MiB:.1f} MiB"
-
-
-# ---- the model, on meta ---------------------------------------------------------------------------
-
-
-@dataclass
-class ModelShape:
-    """What the planner needs to know about the model, counted on a meta-device instance."""
-
-    model_type: str
-    n_layers: int
-    hidden: int
-    intermediate: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    vocab: int
-    base_weight_bytes: int          # 4-bit packed + quant states + dense params + buffers
-    quantized_params: int
-    dense_params: int
-    largest_linear: int             # elements of the largest 4-bit linear weight (dequantised in backward)
-    lora_params: int
-    lora_modules_per_layer: dict[str, int] = field(default_factory=dict)  # input width of each LoRA layer
-    lora_r: int = 16
-
-
-def _quantized_bytes(n: int, blocksize: int, double_quant: bool) -> int:
-    packed = (n + 1) // 2
-    blocks = math.ceil(n / blocksize)
-    if double_quant:  # uint8 absmax + fp32 absmax per 256 of them + 16-entry 4-bit code + 256-entry 8-bit code + offset
-        return packed + blocks + 4 * math.ceil(blocks / 256) + 16 * 4 + 256 * 4 + 4
-    return packed + 4 * blocks + 16 * 4
-
-
-def model_shape(recipe: Any, dtype: torch.dtype = torch.float32) -> ModelShape:
-    """Build the recipe's model on the meta device (+ 4-bit swap, + LoRA) and count it."""
-    from peftlab.model.load import resolve_model_path
-    from peftlab.model.quantized_load import QuantSettings, empty_model, load_config, swap_linears_for_4bit
-
-    path = resolve_model_path(recipe.model.name, revision=recipe.model.revision)
-    try:
-        config = load_config(path, trust_remote_code=recipe.model.trust_remote_code)
-    except PeftlabError:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(path, revision=recipe.model.revision,
-                                            trust_remote_code=recipe.model.trust_remote_code)
-    model = empty_model(config, dtype=dtype, attn_implementation="eager",
-                        trust_remote_code=recipe.model.trust_remote_code)
-    q = recipe.quantization
-    swapped: set[str] = set()
-    if q.mode != "none":
-        swapped = set(swap_linears_for_4bit(model, QuantSettings.from_recipe(q, dtype)))
-    from peftlab.adapters.lora_inject import inject_lora
-
-    a = recipe.adapter
-    with torch.device("meta"):
-        names = inject_lora(model, r=a.r, alpha=a.alpha, dropout=a.dropout, target_modules=a.target_modules,
-                                 use_rslora=a.rslora, use_dora=a.dora, layers=a.layers)
-    quantized = dense = base_bytes = largest = lora_params = 0
-    seen: set[int] = set()
-    for name, module in model.named_modules():
-        for attr, p in module._parameters.items():
-            if p is None or id(p) in seen:
-                continue
-            seen.add(id(p))
-            full = f"{name}.{attr}"
-            if "lora_" in full:
-                lora_params += p.numel()
-                continue
-            if name.removesuffix(".base_layer") in swapped and attr == "weight":
-                n = int(module.in_features) * int(module.out_features)
-                quantized += n
-                largest = max(largest, n)
-                base_bytes += _quantized_bytes(n, q.blocksize, q.double_quant)
-            else:
-                dense += p.numel()
-                base_bytes += p.numel() * dtype.itemsize
-    base_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
-    if not swapped:
-        largest = 0
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    n_heads = text.num_attention_heads
-    hidden = text.hidden_size
-    head_dim = getattr(text, "head_dim", None) or hidden // n_heads
-    per_layer: dict[str, int] = {}
-    layer0 = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.0\.(.+)$")
-    for n in names:
-        m = layer0.search(n)
-        if m:
-            per_layer[m.group(1)] = int(model.get_submodule(n).in_features)
-    return ModelShape(
-        model_type=config.model_type, n_layers=text.num_hidden_layers, hidden=hidden,
-        intermediate=getattr(text, "intermediate_size", None) or 4 * hidden, n_heads=n_heads,
-        n_kv_heads=getattr(text, "num_key_value_heads", None) or n_heads, head_dim=head_dim,
-        vocab=text.vocab_size, base_weight_bytes=base_bytes, quantized_params=quantized, dense_params=dense,
-        largest_linear=largest, lora_params=lora_params, lora_modules_per_layer=per_layer, lora_r=a.r)
-
-
-# ---- activations ---------------------------------------------------------------------------------
-
-
-def activation_bytes_per_token(shape: ModelShape, *, elem: int, seq_len: int, attn: str, dropout: float) -> int:
-    """Bytes autograd keeps per token for one decoder layer of a (Q)LoRA step (Llama-family layout).
-
-    Attention block: layer input (saved by the RMSNorm), normed input (saved by the LoRA A of q/k/v),
-    rotated q and k plus v and the attention output (saved by SDPA; + the nh x T softmax rows under
-    eager attention), o_proj's contiguous input. MLP block: residual, normed input, gate, silu(gate),
-    up and their product (4 x intermediate). LoRA: the r-wide mid activation of every adapted layer,
-    and with dropout each adapted layer's own dropped input + its mask. 4-bit base matmuls save no
-    input (bitsandbytes keeps only the packed weight). Norm statistics (1 float per token) are noise.
-    """
-    H, inter = shape.hidden, shape.intermediate
-    q_width, kv_width = shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
-    elems = 4 * H + 3 * q_width + 2 * kv_width + 4 * inter + shape.n_heads
-    elems += shape.lora_r * len(shape.lora_modules_per_layer)
-    per_token = elems * elem
-    if attn == "eager":
-        per_token += 2 * shape.n_heads * seq_len * elem  # attention probabilities + their matmul input
-    if dropout > 0:
-        per_token += sum(width * (elem + 1) for width in shape.lora_modules_per_layer.values())
-    return per_token
-
-
-# ---- the estimate --------------------------------------------------------------------------------
 
 
 OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8, "paged_adamw_32bit": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}
@@ -297,15 +173,22 @@ def _probe_baseline(recipe: Any) -> int:
                            f"failed): {out.stderr.strip()[-800:]}")
     rss = int(out.stdout.strip().splitlines()[-1])
     known[key] = rss
-    try:
+    try:  # a cache: losing it costs one more probe, so no fsync; atomic so that racing runs never read half
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(known))
+        atomic_write_text(cache, json.dumps(known), fsync=False)
     except OSError:
         pass
     return rss
 
 
-def _dtype_of(recipe: Any, device: str) -> torch.dtype:
+def run_device(recipe: Any) -> str:
+    """``cuda`` or ``cpu``: where the recipe's run trains (``train.device: auto`` takes a GPU when there is one)."""
+    t = recipe.train.device
+    return "cuda" if t == "cuda" or (t == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+def compute_dtype(recipe: Any, device: str) -> torch.dtype:
+    """The dtype the run computes in on ``device`` (``model.dtype: auto``: bfloat16 on a GPU, float32 on the CPU)."""
     from peftlab.model.load import DTYPES
 
     if recipe.model.dtype != "auto":
@@ -417,10 +300,8 @@ def estimate(recipe: Any, *, device_memory: int | None = None, gpus: int = 1, de
              baseline: int | None = None, micro_batch_size: int | None = None,
              seq_len: int | None = None, shape: ModelShape | None = None) -> Estimate:
     """Predicted peak memory of the recipe's run on one rank (see the module docstring)."""
-    if device is None:
-        device = "cuda" if recipe.train.device == "cuda" or (recipe.train.device == "auto"
-                                                               and torch.cuda.is_available()) else "cpu"
-    dtype = _dtype_of(recipe, device)
+    device = device or run_device(recipe)
+    dtype = compute_dtype(recipe, device)
     elem = dtype.itemsize
     shape = shape or model_shape(recipe, dtype)
     if baseline is None:
@@ -485,94 +366,3 @@ def format_estimate(est: Estimate, gpus: int = 1) -> str:
             lines.append(does_not_fit_message(est))
     lines += [f"note: {n}" for n in est.notes]
     return "\n".join(lines)
-
-
-def default_budget(device: str) -> int:
-    """The memory a run may use here: free GPU memory, or available host memory plus nothing else."""
-    if device == "cuda":
-        free, _ = torch.cuda.mem_get_info()
-        return int(free)
-    import psutil
-
-    return int(psutil.virtual_memory().available)
-
-
-def usable_memory(device: str) -> int:
-    """What a run in THIS process can use now: free memory plus what the process already holds (its CUDA
-    caching allocator's reservation, or its resident set on the CPU) — for a run that has just failed."""
-    if device == "cuda":
-        free, _ = torch.cuda.mem_get_info()
-        return int(free + torch.cuda.memory_reserved())
-    import psutil
-
-    return int(psutil.virtual_memory().available + psutil.Process().memory_info().rss)
-
-
-def out_of_memory_advice(recipe: Any, *, device: str | None = None, budget: int | None = None) -> str:
-    """For a run that ran out of memory: what the planner predicts for its recipe against the memory the
-    process can use, what it predicts would fit, and the recipe keys that lower memory. Never raises:
-    when the planner itself fails the figures are left out (the original failure matters more)."""
-    t, d = recipe.train, recipe.data
-    keys = [(f"train.micro_batch_size (now {t.micro_batch_size}; raise train.grad_accum, now {t.grad_accum}, to "
-             "keep the batch)"), f"data.max_seq_len (now {d.max_seq_len})"]
-    if not recipe.model.gradient_checkpointing:
-        keys.append("model.gradient_checkpointing: true")
-    if recipe.quantization.mode == "none":
-        keys.append("quantization.mode: nf4 (a 4-bit base)")
-    if not t.auto_fit:
-        keys.append("train.auto_fit: true (shrinks micro_batch_size, then max_seq_len, to what the planner says "
-                    "fits)")
-    try:
-        if device is None:
-            device = "cuda" if t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available()) else "cpu"
-        usable = budget if budget is not None else usable_memory(device)
-        est = estimate(recipe, device_memory=usable, device=device)
-        figures = (f"`peftlab estimate` predicts a peak of {fmt(est.total)} for this recipe (micro_batch_size="
-                   f"{est.micro_batch_size}, max_seq_len={est.seq_len}) against {fmt(usable)} this process can use "
-                   f"on the {device} (free now + what it holds)")
-        fits = []
-        if est.max_micro_batch_size and est.max_micro_batch_size < t.micro_batch_size:
-            fits.append(f"train.micro_batch_size: {est.max_micro_batch_size}")
-        if est.max_seq_len and est.max_seq_len < d.max_seq_len:
-            fits.append(f"data.max_seq_len: {est.max_seq_len}")
-        if fits:
-            figures += "; it predicts a fit with " + " or ".join(fits)
-        elif est.fits:
-            figures += ("; that prediction fits, so the memory went elsewhere (other processes on this machine, "
-                        "or a component the planner does not count)")
-        else:
-            figures += "; nothing it can shrink fits"
-    except Exception as exc:  # noqa: BLE001 — the planner failing must not hide the original failure
-        figures = f"(the memory planner failed too: {type(exc).__name__}; run `peftlab estimate RECIPE` later)"
-    return figures + ". Recipe keys that lower memory: " + "; ".join(keys) + "."
-
-
-def apply_auto_fit(recipe: Any, *, device_memory: int | None = None, say=print) -> Any:
-    """``train.auto_fit``: shrink micro_batch_size (keeping micro_batch_size x grad_accum) and then
-    max_seq_len until the planner says the run fits; raise when nothing fits. Returns the recipe."""
-    est0 = estimate(recipe, device_memory=1)  # shape + baseline once
-    device = est0.device
-    budget = device_memory or default_budget(device)
-    shape = model_shape(recipe, _dtype_of(recipe, device))
-    base = est0.components["baseline"]
-    est = estimate(recipe, device_memory=budget, shape=shape, baseline=base, device=device)
-    if est.fits:
-        return recipe
-    t = recipe.train
-    if est.max_micro_batch_size:
-        mbs = est.max_micro_batch_size
-        effective = t.micro_batch_size * t.grad_accum
-        t.micro_batch_size = mbs
-        t.grad_accum = max(1, math.ceil(effective / mbs))
-        say(f"auto_fit: micro_batch_size -> {mbs}, grad_accum -> {t.grad_accum} (predicted peak "
-            f"{fmt(estimate(recipe, device_memory=budget, shape=shape, baseline=base, device=device).total)} "
-            f"of {fmt(budget)})")
-        return recipe
-    one = estimate(recipe, device_memory=budget, shape=shape, baseline=base, device=device, micro_batch_size=1)
-    if one.max_seq_len and one.max_seq_len >= 2:
-        t.micro_batch_size = 1
-        recipe.data.max_seq_len = one.max_seq_len
-        say(f"auto_fit: micro_batch_size -> 1, data.max_seq_len -> {one.max_seq_len} (longer rows are "
-            f"{recipe.data.overlength}d)")
-        return recipe
-    raise PeftlabError(does_not_fit_message(one))
