@@ -10,10 +10,11 @@ Before any model is loaded a preflight checks what usually turns a launch into a
 host in the hostfile resolves, and (``--no-ssh``) the master's rendezvous port is reachable and every
 node checks in within ``--preflight-timeout`` seconds — otherwise the launch stops and names the node
 ranks (and hosts) that are missing. Inside the run, every process again waits at most
-``PEFTLAB_JOIN_TIMEOUT`` seconds for the other ranks (:func:`peftlab.distributed.init_distributed`).
+``PEFTLAB_JOIN_TIMEOUT`` seconds for the other ranks (:mod:`peftlab.engine.process_group`).
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -25,6 +26,8 @@ from datetime import timedelta
 from pathlib import Path
 
 from peftlab.errors import PeftlabError
+
+logger = logging.getLogger(__name__)
 
 LAUNCHERS = ("pdsh", "openmpi", "mvapich", "mpich", "impi", "slurm")
 
@@ -172,5 +175,5 @@ def launch(recipe: str, *, hostfile: str, no_ssh: bool = False, node_rank: int |
     cmd = deepspeed_command(recipe, hostfile=hostfile, no_ssh=no_ssh, node_rank=node_rank or 0,
                             nproc_per_node=nproc_per_node, master_addr=master_addr, master_port=master_port,
                             launcher=launcher, overrides=overrides)
-    print("peftlab launch: " + " ".join(cmd), file=sys.stderr, flush=True)
+    logger.info("peftlab launch: %s", " ".join(cmd))
     return subprocess.call(cmd, env=env)

@@ -1,4 +1,4 @@
-"""``peftlab launch`` (peftlab/launch.py): hostfile checks, a two-node run on loopback with --no-ssh,
+"""``peftlab launch`` (peftlab/engine/launch.py): hostfile checks, a two-node run on loopback with --no-ssh,
 and a missing node reported by rank within the preflight timeout instead of a hang."""
 from __future__ import annotations
 
@@ -116,3 +116,27 @@ def test_the_deepspeed_command_for_ssh_and_no_ssh():
     local = deepspeed_command("r.yaml", hostfile="h", no_ssh=True, node_rank=1, nproc_per_node=None,
                               master_addr="n1", master_port=29500, launcher="pdsh", overrides=[])
     assert local[local.index("--node_rank") + 1] == "1" and "--no_ssh" in local and "--num_gpus" not in local
+
+
+def test_launch_says_and_runs_the_deepspeed_command(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from peftlab.engine import launch as launch_module
+
+    recipe = write_recipe(tmp_path)
+    (tmp_path / "hostfile").write_text("localhost slots=2\n")
+    calls = []
+    monkeypatch.setattr(launch_module.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 7)
+    monkeypatch.delenv("PEFTLAB_JOIN_TIMEOUT", raising=False)
+    monkeypatch.setattr(logging.getLogger("peftlab"), "propagate", True)  # the CLI's console may have taken it
+    with caplog.at_level(logging.INFO, logger="peftlab"):
+        code = launch_module.launch(str(recipe), hostfile=str(tmp_path / "hostfile"), preflight_timeout=30,
+                                    overrides=["train.lr=1e-3"])
+    assert code == 7  # the launcher's exit status
+    [(cmd, env)] = calls
+    assert cmd == deepspeed_command(str(recipe), hostfile=str(tmp_path / "hostfile"), no_ssh=False, node_rank=0,
+                                    nproc_per_node=None, master_addr="localhost", master_port=29500,
+                                    launcher="pdsh", overrides=["train.lr=1e-3"])
+    assert (env["PYTHONSAFEPATH"], env["PEFTLAB_JOIN_TIMEOUT"]) == ("1", "30")
+    assert [r.getMessage() for r in caplog.records if r.name == "peftlab.engine.launch"] == [
+        "peftlab launch: " + " ".join(cmd)]
