@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 import torch
 from torch import nn
 
+from peftlab.adapters.arithmetic import pattern_value
 from peftlab.adapters.lora_layer import LoraLinear, check_backend, is_4bit
 from peftlab.errors import PeftlabError
 
@@ -235,8 +235,8 @@ def inject_lora(
         )
     saved = {name: p.requires_grad for name, p in model.named_parameters()}
     for name in names:
-        module_r = _pattern_value(rank_pattern, name, r)
-        module_alpha = _pattern_value(alpha_pattern, name, alpha)
+        module_r = pattern_value(rank_pattern, name, r)
+        module_alpha = pattern_value(alpha_pattern, name, alpha)
         wrapper = LoraLinear(
             model.get_submodule(name), r=module_r, lora_alpha=module_alpha, dropout=dropout,
             use_rslora=use_rslora, use_dora=use_dora, init_lora_weights=init_lora_weights,
@@ -248,14 +248,6 @@ def inject_lora(
     for p in model.parameters():
         p.requires_grad_(id(p) in lora_ids)
     return names
-
-
-def _pattern_value(pattern: dict[str, Any] | None, name: str, default: Any) -> Any:
-    """PEFT's ``get_pattern_key``: the first key that matches the end of the module name wins."""
-    for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
 
 
 def _restore_grad_flags(model: nn.Module) -> None:

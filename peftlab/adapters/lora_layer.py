@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from peftlab.adapters.arithmetic import delta_weight, dora_weight_norm, lora_scaling, merged_weight
 from peftlab.errors import PeftlabError
 
 KERNEL_BACKENDS = ("auto", "triton", "torch", "off")
@@ -138,7 +139,7 @@ class LoraLinear(nn.Module):
         self.r = int(r)
         self.lora_alpha = lora_alpha
         self.use_rslora = bool(use_rslora)
-        self.scaling: float = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.scaling: float = lora_scaling(lora_alpha, r, use_rslora=use_rslora)
         self.lora_dropout: nn.Module = nn.Dropout(p=dropout) if dropout > 0.0 else nn.Identity()
         device = next(base_layer.parameters()).device
         # nn.Linear's constructor draws its default init like PEFT's does, so under one torch seed
@@ -170,7 +171,7 @@ class LoraLinear(nn.Module):
             dtype = lora_weight.dtype
             weight = _base_weight_for_dora(self.base_layer, dtype)
             s = self.scaling if scaling is None else scaling
-            return torch.linalg.norm(weight + s * lora_weight, dim=1).to(dtype)
+            return dora_weight_norm(weight, s * lora_weight).to(dtype)
 
     def _use_kernel(self, x: Tensor) -> Callable[..., Tensor] | None:
         if self.use_dora or self.kernel_backend not in ("auto", "triton"):
@@ -216,7 +217,7 @@ class LoraLinear(nn.Module):
         weight = _base_weight_for_dora(self.base_layer, x.dtype)
         with torch.no_grad():  # PEFT detaches the norm: it is a constant for backprop (DoRA paper, §4.3)
             lora_weight = (self.lora_B.weight @ self.lora_A.weight).to(x.dtype)
-            weight_norm = torch.linalg.norm(weight + self.scaling * lora_weight, dim=1).to(x.dtype)
+            weight_norm = dora_weight_norm(weight, self.scaling * lora_weight).to(x.dtype)
         mag_norm_scale = (self.lora_magnitude_vector / weight_norm).view(1, -1)
         lora_result = self.lora_B(self.lora_A(x))
         if base_result is not None:
@@ -231,19 +232,15 @@ class LoraLinear(nn.Module):
 
     def delta_weight(self) -> Tensor:
         """``s·B·A`` in fp32, shape [out, in]."""
-        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+        return delta_weight(self.lora_A.weight, self.lora_B.weight, self.scaling)
 
     def merged_weight(self) -> Tensor:
         """The dense fp32 weight that reproduces this layer's output without the LoRA branch."""
         if self.merged:
             raise PeftlabError("this LoRA layer is merged already; call unmerge() first.")
         with torch.no_grad():
-            weight = base_weight_fp32(self.base_layer)
-            combined = weight + self.delta_weight()
-            if not self.use_dora:
-                return combined
-            norm = torch.linalg.norm(combined, dim=1)
-            return (self.lora_magnitude_vector.float() / norm).view(-1, 1) * combined
+            return merged_weight(base_weight_fp32(self.base_layer), self.lora_A.weight, self.lora_B.weight,
+                                 self.scaling, self.lora_magnitude_vector if self.use_dora else None)
 
     def merge(self) -> None:
         """Fold the update into the dense base weight in place, for inference without the LoRA branch.
