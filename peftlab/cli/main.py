@@ -1,342 +1,39 @@
 """The ``peftlab`` command line: train | eval | generate | data | quickstart | predict | sweep |
 distill-cache | estimate | merge | export | launch.
 
-User errors (:class:`~peftlab.errors.PeftlabError`) are printed as one clear message and exit with
-status 2; no traceback. ``PEFTLAB_DEBUG=1`` shows tracebacks.
+This module is the parser and ``main``; the commands are in ``training`` (a training recipe: train,
+quickstart, sweep, distill-cache, launch, estimate, data), ``inference`` (an adapter put to use: eval, generate,
+predict) and ``export`` (merge, export). A command prints what it produces; messages go through logging
+(``--quiet`` and ``PEFTLAB_LOG_LEVEL`` set how much is said). User errors
+(:class:`~peftlab.errors.PeftlabError`) are printed as one clear message and exit with status 2; no
+traceback. ``PEFTLAB_DEBUG=1`` shows tracebacks. Nothing here imports torch at import time: OpenMP's wait
+policy must be chosen before torch loads it (:func:`main`).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from pathlib import Path
 
+from peftlab.cli.export import cmd_export, cmd_merge
+from peftlab.cli.inference import cmd_eval, cmd_generate, cmd_predict
+from peftlab.cli.training import (
+    cmd_data,
+    cmd_distill_cache,
+    cmd_estimate,
+    cmd_launch,
+    cmd_quickstart,
+    cmd_sweep,
+    cmd_train,
+)
+from peftlab.engine.hostmem import configure_openmp_wait_policy
 from peftlab.errors import PeftlabError
-
-QUICKSTART_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"
-
-
-def _recipe(args) -> object:
-    from peftlab.recipe.parse import load_recipe
-
-    return load_recipe(args.recipe, overrides=args.set)
-
-
-def cmd_train(args) -> int:
-    from peftlab.engine.process_group import shutdown_distributed
-    from peftlab.trainer.loop import train
-
-    try:
-        result = train(_recipe(args), quiet=args.quiet)
-    except BaseException:
-        shutdown_distributed(synchronize=False)
-        raise
-    shutdown_distributed()
-    return 0 if result.state.step > 0 else 1
-
-
-def _adapter_recipe(args, path: Path):
-    """The recipe that rebuilds an adapter directory's model (its stored recipe read as untrusted input, or
-    one made from a plain PEFT adapter's config), with the CLI's --set / --model / --data applied."""
-    from peftlab.recipe.from_adapter import recipe_for_adapter
-
-    return recipe_for_adapter(path, args.set, model=getattr(args, "model", None),
-                              trust_remote_code=args.trust_remote_code, data=getattr(args, "data", None))
-
-
-def cmd_predict(args) -> int:
-    from peftlab.objectives.classification import predict_file
-
-    n = predict_file(args.adapter, args.input, args.output, text_field=args.text_field,
-                     batch_size=args.batch_size, device=args.device, trust_remote_code=args.trust_remote_code)
-    print(f"peftlab: {n} predictions written to {args.output}")
-    return 0
-
-
-def cmd_sweep(args) -> int:
-    from peftlab.trainer.sweep import format_table, load_sweep, run_sweep
-
-    spec, base, base_dir = load_sweep(args.sweep, overrides=args.set)
-    result = run_sweep(spec, base, base_dir, say=(lambda s: None) if args.quiet else print)
-    print(format_table(result), end="")
-    print(f"peftlab: best {result.best.name} ({spec.metric}={result.best.last.score:.4f}); results: "
-          f"{result.output_dir / 'results.csv'}; best recipe: {result.output_dir / 'best_recipe.yaml'}")
-    return 0
-
-
-def _eval_adapter_dir(args, recipe) -> Path:
-    """Which adapter ``peftlab eval RECIPE`` evaluates: the run's own (output.dir/adapter), else the recipe's
-    adapter.init_from (e.g. a PEFT adapter to evaluate on the recipe's data)."""
-    own = recipe.output_dir / "adapter"
-    if (own / "adapter_config.json").is_file():
-        return own
-    if recipe.adapter.init_from:
-        return recipe.resolve_path(recipe.adapter.init_from)
-    raise PeftlabError(f"no adapter at {own}: train first (peftlab train RECIPE), set adapter.init_from to an "
-                       "adapter directory, or pass the adapter directory itself (peftlab eval DIR)")
-
-
-def cmd_eval(args) -> int:
-    """Evaluate an adapter directory (peftlab or plain PEFT), or the adapter of a recipe."""
-    from peftlab.data import build_data, collate
-    from peftlab.evaluation.evaluate import evaluate
-    from peftlab.model.load import build_model
-    from peftlab.objectives.causal_lm import LossSettings
-    from peftlab.recipe.from_adapter import eval_data_config
-
-    target = Path(args.target)
-    if target.is_dir():
-        adapter_dir = target
-        recipe = _adapter_recipe(args, target)
-    else:
-        from peftlab.recipe.parse import load_recipe
-
-        overrides = args.set + (["model.trust_remote_code=true"] if args.trust_remote_code else [])
-        recipe = load_recipe(target, overrides=overrides)
-        if args.model:
-            recipe.model.name = args.model
-        if args.data:
-            recipe.data = eval_data_config(recipe.data, args.data)
-        adapter_dir = None if args.base_only else _eval_adapter_dir(args, recipe)
-    if not recipe.data.eval and not recipe.data.eval_split:
-        raise PeftlabError("peftlab eval: nothing to evaluate on — the recipe has no eval data (data.eval or "
-                           "data.eval_split); pass --data FILE (held-out rows in any supported format) or set "
-                           "data.eval in the recipe")
-    if recipe.task != "causal_lm" and not args.base_only:  # classification/regression: LoRA + head
-        from peftlab.objectives.classification import evaluate_adapter_dir
-
-        print(json.dumps(evaluate_adapter_dir(adapter_dir, recipe), indent=2))
-        return 0
-    if adapter_dir is not None and not args.base_only:
-        print(f"peftlab: evaluating adapter {adapter_dir} on {recipe.model.name}", file=sys.stderr)
-    loaded = build_model(recipe, adapter_dir=None if args.base_only else adapter_dir, trainable=False,
-                         with_adapter=not args.base_only)
-    data = build_data(recipe.data, loaded.tokenizer, seed=recipe.train.seed, base_dir=Path(recipe.base_dir))
-    if not data.eval:
-        raise PeftlabError("peftlab eval: the eval data came out empty after tokenisation (check data.eval / "
-                           "data.eval_split and data.max_seq_len)")
-    bs = recipe.train.micro_batch_size
-    batches = []
-    for i in range(0, len(data.eval), bs):
-        b = collate(data.eval[i:i + bs], pad_token_id=data.pad_token_id,
-                    attn_implementation=recipe.model.attn_implementation)
-        b.pop("loss_weights", None)
-        batches.append({k: v.to(loaded.device) if hasattr(v, "to") else v for k, v in b.items()})
-    metrics = evaluate(loaded.model, loaded.tokenizer, batches, data.eval_prompts, recipe=recipe,
-                       settings=LossSettings.from_recipe(recipe, loaded.model))
-    print(json.dumps(metrics, indent=2))
-    return 0
-
-
-def cmd_generate(args) -> int:
-    from peftlab.evaluation.generate import generate_text
-    from peftlab.model.load import build_model
-    from peftlab.recipe.from_adapter import base_model_recipe
-
-    if args.adapter:
-        recipe = _adapter_recipe(args, Path(args.adapter))
-    elif args.model:
-        recipe = base_model_recipe(args.model, args.set, trust_remote_code=args.trust_remote_code)
-    else:
-        raise PeftlabError("pass --adapter DIR (a trained adapter, peftlab or PEFT) or --model ID|DIR (a base "
-                           "model alone)")
-    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    if not prompts:
-        raise PeftlabError("no prompt: pass --prompt TEXT (repeatable) or prompts on stdin, one per line")
-    empty = [i for i, p in enumerate(prompts, start=1) if not p.strip()]
-    if empty:
-        raise PeftlabError(f"prompt {empty[0]} of {len(prompts)} is empty; give every --prompt some text")
-    loaded = build_model(recipe, adapter_dir=args.adapter, trainable=False, with_adapter=bool(args.adapter))
-    outs = generate_text(loaded.model, loaded.tokenizer, prompts, max_new_tokens=args.max_new_tokens,
-                         do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                         seed=args.seed, system=recipe.data.system_prompt)
-    for p, o in zip(prompts, outs):
-        print(o if len(prompts) == 1 else json.dumps({"prompt": p, "generation": o}))
-    return 0
-
-
-def cmd_data(args) -> int:
-    from peftlab.data import build_data, format_stats, preview
-    from peftlab.model.load import load_tokenizer
-
-    recipe = _recipe(args)
-    tok = load_tokenizer(recipe.model.tokenizer or recipe.model.name, revision=recipe.model.revision,
-                         trust_remote_code=recipe.model.trust_remote_code)
-    bundle = build_data(recipe.data, tok, seed=recipe.train.seed, base_dir=Path(recipe.base_dir))
-    print(preview(bundle, tok, n=args.n, color=sys.stdout.isatty()))
-    print(format_stats(bundle.stats))
-    return 0
-
-
-def cmd_quickstart(args) -> int:
-    """Generate the quickstart data (if missing) and train recipes/quickstart.yaml."""
-    from peftlab.recipe.parse import load_recipe
-    from peftlab.trainer.loop import train
-
-    recipe_path = Path(args.recipe) if args.recipe else QUICKSTART_RECIPE
-    data_dir = recipe_path.parent / "data" / "quickstart"
-    if not (data_dir / "train.jsonl").is_file():
-        sys.path.insert(0, str(recipe_path.parent))
-        import make_quickstart_data  # recipes/make_quickstart_data.py
-
-        make_quickstart_data.main(["--out", str(data_dir)])
-    train(load_recipe(recipe_path, overrides=args.set), quiet=args.quiet)
-    return 0
-
-
-def cmd_distill_cache(args) -> int:
-    """Run the recipe's distillation teacher once over the training data and store its top-k log-probs."""
-    from peftlab.objectives.teacher_cache import build_teacher_cache
-
-    cache = build_teacher_cache(_recipe(args), force=args.force, shard_mb=args.shard_mb,
-                                batch_size=args.batch_size, quiet=args.quiet)
-    print(f"teacher cache: {cache}")
-    return 0
-
-
-def _float_list(values: list[str] | None, flag: str) -> list[float] | None:
-    if values is None:
-        return None
-    try:
-        return [float(v) for v in values]
-    except ValueError:
-        raise PeftlabError(f"{flag} {' '.join(values)}: expected numbers, e.g. {flag} 1.0 0.5") from None
-
-
-def cmd_merge(args) -> int:
-    """Merge one adapter into its base (--adapter) or combine several adapters into one (--adapters/--config)."""
-    if args.config or args.adapters:
-        from peftlab.export.combine import combine_adapters, load_combine_config
-
-        if args.adapter:
-            raise PeftlabError("--adapter merges one adapter into its base; --adapters/--config combine adapters. "
-                               "Use one of them")
-        kwargs = load_combine_config(args.config) if args.config else {"adapters": args.adapters}
-        for key, value in (("method", args.method), ("density", args.density), ("seed", args.seed),
-                           ("majority_sign_method", args.majority_sign_method), ("svd_rank", args.svd_rank),
-                           ("base", args.base), ("out_dir", args.out)):
-            if value is not None:
-                kwargs[key] = value
-        if args.weights is not None or "weights" not in kwargs:
-            kwargs["weights"] = _float_list(args.weights, "--weights") or [1.0] * len(kwargs["adapters"])
-        if not kwargs.get("out_dir"):
-            raise PeftlabError("--out DIR is required (or `out:` in the --config file)")
-        result = combine_adapters(**kwargs, overwrite=args.overwrite)
-        print(f"combined {len(kwargs['adapters'])} adapters ({result.method}, r={result.rank}, "
-              f"{result.modules} modules) -> {result.out_dir}")
-        if args.push_to_hub:
-            from peftlab.export.gguf import model_card, push_to_hub
-
-            print(push_to_hub(result.out_dir, args.push_to_hub, model_card(
-                title=args.push_to_hub, base=kwargs.get("base"), kind="adapter",
-                extra={"Combination": f"{result.method} of {kwargs['adapters']} with weights {kwargs['weights']}"})))
-        return 0
-    if not args.adapter:
-        raise PeftlabError("pass --adapter DIR (merge into the base) or --adapters A B ... / --config FILE (combine)")
-    if not args.out:
-        raise PeftlabError("--out DIR is required: where the merged model is written")
-    from peftlab.export.merge import merge_adapter
-
-    result = merge_adapter(args.adapter, args.out, base=args.base, dtype=args.dtype,
-                           base_precision=args.base_precision, max_shard_size=args.max_shard_size,
-                           report_samples=args.report_samples, overwrite=args.overwrite, overrides=args.set,
-                           trust_remote_code=args.trust_remote_code)
-    if args.push_to_hub:
-        from peftlab.export.gguf import model_card, push_to_hub
-
-        card = model_card(title=args.push_to_hub, base=args.base, kind="merged model",
-                          adapter_dir=Path(args.adapter), report=result.report)
-        print(push_to_hub(result.out_dir, args.push_to_hub, card))
-    return 0
-
-
-def cmd_export(args) -> int:
-    """Export for serving: GGUF (llama.cpp), a validated PEFT adapter, or merged safetensors."""
-    from peftlab.export import gguf as export
-
-    if bool(args.model) == bool(args.adapter):
-        raise PeftlabError("pass exactly one of --model DIR (a merged model) and --adapter DIR (merged on the way)")
-    out = Path(args.out)
-    report = None
-    if args.format == "peft":
-        if not args.adapter:
-            raise PeftlabError("--format peft exports an adapter: pass --adapter DIR")
-        res = export.export_peft(args.adapter, out, base=args.base, overwrite=args.overwrite)
-        print(f"adapter ({res.modules} modules) -> {res.path}")
-        for note in res.notes:
-            print(note)
-        kind = "adapter"
-    elif args.format == "safetensors":
-        if not args.adapter:
-            raise PeftlabError("--format safetensors writes a merged model: pass --adapter DIR "
-                               "(a --model directory already is one)")
-        from peftlab.export.merge import merge_adapter
-
-        report = merge_adapter(args.adapter, out, base=args.base, dtype=args.dtype,
-                               base_precision=args.base_precision, overwrite=args.overwrite,
-                               overrides=args.set).report
-        kind = "merged model"
-    else:
-        import shutil
-        import tempfile
-
-        from peftlab.export.merge import merge_adapter, resolve_source
-
-        # Everything the export would refuse (architecture, RoPE, --type, an existing or unwritable --out)
-        # is refused now, before a merge that can take long; for an adapter the base's config decides.
-        source = Path(args.model) if args.model else resolve_source(args.adapter, args.base, args.set).base_dir
-        merge_flags = ((["--base", args.base] if args.base else []) + [f"--set={kv}" for kv in args.set]
-                       + (["--base-precision", args.base_precision] if args.base_precision != "trained" else []))
-        export.check_gguf_export(source, out, type=args.type, overwrite=args.overwrite, model=args.model,
-                                 adapter=args.adapter, merge_flags=merge_flags)
-        if args.model:
-            res = export.export_gguf(args.model, out, type=args.type, overwrite=args.overwrite)
-        else:
-            tmp = Path(tempfile.mkdtemp(prefix=".peftlab-merge-", dir=out.parent))
-            try:
-                merged = tmp / "merged"
-                report = merge_adapter(args.adapter, merged, base=args.base, dtype="fp32",
-                                       base_precision=args.base_precision, overrides=args.set).report
-                try:
-                    res = export.export_gguf(merged, out, type=args.type, overwrite=args.overwrite)
-                except PeftlabError as exc:  # keep the merge: the export can be rerun from it
-                    keep = export.keep_merged(merged, out)
-                    raise PeftlabError(f"{exc} The merged model is kept in {keep}: export it with "
-                                       f"--model {keep} (no second merge).") from None
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        print(f"GGUF ({res.type}, {res.tensors} tensors, {res.bytes / 1e6:.1f} MB) -> {res.path}")
-        for note in res.notes:
-            print(f"note: {note}")
-        kind = f"GGUF ({args.type})"
-    if args.push_to_hub:
-        card = export.model_card(title=args.push_to_hub, base=args.base, kind=kind,
-                                 adapter_dir=Path(args.adapter) if args.adapter else None, report=report)
-        print(export.push_to_hub(out, args.push_to_hub, card))
-    return 0
-
-
-def cmd_launch(args) -> int:
-    """Train a recipe across nodes/processes through the deepspeed launcher (see docs/distributed.md)."""
-    from peftlab.engine.launch import launch
-
-    return launch(args.recipe, hostfile=args.hostfile, no_ssh=args.no_ssh, node_rank=args.node_rank,
-                  nproc_per_node=args.nproc_per_node, master_addr=args.master_addr, master_port=args.master_port,
-                  launcher=args.launcher, preflight_timeout=args.preflight_timeout, overrides=args.set)
-
-
-def cmd_estimate(args) -> int:
-    """Predicted peak memory of a recipe's run, by component; exit 1 when it does not fit the budget."""
-    from peftlab.engine.planner import estimate, format_estimate, parse_size
-
-    budget = parse_size(args.device_memory) if args.device_memory else None
-    est = estimate(_recipe(args), device_memory=budget, gpus=args.gpus, device=args.device)
-    print(json.dumps(est.to_dict(), indent=2) if args.json else format_estimate(est, gpus=args.gpus))
-    return 0 if est.fits else 1
+from peftlab.metrics.console import setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand, its arguments and the function that runs it (``fn``); ``messages_to_stderr`` marks
+    the commands whose stdout is their product (eval's JSON, generations, the estimate, the data preview)."""
     p = argparse.ArgumentParser(prog="peftlab", description="Parameter-efficient fine-tuning of LLMs.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -362,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--data", nargs="+", default=None, metavar="FILE",
                     help="evaluate on these files instead of the recipe's eval data")
     with_trust(sp)
-    sp.set_defaults(fn=cmd_eval)
+    sp.set_defaults(fn=cmd_eval, messages_to_stderr=True)
 
     sp = with_set(sub.add_parser("sweep", help="grid/random search over recipe keys; ranked results + best recipe"))
     sp.add_argument("sweep", help="SWEEP.yaml (base recipe, parameters, metric; see docs/workflows.md)")
@@ -390,12 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--top-p", type=float, default=0.9)
     sp.add_argument("--top-k", type=int, default=0)
     sp.add_argument("--seed", type=int, default=0)
-    sp.set_defaults(fn=cmd_generate)
+    sp.set_defaults(fn=cmd_generate, messages_to_stderr=True)
 
     sp = with_set(sub.add_parser("data", help="preview tokenized samples and data statistics"))
     sp.add_argument("recipe")
     sp.add_argument("-n", type=int, default=3)
-    sp.set_defaults(fn=cmd_data)
+    sp.set_defaults(fn=cmd_data, messages_to_stderr=True)
 
     sp = with_set(sub.add_parser("distill-cache", help="store a distillation teacher's top-k log-probs "
                                  "for offline distillation (recipe distill.mode: offline)"))
@@ -412,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--gpus", type=int, default=1, help="data-parallel ranks for the ZeRO columns")
     sp.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: the recipe's train.device")
     sp.add_argument("--json", action="store_true")
-    sp.set_defaults(fn=cmd_estimate)
+    sp.set_defaults(fn=cmd_estimate, messages_to_stderr=True)
 
     sp = with_set(sub.add_parser("quickstart", help="train the built-in tiny model on the shipped task"))
     sp.add_argument("--recipe", default=None)
@@ -474,13 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from peftlab.engine.hostmem import configure_openmp_wait_policy
-
+    """Run one command; returns its exit status (2 for a user error, 130 when interrupted)."""
     configure_openmp_wait_policy()  # libgomp reads OMP_WAIT_POLICY once, when torch loads it: before that
     args = build_parser().parse_args(argv)
-    from peftlab.metrics.console import setup_logging
-
-    setup_logging("warning" if getattr(args, "quiet", False) else None)  # PEFTLAB_LOG_LEVEL wins
+    # PEFTLAB_LOG_LEVEL wins over --quiet; a command whose stdout is its product keeps messages off it
+    setup_logging("warning" if getattr(args, "quiet", False) else None,
+                  messages_to_stderr=getattr(args, "messages_to_stderr", False))
     try:
         return args.fn(args)
     except PeftlabError as err:

@@ -1,0 +1,110 @@
+"""``peftlab train | quickstart | sweep | distill-cache | launch | estimate | data``: the commands that take a
+training recipe. Each prints what the command produces (a table, a path, the preview); its progress and notes
+go through logging (:mod:`peftlab.metrics.console`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the recipe imports pydantic and the data package (torch): commands import what they run
+    from peftlab.recipe.schema import Recipe
+
+logger = logging.getLogger(__name__)
+
+QUICKSTART_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"
+
+
+def _recipe(args: argparse.Namespace) -> Recipe:
+    from peftlab.recipe.parse import load_recipe
+
+    return load_recipe(args.recipe, overrides=args.set)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train as the recipe says; exit 1 when not one optimizer step was taken."""
+    from peftlab.engine.process_group import shutdown_distributed
+    from peftlab.trainer.loop import train
+
+    try:
+        result = train(_recipe(args), quiet=args.quiet)
+    except BaseException:
+        shutdown_distributed(synchronize=False)
+        raise
+    shutdown_distributed()
+    return 0 if result.state.step > 0 else 1
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    """Generate the quickstart data (if missing) and train recipes/quickstart.yaml."""
+    from peftlab.recipe.parse import load_recipe
+    from peftlab.trainer.loop import train
+
+    recipe_path = Path(args.recipe) if args.recipe else QUICKSTART_RECIPE
+    data_dir = recipe_path.parent / "data" / "quickstart"
+    if not (data_dir / "train.jsonl").is_file():
+        sys.path.insert(0, str(recipe_path.parent))
+        import make_quickstart_data  # recipes/make_quickstart_data.py
+
+        make_quickstart_data.main(["--out", str(data_dir)])
+    train(load_recipe(recipe_path, overrides=args.set), quiet=args.quiet)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Train every trial of a sweep; print the ranked table and where the best recipe is."""
+    from peftlab.trainer.sweep import format_table, load_sweep, run_sweep
+
+    spec, base, base_dir = load_sweep(args.sweep, overrides=args.set)
+    result = run_sweep(spec, base, base_dir, say=logger.info)  # --quiet: the console's level
+    print(format_table(result), end="")
+    print(f"peftlab: best {result.best.name} ({spec.metric}={result.best.last.score:.4f}); results: "
+          f"{result.output_dir / 'results.csv'}; best recipe: {result.output_dir / 'best_recipe.yaml'}")
+    return 0
+
+
+def cmd_distill_cache(args: argparse.Namespace) -> int:
+    """Run the recipe's distillation teacher once over the training data and store its top-k log-probs."""
+    from peftlab.objectives.teacher_cache import build_teacher_cache
+
+    cache = build_teacher_cache(_recipe(args), force=args.force, shard_mb=args.shard_mb,
+                                batch_size=args.batch_size, quiet=args.quiet)
+    print(f"teacher cache: {cache}")
+    return 0
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    """Train a recipe across nodes/processes through the deepspeed launcher (see docs/distributed.md)."""
+    from peftlab.engine.launch import launch
+
+    return launch(args.recipe, hostfile=args.hostfile, no_ssh=args.no_ssh, node_rank=args.node_rank,
+                  nproc_per_node=args.nproc_per_node, master_addr=args.master_addr, master_port=args.master_port,
+                  launcher=args.launcher, preflight_timeout=args.preflight_timeout, overrides=args.set)
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    """Predicted peak memory of a recipe's run, by component; exit 1 when it does not fit the budget."""
+    from peftlab.engine.planner import estimate, format_estimate, parse_size
+
+    budget = parse_size(args.device_memory) if args.device_memory else None
+    est = estimate(_recipe(args), device_memory=budget, gpus=args.gpus, device=args.device)
+    print(json.dumps(est.to_dict(), indent=2) if args.json else format_estimate(est, gpus=args.gpus))
+    return 0 if est.fits else 1
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    """Print the first tokenized samples (trained tokens marked) and the data statistics."""
+    from peftlab.data import build_data, format_stats, preview
+    from peftlab.model.load import load_tokenizer
+
+    recipe = _recipe(args)
+    tok = load_tokenizer(recipe.model.tokenizer or recipe.model.name, revision=recipe.model.revision,
+                         trust_remote_code=recipe.model.trust_remote_code)
+    bundle = build_data(recipe.data, tok, seed=recipe.train.seed, base_dir=Path(recipe.base_dir))
+    print(preview(bundle, tok, n=args.n, color=sys.stdout.isatty()))
+    print(format_stats(bundle.stats))
+    return 0
