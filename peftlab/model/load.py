@@ -18,6 +18,7 @@ from torch import nn
 
 from peftlab.errors import PeftlabError
 from peftlab.model.builtin import is_builtin, resolve_builtin
+from peftlab.model.quantized_load import QuantSettings, keep_compute_dtype, load_quantized
 
 logger = logging.getLogger(__name__)
 
@@ -191,8 +192,6 @@ def load_base_model(name: str, *, dtype: torch.dtype, device: torch.device, quan
     attn_implementation = attention_implementation(config, attn_implementation)
     if (loader == "streaming" and quant is not None and quant.mode != "none" and Path(path).is_dir()
             and any(Path(path).glob("*.safetensors"))):
-        from peftlab.model.quantized_load import QuantSettings, load_quantized
-
         return load_quantized(path, QuantSettings.from_recipe(quant, dtype), device=device,
                               attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
     # use_safetensors: a hub repository with only pickle weights is refused, never unpickled
@@ -215,20 +214,6 @@ def load_base_model(name: str, *, dtype: torch.dtype, device: torch.device, quan
         keep_compute_dtype(model)
     model.config.use_cache = False
     return model
-
-
-def keep_compute_dtype(model: nn.Module) -> None:
-    """Stop bitsandbytes from silently switching 4-bit layers to bf16 math on the CPU.
-
-    On CPUs with AVX512-BF16, ``bnb.nn.Linear4bit`` repacks its weight in place on the first
-    eval-mode forward and then computes in bf16 whatever ``compute_dtype`` says — a silent dtype
-    downgrade (and the repacked weight no longer dequantises correctly through
-    ``bitsandbytes.functional``). peftlab keeps the recipe's compute dtype: the flag is turned off on
-    each 4-bit module instance of this model (nothing global is changed).
-    """
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
 
 
 @dataclass
@@ -301,12 +286,15 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; 4-bit weights count their logical elements."""
+    """(trainable, total) parameter counts; 4-bit weights count their logical elements, and a DeepSpeed ZeRO-3
+    parameter (an empty partition on each rank, ``numel() == 0``) its whole size, ``ds_numel``."""
     trainable = total = 0
     for p in model.parameters():
         n = p.numel()
         if getattr(p, "quant_state", None) is not None:
             n = int(torch.Size(p.quant_state.shape).numel())
+        elif hasattr(p, "ds_numel"):
+            n = int(p.ds_numel)
         total += n
         if p.requires_grad:
             trainable += n

@@ -7,7 +7,7 @@ threads, conversion buffers, the 16-bit tensors of a whole shard). Here the orde
     config.json ──► model skeleton on the meta device (no memory), every linear except the output
     head swapped for a meta ``bitsandbytes.nn.Linear4bit``
     for each shard, for each tensor (read at its offset in the safetensors file into an owned
-    buffer — no memory map, see :func:`iter_checkpoint`): read ──► cast to the compute dtype ──► quantise
+    buffer — no memory map, see :func:`peftlab.model.shards.iter_tensors`): read ──► cast to the compute dtype ──► quantise
     (4-bit linears) or keep (embeddings, norms, head) ──► put into the skeleton ──► drop the 16-bit copy
 
 so peak host memory is the 4-bit model plus one 16-bit tensor (plus the Python/torch baseline). The
@@ -22,8 +22,6 @@ recipe's quant type, double quant, block size and storage dtype), everything els
 """
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +31,10 @@ import torch
 from torch import nn
 
 from peftlab.engine.hostmem import (
-    release_freed_memory,  # after each tensor: see iter_checkpoint / load_quantized
+    release_freed_memory,  # after each tensor: see load_quantized
 )
 from peftlab.errors import PeftlabError
+from peftlab.model.shards import iter_tensors, plan_shards, write_planned
 
 STORAGE_DTYPES = {"uint8": torch.uint8, "bfloat16": torch.bfloat16, "float16": torch.float16,
                   "float32": torch.float32}
@@ -187,6 +186,20 @@ def set_4bit_weight(module: nn.Module, weight: torch.Tensor, settings: QuantSett
     module.quant_state = param.quant_state
 
 
+def keep_compute_dtype(model: nn.Module) -> None:
+    """Stop bitsandbytes from silently switching 4-bit layers to bf16 math on the CPU.
+
+    On CPUs with AVX512-BF16, ``bnb.nn.Linear4bit`` repacks its weight in place on the first
+    eval-mode forward and then computes in bf16 whatever ``compute_dtype`` says — a silent dtype
+    downgrade (and the repacked weight no longer dequantises correctly through
+    ``bitsandbytes.functional``). peftlab keeps the recipe's compute dtype: the flag is turned off on
+    each 4-bit module instance of this model (nothing global is changed).
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
     """Put a dense parameter or buffer into the skeleton (replacing its meta placeholder)."""
     mod_name, _, attr = name.rpartition(".")
@@ -203,8 +216,6 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 def _finish(model: nn.Module, settings: QuantSettings | None, *, device: torch.device) -> nn.Module:
     """Tie weights, check nothing is left on meta, and apply peftlab's 4-bit module settings."""
-    from peftlab.model.load import keep_compute_dtype
-
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
@@ -224,60 +235,6 @@ def _finish(model: nn.Module, settings: QuantSettings | None, *, device: torch.d
 
 
 # ---- loading a checkpoint ------------------------------------------------------------------------
-
-
-def checkpoint_files(path: str | Path) -> list[Path]:
-    """The safetensors files of a model directory (sharded via its index, or a single file)."""
-    path = Path(path)
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / n for n in names]
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise PeftlabError(f"{path} has no *.safetensors files; streaming 4-bit loading reads safetensors "
-                           "(convert .bin checkpoints with transformers' save_pretrained(safe_serialization=True))")
-    return files
-
-
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def read_safetensors_header(file: Path) -> tuple[int, dict[str, Any]]:
-    """(offset of the data section, header) of a safetensors file (8-byte length + JSON header)."""
-    with open(file, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return 8 + n, header
-
-
-def iter_checkpoint(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of every tensor of a checkpoint, one at a time, in file order.
-
-    Tensors are read with plain ``readinto`` at the offsets of the safetensors header rather than
-    through ``safe_open``'s memory map: pages of a mapped file count in the resident set while the
-    map is open, and with the kernel's fault-around a "one tensor" read maps more than that tensor
-    (measured in tests/test_streaming.py's subprocess on a 300 MB bf16 checkpoint: load growth
-    241-253 MB through safe_open, 206 MB with these reads). The header is the documented format. Each tensor is an owned buffer that is freed
-    as soon as the caller drops it.
-    """
-    for file in checkpoint_files(path):
-        data_start, header = read_safetensors_header(file)
-        with open(file, "rb") as f:
-            for key, meta in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-                begin, end = meta["data_offsets"]
-                dtype = SAFETENSORS_DTYPES.get(meta["dtype"])
-                if dtype is None:
-                    raise PeftlabError(f"{file}: tensor {key} has dtype {meta['dtype']}, which peftlab cannot load")
-                buf = torch.empty(end - begin, dtype=torch.uint8)
-                f.seek(data_start + begin)
-                if f.readinto(memoryview(buf.numpy())) != end - begin:
-                    raise PeftlabError(f"{file} is truncated (tensor {key}); re-download or re-save the checkpoint")
-                yield key, buf.view(dtype).reshape(meta["shape"])
-                del buf
 
 
 def _model_key(key: str, names: set[str], prefix: str) -> str | None:
@@ -301,7 +258,7 @@ def load_quantized(path: str | Path, settings: QuantSettings, *, device: torch.d
     names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     names |= {n for n, _ in model.named_buffers()}
     prefix = getattr(model, "base_model_prefix", "")
-    for key, tensor in iter_checkpoint(path):
+    for key, tensor in iter_tensors(path):
         name = _model_key(key, names, prefix)
         if name is None:
             continue  # e.g. rotary inv_freq of old checkpoints; transformers ignores these too
@@ -388,65 +345,39 @@ def random_quantized(config: Any, settings: QuantSettings, *, seed: int = 0, dev
 
 def save_random_checkpoint(config: Any, out_dir: str | Path, *, dtype: torch.dtype = torch.bfloat16,
                            seed: int = 0, max_shard_size: int = 2 << 30, tokenizer: Any = None) -> Path:
-    """Write a randomly initialised ``dtype`` checkpoint of ``config`` (sharded safetensors + index, HF
-    layout) holding at most one shard in memory. The weights are exactly those of ``from_config`` +
-    ``_init_weights`` under ``torch.manual_seed(seed)`` module by module, as :func:`random_quantized`
-    draws them (so the two agree bit for bit before quantisation)."""
-    from safetensors.torch import save_file
-
+    """Write a randomly initialised ``dtype`` checkpoint of ``config`` (safetensors shards + index with
+    transformers' names, planned by huggingface_hub's planner in module order) holding at most one shard in memory. The weights are exactly those of
+    ``from_config`` + ``_init_weights`` under ``torch.manual_seed(seed)`` module by module, as
+    :func:`random_quantized` draws them (so the two agree bit for bit before quantisation)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = load_config(config)
     model = empty_model(config, dtype=dtype)
-    tied = tied_parameter_names(model)
-    shards: list[list[str]] = []
-    shard: dict[str, torch.Tensor] = {}
-    size = 0
-    tmp_names: list[Path] = []
+    # The skeleton's meta parameters give every tensor's size up front: the shards are planned as
+    # transformers plans them, then each is written as soon as its last tensor has been drawn.
+    skeleton = {name: torch.empty(p.shape, dtype=dtype, device="meta") for name, p in model.named_parameters()}
+    plan = plan_shards(skeleton, max_shard_size)
+    del skeleton
 
-    def flush() -> None:
-        nonlocal shard, size
-        if shard:
-            tmp = out / f".shard-{len(tmp_names):05d}.safetensors"
-            save_file(shard, str(tmp), metadata={"format": "pt"})
-            tmp_names.append(tmp)
-            shards.append(list(shard))
-        shard, size = {}, 0
+    def drawn() -> Iterator[tuple[str, torch.Tensor]]:
+        tied = tied_parameter_names(model)
+        # Same module order and init as random_quantized (nothing is swapped: all weights stay dense).
+        for name, module, _ in _iter_init(model, set(), dtype, torch.device("cpu")):
+            for attr, p in module._parameters.items():
+                key = f"{name}.{attr}" if name else attr
+                if p is not None and key not in tied:
+                    yield key, p.data
+            for attr in list(module._parameters):  # free it again: only the shard being filled holds it
+                p = module._parameters[attr]
+                if p is not None and p.device.type != "meta":
+                    module._parameters[attr] = nn.Parameter(p.data.to("meta"), requires_grad=p.requires_grad)
 
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        # Same module order and init as random_quantized (nothing is swapped: all weights stay dense).
-        for name, module, _ in _iter_init(model, set(), dtype, torch.device("cpu")):
-            for attr, p in module._parameters.items():
-                if p is None:
-                    continue
-                key = f"{name}.{attr}" if name else attr
-                if key in tied:
-                    continue
-                t = p.data.contiguous()
-                if size and size + t.nbytes > max_shard_size:
-                    flush()
-                shard[key] = t
-                size += t.nbytes
-            for attr in list(module._parameters):  # free it again: only the shard holds it
-                p = module._parameters[attr]
-                if p is not None and p.device.type != "meta":
-                    module._parameters[attr] = nn.Parameter(p.data.to("meta"), requires_grad=p.requires_grad)
-        flush()
+        write_planned(out, plan, drawn())
     finally:
         torch.random.set_rng_state(gen_state)
-    n = len(tmp_names)
-    weight_map = {}
-    total = 0
-    for i, (tmp, keys) in enumerate(zip(tmp_names, shards)):
-        final = f"model-{i + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors"
-        os.replace(tmp, out / final)
-        weight_map.update({k: final for k in keys})
-        total += (out / final).stat().st_size
-    if n > 1:
-        (out / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     config.dtype = dtype
     config.save_pretrained(out)
     if tokenizer is not None:

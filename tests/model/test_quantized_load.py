@@ -12,12 +12,12 @@ import torch
 from peftlab.model.builtin import resolve_builtin
 from peftlab.model.quantized_load import (
     QuantSettings,
-    iter_checkpoint,
     load_quantized,
     quantize_weight,
     random_quantized,
     save_random_checkpoint,
 )
+from peftlab.model.shards import iter_tensors
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -109,7 +109,7 @@ def test_tied_embeddings_stay_tied(tmp_path, shared_data):
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "config.json").write_text(json.dumps(cfg))
     save_random_checkpoint(tmp_path / "cfg", tmp_path / "ckpt", dtype=torch.bfloat16, seed=1)
-    keys = [k for k, _ in iter_checkpoint(tmp_path / "ckpt")]
+    keys = [k for k, _ in iter_tensors(tmp_path / "ckpt")]
     assert "lm_head.weight" not in keys
     m = load_quantized(tmp_path / "ckpt", QuantSettings())
     assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()
