@@ -1,70 +1,102 @@
-"""The peftlab command line on a freshly trained micro adapter: train, eval, generate, data."""
+"""The command line itself (peftlab/cli/main.py): every command is there, a user error is one message and exit
+status 2 (a traceback only with PEFTLAB_DEBUG=1), an interrupt exits 130, and messages go where they should:
+--quiet and PEFTLAB_LOG_LEVEL set how much is said, and commands whose stdout is their product keep messages
+on stderr. (That importing the CLI loads no torch is tests/engine/test_cpu_threads.py.)"""
 from __future__ import annotations
 
-import json
+import argparse
+import logging
+import subprocess
+import sys
 
 import pytest
 import yaml
-from helpers import make_quickstart_data, tiny_recipe_dict
 
-from peftlab.cli.main import main
+from peftlab.cli import main as cli
+from peftlab.errors import PeftlabError
 
-pytestmark = pytest.mark.xdist_group("cli")
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    data = make_quickstart_data(root / "data", n_train=32, n_eval=8)
-    raw = tiny_recipe_dict(data, root / "out", train={"max_steps": 3, "eval_at_start": False},
-                           eval={"metric": "exact_match", "max_prompts": 4, "max_new_tokens": 4, "show_samples": 1})
-    # relative paths, as users write them: relative to the recipe file
-    raw["data"]["train"][0]["path"] = "data/train.jsonl"
-    raw["data"]["eval"][0]["path"] = "data/eval.jsonl"
-    raw["output"]["dir"] = "out"
-    recipe = root / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(raw))
-    assert main(["train", str(recipe), "--quiet"]) == 0
-    return recipe, root / "out" / "adapter"
+COMMANDS = ["train", "eval", "sweep", "predict", "generate", "data", "distill-cache", "estimate", "quickstart",
+            "merge", "export", "launch"]
+log = logging.getLogger("peftlab.cli.test")
 
 
-def test_eval_an_adapter_dir_and_a_recipe(run, capsys, monkeypatch, tmp_path):
-    recipe, adapter = run
-    monkeypatch.chdir(tmp_path)  # the adapter's recipe copy must not depend on the working directory
-    stored = yaml.safe_load((adapter / "peftlab_recipe.yaml").read_text())
-    assert stored["model"]["dtype"] == "float32"  # `auto` resolved to what training used
-    assert main(["eval", str(adapter)]) == 0
-    by_dir = json.loads(capsys.readouterr().out)
-    assert main(["eval", str(recipe)]) == 0
-    by_recipe = json.loads(capsys.readouterr().out)
-    assert by_dir["eval_loss"] == by_recipe["eval_loss"] > 0
-    assert 0.0 <= by_dir["exact_match"] <= 1.0
-    summary = json.loads((adapter.parent / "summary.json").read_text())
-    assert by_dir["eval_loss"] == pytest.approx(summary["eval_after"]["eval_loss"], rel=1e-6)
+@pytest.fixture(autouse=True)
+def restore_console():
+    logger = logging.getLogger("peftlab")
+    saved = (logger.level, [(h, getattr(h, "messages_to_stderr", None)) for h in logger.handlers])
+    yield
+    logger.setLevel(saved[0])
+    for handler, flag in saved[1]:
+        if flag is not None:
+            handler.messages_to_stderr = flag
 
 
-def test_generate_greedy_is_deterministic_and_sampling_is_seeded(run, capsys):
-    _, adapter = run
-    args = ["generate", "--adapter", str(adapter), "--prompt", "What is 2 + 2?", "--max-new-tokens", "6"]
-    assert main(args) == 0 and main(args) == 0
-    a, b = capsys.readouterr().out.splitlines()
-    assert a == b
-    sampled = args + ["--sample", "--temperature", "1.5", "--seed", "3"]
-    assert main(sampled) == 0 and main(sampled) == 0
-    c, d = capsys.readouterr().out.splitlines()
-    assert c == d
+def _speaking(args: argparse.Namespace) -> int:
+    """A command that produces a line of output and says one thing of each level."""
+    log.info("a progress note")
+    log.warning("a warning")
+    print("the product")
+    return 0
 
 
-def test_data_preview_marks_trained_spans(run, capsys):
-    recipe, _ = run
-    assert main(["data", str(recipe), "-n", "2"]) == 0
-    out = capsys.readouterr().out
-    assert "[[" in out and "]]" in out and "trained" in out.lower()
+def test_every_command_is_there(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--help"])
+    assert exit_.value.code == 0
+    assert "{" + ",".join(COMMANDS) + "}" in capsys.readouterr().out.replace("\n", "").replace(" ", "")
+    for command in COMMANDS:
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        assert capsys.readouterr().out.startswith(f"usage: peftlab {command} ")
 
 
-def test_user_errors_exit_2_with_a_message(run, tmp_path, capsys):
-    _, adapter = run
-    assert main(["eval", str(tmp_path)]) == 2  # neither a peftlab nor a PEFT adapter directory
-    assert "adapter_config.json is missing" in capsys.readouterr().err
-    assert main(["generate", "--adapter", str(adapter), "--set", "train.lr=-3", "--prompt", "x"]) == 2
-    assert "train.lr" in capsys.readouterr().err
+def test_a_user_error_is_one_message_and_status_2(tmp_path):
+    """Through `python -m peftlab.cli` (the module entry point)."""
+    bad = tmp_path / "recipe.yaml"
+    bad.write_text(yaml.safe_dump({"data": {"train": ["t.jsonl"]}, "train": {"lr_rate": 1}}))
+    proc = subprocess.run([sys.executable, "-P", "-m", "peftlab.cli", "train", str(bad)],
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"peftlab: error: invalid recipe {bad}:\n  train.lr_rate: unknown key")
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_debug_shows_the_traceback_and_an_interrupt_exits_130(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PEFTLAB_DEBUG", "1")
+    with pytest.raises(PeftlabError, match="recipe file not found"):
+        cli.main(["estimate", str(tmp_path / "absent.yaml")])
+    monkeypatch.delenv("PEFTLAB_DEBUG")
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_estimate", interrupted)
+    assert cli.main(["estimate", "r.yaml"]) == 130
+    assert capsys.readouterr().err == "peftlab: interrupted\n"
+
+
+@pytest.mark.parametrize("command, argv, out, err", [
+    ("cmd_train", ["train", "r.yaml"], "a progress note\nthe product\n", "peftlab: warning: a warning\n"),
+    ("cmd_train", ["train", "r.yaml", "--quiet"], "the product\n", "peftlab: warning: a warning\n"),
+    ("cmd_generate", ["generate", "--prompt", "x"], "the product\n",
+     "a progress note\npeftlab: warning: a warning\n"),
+    ("cmd_eval", ["eval", "dir"], "the product\n", "a progress note\npeftlab: warning: a warning\n"),
+    ("cmd_estimate", ["estimate", "r.yaml", "--json"], "the product\n",
+     "a progress note\npeftlab: warning: a warning\n"),
+    ("cmd_data", ["data", "r.yaml"], "the product\n", "a progress note\npeftlab: warning: a warning\n"),
+])
+def test_where_messages_go(monkeypatch, capsys, command, argv, out, err):
+    monkeypatch.delenv("PEFTLAB_LOG_LEVEL", raising=False)
+    monkeypatch.setattr(cli, command, _speaking)
+    assert cli.main(argv) == 0
+    assert capsys.readouterr() == (out, err)
+
+
+def test_peftlab_log_level_wins_over_quiet(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "cmd_train", _speaking)
+    monkeypatch.setenv("PEFTLAB_LOG_LEVEL", "info")
+    assert cli.main(["train", "r.yaml", "--quiet"]) == 0
+    assert capsys.readouterr().out == "a progress note\nthe product\n"
+    monkeypatch.setenv("PEFTLAB_LOG_LEVEL", "error")
+    assert cli.main(["train", "r.yaml"]) == 0
+    assert capsys.readouterr() == ("the product\n", "")
