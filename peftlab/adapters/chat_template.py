@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from peftlab.checkpoint.atomic import atomic_write_text
 from peftlab.errors import PeftlabError
 
 TEMPLATE_FILE = "chat_template.jinja"
@@ -39,14 +40,10 @@ def training_template(tokenizer: Any, template: str | None) -> str | None:
 
 
 def save_chat_template(adapter_dir: str | os.PathLike[str], source: str | None) -> Path | None:
-    """Write ``source`` as ``chat_template.jinja`` in ``adapter_dir`` (temp file + rename); None: nothing."""
+    """Write ``source`` as ``chat_template.jinja`` in ``adapter_dir`` (atomically, UTF-8); None: nothing."""
     if source is None:
         return None
-    path = Path(adapter_dir) / TEMPLATE_FILE
-    tmp = path.with_name(f".{TEMPLATE_FILE}.tmp-{os.getpid()}")
-    tmp.write_text(source)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(Path(adapter_dir) / TEMPLATE_FILE, source)
 
 
 def read_chat_template(adapter_dir: str | os.PathLike[str]) -> str | None:

@@ -147,8 +147,8 @@ def save_unfrozen(model: nn.Module, unfrozen: dict[str, nn.Module], adapter_dir:
         return None
     from safetensors.torch import save_file
 
+    from peftlab.checkpoint.atomic import atomic_write
+
     tensors = {f"{n}.{k}": v.detach().cpu().contiguous() for n, m in unfrozen.items()
                for k, v in m.state_dict().items()}
-    path = Path(adapter_dir) / "unfrozen_modules.safetensors"
-    save_file(tensors, str(path))
-    return path
+    return atomic_write(Path(adapter_dir) / "unfrozen_modules.safetensors", lambda tmp: save_file(tensors, str(tmp)))

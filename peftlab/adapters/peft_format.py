@@ -11,12 +11,14 @@ import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from peftlab.adapters.arithmetic import lora_scaling, pattern_value
 from peftlab.adapters.lora_inject import (
     inject_lora,
     layer_index,
@@ -139,15 +141,23 @@ def save_adapter(
     (gathered from the ranks of a ZeRO-3 run); by default :func:`lora_state_dict`. Each file is written
     atomically (:mod:`peftlab.checkpoint.atomic`): a crash never leaves a half-written file under its name.
     """
+    out = Path(out_dir)
+    config = adapter_config(model, base_model_name_or_path=base_model_name_or_path, **(extra_config or {}))
+    if tensors is None:
+        tensors = lora_state_dict(model)
+    return write_adapter(out, tensors, config)
+
+
+def write_adapter(out_dir: str | os.PathLike[str], tensors: dict[str, Tensor], config: dict[str, Any]) -> Path:
+    """Write ``tensors`` (PEFT key names) and ``config`` as ``adapter_model.safetensors`` + ``adapter_config.json``
+    in ``out_dir`` (created when missing), each file atomically (:mod:`peftlab.checkpoint.atomic`): a crash
+    never leaves a half-written file under its name."""
     from safetensors.torch import save_file
 
     from peftlab.checkpoint.atomic import atomic_write, atomic_write_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = adapter_config(model, base_model_name_or_path=base_model_name_or_path, **(extra_config or {}))
-    if tensors is None:
-        tensors = lora_state_dict(model)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -315,3 +325,54 @@ def load_adapter(
     for param in params.values():
         param.requires_grad_(trainable)
     return names
+
+
+# --------------------------------------------------------------------------------------------------
+# an adapter's update per module, read from its files (the merge, the combination and the PEFT export)
+
+
+@dataclass
+class LoraUpdate:
+    """One module's adapter tensors and scaling, read from a PEFT adapter."""
+
+    lora_A: Tensor  # [r, in]
+    lora_B: Tensor  # [out, r]
+    scaling: float
+    magnitude: Tensor | None = None  # DoRA, [out]
+
+
+_UPDATE_KEY = re.compile(rf"{re.escape(KEY_PREFIX)}(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)")
+
+
+def read_lora_updates(adapter_dir: str | os.PathLike[str], config: dict[str, Any]) -> dict[str, LoraUpdate]:
+    """The LoRA update of every module of an adapter, keyed by module name (``model.layers.0...q_proj``).
+
+    The scaling is PEFT's: ``lora_alpha`` (or its ``alpha_pattern`` value) over the rank of the module's
+    tensors (its square root with rsLoRA).
+    """
+    adapter_dir = Path(adapter_dir)
+    modules: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in read_adapter_weights(adapter_dir).items():
+        match = _UPDATE_KEY.fullmatch(key)
+        if match is None:
+            raise PeftlabError(f"{adapter_dir}: unexpected tensor {key!r} in the adapter weights (a LoRA "
+                               "adapter holds ...lora_A.weight, ...lora_B.weight and, for DoRA, "
+                               "...lora_magnitude_vector)")
+        modules.setdefault(match.group(1), {})[match.group(2)] = tensor
+    updates = {}
+    use_dora = bool(config.get("use_dora"))
+    for name, parts in modules.items():
+        if "lora_A.weight" not in parts or "lora_B.weight" not in parts:
+            raise PeftlabError(f"{adapter_dir}: module {name} has only {sorted(parts)}; lora_A and lora_B "
+                               "are both needed")
+        if use_dora and "lora_magnitude_vector" not in parts:
+            raise PeftlabError(f"{adapter_dir}: use_dora is set but {name} has no lora_magnitude_vector")
+        a, b = parts["lora_A.weight"], parts["lora_B.weight"]
+        r = a.shape[0]
+        if b.shape[1] != r:
+            raise PeftlabError(f"{adapter_dir}: {name} has lora_A {tuple(a.shape)} and lora_B "
+                               f"{tuple(b.shape)}: their ranks differ")
+        alpha = pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"])
+        scaling = lora_scaling(alpha, r, use_rslora=bool(config.get("use_rslora")))
+        updates[name] = LoraUpdate(a, b, scaling, parts.get("lora_magnitude_vector"))
+    return updates

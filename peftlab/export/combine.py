@@ -1,8 +1,8 @@
 """Combining several LoRA adapters into one: ``peftlab merge --adapters A B --method ties --out DIR``.
 
 The result is one adapter in the PEFT format whose tensors equal what PEFT's
-``PeftModel.add_weighted_adapter`` computes (``peft/tuners/lora/model.py`` and
-``peft/utils/merge_utils.py``), re-implemented here on the adapter files alone (no base weights):
+``PeftModel.add_weighted_adapter`` computes (``peft/tuners/lora/model.py``), computed here on the adapter files
+alone (no base weights) with PEFT's own combinations (``peft.utils.merge_utils``):
 
 - ``linear`` / ``ties`` / ``dare_linear`` / ``dare_ties`` / ``magnitude_prune`` act on A and B
   separately: adapter i's weight ``w_i·s_i`` (``s_i`` its LoRA scaling) is split as
@@ -13,9 +13,10 @@ The result is one adapter in the PEFT format whose tensors equal what PEFT's
   back to rank ``svd_rank`` (default: the largest input rank) with an SVD.
 
 The output adapter has ``lora_alpha = r``, so its scaling is 1 and ``B·A`` is the combined ``ΔW``.
-DARE's random drops come from a ``torch.Generator`` seeded with ``seed`` and are drawn in PEFT's
-order (modules in model order; per module the A's of every adapter, then the B's), so a generator in
-the state PEFT's global RNG is in gives PEFT's exact result.
+DARE's random drops come from torch's global RNG, as in PEFT, seeded with ``seed`` inside
+``torch.random.fork_rng`` (so the same seed gives the same adapter, and the caller's RNG is untouched), and are
+drawn in PEFT's order (modules in model order; per module the A's of every adapter, then the B's): started
+from the state PEFT's RNG is in (``rng_state``), the result is PEFT's exactly.
 """
 from __future__ import annotations
 
@@ -24,89 +25,58 @@ import math
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from peft.utils import merge_utils
 from torch import Tensor
 
+from peftlab.adapters.arithmetic import delta_weight
+from peftlab.adapters.chat_template import read_chat_template, save_chat_template
+from peftlab.adapters.peft_format import KEY_PREFIX, read_adapter_config, read_lora_updates, write_adapter
+from peftlab.checkpoint.atomic import atomic_write, atomic_write_text
 from peftlab.errors import PeftlabError
+from peftlab.export.source import local_model_dir, model_layout
+from peftlab.recipe.from_adapter import ADAPTER_RECIPE_NAME
 
 LINEAR_FAMILY = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 SVD_FAMILY = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
 METHODS = LINEAR_FAMILY + ("cat",) + SVD_FAMILY
 NEEDS_DENSITY = ("ties", "dare_linear", "dare_ties", "magnitude_prune",
                  "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
-KEY_PREFIX = "base_model.model."
 PROVENANCE_NAME = "peftlab_combine.json"
 
 
 # --------------------------------------------------------------------------------------------------
-# PEFT's merge_utils, with an explicit generator for the random pruning
+# PEFT's merge_utils (the combinations themselves) under a seeded, forked RNG
 
 
-def magnitude_based_pruning(tensor: Tensor, density: float) -> Tensor:
-    mask = torch.zeros_like(tensor).reshape(-1)
-    k = int(density * tensor.numel())
-    top_k = torch.topk(tensor.abs().reshape(-1), k=k, largest=True)
-    mask[top_k[1]] = 1
-    return tensor * mask.reshape(tensor.shape)
-
-
-def random_pruning(tensor: Tensor, density: float, rescale: bool, generator: torch.Generator | None) -> Tensor:
-    mask = torch.bernoulli(torch.full_like(input=tensor, fill_value=density), generator=generator)
-    pruned = tensor * mask
-    return pruned / density if rescale else pruned
-
-
-def prune(tensor: Tensor, density: float, method: str, generator: torch.Generator | None = None,
-          rescale: bool = False) -> Tensor:
-    if density >= 1:
-        return tensor  # PEFT warns and keeps everything (and draws no random numbers)
-    if method == "magnitude":
-        return magnitude_based_pruning(tensor, density)
-    return random_pruning(tensor, density, rescale, generator)
-
-
-def majority_sign_mask(tensor: Tensor, method: str = "total") -> Tensor:
-    sign = tensor.sign()
-    magnitude = tensor.sum(dim=0) if method == "total" else sign.sum(dim=0)
-    majority = torch.where(magnitude >= 0, 1, -1)
-    return sign == majority
-
-
-def disjoint_merge(tensors: Tensor, mask: Tensor) -> Tensor:
-    mixed = (tensors * mask).sum(dim=0)
-    kept = mask.sum(dim=0)
-    return mixed / torch.clamp(kept, min=1.0)
-
-
-def _weighted(tensors: Tensor, weights: Tensor) -> Tensor:
-    return tensors * weights.view(weights.shape + (1,) * (tensors.dim() - weights.dim()))
+PEFT_COMBINATIONS = {
+    "linear": lambda t, w, density, sign: merge_utils.task_arithmetic(t, w),
+    "magnitude_prune": lambda t, w, density, sign: merge_utils.magnitude_prune(t, w, density),
+    "ties": lambda t, w, density, sign: merge_utils.ties(t, w, density, sign),
+    "dare_linear": lambda t, w, density, sign: merge_utils.dare_linear(t, w, density),
+    "dare_ties": lambda t, w, density, sign: merge_utils.dare_ties(t, w, density, sign),
+}
 
 
 def combine_tensors(tensors: list[Tensor], weights: Tensor, method: str, density: float | None,
-                    majority_sign_method: str, generator: torch.Generator | None) -> Tensor:
-    """One of PEFT's task-arithmetic combinations (``method`` without the ``_svd`` suffix)."""
-    if method in ("linear", "svd"):
-        return _weighted(torch.stack(tensors, dim=0), weights).sum(dim=0)
-    if method.startswith("magnitude_prune"):
-        pruned = torch.stack([prune(t, density, "magnitude") for t in tensors], dim=0)
-        return _weighted(pruned, weights).sum(dim=0)
-    if method.startswith("ties"):
-        pruned = torch.stack([prune(t, density, "magnitude") for t in tensors], dim=0)
-        mask = majority_sign_mask(pruned, majority_sign_method)
-        return disjoint_merge(_weighted(pruned, weights), mask)
-    if method.startswith("dare_linear"):
-        pruned = torch.stack([prune(t, density, "random", generator, rescale=True) for t in tensors], dim=0)
-        return _weighted(pruned, weights).sum(dim=0)
-    if method.startswith("dare_ties"):
-        pruned = torch.stack([prune(t, density, "random", generator, rescale=True) for t in tensors], dim=0)
-        mask = majority_sign_mask(pruned, majority_sign_method)
-        return disjoint_merge(_weighted(pruned, weights), mask)
-    raise PeftlabError(f"unknown combination method {method!r}; use one of {', '.join(METHODS)}")
+                    majority_sign_method: str) -> Tensor:
+    """One of PEFT's task-arithmetic combinations (``method`` without the ``_svd`` suffix; ``svd`` is linear).
+
+    DARE's random drops draw from torch's global RNG, as in PEFT: :func:`combine_adapters` runs them in a
+    forked, seeded RNG so a seed gives one result and the caller's random stream is left as it was.
+    """
+    base = "linear" if method == "svd" else method.removesuffix("_svd")
+    if base not in PEFT_COMBINATIONS:
+        raise PeftlabError(f"unknown combination method {method!r}; use one of {', '.join(METHODS)}")
+    with warnings.catch_warnings():  # density 1 keeps every value; PEFT warns each time it is asked to prune
+        warnings.filterwarnings("ignore", message="The density .* no pruning will be performed")
+        return PEFT_COMBINATIONS[base](tensors, weights, density, majority_sign_method)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -129,9 +99,6 @@ class SourceAdapter:
 
 
 def read_source(path: str | os.PathLike[str]) -> SourceAdapter:
-    from peftlab.adapters.peft_format import read_adapter_config
-    from peftlab.export.merge import read_updates
-
     path = Path(path)
     config = read_adapter_config(path)
     if config.get("use_dora"):
@@ -140,7 +107,7 @@ def read_source(path: str | os.PathLike[str]) -> SourceAdapter:
             "add_weighted_adapter re-initialises them from the base weight). Merge each DoRA adapter into "
             "the base with `peftlab merge --adapter DIR`, or combine plain LoRA / rsLoRA adapters."
         )
-    updates = read_updates(path, config)
+    updates = read_lora_updates(path, config)
     return SourceAdapter(path, config, {n: u.lora_A for n, u in updates.items()},
                          {n: u.lora_B for n, u in updates.items()}, {n: u.scaling for n, u in updates.items()})
 
@@ -157,8 +124,6 @@ def module_order(names: set[str], base: str | None) -> list[str]:
     """
     if base:
         try:
-            from peftlab.export.merge import local_model_dir, model_layout
-
             order, _ = model_layout(local_model_dir(base))
             position = {n: i for i, n in enumerate(order)}
             if names <= position.keys():
@@ -205,14 +170,14 @@ def combine_adapters(
     svd_rank: int | None = None,
     svd_clamp: float | None = None,
     seed: int | None = 0,
-    generator: torch.Generator | None = None,
+    rng_state: Tensor | None = None,
     base: str | None = None,
     overwrite: bool = False,
 ) -> CombineResult:
     """Combine ``adapters`` with ``weights`` by ``method`` into one PEFT-format adapter at ``out_dir``.
 
-    ``density`` (0 < density ≤ 1) is required by the pruning methods. DARE draws from ``generator``
-    when given, else from a generator seeded with ``seed``. ``base`` (default: the first adapter's
+    ``density`` (0 < density ≤ 1) is required by the pruning methods. DARE draws from torch's CPU RNG in a
+    forked state: ``rng_state`` when given (a ``torch.get_rng_state()``), else seeded with ``seed``. ``base`` (default: the first adapter's
     ``base_model_name_or_path``) only fixes the module order.
     """
     if method not in METHODS:
@@ -248,23 +213,25 @@ def combine_adapters(
         new_rank = sum(ranks)
     else:
         new_rank = svd_rank or max(ranks)
-    if generator is None:
-        generator = torch.Generator().manual_seed(int(seed or 0))
     names = set().union(*(s.A for s in sources))
     order = module_order(names, base or sources[0].config.get("base_model_name_or_path"))
     tensors: dict[str, Tensor] = {}
-    for name in order:
-        present = [(s, w) for s, w in zip(sources, weights) if name in s.A]
-        dtype = present[0][0].A[name].dtype
-        if method in LINEAR_FAMILY:
-            a, b = _combine_factors(name, present, method, density, majority_sign_method, generator)
-        elif method == "cat":
-            a, b = _concatenate(name, present, new_rank)
+    with torch.random.fork_rng(devices=[]):  # the CPU RNG only: every tensor here is on the CPU
+        if rng_state is not None:
+            torch.set_rng_state(rng_state)
         else:
-            a, b = _combine_svd(name, present, method, new_rank, density, majority_sign_method, generator,
-                                svd_clamp)
-        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = a.to(dtype).contiguous()
-        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = b.to(dtype).contiguous()
+            torch.default_generator.manual_seed(int(seed or 0))
+        for name in order:
+            present = [(s, w) for s, w in zip(sources, weights) if name in s.A]
+            dtype = present[0][0].A[name].dtype
+            if method in LINEAR_FAMILY:
+                a, b = _combine_factors(name, present, method, density, majority_sign_method)
+            elif method == "cat":
+                a, b = _concatenate(name, present, new_rank)
+            else:
+                a, b = _combine_svd(name, present, method, new_rank, density, majority_sign_method, svd_clamp)
+            tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = a.to(dtype).contiguous()
+            tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = b.to(dtype).contiguous()
     config = dict(sources[0].config)
     config.update(_output_targets(sources, order))
     # scaling 1 (alpha = r, no rsLoRA): B·A is the combined ΔW. PEFT keeps use_rslora of the first
@@ -283,12 +250,10 @@ def _split_weight(weight: float, scaling: float) -> tuple[float, float]:
     return math.sqrt(abs(ws)) * sign, math.sqrt(abs(ws))
 
 
-def _combine_factors(name, present, method, density, majority_sign_method, generator) -> tuple[Tensor, Tensor]:
+def _combine_factors(name, present, method, density, majority_sign_method) -> tuple[Tensor, Tensor]:
     wa, wb = zip(*(_split_weight(w, s.scaling[name]) for s, w in present))
-    a = combine_tensors([s.A[name] for s, _ in present], torch.tensor(wa), method, density,
-                        majority_sign_method, generator)
-    b = combine_tensors([s.B[name] for s, _ in present], torch.tensor(wb), method, density,
-                        majority_sign_method, generator)
+    a = combine_tensors([s.A[name] for s, _ in present], torch.tensor(wa), method, density, majority_sign_method)
+    b = combine_tensors([s.B[name] for s, _ in present], torch.tensor(wb), method, density, majority_sign_method)
     return a, b
 
 
@@ -303,12 +268,11 @@ def _concatenate(name, present, new_rank) -> tuple[Tensor, Tensor]:
     return a, b
 
 
-def _combine_svd(name, present, method, new_rank, density, majority_sign_method, generator,
-                 clamp) -> tuple[Tensor, Tensor]:
+def _combine_svd(name, present, method, new_rank, density, majority_sign_method, clamp) -> tuple[Tensor, Tensor]:
     # PEFT's get_delta_weight: (B @ A) * scaling, in fp32 for half-precision adapters on the CPU
-    deltas = [(s.B[name].float() @ s.A[name].float()) * s.scaling[name] for s, _ in present]
+    deltas = [delta_weight(s.A[name], s.B[name], s.scaling[name]) for s, _ in present]
     weights = torch.tensor([w for _, w in present]).to(deltas[0].device)
-    delta = combine_tensors(deltas, weights, method.removesuffix("_svd"), density, majority_sign_method, generator)
+    delta = combine_tensors(deltas, weights, method, density, majority_sign_method)
     u, s, vh = torch.linalg.svd(delta, full_matrices=True)
     u = u[:, :new_rank] @ torch.diag(s[:new_rank])
     vh = vh[:new_rank, :]
@@ -320,31 +284,21 @@ def _combine_svd(name, present, method, new_rank, density, majority_sign_method,
 
 def _write(out: Path, tensors: dict[str, Tensor], config: dict[str, Any], sources: list[SourceAdapter],
            **provenance: Any) -> None:
-    from safetensors.torch import save_file
-
-    from peftlab.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME
-    from peftlab.export.merge import RECIPE_NAME
-
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{WEIGHTS_NAME}.tmp-{os.getpid()}"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / WEIGHTS_NAME)
-    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    """The combined adapter's files, each written atomically (:mod:`peftlab.checkpoint.atomic`)."""
+    write_adapter(out, tensors, config)
     provenance["adapters"] = [str(s.path) for s in sources]
-    (out / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2) + "\n")
+    atomic_write_text(out / PROVENANCE_NAME, json.dumps(provenance, indent=2) + "\n")
     # The training recipe tells `peftlab merge` how the base was quantised; it carries over when every
     # input that has one agrees on the base model and its quantisation.
-    recipes = [s.path / RECIPE_NAME for s in sources if (s.path / RECIPE_NAME).is_file()]
+    recipes = [s.path / ADAPTER_RECIPE_NAME for s in sources if (s.path / ADAPTER_RECIPE_NAME).is_file()]
     if recipes and len(recipes) == len(sources):
         import yaml
 
         keys = [(r.get("model", {}).get("name"), r.get("model", {}).get("dtype"), r.get("quantization"))
                 for r in (yaml.safe_load(p.read_text()) or {} for p in recipes)]
         if all(k == keys[0] for k in keys):
-            shutil.copy2(recipes[0], out / RECIPE_NAME)
+            atomic_write(out / ADAPTER_RECIPE_NAME, lambda tmp: shutil.copy2(recipes[0], tmp))
     # The chat template carries over when every input was trained with the same one.
-    from peftlab.adapters.chat_template import read_chat_template, save_chat_template
-
     templates = {read_chat_template(s.path) for s in sources}
     if len(templates) == 1:
         save_chat_template(out, templates.pop())

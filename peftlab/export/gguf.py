@@ -1,4 +1,4 @@
-"""Exports for serving: ``peftlab export --format gguf|peft|safetensors``, and ``--push-to-hub``.
+"""``peftlab export --format gguf``: a merged Llama-architecture model as one GGUF file for llama.cpp.
 
 - ``gguf``: a merged Llama-architecture model (or an adapter plus its base, merged on the way) as one
   GGUF file for llama.cpp-family runtimes, written with the ``gguf`` Python package — tensor names
@@ -8,11 +8,10 @@
   tensor, the tokenizer (:mod:`peftlab.export.gguf_vocab`: SentencePiece scores and token types) and the chat
   template embedded. Everything it would refuse is checked first (``check_gguf_export``; the CLI runs
   it before merging an adapter). Tensors are streamed: one is held in memory at a time.
-- ``peft``: the adapter alone, validated (and converted from ``.bin`` to safetensors) for PEFT / vLLM.
-- ``safetensors``: the merged model as an HF directory (``peftlab.export.merge``).
+- ``peft``: the adapter alone, validated, for PEFT / vLLM (:mod:`peftlab.export.peft`).
+- ``safetensors``: the merged model as an HF directory (:mod:`peftlab.export.merge`).
 
-``--push-to-hub REPO`` writes a model card (recipe, data, metrics, fidelity) next to the export and
-uploads; without a network it fails with a message that says where the files are.
+``--push-to-hub REPO``: :mod:`peftlab.export.hub`.
 """
 from __future__ import annotations
 
@@ -20,7 +19,6 @@ import json
 import math
 import os
 import shlex
-import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -31,7 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from peftlab.checkpoint.atomic import atomic_write
 from peftlab.errors import PeftlabError
+from peftlab.model.shards import checkpoint_files, iter_tensors, read_header
 
 FORMATS = ("gguf", "peft", "safetensors")
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
@@ -307,106 +307,115 @@ class GGUFResult:
 
 def export_gguf(model_dir: str | os.PathLike[str], out_file: str | os.PathLike[str], *, type: str = "f16",
                 overwrite: bool = False) -> GGUFResult:
-    """Write the merged HF model in ``model_dir`` (Llama architecture) as a GGUF file at ``out_file``."""
-    import gguf
-    from safetensors import safe_open
+    """Write the merged HF model in ``model_dir`` (Llama architecture) as a GGUF file at ``out_file``.
 
-    from peftlab.export.merge import _iter_checkpoint, checkpoint_shards
-
+    The file is written beside ``out_file`` and renamed into place (:func:`peftlab.checkpoint.atomic.atomic_write`):
+    a failed export leaves no partial file."""
     model_dir, out = Path(model_dir), Path(out_file)
     config = check_gguf_export(model_dir, out, type=type, overwrite=overwrite, model=str(model_dir))
+    notes: list[str] = []
+    counts: list[int] = []
+
+    def write(tmp: Path) -> None:
+        writer = _writer_class()(tmp, "llama")
+        try:
+            counts.extend(_write_gguf(writer, model_dir, out, config, type, notes))
+            with _writing(out):
+                writer.close()
+        except BaseException:
+            try:
+                writer.close()
+            except OSError:
+                pass  # the write that failed is being reported; closing may fail the same way
+            raise
+
+    with _writing(out):
+        atomic_write(out, write)
+    n_tensors, total = counts
+    return GGUFResult(out, type, n_tensors, out.stat().st_size, total, notes)
+
+
+def _write_gguf(writer: Any, model_dir: Path, out: Path, config: dict[str, Any], type: str,
+                notes: list[str]) -> tuple[int, int]:
+    """Metadata, tokenizer and tensors into ``writer``; returns (tensors written, tensor bytes)."""
+    import gguf
+
     rope = _rope_kind(config)
     n_layers, n_head = config["num_hidden_layers"], config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads") or n_head
     hidden = config["hidden_size"]
     head_dim = _head_dim(config)
-    notes: list[str] = []
+    writer.add_name(config.get("_name_or_path") or model_dir.name)
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(n_layers)
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != hidden // n_head:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_rope_freq_base(_rope_theta(config))
+    if rope == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(_rope_params(config)["factor"]))
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_file_type(_file_type(gguf, type))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    add_tokenizer(writer, model_dir, config["vocab_size"], notes)
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    writer = _writer_class()(tmp, "llama")
-    try:
-        writer.add_name(config.get("_name_or_path") or model_dir.name)
-        writer.add_context_length(config["max_position_embeddings"])
-        writer.add_embedding_length(hidden)
-        writer.add_block_count(n_layers)
-        writer.add_feed_forward_length(config["intermediate_size"])
-        writer.add_head_count(n_head)
-        writer.add_head_count_kv(n_kv)
-        writer.add_rope_dimension_count(head_dim)
-        if head_dim != hidden // n_head:
-            writer.add_key_length(head_dim)
-            writer.add_value_length(head_dim)
-        writer.add_rope_freq_base(_rope_theta(config))
-        if rope == "linear":
-            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            writer.add_rope_scaling_factor(float(_rope_params(config)["factor"]))
-        writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-        writer.add_vocab_size(config["vocab_size"])
-        writer.add_file_type(_file_type(gguf, type))
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        add_tokenizer(writer, model_dir, config["vocab_size"], notes)
-
-        # pass 1: names, shapes and types from the shard headers (no tensor data read)
-        extra: list[tuple[str, np.ndarray]] = []
-        if rope == "llama3":
-            # llama.cpp's Llama-3.1 RoPE: one F32 vector of per-pair frequency divisors (convert_hf_to_gguf
-            # writes it as an extra tensor; llama.cpp needs no rope-scaling keys for it)
-            extra.append((f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS]}.weight", llama3_rope_factors(config)))
-        for name, data in extra:
-            writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, raw_dtype=gguf.GGMLQuantizationType.F32)
-        tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
-        plan: list[tuple[str, str, Any]] = []
-        for shard in checkpoint_shards(model_dir):
-            with safe_open(str(shard), framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
-                    if key.endswith(".rotary_emb.inv_freq"):
-                        continue
-                    name = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
-                    if name is None:
-                        raise PeftlabError(f"{shard.name}: tensor {key!r} has no llama.cpp name; GGUF export "
-                                           "covers the Llama architecture's tensors only")
-                    shape = tuple(f.get_slice(key).get_shape())
-                    qtype = _tensor_type(gguf, name, shape, type)
-                    plan.append((key, name, qtype))
-                    nbytes = _nbytes(gguf, shape, qtype)
-                    writer.add_tensor_info(name, _byte_shape(gguf, shape, qtype), _np_dtype(gguf, qtype),
-                                           nbytes, raw_dtype=qtype)
-        with _writing(out):
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-        # pass 2: convert and write one tensor at a time, in the planned order
-        total = 0
-        for _, data in extra:
-            with _writing(out):
-                writer.write_tensor_data(data)
-            total += data.nbytes
-        planned = {key: (name, qtype) for key, name, qtype in plan}
-        for key, tensor in _iter_checkpoint(model_dir):
-            if key not in planned:
+    # pass 1: names, shapes and types from the shard headers (no tensor data read)
+    extra: list[tuple[str, np.ndarray]] = []
+    if rope == "llama3":
+        # llama.cpp's Llama-3.1 RoPE: one F32 vector of per-pair frequency divisors (convert_hf_to_gguf
+        # writes it as an extra tensor; llama.cpp needs no rope-scaling keys for it)
+        extra.append((f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS]}.weight", llama3_rope_factors(config)))
+    for name, data in extra:
+        writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, raw_dtype=gguf.GGMLQuantizationType.F32)
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    plan: list[tuple[str, str, Any]] = []
+    for shard in checkpoint_files(model_dir):
+        _, header = read_header(shard)
+        for key in sorted(header):  # the order iter_tensors reads them in
+            if key.endswith(".rotary_emb.inv_freq"):
                 continue
-            name, qtype = planned[key]
-            data = tensor.float().numpy()
-            if key.endswith("q_proj.weight"):
-                data = llama_permute(data, n_head, n_head)
-            elif key.endswith("k_proj.weight"):
-                data = llama_permute(data, n_head, n_kv)
-            converted = _convert(gguf, data, qtype)
-            with _writing(out):
-                writer.write_tensor_data(converted)
-            total += converted.nbytes
+            name = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
+            if name is None:
+                raise PeftlabError(f"{shard.name}: tensor {key!r} has no llama.cpp name; GGUF export "
+                                   "covers the Llama architecture's tensors only")
+            shape = tuple(header[key]["shape"])
+            qtype = _tensor_type(gguf, name, shape, type)
+            plan.append((key, name, qtype))
+            nbytes = _nbytes(gguf, shape, qtype)
+            writer.add_tensor_info(name, _byte_shape(gguf, shape, qtype), _np_dtype(gguf, qtype),
+                                   nbytes, raw_dtype=qtype)
+    with _writing(out):
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+    # pass 2: convert and write one tensor at a time, in the planned order
+    total = 0
+    for _, data in extra:
         with _writing(out):
-            writer.close()
-            os.replace(tmp, out)
-    except BaseException:
-        try:
-            writer.close()
-        except OSError:
-            pass  # the write that failed is being reported; closing may fail the same way
-        if tmp.exists():
-            tmp.unlink()
-        raise
-    return GGUFResult(out, type, len(plan) + len(extra), out.stat().st_size, total, notes)
+            writer.write_tensor_data(data)
+        total += data.nbytes
+    planned = {key: (name, qtype) for key, name, qtype in plan}
+    for key, tensor in iter_tensors(model_dir):
+        if key not in planned:
+            continue
+        name, qtype = planned[key]
+        data = tensor.float().numpy()
+        if key.endswith("q_proj.weight"):
+            data = llama_permute(data, n_head, n_head)
+        elif key.endswith("k_proj.weight"):
+            data = llama_permute(data, n_head, n_kv)
+        converted = _convert(gguf, data, qtype)
+        with _writing(out):
+            writer.write_tensor_data(converted)
+        total += converted.nbytes
+    return len(plan) + len(extra), total
 
 
 def _byte_shape(gguf: Any, shape: tuple[int, ...], qtype: Any) -> tuple[int, ...]:
@@ -425,173 +434,3 @@ def _nbytes(gguf: Any, shape: tuple[int, ...], qtype: Any) -> int:
     block, type_size = gguf.GGML_QUANT_SIZES[qtype]
     n = int(np.prod(shape))
     return n // block * type_size
-
-
-# --------------------------------------------------------------------------------------------------
-# PEFT adapter export
-
-
-@dataclass
-class PeftExportResult:
-    path: Path
-    modules: int
-    notes: list[str] = field(default_factory=list)
-
-
-def export_peft(adapter_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, base: str | None = None,
-                overwrite: bool = False) -> PeftExportResult:
-    """Validate an adapter and write it as ``adapter_config.json`` + ``adapter_model.safetensors``.
-
-    Checks: the config is a LoRA config peftlab/PEFT load; every module has lora_A and lora_B of one
-    rank that matches ``r`` / ``rank_pattern``; when the base model can be found, every module exists
-    there with the adapter's in/out sizes. ``.bin`` weights are converted to safetensors.
-    """
-    from safetensors.torch import save_file
-    from torch import nn
-
-    from peftlab.adapters.peft_format import (
-        CONFIG_NAME,
-        WEIGHTS_NAME,
-        read_adapter_config,
-        read_adapter_weights,
-    )
-    from peftlab.export.merge import RECIPE_NAME, _pattern_value, local_model_dir, read_updates
-
-    src, out = Path(adapter_dir), Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise PeftlabError(f"--out {out} exists and is not empty; choose a new directory or pass --overwrite")
-    config = read_adapter_config(src)
-    updates = read_updates(src, config)
-    if not updates:
-        raise PeftlabError(f"{src}: the adapter has no LoRA weights")
-    for name, upd in updates.items():
-        want = _pattern_value(config.get("rank_pattern"), name, config["r"])
-        if upd.lora_A.shape[0] != want:
-            raise PeftlabError(f"{src}: {name} has rank {upd.lora_A.shape[0]} but adapter_config.json says "
-                               f"{want} (r / rank_pattern); the config does not belong to these weights")
-    notes = []
-    base_name = base or config.get("base_model_name_or_path")
-    if base_name:
-        try:
-            base_dir = local_model_dir(base_name)
-        except PeftlabError as exc:
-            base_dir = None
-            notes.append(f"base model not checked: {exc}")
-        if base_dir is not None:
-            from transformers import AutoConfig, AutoModelForCausalLM
-
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_dir))
-            modules = dict(model.named_modules())
-            for name, upd in updates.items():
-                m = modules.get(name)
-                if not isinstance(m, nn.Linear):
-                    raise PeftlabError(f"{src}: module {name} is not a linear layer of {base_name}; the adapter "
-                                       "belongs to another base model")
-                if (upd.lora_A.shape[1], upd.lora_B.shape[0]) != (m.in_features, m.out_features):
-                    raise PeftlabError(
-                        f"{src}: {name} maps {upd.lora_A.shape[1]} -> {upd.lora_B.shape[0]} features but "
-                        f"{base_name} has {m.in_features} -> {m.out_features}; wrong base model")
-            notes.append(f"all {len(updates)} modules fit {base_name}")
-    if config.get("use_dora"):
-        notes.append("DoRA adapter: PEFT loads it; serving engines may not support DoRA (merge it instead)")
-    tensors = {k: v.contiguous() for k, v in read_adapter_weights(src).items()}
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{WEIGHTS_NAME}.tmp-{os.getpid()}"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / WEIGHTS_NAME)
-    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for extra in (RECIPE_NAME, "peftlab_combine.json"):
-        if (src / extra).is_file() and src.resolve() != out.resolve():
-            shutil.copy2(src / extra, out / extra)
-    return PeftExportResult(out, len(updates), notes)
-
-
-# --------------------------------------------------------------------------------------------------
-# model card and hub upload
-
-
-def model_card(*, title: str, base: str | None, kind: str, adapter_dir: Path | None = None,
-               report: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> str:
-    """A README.md for the hub: what it is, the base, the training recipe, data, metrics, fidelity."""
-    import yaml
-
-    recipe: dict[str, Any] = {}
-    metrics: dict[str, Any] = {}
-    if adapter_dir is not None:
-        rp = adapter_dir / "peftlab_recipe.yaml"
-        if rp.is_file():
-            recipe = yaml.safe_load(rp.read_text()) or {}
-        summary = adapter_dir.parent / "summary.json"
-        if summary.is_file():
-            metrics = json.loads(summary.read_text()).get("eval_after", {})
-    if not base and adapter_dir is not None:
-        base = recipe.get("model", {}).get("name")
-        if not base and (adapter_dir / "adapter_config.json").is_file():
-            base = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    front = {"library_name": "peft" if kind == "adapter" else "transformers", "tags": ["peftlab", "lora"]}
-    if base:
-        front["base_model"] = base
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {title}", "",
-             f"A {kind} fine-tuned with [peftlab](https://github.com/) (LoRA" +
-             (f", base quantised to {recipe['quantization']['mode'].upper()} during training"
-              if recipe.get("quantization", {}).get("mode", "none") != "none" else "") + ").", ""]
-    if base:
-        lines += [f"- **Base model:** `{base}`"]
-    a = recipe.get("adapter")
-    if a:
-        lines += [f"- **Adapter:** r={a.get('r')}, alpha={a.get('alpha')}, targets={a.get('target_modules')}"
-                  + (", rsLoRA" if a.get("rslora") else "") + (", DoRA" if a.get("dora") else "")]
-    data = recipe.get("data")
-    if data:
-        train = [s.get("path") or s.get("hf") or s for s in data.get("train", [])]
-        evals = [s.get("path") or s.get("hf") or s for s in data.get("eval", []) or []]
-        lines += [f"- **Training data:** {train}", f"- **Eval data:** {evals or 'none'}"]
-    t = recipe.get("train")
-    if t:
-        lines.append(f"- **Training:** lr={t.get('lr')}, epochs={t.get('epochs')}, max_steps={t.get('max_steps')}, "
-                     f"micro_batch_size={t.get('micro_batch_size')}, grad_accum={t.get('grad_accum')}, "
-                     f"seed={t.get('seed')}")
-    for key, value in (extra or {}).items():
-        lines += [f"- **{key}:** {value}"]
-    if metrics:
-        lines += ["", "## Metrics (held-out, after training)", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
-    if report:
-        lines += ["", "## Merge fidelity (adapter model vs merged model)", "", "| | |", "|---|---|"]
-        for key in ("samples_source", "base_precision", "dtype", "max_abs_logit_diff", "mean_abs_logit_diff",
-                    "perplexity_adapter", "perplexity_merged", "top1_agreement"):
-            if key in report:
-                v = report[key]
-                lines.append(f"| {key} | {v:.4g} |" if isinstance(v, float) else f"| {key} | {v} |")
-    if recipe:
-        lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).strip(), "```"]
-    return "\n".join(lines) + "\n"
-
-
-def push_to_hub(path: Path, repo: str, card: str) -> str:
-    """Upload ``path`` (a directory, or one file) with ``card`` as README.md to the hub repo ``repo``.
-
-    The card is written beside the export first, so nothing is lost when the upload fails.
-    """
-    card_path = (path if path.is_dir() else path.with_name(f"{path.stem}.README.md"))
-    card_path = card_path / "README.md" if path.is_dir() else card_path
-    card_path.write_text(card)
-    later = (f"the export and its model card are in {path}" + ("" if path.is_dir() else f" and {card_path}") +
-             f"; upload them later with `huggingface-cli upload {repo} {path if path.is_dir() else path.parent}`")
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise PeftlabError(f"--push-to-hub {repo}: no network (HF_HUB_OFFLINE=1), nothing was uploaded; {later}")
-    try:
-        from huggingface_hub import HfApi
-
-        api = HfApi()
-        api.create_repo(repo, exist_ok=True)
-        if path.is_dir():
-            api.upload_folder(folder_path=str(path), repo_id=repo)
-        else:
-            api.upload_file(path_or_fileobj=str(path), path_in_repo=path.name, repo_id=repo)
-            api.upload_file(path_or_fileobj=str(card_path), path_in_repo="README.md", repo_id=repo)
-    except Exception as exc:  # noqa: BLE001 (network, auth, permissions: all end in the same advice)
-        raise PeftlabError(f"--push-to-hub {repo} failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                           f"log in with `huggingface-cli login` and check the network; {later}") from None
-    return f"https://huggingface.co/{repo}"

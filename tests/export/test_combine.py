@@ -110,7 +110,7 @@ def test_combination_equals_peft(peft_model, adapters, tmp_path, case):
 def test_dare_equals_peft_with_the_same_random_stream(peft_model, adapters, tmp_path, method):
     """PEFT draws DARE's masks from torch's global RNG after injecting the new adapter (whose init draws
     too). A linear combination injects an identical adapter, so the RNG state after it is the state
-    PEFT's DARE loop starts from; a generator in that state must give PEFT's exact tensors."""
+    PEFT's DARE loop starts from; started from that state, ours must give PEFT's exact tensors."""
     names, weights = ["a", "b"], [1.0, 0.7]
     torch.manual_seed(1234)
     peft_model.add_weighted_adapter(names, weights, f"probe_{method}", combination_type="linear")
@@ -118,21 +118,29 @@ def test_dare_equals_peft_with_the_same_random_stream(peft_model, adapters, tmp_
     torch.manual_seed(1234)
     peft_model.add_weighted_adapter(names, weights, f"dare_{method}", combination_type=method, density=0.5)
     expected = peft_combined(peft_model, f"dare_{method}")
-    generator = torch.Generator()
-    generator.set_state(state)
     combine_adapters([adapters[n] for n in names], weights, tmp_path / "out", method=method, density=0.5,
-                     generator=generator)
+                     rng_state=state)
     got = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
     assert sorted(got) == sorted(expected)
     for key in expected:
         assert torch.equal(got[key], expected[key]), key
-    # a seed makes it reproducible; another seed drops other entries
-    combine_adapters([adapters[n] for n in names], weights, tmp_path / "s1", method=method, density=0.5, seed=3)
-    combine_adapters([adapters[n] for n in names], weights, tmp_path / "s2", method=method, density=0.5, seed=3)
-    combine_adapters([adapters[n] for n in names], weights, tmp_path / "s3", method=method, density=0.5, seed=4)
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties_svd"])
+def test_dare_is_reproducible_from_the_seed_and_leaves_the_callers_rng_alone(adapters, tmp_path, method):
+    """The same seed gives the same adapter twice, another seed another one; torch's global RNG (which PEFT's
+    random pruning draws from) is the caller's again afterwards."""
+    names, weights = ["a", "b"], [1.0, 0.7]
+    torch.manual_seed(99)
+    before = torch.get_rng_state()
+    for out, seed in (("s1", 3), ("s2", 3), ("s3", 4)):
+        combine_adapters([adapters[n] for n in names], weights, tmp_path / out, method=method, density=0.5, seed=seed)
+    assert torch.equal(torch.get_rng_state(), before)
     s1, s2, s3 = (load_file(str(tmp_path / s / "adapter_model.safetensors")) for s in ("s1", "s2", "s3"))
-    assert all(torch.equal(s1[k], s2[k]) for k in s1)
-    assert not all(torch.equal(s1[k], s3[k]) for k in s1)
+    assert s1.keys() == s3.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert not any(torch.equal(s1[k], s3[k]) for k in s1)
+    # the seed is what the recipe / --seed gives: the YAML form and the CLI pass it the same way
+    assert json.loads((tmp_path / "s3" / "peftlab_combine.json").read_text())["seed"] == 4
 
 
 def test_combined_adapter_loads_in_peftlab_and_peft_with_the_combined_delta(micro_dir, adapters, tmp_path):

@@ -23,7 +23,7 @@ from peftlab.errors import PeftlabError
 from peftlab.export.merge import merge_adapter, parse_size
 from peftlab.model.builtin import CHAT_TEMPLATE, resolve_builtin
 from peftlab.model.load import build_model
-from peftlab.recipe.schema import dump_recipe, recipe_from_dict
+from peftlab.recipe.parse import dump_recipe, recipe_from_dict
 
 VARIANTS = {"lora": {}, "rslora": {"rslora": True}, "dora": {"dora": True}}
 
@@ -72,7 +72,7 @@ IDS = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_merged_model_reproduces_adapter_model(data_dir, tmp_path, quant, variant):
     adapter = make_trained_adapter(data_dir, tmp_path, quant=quant, variant=variant)
-    result = merge_adapter(adapter, tmp_path / "merged", report_samples=4, log=lambda *a: None)
+    result = merge_adapter(adapter, tmp_path / "merged", report_samples=4)
     atol = 1e-5 if quant == "none" else 1e-4
     recipe = recipe_from_dict(tiny_recipe_dict(data_dir, tmp_path / "run", quantization={"mode": quant},
                                                adapter=VARIANTS[variant], model={"dtype": "float32"}))
@@ -93,8 +93,7 @@ def test_merged_model_reproduces_adapter_model(data_dir, tmp_path, quant, varian
 
 def test_merged_dir_is_a_standard_hf_model(data_dir, tmp_path, micro_dir):
     adapter = make_trained_adapter(data_dir, tmp_path, quant="nf4", variant="lora")
-    result = merge_adapter(adapter, tmp_path / "merged", dtype="bf16", max_shard_size="150KB", report_samples=2,
-                           log=lambda *a: None)
+    result = merge_adapter(adapter, tmp_path / "merged", dtype="bf16", max_shard_size="150KB", report_samples=2)
     out = tmp_path / "merged"
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(out.glob("model-*-of-*.safetensors"))
@@ -129,8 +128,7 @@ def test_shard_by_shard_merge_equals_in_memory_merge(micro_dir, tmp_path, varian
     randomise(model, seed=3)
     save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(sharded))  # a PEFT adapter: no recipe
     max_shard = parse_size("120KB")
-    result = merge_adapter(tmp_path / "adapter", tmp_path / "merged", max_shard_size=max_shard, report_samples=2,
-                           log=lambda *a: None)
+    result = merge_adapter(tmp_path / "adapter", tmp_path / "merged", max_shard_size=max_shard, report_samples=2)
     expected = merge_lora(model).state_dict()
     got: dict[str, torch.Tensor] = {}
     for shard in result.shards:
@@ -153,9 +151,8 @@ def test_trained_precision_is_the_4bit_weight_training_saw(data_dir, tmp_path):
                                                model={"dtype": "float32"}))
     expected = merge_lora(build_model(recipe, adapter_dir=adapter, trainable=False).model,
                           dtype=torch.float32).state_dict()
-    trained = merge_adapter(adapter, tmp_path / "trained", report_samples=0, log=lambda *a: None)
-    original = merge_adapter(adapter, tmp_path / "original", base_precision="original", report_samples=2,
-                             log=lambda *a: None)
+    trained = merge_adapter(adapter, tmp_path / "trained", report_samples=0)
+    original = merge_adapter(adapter, tmp_path / "original", base_precision="original", report_samples=2)
     assert trained.report is None and not (tmp_path / "trained" / "merge_report.json").exists()
     got_t, got_o = (load_file(str(r.shards[0])) for r in (trained, original))
     assert sorted(got_t) == sorted(expected)
@@ -174,15 +171,14 @@ def test_peft_adapter_without_recipe_and_base_override(micro_dir, tmp_path):
     randomise(model)
     save_adapter(model, tmp_path / "adapter", base_model_name_or_path="nobody/missing-model")
     with pytest.raises(PeftlabError, match=r"could not get base model 'nobody/missing-model'.*--base"):
-        merge_adapter(tmp_path / "adapter", tmp_path / "m", report_samples=0, log=lambda *a: None)
-    merge_adapter(tmp_path / "adapter", tmp_path / "m", base="builtin:micro-llama", report_samples=0,
-                  log=lambda *a: None)
+        merge_adapter(tmp_path / "adapter", tmp_path / "m", report_samples=0)
+    merge_adapter(tmp_path / "adapter", tmp_path / "m", base="builtin:micro-llama", report_samples=0)
     ref = copy.deepcopy(base)
     load_adapter(ref, tmp_path / "adapter")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
     torch.testing.assert_close(logits(merged, IDS), logits(ref, IDS), rtol=0, atol=1e-5)
     with pytest.raises(PeftlabError, match="exists and is not empty.*--overwrite"):
-        merge_adapter(tmp_path / "adapter", tmp_path / "m", base="builtin:micro-llama", log=lambda *a: None)
+        merge_adapter(tmp_path / "adapter", tmp_path / "m", base="builtin:micro-llama")
     assert (tmp_path / "m" / "config.json").is_file()  # the old result is untouched
 
 
