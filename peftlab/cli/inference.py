@@ -42,7 +42,8 @@ def _eval_adapter_dir(recipe: Recipe) -> Path:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate an adapter directory (peftlab or plain PEFT), or the adapter of a recipe."""
-    from peftlab.data import build_data, collate
+    from peftlab.data.collate import collate
+    from peftlab.data.pipeline import build_data
     from peftlab.evaluation.evaluate import evaluate
     from peftlab.model.load import build_model
     from peftlab.objectives.causal_lm import LossSettings

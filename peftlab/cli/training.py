@@ -98,7 +98,9 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     """Print the first tokenized samples (trained tokens marked) and the data statistics."""
-    from peftlab.data import build_data, format_stats, preview
+    from peftlab.data.pipeline import build_data
+    from peftlab.data.preview import render_preview as preview
+    from peftlab.data.stats import format_stats
     from peftlab.model.load import load_tokenizer
 
     recipe = _recipe(args)

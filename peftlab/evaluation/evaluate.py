@@ -7,6 +7,7 @@ model learns a task (loss alone hides whether answers are right).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Any
 
 from torch import nn
@@ -19,32 +20,12 @@ def normalise_answer(text: str) -> str:
     return " ".join(text.strip().split())
 
 
-def exact_match(model: nn.Module, tokenizer: Any, prompts: list[dict], *, max_new_tokens: int, batch_size: int,
-                show: int = 0) -> tuple[float, list[dict]]:
-    """(accuracy, the first ``show`` samples as {prompt, reference, prediction})."""
-    if not prompts:
-        return float("nan"), []
-    outs = generate_ids(model, tokenizer, [p["prompt_ids"] for p in prompts], max_new_tokens=max_new_tokens,
-                        batch_size=batch_size)
-    hits = 0
-    samples = []
-    for p, ids in zip(prompts, outs):
-        pred = tokenizer.decode(ids, skip_special_tokens=True)
-        hits += normalise_answer(pred) == normalise_answer(p["reference"])
-        if len(samples) < show:
-            samples.append({"prompt": tokenizer.decode(p["prompt_ids"], skip_special_tokens=True),
-                            "reference": p["reference"], "prediction": pred})
-    return hits / len(prompts), samples
-
-
 def token_f1(prediction: str, reference: str) -> float:
     """SQuAD-style token F1: overlap of the (lower-cased, whitespace-split) token bags of the two answers.
 
     Partial credit where exact match gives none ("Paris, France" vs "Paris": 0.67); two empty answers
     score 1, one empty answer 0.
     """
-    from collections import Counter
-
     pred, ref = normalise_answer(prediction).lower().split(), normalise_answer(reference).lower().split()
     if not pred or not ref:
         return float(pred == ref)

@@ -36,7 +36,7 @@ def chatml_run(tmp_path_factory, data_dir):
 
 
 def _training_prompt_ids(recipe):
-    from peftlab.data import build_data
+    from peftlab.data.pipeline import build_data
     from peftlab.model.load import load_tokenizer
 
     data = build_data(recipe.data, load_tokenizer("builtin:micro-llama"), seed=recipe.train.seed)

@@ -1,6 +1,8 @@
 """Generation metrics: token F1 (SQuAD definition) and exact match of greedy answers to held-out prompts."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -40,3 +42,46 @@ def test_generation_metrics_score_the_models_own_answers():
     assert m["exact_match"] == 0.5
     assert m["token_f1"] == pytest.approx((1.0 + token_f1(preds[1], preds[1] + " extra")) / 2)
     assert 0.5 < m["token_f1"] < 1.0
+
+
+def test_evaluate_reports_the_held_out_loss_and_the_answers_the_recipe_asks_for(tmp_path):
+    """eval_loss is the token mean of the next-token cross-entropy over every held-out target (checked against
+    torch's own cross-entropy on the model's logits); generated-answer metrics only when eval.metric asks."""
+    from helpers import make_quickstart_data, tiny_recipe_dict
+    from torch.nn import functional as F
+
+    from peftlab.data.collate import collate
+    from peftlab.data.pipeline import build_data
+    from peftlab.evaluation.evaluate import evaluate
+    from peftlab.model.load import build_model
+    from peftlab.objectives.causal_lm import LossSettings
+    from peftlab.recipe.parse import recipe_from_dict
+
+    data_dir = make_quickstart_data(tmp_path / "data", n_train=8, n_eval=6)
+    raw = tiny_recipe_dict(data_dir, tmp_path / "out", quantization={"mode": "none"},
+                           eval={"metric": "loss", "max_prompts": 3, "max_new_tokens": 3, "show_samples": 2})
+    recipe = recipe_from_dict(raw)
+    loaded = build_model(recipe, trainable=False)
+    data = build_data(recipe.data, loaded.tokenizer, seed=0)
+    batches = [collate(data.eval[i:i + 4], pad_token_id=data.pad_token_id) for i in range(0, len(data.eval), 4)]
+    for b in batches:
+        b.pop("loss_weights", None)
+    settings = LossSettings.from_recipe(recipe, loaded.model)
+    metrics = evaluate(loaded.model, loaded.tokenizer, batches, data.eval_prompts, recipe=recipe, settings=settings)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for b in batches:
+            logits = loaded.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+            labels = b["labels"][:, 1:]
+            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                           ignore_index=-100, reduction="sum"))
+            n += int((labels != -100).sum())
+    assert set(metrics) == {"eval_loss", "perplexity", "eval_tokens"}  # eval.metric: loss generates nothing
+    assert metrics["eval_tokens"] == n
+    assert metrics["eval_loss"] == pytest.approx(total / n, rel=1e-5)
+    assert metrics["perplexity"] == pytest.approx(math.exp(total / n), rel=1e-5)
+    recipe.eval.metric = "exact_match"
+    answered = evaluate(loaded.model, loaded.tokenizer, None, data.eval_prompts, recipe=recipe, settings=settings)
+    assert set(answered) == {"exact_match", "token_f1", "samples"} and len(answered["samples"]) == 2
+    assert answered == generation_metrics(loaded.model, loaded.tokenizer, data.eval_prompts[:3], max_new_tokens=3,
+                                          batch_size=recipe.eval.batch_size, show=2)

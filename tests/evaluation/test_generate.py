@@ -9,7 +9,8 @@ import pytest
 import torch
 from helpers import make_quickstart_data, tiny_recipe_dict
 
-from peftlab.data import DataConfig, build_data
+from peftlab.data.config import DataConfig
+from peftlab.data.pipeline import build_data
 from peftlab.evaluation.generate import chat_prompt_ids, generate_ids, generate_text, stop_token_ids
 from peftlab.model.builtin import build_tokenizer, resolve_builtin
 
