@@ -66,7 +66,9 @@ def unique_names(specs: Sequence[DatasetSpec]) -> list[str]:
 
 
 @dataclass
-class _Item:
+class SourceRecord:
+    """One row of a dataset as a canonical record, with where it came from (for messages about it)."""
+
     row: int
     where: str
     record: dict[str, Any]
@@ -74,7 +76,7 @@ class _Item:
 
 
 def read_records(source: Source, spec: DatasetSpec, name: str, cfg: DataConfig, st: DatasetStats,
-                 key: str) -> Iterator[_Item]:
+                 key: str) -> Iterator[SourceRecord]:
     """Canonical records of one dataset; bad rows raise (naming file:row and field) or are counted.
 
     Preference data (DPO pairs, KTO rows) is refused, whatever ``on_bad_rows`` says: it is the whole
@@ -103,7 +105,7 @@ def read_records(source: Source, spec: DatasetSpec, name: str, cfg: DataConfig, 
         except BadRow as e:
             _bad(e, row.where, name, fmt, cfg, st, key)
             continue
-        yield _Item(row.index, row.where, rec, fmt)
+        yield SourceRecord(row.index, row.where, rec, fmt)
         if cfg.max_samples is not None and st.rows >= cfg.max_samples:
             break
 
@@ -153,8 +155,8 @@ def _encode_in_worker(records: list[dict[str, Any]]) -> list[Encoded | EncodedCl
     return _WORKER_ENCODER.encode_batch(records)
 
 
-def _chunks(items: Iterable[_Item], size: int) -> Iterator[list[_Item]]:
-    chunk: list[_Item] = []
+def _chunks(items: Iterable[SourceRecord], size: int) -> Iterator[list[SourceRecord]]:
+    chunk: list[SourceRecord] = []
     for it in items:
         chunk.append(it)
         if len(chunk) >= size:
@@ -164,8 +166,8 @@ def _chunks(items: Iterable[_Item], size: int) -> Iterator[list[_Item]]:
         yield chunk
 
 
-def encoded_chunks(items: Iterable[_Item], encoder: Encoder, num_proc: int
-                   ) -> Iterator[tuple[list[_Item], list[Encoded | EncodedClass | BadRow]]]:
+def encoded_chunks(items: Iterable[SourceRecord], encoder: Encoder, num_proc: int
+                   ) -> Iterator[tuple[list[SourceRecord], list[Encoded | EncodedClass | BadRow]]]:
     """(items, encodings) chunk by chunk, in input order; ``num_proc > 1`` encodes in worker processes.
 
     Workers are forked where the platform allows it (the encoder, tokenizer included, is inherited,
@@ -185,7 +187,7 @@ def encoded_chunks(items: Iterable[_Item], encoder: Encoder, num_proc: int
         yield from zip(chunks, results)
 
 
-def encode_items(items: Iterable[_Item], encoder: Encoder, cfg: DataConfig, ds_index: int, spec: DatasetSpec,
+def encode_items(items: Iterable[SourceRecord], encoder: Encoder, cfg: DataConfig, ds_index: int, spec: DatasetSpec,
                  name: str, st: DatasetStats, key: str, fmt_hint: str) -> Iterator[dict[str, Any]]:
     """Tokenize records in chunks and yield examples (classification labels stay raw here)."""
     for chunk, encs in encoded_chunks(items, encoder, cfg.num_proc):
@@ -215,7 +217,7 @@ def encode_items(items: Iterable[_Item], encoder: Encoder, cfg: DataConfig, ds_i
                 yield {"input_ids": ids, "labels": labels, **base}
 
 
-def split_eval(items: list[_Item], fraction: float, rng: random.Random) -> tuple[list[_Item], list[_Item]]:
+def split_eval(items: list[SourceRecord], fraction: float, rng: random.Random) -> tuple[list[SourceRecord], list[SourceRecord]]:
     """(train, eval): a seeded random ``fraction`` of the rows held out, both kept in source order."""
     if fraction <= 0 or len(items) < 2:
         return items, []
@@ -276,7 +278,7 @@ def build_bundle(cfg: DataConfig, tokenizer: Any, *, seed: int, train_sources: l
     stats = DataStats(max_seq_len=cfg.max_seq_len, packed=cfg.packing)
     parts: list[list[dict[str, Any]]] = []
     eval_examples: list[dict[str, Any]] = []
-    eval_items: list[tuple[int, _Item]] = []
+    eval_items: list[tuple[int, SourceRecord]] = []
 
     for i, (spec, src) in enumerate(zip(cfg.train, train_sources)):
         key = f"data.train[{i}]"
@@ -372,7 +374,7 @@ def overlength_hint(cfg: DataConfig, st: DatasetStats) -> str:
             f"a trained token after its first position. Raise data.max_seq_len ({longest})")
 
 
-def _check_nonempty(items: list[_Item], st: DatasetStats, name: str, spec: DatasetSpec, key: str) -> None:
+def _check_nonempty(items: list[SourceRecord], st: DatasetStats, name: str, spec: DatasetSpec, key: str) -> None:
     if items:
         return
     if st.rows == 0:

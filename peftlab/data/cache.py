@@ -7,8 +7,8 @@ part of the settings; the tokenizer's own template is part of the tokenizer.
 
 Who builds: under ``torch.distributed`` rank 0 builds and the others wait at a barrier; otherwise
 (several independent processes, e.g. test workers or a second run) an exclusive file lock
-serialises builders and late comers find the finished file. Files are written to a temporary name
-and renamed, so a crash never leaves a half-written cache entry.
+serialises builders and late comers find the finished file. Files are written through
+:mod:`peftlab.checkpoint.atomic`, so a crash never leaves a half-written cache entry.
 
 The entry is saved with ``torch.save`` and read with ``torch.load(weights_only=True)``, which only
 admits plain containers and numbers: a tampered cache file cannot execute code.
@@ -19,7 +19,6 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 
 import torch
 
+from peftlab.checkpoint.atomic import atomic_write
 from peftlab.data.build import DataBundle
 from peftlab.data.config import DataConfig
 from peftlab.data.stats import DataStats
@@ -69,14 +69,8 @@ def _from_state(state: dict[str, Any], path: Path) -> DataBundle:
 
 
 def _save(bundle: DataBundle, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(_to_state(bundle), tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    state = _to_state(bundle)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def _load(path: Path) -> DataBundle:
@@ -84,7 +78,9 @@ def _load(path: Path) -> DataBundle:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """An exclusive lock across processes on this machine (``flock`` on ``path``, created when missing), held
+    for the ``with`` block: one process builds what the others then find built."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows: no cross-process lock, builds may repeat
@@ -114,7 +110,7 @@ def load_or_build(cache_dir: Path, key: str, build: Callable[[], DataBundle]) ->
         return built if built is not None else _load(path)
     if path.is_file():
         return _load(path)
-    with _file_lock(cache_dir / f"data-{key[:32]}.lock"):
+    with file_lock(cache_dir / f"data-{key[:32]}.lock"):
         if path.is_file():  # another process built it while we waited
             return _load(path)
         bundle = build()

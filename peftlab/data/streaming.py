@@ -23,7 +23,7 @@ from typing import Any
 
 from peftlab.data.build import (
     DataBundle,
-    _Item,
+    SourceRecord,
     encode_items,
     open_sources,
     pad_token_id_for,
@@ -112,8 +112,8 @@ def build_streaming(cfg: DataConfig, tokenizer: Any, *, seed: int, base_dir: Pat
     encoder = Encoder(tokenizer, template=cfg.template, train_on=cfg.train_on, system_prompt=cfg.system_prompt)
 
     eval_examples: list[dict[str, Any]] = []
-    eval_items: list[tuple[int, _Item]] = []
-    held: list[tuple[int, list[_Item]]] = []
+    eval_items: list[tuple[int, SourceRecord]] = []
+    held: list[tuple[int, list[SourceRecord]]] = []
     if cfg.eval:
         for j, (spec, src) in enumerate(zip(cfg.eval, eval_sources)):
             i = len(cfg.train) + j
@@ -122,7 +122,7 @@ def build_streaming(cfg: DataConfig, tokenizer: Any, *, seed: int, base_dir: Pat
     elif cfg.eval_split > 0:
         for i, (spec, src) in enumerate(zip(cfg.train, train_sources)):
             est = DatasetStats(names[i], split="eval")
-            items: list[_Item] = []
+            items: list[SourceRecord] = []
             for k, it in enumerate(read_records(src, spec, names[i], cfg, est, f"data.train[{i}]")):
                 if k >= cfg.shuffle_buffer:
                     break

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from peftlab.errors import PeftlabError
 
 BUILTIN_PREFIX = "builtin:"
+BUILT_MARKER = "peftlab_builtin.json"  # written last: a directory without it is not a finished build
 
 # Llama-3 style header/turn markers; eos is the end-of-turn token so generation stops after a reply.
 SPECIAL_TOKENS = {
@@ -255,7 +254,7 @@ def build_model_dir(name: str, out_dir: Path, *, pretrain_steps: int | None = No
     )
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    (out_dir / "peftlab_builtin.json").write_text(
+    (out_dir / BUILT_MARKER).write_text(
         json.dumps({"name": name, "version": spec.version, "spec": spec.__dict__}, indent=2)
     )
 
@@ -263,26 +262,25 @@ def build_model_dir(name: str, out_dir: Path, *, pretrain_steps: int | None = No
 def resolve_builtin(model_id: str) -> Path:
     """Return the local directory of ``builtin:<name>``, building it on first use.
 
-    The build goes to a temporary directory that is renamed into place, so a crash mid-build never
-    leaves a half-written model behind and concurrent builders (test workers, ranks) are safe.
+    One process builds (a file lock beside the cache entry), the others wait and find it built; the build
+    goes to a temporary directory that is renamed into place (:func:`peftlab.checkpoint.atomic.atomic_directory`),
+    so a crash mid-build never leaves a half-written model under the final name, and a leftover directory
+    without its ``peftlab_builtin.json`` (an interrupted build of an older peftlab) is replaced.
     """
+    from peftlab.checkpoint.atomic import atomic_directory
+    from peftlab.data.cache import file_lock
+
     name = model_id[len(BUILTIN_PREFIX):]
     if name not in BUILTIN_MODELS:
         known = ", ".join(f"builtin:{n}" for n in BUILTIN_MODELS)
         raise PeftlabError(f"unknown built-in model {model_id!r}; available: {known}")
     spec = BUILTIN_MODELS[name]
     target = cache_root() / "builtin" / f"{name}-v{spec.version}"
-    if (target / "peftlab_builtin.json").is_file():
+    if (target / BUILT_MARKER).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
-        build_model_dir(name, tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not (target / "peftlab_builtin.json").is_file():  # lost a race to a broken dir
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with file_lock(target.parent / f"{target.name}.lock"):
+        if not (target / BUILT_MARKER).is_file():  # else another process built it while this one waited
+            with atomic_directory(target, overwrite=True) as tmp:
+                build_model_dir(name, tmp)
     return target

@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from peftlab.data import DataConfig, build_data, collate, preview
+from peftlab.data.collate import collate
+from peftlab.data.config import DataConfig
+from peftlab.data.pipeline import build_data
+from peftlab.data.preview import render_preview as preview
 from peftlab.errors import PeftlabError
 from peftlab.model.builtin import build_tokenizer
 
@@ -120,7 +123,7 @@ def test_packing_through_build_data(tmp_path, tok):
     assert all(len(p["input_ids"]) <= 256 for p in b.train)
     assert b.stats.packs == len(b.train) and b.stats.packing_efficiency > 0.95
     assert b.stats.train_tokens == sum(len(p["input_ids"]) for p in b.train)
-    from peftlab.data import format_stats
+    from peftlab.data.stats import format_stats
 
     text = format_stats(b.stats)
     assert "packing:" in text and f"{b.stats.packs} packs of 256" in text

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from peftlab.data import DataConfig, build_data
+from peftlab.data.config import DataConfig
 from peftlab.data.config import DataConfig as _DC
+from peftlab.data.pipeline import build_data
 from peftlab.model.builtin import build_tokenizer
 
 ROWS = [{"messages": [{"role": "user", "content": f"q{k}"}, {"role": "assistant", "content": "a" * (k + 1)}]}

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from peftlab.data import DataConfig, build_data
+from peftlab.data.config import DataConfig
 from peftlab.data.formats import BadRow, detect_format, to_record
+from peftlab.data.pipeline import build_data
 from peftlab.errors import PeftlabError
 from peftlab.model.builtin import build_tokenizer
 
@@ -82,7 +83,7 @@ def test_classification_labels_and_regression(tmp_path, tok):
     assert b.task == "regression" and [e["label"] for e in b.train] == [0.5, 2.0]
     b = one(tmp_path, tok, [{"text": "a", "label": 3}, {"text": "b", "label": 1}], label_type="class")
     assert b.label_map == {"1": 1, "3": 3} and [e["label"] for e in b.train] == [3, 1]
-    from peftlab.data import collate
+    from peftlab.data.collate import collate
 
     batch = collate(b.train, pad_token_id=b.pad_token_id)
     assert batch["labels"].tolist() == [3, 1] and batch["input_ids"].shape == (2, 2)
@@ -143,7 +144,7 @@ def test_bad_row_messages(tmp_path, tok, fmt, row, field, expected):
     assert expected in msg and "data.on_bad_rows: skip" in msg
     b = one(tmp_path, tok, [good, row, good], fmt, on_bad_rows="skip")
     assert len(b.train) == 2 and b.stats.bad_rows == 1
-    assert "bad rows skipped: 1" in __import__("peftlab.data", fromlist=["format_stats"]).format_stats(b.stats)
+    assert "bad rows skipped: 1" in __import__("peftlab.data.stats", fromlist=["format_stats"]).format_stats(b.stats)
 
 
 def test_all_rows_bad_or_empty_dataset(tmp_path, tok):

@@ -58,6 +58,37 @@ def test_cache_root_follows_env(tmp_path, monkeypatch):
         resolve_builtin("builtin:nope")
 
 
+def test_one_process_builds_and_a_broken_leftover_is_replaced(tmp_path, monkeypatch):
+    """Concurrent callers wait for one build (a file lock) and find it; a directory without its
+    peftlab_builtin.json (an interrupted build) is replaced, and no temporary directory is left behind."""
+    import threading
+    import time
+
+    monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path))
+    builds = []
+
+    def fake_build(name, out_dir, **kwargs):
+        builds.append(name)
+        time.sleep(0.3)  # long enough for the other caller to reach the lock
+        (out_dir / "config.json").write_text("{}")
+        (out_dir / builtin.BUILT_MARKER).write_text("{}")
+
+    monkeypatch.setattr(builtin, "build_model_dir", fake_build)
+    target = tmp_path / "builtin" / f"micro-llama-v{BUILTIN_MODELS['micro-llama'].version}"
+    target.mkdir(parents=True)
+    (target / "half-written.safetensors").write_bytes(b"x")
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(resolve_builtin("builtin:micro-llama")))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [target, target] and builds == ["micro-llama"]
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", builtin.BUILT_MARKER]
+    assert [p.name for p in target.parent.iterdir() if p.is_dir()] == [target.name]
+
+
 def test_micro_llama_builds_deterministically_and_loads(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -1,0 +1,40 @@
+"""The data pipeline's entry point: a recipe's ``data:`` section -> a :class:`~peftlab.data.build.DataBundle`.
+
+    bundle = build_data(cfg, tokenizer, seed=0, cache_dir=..., base_dir=recipe_dir)
+    batch = collate(bundle.train[:8], pad_token_id=bundle.pad_token_id)   # peftlab.data.collate
+
+Three ways to the same bundle: ``data.streaming: true`` reads the sources lazily
+(:mod:`peftlab.data.streaming`); with a ``cache_dir`` the tokenized result is cached under a key covering
+the data files' content, the tokenizer and every data setting, built once across processes
+(:mod:`peftlab.data.cache`); otherwise it is built in memory (:mod:`peftlab.data.build`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from peftlab.data.build import DataBundle, build_bundle, open_sources
+from peftlab.data.cache import cache_key, load_or_build
+from peftlab.data.config import DataConfig
+from peftlab.data.streaming import build_streaming
+
+
+def build_data(cfg: DataConfig, tokenizer: Any, *, seed: int, cache_dir: Path | None = None,
+               base_dir: Path | None = None) -> DataBundle:
+    """Build the train/eval data of a recipe (see :mod:`peftlab.data.build` for the steps).
+
+    ``base_dir`` is what relative ``path``s are resolved against (the recipe file's directory).
+    With ``cache_dir`` the tokenized result is cached under a key covering the data files' content,
+    the tokenizer and every data setting, and built once across processes.
+    """
+    if cfg.streaming:
+        return build_streaming(cfg, tokenizer, seed=seed, base_dir=base_dir)
+    train_sources, eval_sources = open_sources(cfg, base_dir)
+
+    def build() -> DataBundle:
+        return build_bundle(cfg, tokenizer, seed=seed, train_sources=train_sources, eval_sources=eval_sources)
+
+    if cache_dir is None:
+        return build()
+    key = cache_key(cfg, tokenizer, seed, [s.fingerprint() for s in [*train_sources, *eval_sources]])
+    return load_or_build(Path(cache_dir), key, build)
