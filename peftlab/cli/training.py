@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the recipe imports pydantic and the data package (torch): commands import what they run
     from peftlab.recipe.schema import Recipe
-
-logger = logging.getLogger(__name__)
 
 QUICKSTART_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"
 
@@ -31,7 +28,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from peftlab.trainer.loop import train
 
     try:
-        result = train(_recipe(args), quiet=args.quiet)
+        result = train(_recipe(args))  # --quiet is the console's level (main)
     except BaseException:
         shutdown_distributed(synchronize=False)
         raise
@@ -51,7 +48,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         import make_quickstart_data  # recipes/make_quickstart_data.py
 
         make_quickstart_data.main(["--out", str(data_dir)])
-    train(load_recipe(recipe_path, overrides=args.set), quiet=args.quiet)
+    train(load_recipe(recipe_path, overrides=args.set))
     return 0
 
 
@@ -60,7 +57,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from peftlab.trainer.sweep import format_table, load_sweep, run_sweep
 
     spec, base, base_dir = load_sweep(args.sweep, overrides=args.set)
-    result = run_sweep(spec, base, base_dir, say=logger.info)  # --quiet: the console's level
+    result = run_sweep(spec, base, base_dir)
     print(format_table(result), end="")
     print(f"peftlab: best {result.best.name} ({spec.metric}={result.best.last.score:.4f}); results: "
           f"{result.output_dir / 'results.csv'}; best recipe: {result.output_dir / 'best_recipe.yaml'}")
@@ -72,7 +69,7 @@ def cmd_distill_cache(args: argparse.Namespace) -> int:
     from peftlab.objectives.teacher_cache import build_teacher_cache
 
     cache = build_teacher_cache(_recipe(args), force=args.force, shard_mb=args.shard_mb,
-                                batch_size=args.batch_size, quiet=args.quiet)
+                                batch_size=args.batch_size)
     print(f"teacher cache: {cache}")
     return 0
 

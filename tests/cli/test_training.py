@@ -24,6 +24,17 @@ def test_train_writes_the_adapter_and_its_recipe(trained):
     assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3]
 
 
+def test_quiet_says_nothing_but_warnings_and_the_default_says_how_it_goes(trained, capsys, tmp_path):
+    recipe, _ = trained
+    short = ["--set", "train.max_steps=1", "--set", "eval.metric=loss"]
+    assert main(["train", str(recipe), "--quiet", "--set", f"output.dir={tmp_path / 'quiet'}", *short]) == 0
+    assert capsys.readouterr().out == ""
+    assert main(["train", str(recipe), "--set", f"output.dir={tmp_path / 'loud'}", *short]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("peftlab: builtin:micro-llama on cpu")
+    assert f"adapter (PEFT format): {tmp_path / 'loud' / 'adapter'}" in out
+
+
 def test_data_preview_marks_trained_spans(trained, capsys):
     recipe, _ = trained
     assert main(["data", str(recipe), "-n", "2"]) == 0
