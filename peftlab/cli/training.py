@@ -96,7 +96,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     """Print the first tokenized samples (trained tokens marked) and the data statistics."""
     from peftlab.data.pipeline import build_data
-    from peftlab.data.preview import render_preview as preview
+    from peftlab.data.preview import render_preview
     from peftlab.data.stats import format_stats
     from peftlab.model.load import load_tokenizer
 
@@ -104,6 +104,6 @@ def cmd_data(args: argparse.Namespace) -> int:
     tok = load_tokenizer(recipe.model.tokenizer or recipe.model.name, revision=recipe.model.revision,
                          trust_remote_code=recipe.model.trust_remote_code)
     bundle = build_data(recipe.data, tok, seed=recipe.train.seed, base_dir=Path(recipe.base_dir))
-    print(preview(bundle, tok, n=args.n, color=sys.stdout.isatty()))
+    print(render_preview(bundle, tok, n=args.n, color=sys.stdout.isatty()))
     print(format_stats(bundle.stats))
     return 0
