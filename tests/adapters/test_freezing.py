@@ -10,7 +10,7 @@ from peftlab.adapters.lora_inject import lora_modules
 from peftlab.engine.local import LocalEngine
 from peftlab.errors import PeftlabError
 from peftlab.model.load import build_model
-from peftlab.recipe.schema import recipe_from_dict
+from peftlab.recipe.parse import recipe_from_dict
 
 
 def _recipe(tmp_path, **adapter):

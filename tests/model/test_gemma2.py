@@ -32,7 +32,7 @@ def gemma_dir(tmp_path_factory):
 
 
 def _recipe(gemma_dir, kernels: str, **loss):
-    from peftlab.recipe.schema import recipe_from_dict
+    from peftlab.recipe.parse import recipe_from_dict
 
     return recipe_from_dict({"model": {"name": str(gemma_dir)}, "quantization": {"mode": "none"},
                              "adapter": {"r": 4, "dropout": 0.0}, "kernels": kernels,
