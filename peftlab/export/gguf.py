@@ -291,7 +291,7 @@ def keep_merged(merged_dir: Path, out: Path) -> Path:
     while keep.exists():
         n += 1
         keep = out.parent / f"{out.stem}-merged-{n}"
-    os.replace(merged_dir, keep)
+    os.replace(merged_dir, keep)  # a move of a finished directory (not a write): nothing can be half-done
     return keep
 
 
