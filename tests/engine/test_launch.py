@@ -128,7 +128,6 @@ def test_launch_says_and_runs_the_deepspeed_command(tmp_path, monkeypatch, caplo
     calls = []
     monkeypatch.setattr(launch_module.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 7)
     monkeypatch.delenv("PEFTLAB_JOIN_TIMEOUT", raising=False)
-    monkeypatch.setattr(logging.getLogger("peftlab"), "propagate", True)  # the CLI's console may have taken it
     with caplog.at_level(logging.INFO, logger="peftlab"):
         code = launch_module.launch(str(recipe), hostfile=str(tmp_path / "hostfile"), preflight_timeout=30,
                                     overrides=["train.lr=1e-3"])

@@ -25,9 +25,8 @@ def fixed_baseline(monkeypatch):
 
 
 @pytest.fixture
-def messages(caplog, monkeypatch):
+def messages(caplog):
     """What peftlab logs (INFO and up) while the test runs."""
-    monkeypatch.setattr(logging.getLogger("peftlab"), "propagate", True)  # the CLI's console may have taken it
     caplog.set_level(logging.INFO, logger="peftlab")
     return lambda: [r.getMessage() for r in caplog.records if r.name.startswith("peftlab.")]
 

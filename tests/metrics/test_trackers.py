@@ -75,7 +75,6 @@ def test_wandb_offline_run_is_written(run):
 
 @pytest.mark.skipif(HAS_WANDB, reason="wandb is installed: the missing-package message cannot be shown")
 def test_missing_tracker_package_gives_a_clear_message_and_the_run_goes_on(tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr(logging.getLogger("peftlab"), "propagate", True)  # the CLI's console may have taken it
     with caplog.at_level(logging.WARNING, logger="peftlab"):
         log = RunLog(tmp_path, ["jsonl", "wandb"], params={"train": {"lr": 1.0}})
     log.log(1, "train", {"loss": 2.0})

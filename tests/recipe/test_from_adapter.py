@@ -190,12 +190,8 @@ def test_an_adapter_without_a_base_or_a_config_is_refused(tmp_path):
         load_adapter_recipe(tmp_path)
 
 
-def test_a_stored_recipe_is_read_with_remote_code_off(tmp_path, caplog, monkeypatch):
-    import logging
-
+def test_a_stored_recipe_is_read_with_remote_code_off(tmp_path, caplog):
     from peftlab.recipe.from_adapter import load_adapter_recipe, recipe_for_adapter
-
-    monkeypatch.setattr(logging.getLogger("peftlab"), "propagate", True)  # the CLI's console may have taken it
 
     stored = {"model": {"name": "builtin:micro-llama", "trust_remote_code": True}, "train": {"lr": 1e-3},
               "distill": {"teacher": {"name": "builtin:tiny-llama", "trust_remote_code": True}},
