@@ -5,8 +5,9 @@ One switch sets how much is said (``setup_logging(level)``: the CLI's ``--quiet`
 ``PEFTLAB_LOG_ALL_RANKS=1`` lets every rank speak, each line prefixed with its rank). Launchers, SLURM and
 notebooks capture it like any logging output: progress and results (INFO) go to stdout, warnings and errors
 to stderr — except for a command whose stdout is its product (``peftlab eval``'s JSON, ``generate``'s text):
-there every message goes to stderr (``setup_logging(messages_to_stderr=True)``). Modules log through ``logging.getLogger(__name__)`` (a child of ``peftlab``); nothing in the
-library prints. Progress bars stay tqdm (:func:`progress`), shown when INFO is.
+there every message goes to stderr (``setup_logging(messages_to_stderr=True)``). Modules log through
+``logging.getLogger(__name__)`` (a child of ``peftlab``); nothing in the library prints. Progress bars stay
+tqdm (:func:`progress`), shown when INFO is.
 """
 from __future__ import annotations
 

@@ -5,8 +5,9 @@ trackers built here. Each tracker runs only when its package is installed; other
 and one clear message says what to install. Nothing global is touched: MLflow is driven through an
 ``MlflowClient`` bound to ``sqlite:///<output.dir>/mlflow.db`` with artifacts in
 ``<output.dir>/mlartifacts`` (no active-run state, no environment variables; browse with
-``mlflow ui --backend-store-uri sqlite:///<output.dir>/mlflow.db``), W&B through the run object that ``wandb.init(mode="offline", dir=<output.dir>)`` returns
-(sync it later with ``wandb sync <output.dir>/wandb/offline-run-*``).
+``mlflow ui --backend-store-uri sqlite:///<output.dir>/mlflow.db``), W&B through the run object that
+``wandb.init(mode="offline", dir=<output.dir>)`` returns (sync it later with
+``wandb sync <output.dir>/wandb/offline-run-*``).
 
 What each receives: the recipe flattened to ``section.key`` params, every scalar figure as
 ``<split>/<name>`` at its optimizer step, and at the end the adapter directory and metrics.jsonl as
