@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -16,13 +18,15 @@ from helpers import make_quickstart_data, tiny_recipe_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from peftlab.adapters.chat_template import save_chat_template, training_template
 from peftlab.adapters.lora_inject import inject_lora, lora_modules, merge_lora
 from peftlab.adapters.peft_format import load_adapter, save_adapter
 from peftlab.cli.main import main
+from peftlab.data.pipeline import build_data
 from peftlab.errors import PeftlabError
 from peftlab.export.merge import merge_adapter, parse_size
 from peftlab.model.builtin import CHAT_TEMPLATE, resolve_builtin
-from peftlab.model.load import build_model
+from peftlab.model.load import build_model, load_base_model
 from peftlab.recipe.parse import dump_recipe, recipe_from_dict
 
 VARIANTS = {"lora": {}, "rslora": {"rslora": True}, "dora": {"dora": True}}
@@ -204,3 +208,46 @@ def test_cli_merge_and_errors(data_dir, tmp_path, capsys):
     assert main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "x"), "--max-shard-size", "lots"]) == 2
     assert "expected a size such as 2GB" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_merged_model_carries_the_training_template_and_renders_prompts_as_training_did(data_dir, tmp_path):
+    """A run that rendered its data with data.template: chatml (the tokenizer's own template is Llama-3 style):
+    the merged model's tokenizer renders a prompt to exactly the ids training held out for it; the directory
+    is readable by group and others (umask 022), not mkdtemp's 0700."""
+    recipe = recipe_from_dict(tiny_recipe_dict(data_dir, tmp_path / "run", quantization={"mode": "none"},
+                                               data={"template": "chatml", "max_seq_len": 160}))
+    loaded = build_model(recipe, trainable=False)
+    adapter = tmp_path / "adapter"
+    save_adapter(loaded.model, adapter, base_model_name_or_path=recipe.model.name)
+    dump_recipe(recipe, adapter / "peftlab_recipe.yaml")
+    save_chat_template(adapter, training_template(loaded.tokenizer, "chatml"))  # as the trainer saves it
+    out = tmp_path / "merged"
+    merge_adapter(adapter, out, report_samples=0)
+    saved = (adapter / "chat_template.jinja").read_text()
+    assert (out / "chat_template.jinja").read_text() == saved
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template == saved
+    mode = stat.S_IMODE(out.stat().st_mode)
+    assert mode & 0o055 == 0o055, oct(mode)
+    data = build_data(recipe.data, loaded.tokenizer, seed=recipe.train.seed)
+    user = json.loads((data_dir / "eval.jsonl").read_text().splitlines()[0])["messages"][-2]["content"]
+    assert list(tok.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=False)) == data.eval_prompts[0]["prompt_ids"]
+
+
+def test_merge_copies_every_tokenizer_file_of_the_base(tmp_path, micro_dir):
+    base = tmp_path / "base"
+    shutil.copytree(micro_dir, base)
+    extras = {"tokenizer.model": b"\x0a\x03sp-model-bytes", "added_tokens.json": b"{}",
+              "special_tokens_map.json": b'{"bos_token": "<|begin_of_text|>"}'}
+    for name, content in extras.items():
+        (base / name).write_bytes(content)
+    model = load_base_model(str(base), dtype=torch.float32, device=torch.device("cpu"))
+    inject_lora(model, r=2, alpha=4, target_modules=["q_proj"])
+    save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(base))
+    merge_adapter(tmp_path / "adapter", tmp_path / "merged", report_samples=0)
+    for name, content in extras.items():
+        assert (tmp_path / "merged" / name).read_bytes() == content, name
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (tmp_path / "merged" / name).read_bytes() == (base / name).read_bytes(), name
+
