@@ -18,6 +18,8 @@ from torch import Tensor
 
 from peftlab.adapters.peft_format import load_adapter
 from peftlab.checkpoint.atomic import atomic_write_text
+from peftlab.data.collate import collate
+from peftlab.data.pipeline import build_data
 from peftlab.errors import PeftlabError
 from peftlab.export.source import MergeSource, tokenizer_dir
 from peftlab.model.load import build_model, load_base_model, load_tokenizer
@@ -51,8 +53,6 @@ def report_batches(source: MergeSource, tokenizer: Any, n_samples: int) -> tuple
     """Held-out batches: the training recipe's eval data when it can be read, else built-in prompts."""
     if source.recipe is not None and source.recipe.data.eval:
         try:
-            from peftlab.data import build_data, collate
-
             data = build_data(source.recipe.data, tokenizer, seed=source.recipe.train.seed,
                               base_dir=Path(source.recipe.base_dir))
             if data.eval:
