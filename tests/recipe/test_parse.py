@@ -112,29 +112,3 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_recipe(write(tmp_path, "model: [unclosed"))
     with pytest.raises(PeftlabError, match="top level must be a mapping"):
         recipe_from_dict(["a"])  # type: ignore[arg-type]
-
-
-def test_unknown_model_and_missing_model_dir(tmp_path):
-    from peftlab.model.load import resolve_model_path
-
-    with pytest.raises(PeftlabError, match="unknown built-in model 'builtin:nope'; available: builtin:tiny-llama"):
-        resolve_model_path("builtin:nope")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(PeftlabError, match="without a config.json"):
-        resolve_model_path(str(tmp_path / "empty"))
-    with pytest.raises(PeftlabError, match="no such directory"):
-        resolve_model_path("./does/not/exist")
-
-
-def test_tokenizer_only_directory_loads(tmp_path):
-    """model.tokenizer may name a directory holding only tokenizer files (no config.json)."""
-    from peftlab.model.builtin import build_tokenizer
-    from peftlab.model.load import load_tokenizer
-
-    build_tokenizer().save_pretrained(tmp_path / "tok")
-    assert not (tmp_path / "tok" / "config.json").exists()
-    tok = load_tokenizer(str(tmp_path / "tok"))
-    assert tok("hello world")["input_ids"] == build_tokenizer()("hello world")["input_ids"]
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(PeftlabError, match="has no tokenizer files"):
-        load_tokenizer(str(tmp_path / "empty"))
