@@ -1,18 +1,21 @@
-"""Scale-out on DeepSpeed: process group, config merging, the ZeRO engine, ZeRO-3 gathers, saving.
+"""Scale-out on DeepSpeed: the config merged from the recipe, the ZeRO engine, ZeRO-3 gathers.
 
 The trainer stays one loop. Under a launcher (``peftlab launch``, ``deepspeed``, ``torchrun``) every
-process runs the same :class:`~peftlab.trainer.Trainer`; this module supplies what changes:
+process runs the same :class:`~peftlab.trainer.loop.Trainer` on the process group of
+:mod:`peftlab.engine.process_group`; this module supplies what changes under DeepSpeed:
 
-- :func:`init_distributed` joins the process group (gloo on CPU, NCCL on GPUs) with a timeout, naming
-  the ranks that never arrived instead of hanging;
+- :func:`join_for_deepspeed` checks the recipe before any model is loaded, joins the process group and lets
+  DeepSpeed adopt it;
 - :func:`deepspeed_config` reads the recipe's DeepSpeed JSON and fills it from the recipe (batch
   sizes, accumulation, clipping, optimizer) so the two can never disagree — ``"auto"`` is filled, a
   concrete conflicting value is an error naming both;
-- :class:`ZeroEngine` is the DeepSpeed engine behind the trainer's four calls (``backward``, ``step``,
-  ``state_dict``/``load_state_dict``, plus ``save_checkpoint``/``load_checkpoint`` for DeepSpeed's own
-  sharded checkpoints);
+- :class:`ZeroEngine` is the DeepSpeed engine behind :class:`peftlab.engine.interface.Engine` (its part of
+  a checkpoint is DeepSpeed's own sharded checkpoint, staged by every rank and added to the atomic checkpoint
+  with its ``latest`` file);
 - :func:`gathered_head` / :func:`gathered_adapter_state` gather ZeRO-3 partitioned parameters for the
   fused loss and for saving; :func:`check_adapter_tensors` refuses to write an adapter that was not.
+
+``deepspeed`` itself is imported only where it runs (CPU users and the CLI never pay for it).
 
 Precision: peftlab keeps QLoRA's mixed precision itself — the frozen base runs in ``model.dtype``,
 LoRA weights, their gradients and the optimizer state stay fp32. DeepSpeed's own ``bf16``/``fp16``
@@ -23,191 +26,45 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import socket
-import time
+import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from peftlab.adapters.lora_inject import lora_modules
+from peftlab.adapters.peft_format import lora_parameters, save_adapter
+from peftlab.engine.interface import StepResult
+from peftlab.engine.local import build_optimizer, lr_lambda, trainable_parameters, warmup_steps
+from peftlab.engine.process_group import (
+    DistInfo,
+    backend,
+    barrier,
+    collective_timeout,
+    is_distributed,
+    is_main_process,
+    join_process_group,
+    world_size,
+)
 from peftlab.errors import PeftlabError
-
-if TYPE_CHECKING:
-    from peftlab.engine.local import StepResult
 
 DEEPSPEED_TAG = "engine"
 """The tag (sub-directory) of DeepSpeed's checkpoint inside a peftlab checkpoint's ``deepspeed/``."""
-DEFAULT_JOIN_TIMEOUT_S = 300.0
-"""How long a rank waits for the others to join (``PEFTLAB_JOIN_TIMEOUT``)."""
-DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0
-"""Timeout of every collective once joined (``PEFTLAB_COLLECTIVE_TIMEOUT``)."""
 
 
-# ---- ranks --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def env_dist_info() -> DistInfo:
-    """Rank/world size as a launcher (deepspeed, torchrun, SLURM via our sbatch) exports them."""
-    return DistInfo(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
-                    int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def is_distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() \
-        and torch.distributed.get_world_size() > 1
-
-
-def rank() -> int:
-    return torch.distributed.get_rank() if is_distributed() else 0
-
-
-def world_size() -> int:
-    return torch.distributed.get_world_size() if is_distributed() else 1
-
-
-def is_main_process() -> bool:
-    return rank() == 0
-
-
-def barrier() -> None:
-    if is_distributed():
-        torch.distributed.barrier()
-
-
-def shutdown_distributed(*, synchronize: bool = True) -> None:
-    """Leave the process group before the interpreter exits (after a barrier when the run succeeded).
-    Left to interpreter teardown, gloo's worker threads can be destroyed while still joinable: a rank
-    then aborts with "terminate called without an active exception" after a finished run (seen under
-    load in the ZeRO-3 test)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    if synchronize and torch.distributed.get_world_size() > 1:
-        torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-
-
-def all_reduce_sum(value: float) -> float:
-    """Σ over ranks of a Python number (fp64, so token counts stay exact); identity in one process."""
-    if not is_distributed():
-        return value
-    t = torch.tensor([float(value)], dtype=torch.float64, device=_comm_device())
-    torch.distributed.all_reduce(t)
-    out = float(t.item())
-    return int(out) if isinstance(value, int) else out
-
-
-def _comm_device() -> torch.device:
-    if torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _env_seconds(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise PeftlabError(f"{name}={raw!r}: expected a number of seconds") from None
-    if value <= 0:
-        raise PeftlabError(f"{name}={raw!r}: expected a positive number of seconds")
-    return value
-
-
-def init_distributed(recipe: Any = None, *, join_timeout_s: float | None = None) -> DistInfo:
-    """Join the process group of a launched run; a no-op in a single process without DeepSpeed.
-
-    Every rank first checks in on a key-value store hosted by rank 0 at MASTER_ADDR:MASTER_PORT and
-    waits at most ``join_timeout_s`` for the others; a missing rank is reported by number (a plain
-    ``init_process_group`` would wait and then fail with a bare store timeout). The same store then
-    backs the gloo/NCCL group, and DeepSpeed adopts that group. A recipe with a ``deepspeed`` key is
-    checked here, before any model is loaded.
-    """
-    info = env_dist_info()
-    uses_deepspeed = recipe is not None and getattr(recipe, "deepspeed", None) is not None
-    if uses_deepspeed:
-        from peftlab.model.load import pick_device, pick_dtype
-
-        check_recipe_for_deepspeed(recipe, pick_dtype(recipe.model.dtype, pick_device(recipe.train.device)))
-    if is_distributed():
-        return DistInfo(rank(), world_size(), info.local_rank)
-    if info.world_size <= 1 and not uses_deepspeed:
-        return info
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    timeout = timedelta(seconds=_env_seconds("PEFTLAB_COLLECTIVE_TIMEOUT", DEFAULT_COLLECTIVE_TIMEOUT_S))
-    if info.world_size <= 1:
-        # DeepSpeed in one process still wants a process group (a private one of size 1) and the
-        # launcher's variables.
-        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-            os.environ.setdefault(key, value)
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0,
-                                                 world_size=1, timeout=timeout)
-    else:
-        store = _join_store(info, join_timeout_s or _env_seconds("PEFTLAB_JOIN_TIMEOUT", DEFAULT_JOIN_TIMEOUT_S))
-        if backend == "nccl":
-            torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
-        torch.distributed.init_process_group(backend, store=torch.distributed.PrefixStore("pg", store),
-                                             rank=info.rank, world_size=info.world_size, timeout=timeout)
-    if uses_deepspeed:
+def join_for_deepspeed(recipe: Any, compute_dtype: torch.dtype) -> DistInfo:
+    """Refuse a recipe DeepSpeed cannot run (before any model is loaded), join the process group (a private one
+    of size 1 in a single process) and let DeepSpeed adopt it."""
+    check_recipe_for_deepspeed(recipe, compute_dtype)
+    joined_before = is_distributed()
+    info = join_process_group(single_process_group=True)
+    if not joined_before:
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # adopts the group above
+        deepspeed.init_distributed(dist_backend=backend(), timeout=collective_timeout())
     return info
-
-
-def _join_store(info: DistInfo, join_timeout_s: float) -> Any:
-    addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
-    try:
-        port = int(os.environ.get("MASTER_PORT", "29500"))
-    except ValueError:
-        raise PeftlabError(f"MASTER_PORT={os.environ['MASTER_PORT']!r} is not a port number") from None
-    try:
-        store = torch.distributed.TCPStore(addr, port, info.world_size, is_master=info.rank == 0,
-                                           timeout=timedelta(seconds=join_timeout_s), wait_for_workers=False)
-    except Exception as exc:  # noqa: BLE001 - torch raises several types for an unreachable master
-        raise PeftlabError(
-            f"rank {info.rank}: cannot reach the rendezvous at MASTER_ADDR={addr} MASTER_PORT={port} within "
-            f"{join_timeout_s:.0f}s ({type(exc).__name__}: {exc}); check that node rank 0 is running, that "
-            "the address resolves from this node and that the port is open (PEFTLAB_JOIN_TIMEOUT raises the wait)"
-        ) from None
-    _wait_for_ranks(store, info, join_timeout_s)
-    return store
-
-
-def _wait_for_ranks(store: Any, info: DistInfo, timeout_s: float) -> None:
-    store.set(f"peftlab/joined/{info.rank}", socket.gethostname())
-    deadline = time.monotonic() + timeout_s
-    missing = list(range(info.world_size))
-    while True:
-        missing = [r for r in missing if not store.check([f"peftlab/joined/{r}"])]
-        if not missing:
-            return
-        if time.monotonic() > deadline:
-            raise PeftlabError(
-                f"rank {info.rank}: rank(s) {', '.join(map(str, missing))} of {info.world_size} did not join "
-                f"within {timeout_s:.0f}s (MASTER_ADDR={os.environ.get('MASTER_ADDR')}, MASTER_PORT="
-                f"{os.environ.get('MASTER_PORT')}); start every node (peftlab launch ... --node-rank N), "
-                "or raise PEFTLAB_JOIN_TIMEOUT"
-            )
-        time.sleep(0.05)
 
 
 # ---- the DeepSpeed config -----------------------------------------------------------------------
@@ -379,8 +236,6 @@ def gathered_head(weight: torch.Tensor, bias: torch.Tensor | None = None
 
 def gathered_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The LoRA weights (PEFT key names) as whole CPU tensors on every rank — gathered under ZeRO-3."""
-    from peftlab.adapters.peft_format import lora_parameters
-
     named = lora_parameters(model)
     partitioned = [p for p in named.values() if is_partitioned(p)]
     if not partitioned:
@@ -401,7 +256,7 @@ def check_adapter_tensors(tensors: dict[str, torch.Tensor], where: str = "adapte
         raise PeftlabError(
             f"refusing to save {where}: {len(empty)} of {len(tensors)} tensors are empty (e.g. {empty[0]}); under "
             "DeepSpeed ZeRO-3 the weights are partitioned across ranks and must be gathered before saving "
-            "(peftlab.distributed.gathered_adapter_state)"
+            "(peftlab.engine.deepspeed.gathered_adapter_state)"
         )
     zero_a = [k for k, v in tensors.items() if "lora_A" in k and not bool(v.detach().ne(0).any())]
     if zero_a or all(not bool(v.detach().ne(0).any()) for v in tensors.values()):
@@ -411,18 +266,6 @@ def check_adapter_tensors(tensors: dict[str, torch.Tensor], where: str = "adapte
             "after initialisation, so these weights were not gathered or were lost (check the ZeRO stage and "
             "that the adapter was gathered from all ranks)"
         )
-
-
-def save_adapter_gathered(model: nn.Module, out_dir: Path, *, base_model_name_or_path: str) -> Path:
-    """Gather the adapter from all ranks, check it, and write it in the PEFT format on rank 0 only."""
-    from peftlab.adapters.peft_format import save_adapter
-
-    tensors = {k: v.contiguous() for k, v in gathered_adapter_state(model).items()}
-    check_adapter_tensors(tensors, where=str(out_dir))
-    if is_main_process():
-        save_adapter(model, out_dir, base_model_name_or_path=base_model_name_or_path, tensors=tensors)
-    barrier()
-    return out_dir
 
 
 def _register_lora_external_params(model: nn.Module) -> None:
@@ -435,8 +278,6 @@ def _register_lora_external_params(model: nn.Module) -> None:
     """
     import deepspeed
 
-    from peftlab.adapters.lora_inject import lora_modules
-
     for module in lora_modules(model).values():
         for p in (module.base_layer.weight, getattr(module.base_layer, "bias", None), module.lora_A.weight,
                   module.lora_B.weight, getattr(module, "lora_magnitude_vector", None)):
@@ -448,9 +289,9 @@ def _register_lora_external_params(model: nn.Module) -> None:
 
 
 class ZeroEngine:
-    """DeepSpeed (ZeRO 0-3, optional CPU offload) behind the trainer's engine interface.
+    """DeepSpeed (ZeRO 0-3, optional CPU offload) behind :class:`peftlab.engine.interface.Engine`.
 
-    The optimizer is torch's AdamW built by :func:`peftlab.engine.build_optimizer` and the schedule
+    The optimizer is torch's AdamW built by :func:`peftlab.engine.local.build_optimizer` and the schedule
     is the recipe's, so a run under DeepSpeed makes the same updates as the local engine. Losses
     arrive already divided by the *global* number of target tokens of the step; DeepSpeed averages
     gradients over ranks, so :meth:`backward` scales by the world size to turn that average back into
@@ -461,8 +302,6 @@ class ZeroEngine:
     def __init__(self, model: nn.Module, recipe: Any, total_steps: int, device: torch.device,
                  compute_dtype: torch.dtype):
         import deepspeed
-
-        from peftlab.engine.local import build_optimizer, lr_lambda, trainable_parameters, warmup_steps
 
         t = recipe.train
         self.world_size = world_size()
@@ -482,6 +321,7 @@ class ZeroEngine:
             _register_lora_external_params(model)
         self.model = self.ds.module
         self.params = params
+        self._skipped_seen = 0
 
     @property
     def lr(self) -> float:
@@ -493,8 +333,6 @@ class ZeroEngine:
     def step(self, *, skip: bool = False) -> StepResult:
         """Apply the step's accumulated gradients (DeepSpeed reduces, clips and steps); ``skip`` (a
         non-finite loss) drops them instead and only advances the schedule."""
-        from peftlab.engine.local import StepResult
-
         if skip:
             self.ds.zero_grad()
             self.scheduler.step()
@@ -504,13 +342,12 @@ class ZeroEngine:
         norm_f = float(norm) if norm is not None else float("nan")
         if isinstance(norm, torch.Tensor):
             norm_f = float(norm.item())
-        skipped = bool(getattr(self.ds, "skipped_steps", 0) > getattr(self, "_skipped_seen", 0))
+        skipped = bool(getattr(self.ds, "skipped_steps", 0) > self._skipped_seen)
         self._skipped_seen = getattr(self.ds, "skipped_steps", 0)
         return StepResult(norm_f if math.isfinite(norm_f) else float("nan"), skipped)
 
-    # The trainer's checkpoint hooks. DeepSpeed's partitioned optimizer state is not a dict one rank
-    # can hold, so state_dict() returns only the bookkeeping and the state itself goes through
-    # DeepSpeed's own sharded checkpoint (save_checkpoint / load_checkpoint, called on every rank).
+    # DeepSpeed's partitioned optimizer state is not a dict one rank can hold: state_dict() is only the
+    # bookkeeping (engine.pt), the state itself travels in DeepSpeed's own sharded checkpoint (checkpoint_part).
     def state_dict(self) -> dict[str, Any]:
         return {"engine": "deepspeed", "zero_stage": self.stage, "global_steps": int(self.ds.global_steps)}
 
@@ -519,16 +356,61 @@ class ZeroEngine:
             raise PeftlabError("this checkpoint was written by the single-process engine; resume it without "
                                "the deepspeed recipe key, or start a new run")
 
-    def save_checkpoint(self, directory: Path, tag: str = DEEPSPEED_TAG) -> None:
-        """DeepSpeed's sharded checkpoint (every rank writes its partition) into ``directory/tag``."""
-        # Frozen (base) weights are left out: they come from the model recipe; load is non-strict. DeepSpeed's
-        # `latest` is written by the trainer into the atomic checkpoint instead (DeepSpeed writes it in place).
-        self.ds.save_checkpoint(str(directory), tag=tag, save_latest=False, exclude_frozen_parameters=True)
+    @contextlib.contextmanager
+    def checkpoint_part(self, staging: Path) -> Iterator[dict[str, bytes]]:
+        """DeepSpeed's sharded checkpoint (optimizer partitions, scheduler, engine counters), called on every rank.
 
-    def load_checkpoint(self, directory: Path, tag: str = DEEPSPEED_TAG) -> None:
-        path, _ = self.ds.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True, load_module_strict=False)
-        if path is None:
-            raise PeftlabError(f"no DeepSpeed checkpoint under {directory}/{tag}; resume from a checkpoint that "
-                               "was written by a run with the same deepspeed config")
+        Every rank writes its shard into ``staging`` (``<checkpoint root>/.ds-staging-step-N``: the checkpoint
+        root must be on a filesystem every rank sees — shared storage on multi-node runs). Rank 0 then gets every
+        staged file as ``deepspeed/<relative path>``, plus DeepSpeed's ``latest`` naming the tag, so that the
+        atomic checkpoint lists and hashes them in ``COMPLETE`` and ``deepspeed/`` is a complete DeepSpeed
+        checkpoint directory (``zero_to_fp32.py <checkpoint>/deepspeed OUT`` works without ``--tag``). The
+        staging directory is removed when the block ends.
+        """
+        main = is_main_process()
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)  # a leftover of a crashed save
+            staging.mkdir(parents=True)
+        barrier()
+        # Frozen (base) weights are left out: they come from the model recipe; load is non-strict. DeepSpeed
+        # writes `latest` in place, so it is added to the atomic checkpoint instead (save_latest=False).
+        self.ds.save_checkpoint(str(staging), tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True)
+        barrier()
+        try:
+            files: dict[str, bytes] = {}
+            if main:
+                for f in sorted(p for p in staging.rglob("*") if p.is_file()):
+                    files[f"deepspeed/{f.relative_to(staging).as_posix()}"] = f.read_bytes()
+                files["deepspeed/latest"] = DEEPSPEED_TAG.encode()
+            yield files
+        finally:
+            if main:
+                shutil.rmtree(staging, ignore_errors=True)
 
+    def restore(self, path: Path, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        """Every rank loads DeepSpeed's own checkpoint: LoRA weights (fp32 partitions), optimizer, scheduler and
+        engine counters all come from ``deepspeed/`` (``weights``, the gathered copy, are not needed)."""
+        self.load_state_dict(state)  # refuses a single-process engine's checkpoint
+        ds_dir = path / "deepspeed"
+        if not ds_dir.is_dir():
+            raise PeftlabError(f"resume: {path} holds no deepspeed/ directory (DeepSpeed's optimizer and "
+                               "scheduler state), so the run cannot continue exactly; resume from a checkpoint "
+                               "written by this peftlab under DeepSpeed, or start a new run")
+        loaded, _ = self.ds.load_checkpoint(str(ds_dir), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+                                            load_lr_scheduler_states=True, load_module_strict=False)
+        if loaded is None:
+            raise PeftlabError(f"no DeepSpeed checkpoint under {ds_dir}/{DEEPSPEED_TAG}; resume from a checkpoint "
+                               "that was written by a run with the same deepspeed config")
+
+    def adapter_state(self, where: str) -> dict[str, torch.Tensor]:
+        """Gathered from all ranks (ZeRO-3 partitions) and checked whole and non-empty."""
+        tensors = {k: v.contiguous() for k, v in gathered_adapter_state(self.model).items()}
+        check_adapter_tensors(tensors, where=where)
+        return tensors
+
+    def save_adapter(self, path: Path, *, base_model_name_or_path: str) -> None:
+        """Gather the adapter from all ranks, check it, and write it in the PEFT format on rank 0 only."""
+        tensors = self.adapter_state(str(path))
+        if is_main_process():
+            save_adapter(self.model, path, base_model_name_or_path=base_model_name_or_path, tensors=tensors)
+        barrier()

@@ -1,18 +1,22 @@
-"""The optimisation engine: backward, gradient clipping, optimizer and scheduler steps.
+"""The local engine: plain PyTorch on one device — backward, gradient clipping, optimizer and scheduler steps.
 
-The trainer talks to an engine through four calls — ``backward(loss)``, ``step()``, ``state_dict()``,
-``load_state_dict()`` — so that the single-process PyTorch engine here and the DeepSpeed engine
-(:mod:`peftlab.engine.deepspeed`, ZeRO 1/2/3) are interchangeable without touching the loop.
+It implements :class:`peftlab.engine.interface.Engine`, as the DeepSpeed engine (:mod:`peftlab.engine.deepspeed`,
+ZeRO 1/2/3) does, so the loop runs either without asking which. The optimizer builder and the schedule here are
+shared by both engines (a run under DeepSpeed makes the same updates).
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from peftlab.adapters.peft_format import lora_state_dict, save_adapter
+from peftlab.engine.interface import StepResult
+from peftlab.engine.process_group import barrier, is_main_process
 from peftlab.errors import PeftlabError
 
 
@@ -66,14 +70,8 @@ def warmup_steps(train: Any, total_steps: int) -> int:
     return math.ceil(train.warmup_ratio * total_steps)
 
 
-@dataclass
-class StepResult:
-    grad_norm: float
-    skipped: bool  # a non-finite gradient: the update was not applied
-
-
 class LocalEngine:
-    """One process, one device: plain PyTorch autograd + optimizer."""
+    """One process, one device: plain PyTorch autograd + optimizer (an :class:`~peftlab.engine.interface.Engine`)."""
 
     def __init__(self, model: nn.Module, train: Any, total_steps: int, device: torch.device,
                  param_groups: list[dict[str, Any]] | None = None):
@@ -141,3 +139,26 @@ class LocalEngine:
                 if key in group:
                     group[key] = value
         self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+    # ---- checkpoints and the adapter: the model holds everything; nothing is sharded ----------------------
+    def checkpoint_part(self, staging: Path) -> contextlib.AbstractContextManager[dict[str, bytes]]:
+        """No files of its own: ``engine.pt`` (:meth:`state_dict`) and the adapter hold this engine's state."""
+        return contextlib.nullcontext({})
+
+    def restore(self, path: Path, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        """Copy the checkpoint's adapter weights into the model and restore optimizer, schedule and loss scale."""
+        if (path / "deepspeed").is_dir():
+            raise PeftlabError(f"resume: {path} was written under DeepSpeed (it holds deepspeed/); resume it with "
+                               "the same deepspeed recipe key, or start a new run")
+        with torch.no_grad():
+            for k, p in lora_state_dict(self.model).items():  # detached tensors sharing the parameters' storage
+                p.copy_(weights[k].to(device=p.device, dtype=p.dtype))
+        self.load_state_dict(state)
+
+    def adapter_state(self, where: str) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(self.model).items()}
+
+    def save_adapter(self, path: Path, *, base_model_name_or_path: str) -> None:
+        if is_main_process():
+            save_adapter(self.model, path, base_model_name_or_path=base_model_name_or_path)
+        barrier()

@@ -1,6 +1,6 @@
-"""The training loss: final hidden states + the head weight -> cross-entropy, never whole logits.
+"""The causal-LM loss: final hidden states + the head weight -> cross-entropy, never whole logits.
 
-The trainer never runs the model's own ``lm_head`` in training: it asks the decoder for its final
+The trainer (through :class:`peftlab.objectives.objective.CausalLMObjective`) never runs the model's own ``lm_head`` in training: it asks the decoder for its final
 hidden states and hands them, with the head weight, to
 :func:`peftlab.kernels.fused_linear_cross_entropy` (Triton on CUDA, chunked PyTorch elsewhere). The
 loss is a *sum* over target tokens divided by ``normalizer`` — the number of target tokens in all
@@ -19,6 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftlab.engine.deepspeed import gathered_head
+from peftlab.errors import PeftlabError
+from peftlab.kernels import fused_linear_cross_entropy
+
 IGNORE_INDEX = -100
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
 
@@ -35,8 +39,6 @@ class LossSettings:
     def from_recipe(cls, recipe: Any, model: nn.Module | None = None) -> LossSettings:
         """The recipe's loss settings; a model whose config soft-caps its logits (Gemma-2's
         ``final_logit_softcapping``) gets that cap in the fused loss, which never runs the model's head."""
-        from peftlab.errors import PeftlabError
-
         softcap = recipe.train.loss.softcap
         own = getattr(getattr(model, "config", None), "final_logit_softcapping", None) if model is not None else None
         if own is not None and softcap is not None and float(softcap) != float(own):
@@ -56,9 +58,7 @@ def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:
-    """Number of trained tokens of a batch (after the shift); rows for classification/regression batches."""
-    if batch["labels"].dim() == 1:  # sequence classification: one target per row
-        return int(batch["labels"].numel())
+    """Number of trained tokens of a batch (after the shift)."""
     return int((shifted_labels(batch["labels"]) != IGNORE_INDEX).sum())
 
 
@@ -72,8 +72,6 @@ def loss_normalizer(batch: dict[str, torch.Tensor]) -> float:
     weights = batch.get("loss_weights")
     if weights is None:
         return float(count_targets(batch))
-    if batch["labels"].dim() == 1:
-        return float(weights.double().sum())
     targets = shifted_labels(batch["labels"]) != IGNORE_INDEX
     shifted = F.pad(weights[:, 1:], (0, 1), value=0.0).double()
     return float((shifted * targets).sum())
@@ -119,12 +117,8 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, normaliz
             per_token = per_token * weights.flatten()
         return per_token.sum() / normalizer
 
-    from peftlab.kernels import fused_linear_cross_entropy
-
     hidden = final_hidden_states(model, batch)
     head = output_head(model)
-    from peftlab.engine.deepspeed import gathered_head
-
     # Under DeepSpeed ZeRO-3 the head weight is partitioned across ranks: gathered here (a no-op otherwise).
     with gathered_head(head.weight, head.bias) as (head_weight, head_bias):
         kw = {"head_bias": head_bias, "ignore_index": IGNORE_INDEX, "label_smoothing": settings.label_smoothing,

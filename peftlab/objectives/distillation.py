@@ -15,14 +15,14 @@ over the same target tokens as plain fine-tuning (D = forward KL, reverse KL or 
   batch's ``sample_ids`` and uses :func:`~peftlab.kernels.topk_kd_loss` (both distributions
   renormalised over the teacher's k ids; with k = vocabulary size it equals the online loss).
 
-The trainer only sees a loss callable with the signature of :func:`peftlab.loss.causal_lm_loss`,
-``(model, batch, *, normalizer, settings) -> scalar``: a sum over target tokens divided by
-``normalizer`` (the target tokens of the whole optimizer step), so gradient accumulation stays exact.
+The trainer sees a :class:`DistillationObjective` (:mod:`peftlab.objectives.objective`): its loss is a sum over
+target tokens divided by ``normalizer`` (the target tokens of the whole optimizer step), so gradient accumulation
+stays exact, and it is evaluated like plain fine-tuning (held-out cross-entropy, generated answers). The
+teacher itself (loading, vocabulary checks) is :mod:`peftlab.objectives.teacher`.
 """
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,153 +31,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.errors import PeftlabError
+from peftlab.evaluation.evaluate import evaluate
+from peftlab.kernels import fused_linear_kd_loss, reference_linear_kd_loss, topk_kd_loss
 from peftlab.objectives.causal_lm import (
     IGNORE_INDEX,
     LossSettings,
+    count_targets,
     final_hidden_states,
+    loss_normalizer,
     model_inputs,
     output_head,
     shifted_labels,
 )
+from peftlab.objectives.teacher import (
+    Teacher,
+    check_same_vocab,
+    default_cache_dir,
+    load_teacher,
+    shared_head_rows,
+)
+from peftlab.objectives.teacher_cache import TeacherCache
 
 DEFAULT_SETTINGS = LossSettings()
-
-
-# ---- the teacher ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Teacher:
-    """A frozen teacher model and its tokenizer; ``label`` names it in messages and cache manifests."""
-
-    model: nn.Module
-    tokenizer: Any
-    name: str
-    adapter: str | None
-    label: str
-
-
-def teacher_base_name(recipe: Any) -> str:
-    """The teacher's base model: ``distill.teacher.name``, else the base its adapter was trained on."""
-    t = recipe.distill.teacher
-    if t.name is not None:
-        return t.name
-    cfg = _adapter_config(recipe.resolve_path(t.adapter))
-    base = cfg.get("base_model_name_or_path")
-    if not base:
-        raise PeftlabError(f"distill.teacher.adapter {t.adapter}: its adapter_config.json names no base model "
-                           "(base_model_name_or_path); set distill.teacher.name")
-    return base
-
-
-def _adapter_config(path: Path) -> dict[str, Any]:
-    cfg_file = path / "adapter_config.json"
-    if not cfg_file.is_file():
-        raise PeftlabError(
-            f"distill.teacher.adapter: no adapter at {path} (adapter_config.json missing); train the teacher "
-            "first (e.g. `peftlab quickstart` writes runs/quickstart/adapter) or fix the path"
-        )
-    try:
-        return json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise PeftlabError(f"distill.teacher.adapter: {cfg_file} is not valid JSON ({exc})") from None
-
-
-def teacher_label(recipe: Any) -> str:
-    t = recipe.distill.teacher
-    name = teacher_base_name(recipe)
-    return f"{name} + adapter {t.adapter}" if t.adapter else name
-
-
-def teacher_quantization(recipe: Any) -> Any:
-    """The teacher's quantization: its own section, else what its adapter was trained on, else the recipe's."""
-    from peftlab.recipe.schema import QuantizationConfig
-
-    t = recipe.distill.teacher
-    if t.quantization is not None:
-        return t.quantization
-    if t.adapter:
-        path = recipe.resolve_path(t.adapter)
-        stored = _adapter_config(path).get("peftlab", {}).get("quantization")
-        if not stored and (path / "peftlab_recipe.yaml").is_file():  # written beside adapters by `peftlab train`
-            import yaml
-
-            stored = (yaml.safe_load((path / "peftlab_recipe.yaml").read_text()) or {}).get("quantization")
-        if stored:
-            return QuantizationConfig(**stored)
-    return recipe.quantization
-
-
-def load_teacher(recipe: Any, device: torch.device, *, student_dtype: torch.dtype | None = None) -> Teacher:
-    """Load the frozen teacher of ``recipe.distill`` on ``device`` (eval mode, no parameter needs grad)."""
-    from peftlab.adapters.peft_format import load_adapter
-    from peftlab.model.load import load_base_model, load_tokenizer, pick_dtype
-
-    t = recipe.distill.teacher
-    name = teacher_base_name(recipe)
-    dtype = pick_dtype(t.dtype or recipe.model.dtype, device)
-    if dtype == torch.float16 and device.type == "cpu":
-        raise PeftlabError("distill.teacher.dtype=float16 is not usable on the CPU; use float32 or bfloat16")
-    tokenizer = load_tokenizer(t.tokenizer or name, revision=t.revision, trust_remote_code=t.trust_remote_code)
-    model = load_base_model(name, dtype=dtype, device=device, quant=teacher_quantization(recipe),
-                            attn_implementation=recipe.model.attn_implementation, revision=t.revision,
-                            trust_remote_code=t.trust_remote_code)
-    adapter = None
-    if t.adapter:
-        path = recipe.resolve_path(t.adapter)
-        _adapter_config(path)  # a clear error when it is missing
-        backend = "torch" if recipe.kernels == "off" else recipe.kernels
-        load_adapter(model, path, kernel_backend=backend, trainable=False)
-        adapter = str(path)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return Teacher(model, tokenizer, name, adapter, teacher_label(recipe))
-
-
-# ---- the vocabulary check ------------------------------------------------------------------------
-
-
-def vocab_fingerprint(tokenizer: Any) -> str:
-    """Hash of the token -> id map: equal exactly when two tokenizers share a vocabulary."""
-    import hashlib
-
-    items = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
-    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()[:32]
-
-
-def check_same_vocab(student_tokenizer: Any, teacher_tokenizer: Any, *, student: str, teacher: str) -> None:
-    """Distillation compares distributions token id by token id: both must map the same tokens to the
-    same ids. A mismatch is a :class:`PeftlabError` naming both models and the first differences."""
-    sv, tv = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
-    if sv == tv:
-        return
-    s_by_id = {i: tok for tok, i in sv.items()}
-    t_by_id = {i: tok for tok, i in tv.items()}
-    diffs = [i for i in sorted(set(s_by_id) | set(t_by_id)) if s_by_id.get(i) != t_by_id.get(i)]
-    shown = "; ".join(f"id {i}: student {s_by_id.get(i)!r} vs teacher {t_by_id.get(i)!r}" for i in diffs[:3])
-    raise PeftlabError(
-        f"distill: the teacher {teacher!r} ({len(tv)} tokens) and the student model.name {student!r} "
-        f"({len(sv)} tokens) do not share a vocabulary ({len(diffs)} ids differ; {shown}). Distillation "
-        "compares next-token distributions id by id, so both need the same tokenizer (e.g. "
-        "Llama-3.1-8B -> Llama-3.2-1B); pick a teacher of the student's family or set distill.teacher.tokenizer"
-    )
-
-
-def shared_head_rows(student_head: torch.Tensor, teacher_head: torch.Tensor, vocab_len: int, *, student: str,
-                     teacher: str) -> int:
-    """Rows of the output heads to compare. Heads are often padded past the tokenizer (to a multiple
-    of 64 or 128) by different amounts; rows past the real vocabulary are never a token, so comparing
-    the first min(rows) is exact as long as both cover the vocabulary."""
-    vs, vt = student_head.shape[0], teacher_head.shape[0]
-    if vs == vt:
-        return vs
-    if min(vs, vt) < vocab_len:
-        raise PeftlabError(
-            f"distill: the output heads of the student {student!r} ({vs} rows) and teacher {teacher!r} ({vt} "
-            f"rows) do not both cover the {vocab_len}-token vocabulary; they cannot be compared"
-        )
-    return min(vs, vt)
 
 
 # ---- the losses ----------------------------------------------------------------------------------
@@ -201,7 +76,7 @@ def _reduce(per_token_or_sum: torch.Tensor, weights: torch.Tensor | None, normal
 class OnlineDistillLoss:
     """The training loss with a live teacher: fused linear KD loss between the two heads.
 
-    Same signature as :func:`peftlab.loss.causal_lm_loss`. ``kernels: off`` uses the plain-PyTorch
+    Same signature as :func:`peftlab.objectives.causal_lm.causal_lm_loss`. ``kernels: off`` uses the plain-PyTorch
     reference (whole fp32 logits) instead of the chunked kernel, for comparison and debugging.
     """
 
@@ -218,8 +93,6 @@ class OnlineDistillLoss:
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], *, normalizer: float,
                  settings: LossSettings = DEFAULT_SETTINGS) -> torch.Tensor:
-        from peftlab.kernels import fused_linear_kd_loss, reference_linear_kd_loss
-
         labels = shifted_labels(batch["labels"])
         weights = _token_weights(batch)
         t_hidden = self.teacher_hidden(batch)
@@ -253,8 +126,6 @@ class OfflineDistillLoss:
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], *, normalizer: float,
                  settings: LossSettings = DEFAULT_SETTINGS) -> torch.Tensor:
-        from peftlab.kernels import topk_kd_loss
-
         labels = shifted_labels(batch["labels"])
         weights = _token_weights(batch)
         logprobs, ids = self.cache.lookup(batch)
@@ -268,14 +139,9 @@ class OfflineDistillLoss:
         return _reduce(out, weights, normalizer)
 
 
-def default_cache_dir(recipe: Any) -> Path:
-    d = recipe.distill
-    return recipe.resolve_path(d.cache_dir) if d.cache_dir else recipe.output_dir / "teacher-cache"
-
-
 def build_distill_loss(recipe: Any, loaded: Any, *, teacher: Teacher | None = None):
     """The trainer's loss callable for ``recipe.distill`` and the loaded student (a
-    :class:`peftlab.models.LoadedModel`): online loads the teacher (or uses ``teacher``) and checks
+    :class:`peftlab.model.load.LoadedModel`): online loads the teacher (or uses ``teacher``) and checks
     the vocabularies; offline opens and validates the teacher cache."""
     d = recipe.distill
     if d is None:
@@ -285,8 +151,6 @@ def build_distill_loss(recipe: Any, loaded: Any, *, teacher: Teacher | None = No
                            "does not implement")
     opts = {"kind": d.kind, "beta": d.beta, "temperature": d.temperature, "alpha": d.alpha}
     if d.mode == "offline":
-        from peftlab.objectives.teacher_cache import TeacherCache
-
         cache = TeacherCache.open(default_cache_dir(recipe), student_tokenizer=loaded.tokenizer,
                                   student=recipe.model.name, vocab_rows=output_head(loaded.model).weight.shape[0],
                                   top_k=d.top_k)
@@ -321,3 +185,39 @@ def teacher_kl(student: nn.Module, teacher: nn.Module, batches, *, temperature: 
     finally:
         student.train(was_training)
     return total / n if n else float("nan")
+
+
+# ---- the objective -------------------------------------------------------------------------------
+
+
+@dataclass
+class DistillationObjective:
+    """The trainer's objective for a ``distill:`` recipe: the KD loss (online teacher or offline cache) over the
+    same target tokens as plain fine-tuning, evaluated like plain fine-tuning (held-out cross-entropy, generated
+    answers) so the numbers compare with a run without a teacher."""
+
+    kd: OnlineDistillLoss | OfflineDistillLoss
+    settings: LossSettings = field(default_factory=LossSettings)
+    tokenizer: Any = None
+    eval_prompts: list[dict[str, Any]] = field(default_factory=list)
+    recipe: Any = None
+
+    @property
+    def teacher(self) -> Teacher | None:
+        """The live teacher (online mode); None when the teacher's outputs come from a cache."""
+        return getattr(self.kd, "teacher", None)
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], *, normalizer: float) -> torch.Tensor:
+        return self.kd(model, batch, normalizer=normalizer, settings=self.settings)
+
+    def targets(self, batch: dict[str, torch.Tensor]) -> int:
+        return count_targets(batch)
+
+    def normalizer(self, batch: dict[str, torch.Tensor]) -> float:
+        return loss_normalizer(batch)
+
+    def evaluate(self, model: nn.Module, batches: list[dict[str, torch.Tensor]] | None) -> dict[str, Any]:
+        return evaluate(model, self.tokenizer, batches, self.eval_prompts, recipe=self.recipe, settings=self.settings)
+
+    def save(self, model: nn.Module, adapter_dir: Path) -> None:
+        """Nothing beside the adapter (the teacher is named in the recipe saved with it)."""

@@ -28,8 +28,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,10 +37,29 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from transformers import AutoConfig
 
+from peftlab.checkpoint.atomic import atomic_directory
 from peftlab.checkpoint.store import file_sha256
+from peftlab.data.collate import collate
+from peftlab.data.pipeline import build_data
 from peftlab.errors import PeftlabError
+from peftlab.metrics.console import ensure_logging
+from peftlab.model.load import load_tokenizer, pick_device, resolve_model_path
 from peftlab.objectives.causal_lm import IGNORE_INDEX, final_hidden_states, output_head, shifted_labels
+from peftlab.objectives.teacher import (
+    check_same_vocab,
+    default_cache_dir,
+    load_teacher,
+    shared_head_rows,
+    teacher_label,
+    teacher_quantization,
+    vocab_fingerprint,
+)
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "peftlab-teacher-cache"
 VERSION = 1
@@ -104,11 +123,8 @@ def _segment_keys(batch: dict[str, torch.Tensor]) -> Iterator[tuple[int, int, in
 # ---- building ------------------------------------------------------------------------------------
 
 
-
 def teacher_identity(recipe: Any) -> dict[str, Any]:
     """What identifies the teacher in a manifest: its label, quantization and adapter weights' hash."""
-    from peftlab.objectives.distillation import teacher_label, teacher_quantization
-
     t = recipe.distill.teacher
     ident: dict[str, Any] = {"label": teacher_label(recipe), "revision": t.revision,
                              "quantization": teacher_quantization(recipe).model_dump(mode="json"),
@@ -122,10 +138,6 @@ def teacher_identity(recipe: Any) -> dict[str, Any]:
 
 def _student_head_rows(recipe: Any) -> int | None:
     """The student's output-head rows from its config (without loading its weights)."""
-    from transformers import AutoConfig
-
-    from peftlab.model.load import resolve_model_path
-
     try:
         cfg = AutoConfig.from_pretrained(resolve_model_path(recipe.model.name, revision=recipe.model.revision),
                                          revision=recipe.model.revision,
@@ -141,19 +153,10 @@ def build_teacher_cache(recipe: Any, *, force: bool = False, shard_mb: int = 256
 
     Returns the cache directory. An existing cache whose manifest matches the teacher, vocabulary,
     k, dtype and data is kept unless ``force``. The new cache is written beside the old one and
-    renamed into place, so an interrupted build never leaves a half-written cache behind.
+    renamed into place, so an interrupted build never leaves a half-written cache behind. ``quiet``: warnings
+    only (the verbosity of the ``peftlab`` logger, see :func:`peftlab.metrics.console.ensure_logging`).
     """
-    from peftlab.data import build_data, collate
-    from peftlab.model.load import load_tokenizer, pick_device
-    from peftlab.objectives.distillation import (
-        check_same_vocab,
-        default_cache_dir,
-        load_teacher,
-        shared_head_rows,
-        vocab_fingerprint,
-    )
-
-    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    ensure_logging(quiet)
     d = recipe.distill
     if d is None:
         raise PeftlabError("distill-cache: the recipe has no distill section")
@@ -188,7 +191,7 @@ def build_teacher_cache(recipe: Any, *, force: bool = False, shard_mb: int = 256
         except json.JSONDecodeError:
             old = {}
         if {key: old.get(key) for key in wanted} == wanted and old.get("version") == VERSION:
-            say(f"teacher cache {cache_dir} is up to date ({old.get('rows')} rows); --force rebuilds it")
+            logger.info(f"teacher cache {cache_dir} is up to date ({old.get('rows')} rows); --force rebuilds it")
             return cache_dir
 
     device = pick_device(recipe.train.device)
@@ -202,7 +205,7 @@ def build_teacher_cache(recipe: Any, *, force: bool = False, shard_mb: int = 256
                                   student=recipe.model.name, teacher=teacher.label)
     k = min(d.top_k, rows_v)
     if k < d.top_k:
-        say(f"distill.top_k={d.top_k} is more than the {rows_v} vocabulary rows: storing all {k}")
+        logger.info(f"distill.top_k={d.top_k} is more than the {rows_v} vocabulary rows: storing all {k}")
     store = STORE_DTYPES[d.cache_dtype]
     row_bytes = k * (store.itemsize + 4)
     rows_per_shard = max(1, shard_mb * 2**20 // row_bytes)
@@ -210,21 +213,16 @@ def build_teacher_cache(recipe: Any, *, force: bool = False, shard_mb: int = 256
     w = head.weight[:rows_v]
     bias = head.bias[:rows_v] if head.bias is not None else None
 
-    tmp = cache_dir.parent / f".{cache_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     shards: list[dict[str, Any]] = []
     samples: dict[str, list[Any]] = {}
     buf_lp: list[torch.Tensor] = []
     buf_ids: list[torch.Tensor] = []
     buf_rows = 0
 
-    def flush() -> None:
+    def flush(tmp: Path) -> None:
         nonlocal buf_lp, buf_ids, buf_rows
         if not buf_rows:
             return
-        from safetensors.torch import save_file
-
         name = f"shard-{len(shards):05d}.safetensors"
         save_file({"logprobs": torch.cat(buf_lp).contiguous(), "ids": torch.cat(buf_ids).contiguous()},
                   str(tmp / name), metadata={"format": FORMAT, "version": str(VERSION)})
@@ -234,54 +232,46 @@ def build_teacher_cache(recipe: Any, *, force: bool = False, shard_mb: int = 256
 
     t0 = time.perf_counter()
     total_rows = 0
-    try:
-        with torch.no_grad():
-            for n_batch, ix in enumerate(batches):
-                batch = {key: v.to(device) if isinstance(v, torch.Tensor) else v for key, v in collated(ix).items()}
-                hidden = final_hidden_states(teacher.model, batch)
-                targets = shifted_labels(batch["labels"])
-                for b, sid, s, e, key in _segment_keys(batch):
-                    if str(sid) in samples:
-                        continue  # a repeated sample (up-sampled mixture): stored once
-                    pos = (targets[b, s:e] != IGNORE_INDEX).nonzero().flatten() + s
-                    lps, idss = [], []
-                    for c in range(0, pos.numel(), chunk):
-                        h = hidden[b, pos[c:c + chunk]]
-                        logits = (h.to(w.dtype) @ w.t()).float()
-                        if bias is not None:
-                            logits = logits + bias.float()
-                        top = torch.log_softmax(logits, -1).topk(k, dim=-1)
-                        lps.append(top.values.to(store).cpu())
-                        idss.append(top.indices.to(torch.int32).cpu())
-                    n = int(pos.numel())
-                    if buf_rows and buf_rows + n > rows_per_shard:
-                        flush()
-                    samples[str(sid)] = [len(shards), buf_rows, n, key]
-                    if n:
-                        buf_lp += lps
-                        buf_ids += idss
-                    buf_rows += n
-                    total_rows += n
-                if not quiet and (n_batch + 1) % 50 == 0:
-                    say(f"distill-cache: {n_batch + 1}/{len(batches)} batches, {total_rows} rows, "
-                        f"{time.perf_counter() - t0:.0f}s")
-        flush()
+    # Written beside the old cache (if any) and renamed into place when complete (checkpoint.atomic).
+    with atomic_directory(cache_dir, overwrite=True) as tmp, torch.no_grad():
+        for n_batch, ix in enumerate(batches):
+            batch = {key: v.to(device) if isinstance(v, torch.Tensor) else v for key, v in collated(ix).items()}
+            hidden = final_hidden_states(teacher.model, batch)
+            targets = shifted_labels(batch["labels"])
+            for b, sid, s, e, key in _segment_keys(batch):
+                if str(sid) in samples:
+                    continue  # a repeated sample (up-sampled mixture): stored once
+                pos = (targets[b, s:e] != IGNORE_INDEX).nonzero().flatten() + s
+                lps, idss = [], []
+                for c in range(0, pos.numel(), chunk):
+                    h = hidden[b, pos[c:c + chunk]]
+                    logits = (h.to(w.dtype) @ w.t()).float()
+                    if bias is not None:
+                        logits = logits + bias.float()
+                    top = torch.log_softmax(logits, -1).topk(k, dim=-1)
+                    lps.append(top.values.to(store).cpu())
+                    idss.append(top.indices.to(torch.int32).cpu())
+                n = int(pos.numel())
+                if buf_rows and buf_rows + n > rows_per_shard:
+                    flush(tmp)
+                samples[str(sid)] = [len(shards), buf_rows, n, key]
+                if n:
+                    buf_lp += lps
+                    buf_ids += idss
+                buf_rows += n
+                total_rows += n
+            if (n_batch + 1) % 50 == 0:
+                logger.info(f"distill-cache: {n_batch + 1}/{len(batches)} batches, {total_rows} rows, "
+                            f"{time.perf_counter() - t0:.0f}s")
+        flush(tmp)
         manifest = {"format": FORMAT, "version": VERSION, **wanted, "top_k": k,
                     "vocab_rows": rows_v, "vocab_size": len(student_tok), "rows": total_rows,
                     "n_samples": len(samples), "shards": shards, "samples": samples,
                     "created_s": round(time.time())}
         (tmp / MANIFEST).write_text(json.dumps(manifest))
-        old = cache_dir.parent / f".{cache_dir.name}.old-{os.getpid()}"
-        if cache_dir.exists():
-            cache_dir.rename(old)
-        tmp.rename(cache_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     size = sum(s["bytes"] for s in shards)
-    say(f"teacher cache: {cache_dir} ({total_rows} target tokens of {len(samples)} samples, k={k}, "
-        f"{d.cache_dtype}, {len(shards)} shard(s), {size / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f}s)")
+    logger.info(f"teacher cache: {cache_dir} ({total_rows} target tokens of {len(samples)} samples, k={k}, "
+                f"{d.cache_dtype}, {len(shards)} shard(s), {size / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f}s)")
     return cache_dir
 
 
@@ -302,8 +292,6 @@ class TeacherCache:
     def open(cls, path: str | Path, *, student_tokenizer: Any = None, student: str = "student",
              vocab_rows: int | None = None, top_k: int | None = None) -> TeacherCache:
         """Open and validate the cache at ``path`` against the student (vocabulary, head rows, k)."""
-        from peftlab.objectives.distillation import vocab_fingerprint
-
         path = Path(path)
         mpath = path / MANIFEST
         rerun = "run `peftlab distill-cache RECIPE` (with the training recipe) to write it"
@@ -343,8 +331,6 @@ class TeacherCache:
 
     def _shard(self, i: int):
         if i not in self._open:
-            from safetensors import SafetensorError, safe_open
-
             shards = self.manifest["shards"]
             if not 0 <= i < len(shards):
                 raise PeftlabError(f"teacher cache {self.path} is corrupt: a sample points at shard {i} of "

@@ -32,13 +32,16 @@ retrained from scratch at the larger budget (simple and exactly reproducible; no
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import itertools
 import json
+import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -46,8 +49,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from peftlab.checkpoint.atomic import atomic_write_text
 from peftlab.errors import PeftlabError
+from peftlab.metrics.console import LOGGER
+from peftlab.recipe.parse import apply_overrides, recipe_from_dict, set_nested
 from peftlab.trainer.early_stopping import lower_is_better, metric_key
+from peftlab.trainer.loop import Trainer
+
+logger = logging.getLogger(__name__)
 
 
 class _Spec(BaseModel):
@@ -185,15 +194,11 @@ def configurations(spec: SweepSpec) -> list[dict[str, Any]]:
 
 
 def _set_key(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    from peftlab.recipe.schema import set_nested
-
     set_nested(raw, dotted.split("."), value, where=f"sweep parameters.{dotted}")
 
 
 def trial_recipe(spec: SweepSpec, base: dict[str, Any], params: dict[str, Any], out_dir: Path,
                  steps: int | None = None) -> dict[str, Any]:
-    from peftlab.recipe.schema import apply_overrides
-
     raw = apply_overrides(json.loads(json.dumps(base)), spec.set)
     for k, v in params.items():
         _set_key(raw, k, v)
@@ -210,12 +215,22 @@ def trial_recipe(spec: SweepSpec, base: dict[str, Any], params: dict[str, Any], 
 # ---- running -------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _quiet_trial() -> Iterator[None]:
+    """A trial trains with warnings only; afterwards the console says again what it said before (a quiet
+    Trainer lowers the ``peftlab`` logger's level for good)."""
+    console = logging.getLogger(LOGGER)
+    level = console.level
+    try:
+        yield
+    finally:
+        console.setLevel(level)
+
+
 def train_trial(raw: dict[str, Any], base_dir: Path, metric: str, mode: str) -> TrialResult:
     """Train one trial; its score is the best eval value of ``metric`` (early stopping) or the last one."""
-    from peftlab.recipe.schema import recipe_from_dict
-    from peftlab.trainer.loop import Trainer
-
-    result = Trainer(recipe_from_dict(raw, source="(sweep trial)", base_dir=base_dir), quiet=True).train()
+    with _quiet_trial():
+        result = Trainer(recipe_from_dict(raw, source="(sweep trial)", base_dir=base_dir), quiet=True).train()
     key = metric_key(metric)
     if result.best is not None and result.best.get("best") is not None:
         score, best_step = float(result.best["best"]), result.best["best_step"]
@@ -240,10 +255,9 @@ class SweepResult:
     output_dir: Path
 
 
-def run_sweep(spec: SweepSpec, base: dict[str, Any], base_dir: Path, *, runner: Runner = train_trial,
-              say: Callable[[str], None] = lambda s: None) -> SweepResult:
-    from peftlab.recipe.schema import recipe_from_dict
-
+def run_sweep(spec: SweepSpec, base: dict[str, Any], base_dir: Path, *, runner: Runner = train_trial) -> SweepResult:
+    """Validate every trial's recipe, train the trials (rung by rung under successive halving), rank them and
+    write the results; one line per trained trial and per halving is logged."""
     out = (base_dir / spec.output) if not Path(spec.output).is_absolute() else Path(spec.output)
     mode = spec.mode if spec.mode != "auto" else ("min" if lower_is_better(spec.metric) else "max")
     trials = [Trial(f"trial-{i:03d}", params, {}) for i, params in enumerate(configurations(spec))]
@@ -270,11 +284,11 @@ def run_sweep(spec: SweepSpec, base: dict[str, Any], base_dir: Path, *, runner: 
             res = runner(raw, base_dir, spec.metric, mode)
             res.metrics["time_s"] = time.perf_counter() - t0
             t.results.append((steps or res.steps, res))
-            say(f"{t.name} {_fmt_params(t.params)}: {spec.metric}={res.score:.4f} ({res.steps} steps)")
+            logger.info(f"{t.name} {_fmt_params(t.params)}: {spec.metric}={res.score:.4f} ({res.steps} steps)")
         if rung < len(budgets) - 1:
             keep = max(1, math.ceil(len(alive) / spec.successive_halving.eta))
             alive = _rank(alive, mode)[:keep]
-            say(f"successive halving: {keep} of {len(trials)} configurations go on to {budgets[rung + 1]} steps")
+            logger.info(f"successive halving: {keep} of {len(trials)} configurations go on to {budgets[rung + 1]} steps")
     ranked = _rank(trials, mode)
     best = ranked[0]
     _write_results(out, ranked, spec, base, best)
@@ -320,19 +334,20 @@ def _write_results(out: Path, ranked: list[Trial], spec: SweepSpec, base: dict[s
         r = t.last
         rows.append([i, t.name, *(_fmt(t.params[k]) for k in keys), r.score, r.steps, r.best_step,
                      r.stopped_at, round(r.metrics.get("time_s", 0.0), 2), r.output_dir])
-    with (out / "results.csv").open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
+    table = io.StringIO(newline="")
+    w = csv.writer(table)
+    w.writerow(header)
+    w.writerows(rows)
+    atomic_write_text(out / "results.csv", table.getvalue())
     md = ["| " + " | ".join(header[:-1]) + " |", "|" + "---|" * (len(header) - 1)]
     md += ["| " + " | ".join(_fmt(c) if isinstance(c, float) else str(c) for c in row[:-1]) + " |" for row in rows]
-    (out / "results.md").write_text("\n".join(md) + "\n")
+    atomic_write_text(out / "results.md", "\n".join(md) + "\n")
     winner = trial_recipe(spec, base, best.params, Path(base.get("output", {}).get("dir", "runs/peftlab")))
     winner["output"]["overwrite"] = base.get("output", {}).get("overwrite", False)
-    (out / "best_recipe.yaml").write_text(
-        f"# best of {len(ranked)} trials by {spec.metric}: {best.name} {_fmt_params(best.params)}\n"
-        + yaml.safe_dump(winner, sort_keys=False))
-    (out / "sweep.json").write_text(json.dumps(
+    atomic_write_text(out / "best_recipe.yaml",
+                      f"# best of {len(ranked)} trials by {spec.metric}: {best.name} {_fmt_params(best.params)}\n"
+                      + yaml.safe_dump(winner, sort_keys=False))
+    atomic_write_text(out / "sweep.json", json.dumps(
         {"metric": spec.metric, "best": {"trial": best.name, "params": best.params, "score": best.last.score},
          "trials": [{"trial": t.name, "params": t.params,
                      "rungs": [{"steps": s, "score": r.score, "metrics": r.metrics} for s, r in t.results]}

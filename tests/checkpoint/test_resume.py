@@ -1,13 +1,14 @@
-"""Exact resume of real training processes: `peftlab train RECIPE --set resume=auto`, killed with SIGKILL
+"""Resuming. In process: which checkpoint `resume: auto` picks (damaged ones skipped and named, none when every
+completed one is damaged), what it restores (weights, optimizer, position) and what it refuses (recipe changes
+that break the run, other data). End to end: `peftlab train RECIPE --set resume=auto`, killed with SIGKILL
 at seeded random points (mid-checkpoint included) and stopped once with SIGTERM, resumed each time,
 reproduces the per-step losses, the data order and the final adapter of an uninterrupted run BIT FOR BIT
-(fp32, LoRA dropout on). Kill points come from the PEFTLAB_TEST_KILL_AT hook of peftlab.checkpoint."""
+(fp32, LoRA dropout on). Kill points come from peftlab.trainer.fault_injection (PEFTLAB_TEST_KILL_AT)."""
 from __future__ import annotations
 
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -20,9 +21,15 @@ import torch
 import yaml
 from helpers import REPO, make_quickstart_data, tiny_recipe_dict
 
+from peftlab.adapters.peft_format import lora_state_dict
 from peftlab.checkpoint import store as ckpt
+from peftlab.checkpoint.resume import load_checkpoint, recipe_differences
+from peftlab.errors import PeftlabError
+from peftlab.metrics.console import setup_logging
+from peftlab.recipe.parse import recipe_from_dict
+from peftlab.trainer.loop import Trainer
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("resume")]
+pytestmark = pytest.mark.xdist_group("resume")
 
 STEPS, SAVE_EVERY, N_FILES = 12, 2, 7          # 7 files per checkpoint (adapter x3, engine, rng, state, recipe)
 SEED = int(os.environ.get("PEFTLAB_TEST_SEED", "20261122"))
@@ -117,6 +124,7 @@ def _train_records(out: Path) -> list[dict]:
     return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
 
 
+@pytest.mark.slow
 def test_kill9_anywhere_then_resume_is_bitwise_identical(runs):
     segs = runs["segments"]
     for s in segs[:3]:
@@ -150,6 +158,7 @@ def test_kill9_anywhere_then_resume_is_bitwise_identical(runs):
     assert yaml.safe_load((runs["chain"] / "adapter" / "peftlab_recipe.yaml").read_text())["adapter"]["dropout"] == 0.1
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_resumable_checkpoint_and_exits_0(runs):
     seg = next(s for s in runs["segments"] if s["kill_at"] == "SIGTERM")
     assert seg["rc"] == 0, seg["err"][-3000:]
@@ -165,6 +174,7 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_0(runs):
     assert runs["trace"][seg["trace_len"]]["step"] == stopped_at + 1
 
 
+@pytest.mark.slow
 def test_keep_last_rotation_and_no_leftovers(runs):
     root = runs["chain"] / "checkpoints"
     names = sorted(p.name for p in root.iterdir())
@@ -173,67 +183,135 @@ def test_keep_last_rotation_and_no_leftovers(runs):
     assert not [n for n in names if n.startswith(".")]
 
 
-# ---- the real errno of an unwritable output directory, at the start and mid-run ---------------------------------
+# ---- in process: which checkpoint, what is restored, what is refused ------------------------------------------
 
 
-def _obeying_file_permissions() -> list[str]:
-    """A command prefix under which a subprocess obeys file permissions. Root ignores them (CAP_DAC_OVERRIDE):
-    setpriv drops that capability from the child's bounding set, so a chmod makes the real EACCES."""
-    if os.geteuid() != 0:
-        return []
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.skip("running as root, which ignores file permissions, and setpriv (util-linux) is missing")
-    prefix = [setpriv, "--bounding-set", "-dac_override,-dac_read_search", "--"]
-    if subprocess.run([*prefix, "true"], check=False).returncode != 0:
-        pytest.skip("running as root and cannot drop CAP_DAC_OVERRIDE here (setpriv failed)")
-    return prefix
+@pytest.fixture
+def err_log():
+    setup_logging("info")  # warnings reach stderr whatever a quiet run before this one set
 
 
-def test_unwritable_output_dir_stops_with_a_message_at_start_and_mid_run(tmp_path):
-    prefix = _obeying_file_permissions()
-    data = make_quickstart_data(tmp_path / "data", n_train=40, n_eval=2)
-    out = tmp_path / "run"
-    recipe = _recipe(tmp_path, data, out)
-    trace, cache = tmp_path / "run.trace", tmp_path / "cache"
+@pytest.mark.parametrize("damage", ["truncate", "flip", "no-marker"])
+def test_corrupt_newest_checkpoint_is_skipped(make_trainer, run_copy, capsys, err_log, damage):
+    newest = run_copy / "checkpoints" / "step-0000002"
+    if damage == "truncate":
+        data = (newest / "engine.pt").read_bytes()
+        (newest / "engine.pt").write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        f = newest / "adapter" / "adapter_model.safetensors"
+        data = bytearray(f.read_bytes())
+        data[-5] ^= 0xFF
+        f.write_bytes(bytes(data))
+    else:
+        (newest / ckpt.MARKER).unlink()
+    t = make_trainer(run_copy, resume="auto")
+    assert t.resumed_from == run_copy / "checkpoints" / "step-0000001"
+    assert t.state.step == 1 and t.state.micro_index == 1
+    err = capsys.readouterr().err
+    assert f"skipping checkpoint {newest}" in err
+    assert {"truncate": "engine.pt is truncated", "flip": "does not match its checksum",
+            "no-marker": "no COMPLETE marker"}[damage] in err
+    with pytest.raises(PeftlabError, match="is not a usable checkpoint"):
+        make_trainer(run_copy, resume=str(newest))
 
-    def launch(**env: str) -> subprocess.Popen:
-        full = {**os.environ, "PEFTLAB_TEST_TRACE": str(trace), "PEFTLAB_DATA_CACHE": str(cache),
-                "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **env}
-        return subprocess.Popen([*prefix, sys.executable, "-P", "-m", "peftlab.cli.main", "train", str(recipe),
-                                 "--set", "resume=auto"], cwd=REPO, env=full, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
 
-    # At the start: output.dir exists and may not be written.
-    out.mkdir()
-    out.chmod(0o555)
-    p = launch()
-    _, err = p.communicate(timeout=300)
-    assert p.returncode == 2, err[-3000:]
-    assert f"peftlab: error: output.dir {out} is not writable (Permission denied): this user may not write there" in err
-    assert "Traceback" not in err and list(out.iterdir()) == []
-    out.chmod(0o755)
+def test_resume_restores_weights_optimizer_and_position(make_trainer, run_copy):
+    t = make_trainer(run_copy, resume=str(run_copy / "checkpoints" / "step-0000002"))
+    saved = load_checkpoint(run_copy / "checkpoints" / "step-0000002")
+    for k, v in lora_state_dict(t.model).items():
+        assert torch.equal(v, saved.adapter_weights[k])
+    opt = t.engine.optimizer.state_dict()
+    for i, s in saved.engine_state["optimizer"]["state"].items():
+        assert torch.equal(opt["state"][i]["exp_avg"], s["exp_avg"]) and float(opt["state"][i]["step"]) == 2
+    assert t.engine.lr == saved.engine_state["optimizer"]["param_groups"][0]["lr"]
+    assert (t.state.step, t.state.epoch, t.state.micro_index) == (2, 0, 2)
+    assert set(t._resume_rng) == {"python", "numpy", "torch", "cuda"}  # restored right before the first step
 
-    # Mid-run: metrics.jsonl turns read-only once step 3 has run (the checkpoint of step 2 is complete).
-    p = launch(PEFTLAB_TEST_STEP_DELAY="0.3")
-    deadline = time.monotonic() + 240
-    while not [r for r in _trace(trace) if r["step"] >= 3] and p.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    (out / "metrics.jsonl").chmod(0o444)
-    _, err = p.communicate(timeout=300)
-    assert p.returncode == 2, err[-3000:]
-    m = re.search(r"peftlab: error: training stopped after step (\d+): could not write (\S+): Permission denied "
-                  r"\(errno EACCES\); this user may not write there.* The last complete checkpoint (\S+) \(step (\d+)\) "
-                  r"is intact; once that is fixed, continue with: peftlab train RECIPE --set resume=auto", err)
-    assert m, err[-3000:]
-    stopped, path, last, last_step = int(m[1]), m[2], Path(m[3]), int(m[4])
-    assert path == str(out / "metrics.jsonl") and "Traceback" not in err
-    # step N is logged before it is saved: the failed log of step N leaves the save before it as the last one
-    assert stopped >= 3 and last_step == (stopped - 1) - (stopped - 1) % SAVE_EVERY and ckpt.verify(last) is None
-    assert ckpt.latest_complete(out / "checkpoints") == last
 
-    (out / "metrics.jsonl").chmod(0o644)
-    p = launch()
-    _, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err[-3000:]
-    assert [r["step"] for r in _train_records(out)] == list(range(1, STEPS + 1))
+def test_recipe_change_that_breaks_resume_is_refused(make_trainer, run_copy, capsys, err_log):
+    with pytest.raises(PeftlabError) as e:
+        make_trainer(run_copy, resume="auto", adapter={"r": 4}, train={"micro_batch_size": 2, "seed": 8})
+    msg = str(e.value)
+    assert "would make the resumed run wrong" in msg
+    for line in ("adapter.r: 8 -> 4", "train.micro_batch_size: 4 -> 2", "train.seed: 7 -> 8"):
+        assert line in msg
+    # lr / max_steps may change (lowering lr after a spike): named, and applied from the next step on.
+    t = make_trainer(run_copy, resume="auto", train={"lr": 1e-3, "max_steps": 5})
+    assert "train.lr: 0.003 -> 0.001" in capsys.readouterr().err
+    assert t.engine.optimizer.param_groups[0]["initial_lr"] == 1e-3 and t.total_steps == 5
+
+
+def test_recipe_differences_lock_what_the_run_computes():
+    saved = {"model": {"name": "a", "dtype": "float32"}, "train": {"lr": 1e-3, "seed": 1, "log_every": 10},
+             "output": {"dir": "x"}, "adapter": {"r": 8, "alpha": 16}}
+    current = {"model": {"name": "a", "dtype": "bfloat16"}, "train": {"lr": 5e-4, "seed": 1, "log_every": 1},
+               "output": {"dir": "y"}, "adapter": {"r": 8, "alpha": 32}}
+    refused, other = recipe_differences(saved, current)
+    assert refused == ["adapter.alpha: 16 -> 32", "model.dtype: 'float32' -> 'bfloat16'"]
+    assert other == ["train.lr: 0.001 -> 0.0005"]  # output.* and train.log_every change silently
+
+
+def test_changed_training_data_is_refused(make_trainer, data_dir, ck_recipe, run_copy, tmp_path):
+    other = make_quickstart_data(tmp_path / "other", n_train=24, n_eval=2, seed=99)
+    raw = ck_recipe(data_dir, run_copy, resume="auto")
+    shutil.copy(other / "train.jsonl", tmp_path / "train.jsonl")
+    raw["data"]["train"][0]["path"] = str(tmp_path / "train.jsonl")
+    with pytest.raises(PeftlabError, match="data.train"):  # the path changed: refused as a recipe key
+        Trainer(recipe_from_dict(raw), quiet=True)
+    (data_dir / "train.jsonl").rename(data_dir / "train.jsonl.bak")
+    try:
+        shutil.copy(other / "train.jsonl", data_dir / "train.jsonl")  # same path, other content
+        with pytest.raises(PeftlabError, match="tokenized training data differ"):
+            make_trainer(run_copy, resume="auto")
+    finally:
+        (data_dir / "train.jsonl.bak").replace(data_dir / "train.jsonl")
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_resume_auto_refuses_when_every_checkpoint_is_damaged(make_trainer, run_copy):
+    root = run_copy / "checkpoints"
+    _truncate(root / "step-0000001" / "engine.pt")
+    f = root / "step-0000002" / "adapter" / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1] + b"\x00")  # same size, other content
+    metrics = (run_copy / "metrics.jsonl").read_bytes()
+    with pytest.raises(PeftlabError) as e:
+        make_trainer(run_copy, resume="auto")
+    msg = str(e.value)
+    assert msg.startswith(f"resume: auto found no usable checkpoint in {root}")
+    assert f"{root / 'step-0000001'}: engine.pt is truncated" in msg
+    assert f"{root / 'step-0000002'}: adapter/adapter_model.safetensors does not match its checksum" in msg
+    assert "Nothing was changed or deleted" in msg and "resume: PATH" in msg
+    assert "resume: null and output.overwrite: true" in msg
+    # nothing was deleted: the old metrics and both (damaged) checkpoints are as they were
+    assert (run_copy / "metrics.jsonl").read_bytes() == metrics
+    assert sorted(p.name for p in root.iterdir()) == ["step-0000001", "step-0000002"]
+    # starting over as the message says: the damaged checkpoints and the old metrics go
+    t = make_trainer(run_copy, output={"overwrite": True})
+    assert t.state.step == 0 and t.resumed_from is None
+    assert not (run_copy / "metrics.jsonl").exists() and list(root.iterdir()) == []
+
+
+def test_resume_auto_starts_over_when_only_interrupted_saves_exist(data_dir, ck_recipe, run_copy, capsys, err_log):
+    """A save killed before its COMPLETE marker never was a checkpoint: step 0, with a warning, as before."""
+    root = run_copy / "checkpoints"
+    for step in ("step-0000001", "step-0000002"):
+        (root / step / ckpt.MARKER).unlink()
+    t = Trainer(recipe_from_dict(ck_recipe(data_dir, run_copy, resume="auto")), quiet=False)
+    assert t.state.step == 0 and t.resumed_from is None
+    said = capsys.readouterr()
+    assert "no COMPLETE marker" in said.err
+    assert f"resume: auto — no complete checkpoint in {root}; starting at step 0" in said.out
+
+
+def test_resumed_metrics_keep_the_records_up_to_the_checkpoint(make_trainer, run_copy):
+    lines = (run_copy / "metrics.jsonl").read_text().splitlines()
+    assert max(json.loads(x)["step"] for x in lines) == 3
+    (run_copy / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 3, "split": "tr')  # cut by a crash
+    make_trainer(run_copy, resume=str(run_copy / "checkpoints" / "step-0000001"))
+    kept = [json.loads(x) for x in (run_copy / "metrics.jsonl").read_text().splitlines()]
+    assert kept and all(r["step"] <= 1 for r in kept)
+    assert kept == [json.loads(x) for x in lines if json.loads(x)["step"] <= 1]

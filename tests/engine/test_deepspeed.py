@@ -1,4 +1,4 @@
-"""DeepSpeed scale-out (peftlab/distributed.py): 2 processes under ZeRO-2/ZeRO-3 reproduce the
+"""DeepSpeed scale-out (peftlab/engine/deepspeed.py): 2 processes under ZeRO-2/ZeRO-3 reproduce the
 single-process run with the same global batch step by step, QLoRA trains under ZeRO-3, the DeepSpeed
 config is filled from the recipe, and an ungathered (partitioned) adapter is never written."""
 from __future__ import annotations
@@ -22,7 +22,7 @@ from helpers import (
 )
 
 from peftlab.errors import PeftlabError
-from peftlab.recipe.schema import recipe_from_dict
+from peftlab.recipe.parse import recipe_from_dict
 
 pytestmark = pytest.mark.xdist_group("deepspeed")
 
@@ -147,14 +147,19 @@ def test_guard_refuses_a_partitioned_ungathered_adapter(data_dir, tmp_path, monk
     check_adapter_tensors(gathered)
     assert all(t.numel() > 0 for t in gathered.values())
     # the start-up line's counts: partitioned parameters count their whole size (ds_numel), not 0
-    from peftlab.trainer.loop import _param_counts
+    from peftlab.model.load import count_parameters
 
-    trainable, total = _param_counts(trainer.model)
+    trainable, total = count_parameters(trainer.model)
     assert trainable == sum(t.numel() for t in gathered.values()) > 0
     assert total == sum(int(p.ds_numel) for p in trainer.model.parameters()) > trainable
-    # the trainer's save path gathers; the plain single-process writer is never used under DeepSpeed
+    # the engine's adapter state is the gathered one (checked), and the trainer's save path writes it
+    engine_state = trainer.engine.adapter_state("adapter")
+    assert engine_state.keys() == gathered.keys() and all(torch.equal(engine_state[k], gathered[k]) for k in gathered)
     trainer.save_adapter(tmp_path / "adapter")
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert saved.keys() == gathered.keys() and all(torch.equal(saved[k], gathered[k]) for k in gathered)
 
 
 def test_guard_refuses_empty_and_all_zero_adapters():

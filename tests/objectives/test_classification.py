@@ -1,22 +1,25 @@
 """Sequence classification / regression: LoRA + head on the micro decoder and on a tiny BERT built from
-a config; metrics equal scikit-learn's on the same predictions; predict reloads adapter + head."""
+a config learn; the objective's loss, row counting and metrics equal scikit-learn's / a direct computation.
+(The head and model: tests/model/test_classifier.py; predict / eval of a saved adapter:
+tests/evaluation/test_predict.py.)"""
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from peftlab.errors import PeftlabError
+from peftlab.evaluation.predict import load_classifier
 from peftlab.objectives.classification import (
+    ClassificationObjective,
     classification_metrics,
-    load_classifier,
+    logits_of,
     predict_batches,
     regression_metrics,
 )
-from peftlab.recipe.schema import recipe_from_dict
+from peftlab.recipe.parse import recipe_from_dict
 from peftlab.trainer.loop import Trainer
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
@@ -83,9 +86,7 @@ def test_metrics_equal_sklearn_including_unpredicted_and_absent_classes():
 
 
 @pytest.mark.slow
-def test_decoder_classifier_learns_and_predict_reloads_it(tmp_path, capsys):
-    from peftlab.cli.main import main
-
+def test_decoder_classifier_learns(tmp_path):
     data = _data(tmp_path)
     trainer = Trainer(recipe_from_dict(_recipe(data, tmp_path / "run")), quiet=True)
     result = trainer.train()
@@ -98,26 +99,28 @@ def test_decoder_classifier_learns_and_predict_reloads_it(tmp_path, capsys):
     _assert_same({k: after[k] for k in ("accuracy", "precision", "recall", "f1_macro", "f1_micro",
                                         "confusion_matrix")}, _sk_classification(labels, preds, 3))
     assert trainer.data.label_map == {"food": 0, "sport": 1, "weather": 2}
-    adapter = result.adapter_dir
-    assert {"adapter_model.safetensors", "classifier_head.safetensors", "classifier_config.json"} <= {
-        p.name for p in adapter.iterdir()}
-    # batch inference from the saved adapter + head reproduces the trained model's predictions
-    out = tmp_path / "preds.jsonl"
-    assert main(["predict", str(adapter), "--input", str(data / "eval.jsonl"), "--output", str(out)]) == 0
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    names = ["food", "sport", "weather"]
-    assert [r["label"] for r in rows] == [names[k] for k in preds]
-    assert all(abs(sum(r["probs"].values()) - 1) < 1e-4 for r in rows)
-    loaded, _ = load_classifier(adapter)
-    again, _ = predict_batches(loaded.model, trainer.eval_batches())
-    torch.testing.assert_close(again, logits, rtol=1e-5, atol=1e-5)
-    # peftlab eval on the adapter dir gives the run's final eval
-    capsys.readouterr()
-    assert main(["eval", str(adapter)]) == 0
-    evaluated = json.loads(capsys.readouterr().out)
-    assert evaluated["accuracy"] == after["accuracy"] and evaluated["confusion_matrix"] == after["confusion_matrix"]
     with pytest.raises(PeftlabError, match="resume with task=classification"):
         recipe_from_dict({**_recipe(data, tmp_path / "run"), "resume": "auto"})
+
+
+def test_the_objective_weights_rows_and_counts_rows(tmp_path):
+    """Loss = Σ w·ℓ / normaliser over rows; targets are rows, the normaliser their summed weights."""
+    data = _data(tmp_path, n_train=32, n_eval=8)
+    trainer = Trainer(recipe_from_dict(_recipe(data, tmp_path / "run", steps=1)), quiet=True)
+    objective = trainer.objective
+    assert isinstance(objective, ClassificationObjective) and objective.task == "classification"
+    batch = trainer.batch([0, 1, 2, 3])
+    batch["loss_weights"] = torch.tensor([1.0, 2.0, 0.5, 0.0])
+    assert objective.targets(batch) == 4 and objective.normalizer(batch) == 3.5
+    with torch.no_grad():
+        got = objective.loss(trainer.model, batch, normalizer=3.5)
+        per_row = torch.nn.functional.cross_entropy(logits_of(trainer.model, batch), batch["labels"], reduction="none")
+    torch.testing.assert_close(got, (per_row * batch["loss_weights"]).sum() / 3.5)
+    del batch["loss_weights"]
+    assert objective.normalizer(batch) == 4.0
+    metrics = objective.evaluate(trainer.model, trainer.eval_batches())
+    assert metrics["eval_samples"] == len(trainer.data.eval) and "confusion_matrix" in metrics
+    assert objective.evaluate(trainer.model, None) == {}
 
 
 def _tiny_bert(tmp: Path) -> Path:
@@ -164,14 +167,3 @@ def test_encoder_classifier_and_regression(tmp_path):
 def _mk(p: Path) -> Path:
     p.mkdir(parents=True, exist_ok=True)
     return p
-
-
-def test_task_needs_classification_rows(tmp_path):
-    from helpers import make_quickstart_data
-
-    data = make_quickstart_data(tmp_path, n_train=8, n_eval=2)
-    raw = _recipe(data, tmp_path / "out", steps=1)
-    for spec in (*raw["data"]["train"], *raw["data"]["eval"]):
-        spec["format"] = "messages"
-    with pytest.raises(PeftlabError, match="task: classification needs classification rows"):
-        Trainer(recipe_from_dict(raw), quiet=True)

@@ -1,6 +1,6 @@
 """Per-row sample weights (``weight`` column) and per-dataset ``loss_weight``: a weight of 2 on a row
 gives exactly the gradient of the same row appearing twice (fp64), because the step loss is the
-weighted mean Σ w·ℓ / Σ w (peftlab.loss.loss_normalizer)."""
+weighted mean Σ w·ℓ / Σ w (peftlab.objectives.causal_lm.loss_normalizer)."""
 from __future__ import annotations
 
 import json
@@ -9,9 +9,12 @@ import pytest
 import torch
 from helpers import make_quickstart_data
 
-from peftlab.data import DataConfig, build_data, collate
+from peftlab.data.collate import collate
+from peftlab.data.config import DataConfig
+from peftlab.data.pipeline import build_data
 from peftlab.errors import PeftlabError
-from peftlab.objectives.causal_lm import LossSettings, count_targets
+from peftlab.objectives.causal_lm import LossSettings, causal_lm_loss, count_targets
+from peftlab.objectives.objective import CausalLMObjective
 from peftlab.trainer.loop import accumulate_gradients
 
 
@@ -60,13 +63,11 @@ def _grads(model, examples, split, *, plain_count=False):
         batches.append(collate(examples[start:start + size], pad_token_id=0))
         start += size
     if plain_count:  # the naive normalisation: weighted sum / unweighted token count
-        from peftlab.objectives.causal_lm import causal_lm_loss
-
         n = sum(count_targets(b) for b in batches)
         for b in batches:
             causal_lm_loss(model, b, normalizer=n, settings=LossSettings(backend="torch")).backward()
     else:
-        accumulate_gradients(model, batches, LossSettings(backend="torch"))
+        accumulate_gradients(model, batches, CausalLMObjective(LossSettings(backend="torch")))
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 

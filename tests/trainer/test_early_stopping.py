@@ -8,7 +8,7 @@ import torch
 from helpers import make_quickstart_data, tiny_recipe_dict
 
 from peftlab.errors import PeftlabError
-from peftlab.recipe.schema import recipe_from_dict
+from peftlab.recipe.parse import recipe_from_dict
 from peftlab.trainer.early_stopping import EarlyStopping
 from peftlab.trainer.loop import Trainer
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import make_quickstart_data, tiny_recipe_dict
 
-from peftlab.recipe.schema import recipe_from_dict
+from peftlab.recipe.parse import recipe_from_dict
 from peftlab.trainer.loop import Trainer
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("fused-training")]

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
+from types import SimpleNamespace
 
 import pytest
 import yaml
 from helpers import make_quickstart_data, tiny_recipe_dict
 
 from peftlab.errors import PeftlabError
-from peftlab.trainer.sweep import SweepSpec, TrialResult, configurations, load_sweep, run_sweep
+from peftlab.metrics.console import ensure_logging, setup_logging
+from peftlab.trainer import sweep
+from peftlab.trainer.sweep import SweepSpec, TrialResult, configurations, load_sweep, run_sweep, train_trial
 
 
 def test_grid_and_seeded_random_configurations():
@@ -39,7 +42,7 @@ def test_unknown_recipe_key_fails_before_any_training(tmp_path):
     assert calls == []
 
 
-def test_successive_halving_keeps_the_best_half_per_rung(tmp_path):
+def test_successive_halving_keeps_the_best_half_per_rung(tmp_path, capsys):
     base = tiny_recipe_dict(tmp_path, tmp_path / "o", train={"max_steps": 8})
     spec = SweepSpec(base=base, parameters={"train.lr": [1e-4, 2e-4, 3e-4, 4e-4]}, metric="eval_loss",
                      successive_halving={"min_steps": 2, "eta": 2}, output=str(tmp_path / "sweep"))
@@ -50,10 +53,33 @@ def test_successive_halving_keeps_the_best_half_per_rung(tmp_path):
         runs.append((steps, lr))
         return TrialResult(score=1.0 / (lr * 1e4) + 1.0 / steps, steps=steps, output_dir=raw["output"]["dir"])
 
+    setup_logging("info")
+    capsys.readouterr()
     result = run_sweep(spec, base, tmp_path, runner=scripted)
+    said = capsys.readouterr().out.splitlines()
+    assert said[0].startswith("trial-000 train.lr=0.0001: eval_loss=") and said[0].endswith("(2 steps)")
+    assert "successive halving: 2 of 4 configurations go on to 4 steps" in said
     assert [s for s, _ in runs] == [2, 2, 2, 2, 4, 4, 8]
     assert {lr for s, lr in runs if s == 4} == {3e-4, 4e-4} and [lr for s, lr in runs if s == 8] == [4e-4]
     assert result.best.params == {"train.lr": 4e-4} and result.ranked[1].params == {"train.lr": 3e-4}
+
+
+def test_a_quiet_trial_does_not_silence_the_sweep(tmp_path, monkeypatch, capsys):
+    """Trials train quietly (warnings only); the sweep's own lines keep the console's level afterwards."""
+    class QuietTrainer:
+        def __init__(self, recipe, *, quiet):
+            ensure_logging(quiet)  # as the real Trainer: a quiet one lowers the console to warnings
+
+        def train(self):
+            return SimpleNamespace(best=None, eval_after={"eval_loss": 1.5}, state=SimpleNamespace(step=2),
+                                   output_dir=tmp_path)
+
+    monkeypatch.setattr(sweep, "Trainer", QuietTrainer)
+    setup_logging("info")
+    result = train_trial(tiny_recipe_dict(tmp_path, tmp_path / "o"), tmp_path, "eval_loss", "min")
+    assert (result.score, result.steps) == (1.5, 2)
+    sweep.logger.info("still heard")
+    assert capsys.readouterr().out == "still heard\n"
 
 
 @pytest.mark.slow

@@ -1,0 +1,201 @@
+"""Building a training run from its recipe: each component, in the order the run needs them.
+
+    process group  (launched runs; DeepSpeed adopts it)           join
+    output.dir     refused before any work when unusable           prepare_output_dir
+    CPU threads, seed                                              use_cpu_threads, seed_everything
+    model          base (+4-bit, +LoRA), or backbone + LoRA         load_model
+    data           tokenized, cached                               load_data
+    schedule       optimizer steps of the run                      total_steps
+    engine         local PyTorch or DeepSpeed ZeRO                  build_engine
+    metrics.jsonl  continued on resume, new for a fresh run        continue_metrics
+
+The objective is :func:`peftlab.objectives.objective.build_objective`; resuming, :mod:`peftlab.checkpoint.resume`.
+:class:`peftlab.trainer.loop.Trainer` calls these in its constructor and :func:`log_start` when training starts.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from peftlab.adapters.freezing import optimizer_param_groups, resolve_layers
+from peftlab.checkpoint.atomic import atomic_write_text
+from peftlab.checkpoint.store import (
+    checkpoint_dirs,
+    probe_writable,
+    remove_checkpoints,
+    safe_subpath,
+    storage_problem,
+)
+from peftlab.data.build import DataBundle
+from peftlab.data.pipeline import build_data
+from peftlab.engine.deepspeed import ZeroEngine, join_for_deepspeed
+from peftlab.engine.hostmem import bound_host_heap, choose_cpu_threads, openmp_wait_policy
+from peftlab.engine.interface import Engine
+from peftlab.engine.local import LocalEngine
+from peftlab.engine.memory_fit import apply_auto_fit
+from peftlab.engine.process_group import DistInfo, join_process_group
+from peftlab.errors import PeftlabError
+from peftlab.model.classifier import build_classifier_model
+from peftlab.model.load import LoadedModel, build_model, count_parameters, pick_device, pick_dtype
+from peftlab.trainer.state import EpochSampler
+
+logger = logging.getLogger(__name__)
+
+
+def join(recipe: Any) -> DistInfo:
+    """Join the process group of a launched run (first: the data cache and DeepSpeed need it); a no-op in a
+    single process without DeepSpeed. A ``deepspeed`` recipe is checked here, before any model is loaded."""
+    if recipe.deepspeed is None:
+        return join_process_group()
+    return join_for_deepspeed(recipe, pick_dtype(recipe.model.dtype, pick_device(recipe.train.device)))
+
+
+def prepare_output_dir(recipe: Any, is_main: bool) -> Path:
+    """Refuse an output.dir the run cannot use (a file, not writable) or would mix with an earlier run's
+    checkpoints — before anything in it is changed; then clear what a fresh run replaces. Returns the
+    checkpoint root (``output.dir/checkpoint.dir``)."""
+    out = recipe.output_dir
+    blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        where = "is a file" if blocker == out else f"lies under {blocker}, which is a file"
+        raise PeftlabError(f"output.dir {out} {where}, not a directory; set output.dir to a directory "
+                           "(peftlab creates it when missing), or move that file away")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe_writable(out)
+    except OSError as exc:
+        why, fix = storage_problem(exc)
+        raise PeftlabError(f"output.dir {out} is not writable ({why}): {fix}. The run writes its checkpoints, "
+                           "metrics and adapter there; nothing was trained") from None
+    fresh = recipe.resume is None
+    if (out / "adapter" / "adapter_config.json").exists() and not recipe.output.overwrite and fresh:
+        raise PeftlabError(
+            f"output.dir {out} already holds a finished run; choose another output.dir, set "
+            "output.overwrite: true, or resume it"
+        )
+    ckpt_root = safe_subpath(out, recipe.checkpoint.dir, what="checkpoint.dir")
+    earlier = checkpoint_dirs(ckpt_root)
+    if fresh and earlier and not recipe.output.overwrite:
+        # Their steps would interleave with this run's: rotation could keep theirs and drop ours, and a
+        # later resume: auto would continue the OTHER run.
+        raise PeftlabError(
+            f"output.dir {out} holds checkpoints of an earlier run ({', '.join(p.name for p in earlier[-3:])}"
+            f"{', ...' if len(earlier) > 3 else ''} in {ckpt_root}); continue that run with resume: auto, start "
+            "over with output.overwrite: true (deletes them), or choose another output.dir"
+        )
+    if fresh and is_main:  # every rank checked; one removes what the fresh run replaces
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        remove_checkpoints(ckpt_root)
+    return ckpt_root
+
+
+def use_cpu_threads(recipe: Any) -> tuple[int, str]:
+    """train.threads, else torch's pool capped at the CPUs this process may use: (threads, why), reported at
+    start-up."""
+    threads = choose_cpu_threads(recipe.train.threads, torch.get_num_threads())
+    if threads[0] != torch.get_num_threads():
+        torch.set_num_threads(threads[0])
+    return threads
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_model(recipe: Any) -> LoadedModel:
+    """The model the recipe trains: the base (+4-bit, +LoRA) for causal LM, the backbone + LoRA for
+    classification / regression (its head comes with the objective, once the data's labels are known)."""
+    resolve_layers(recipe)  # adapter.layers: top:k -> explicit indices
+    if recipe.train.host_allocator == "bounded" and pick_device(recipe.train.device).type == "cpu":
+        bound_host_heap()  # before loading: peak host memory = live tensors (peftlab/engine/hostmem.py)
+    if recipe.task != "causal_lm":
+        return build_classifier_model(recipe)
+    if recipe.train.auto_fit:  # shrink micro-batch / max_seq_len to what the memory planner says fits
+        apply_auto_fit(recipe)
+    return build_model(recipe)
+
+
+def load_data(recipe: Any, tokenizer: Any) -> DataBundle:
+    """The tokenized train/eval data, cached in ``output.dir/.data-cache`` (``PEFTLAB_DATA_CACHE`` elsewhere)."""
+    cache_dir = Path(os.environ.get("PEFTLAB_DATA_CACHE", recipe.output_dir / ".data-cache"))
+    return build_data(recipe.data, tokenizer, seed=recipe.train.seed, cache_dir=cache_dir,
+                      base_dir=Path(recipe.base_dir))
+
+
+def total_steps(recipe: Any, sampler: EpochSampler, world_size: int) -> int:
+    """``train.max_steps``, else the optimizer steps of ``train.epochs`` (every rank takes its share of a step)."""
+    t = recipe.train
+    steps_per_epoch = math.ceil(sampler.micro_batches_per_epoch / (t.grad_accum * world_size))
+    return t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+
+
+def build_engine(recipe: Any, loaded: LoadedModel, unfrozen: dict[str, torch.nn.Module], steps: int) -> Engine:
+    """DeepSpeed ZeRO when the recipe names a DeepSpeed config, else the local PyTorch engine (LoRA+ and
+    unfrozen modules get their own learning rates)."""
+    if recipe.deepspeed is not None:
+        return ZeroEngine(loaded.model, recipe, steps, loaded.device, loaded.dtype)
+    groups = optimizer_param_groups(loaded.model, recipe.adapter, recipe.train.lr, unfrozen)
+    return LocalEngine(loaded.model, recipe.train, steps, loaded.device, param_groups=groups)
+
+
+def continue_metrics(path: Path, resumed_step: int | None, is_main: bool) -> None:
+    """metrics.jsonl of a resumed run keeps its records up to the checkpoint's step (later ones are
+    recomputed, so no step appears twice); a fresh run (``resumed_step`` None) starts a new file."""
+    if not is_main or not path.exists():
+        return
+    if resumed_step is None:
+        path.unlink(missing_ok=True)
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= resumed_step:
+            keep.append(line + "\n")
+    atomic_write_text(path, "".join(keep))
+
+
+def resolved_recipe(recipe: Any, loaded: LoadedModel) -> Any:
+    """The recipe with ``auto`` choices replaced by what this run used (the compute dtype), for the
+    adapter's ``peftlab_recipe.yaml``: merge/eval/generate on another machine then rebuild exactly
+    the base training saw (e.g. NF4 scales quantised from a bf16 load on a GPU)."""
+    resolved = recipe.model_copy(deep=True)
+    resolved.model.dtype = str(loaded.dtype).replace("torch.", "")
+    # Relative paths were relative to the recipe file; the copy lives elsewhere, so make local ones
+    # absolute (hub ids and missing paths stay as written).
+    for spec in [*resolved.data.train, *resolved.data.eval]:
+        local = recipe.resolve_path(spec.path)
+        if local.exists():
+            spec.path = str(local.resolve())
+    resolved.output.dir = str(recipe.output_dir.resolve())
+    if resolved.adapter.init_from:
+        resolved.adapter.init_from = str(recipe.resolve_path(resolved.adapter.init_from).resolve())
+    if resolved.deepspeed:
+        resolved.deepspeed = str(recipe.resolve_path(resolved.deepspeed).resolve())
+    return resolved
+
+
+def log_start(recipe: Any, loaded: LoadedModel, data: DataBundle, steps: int, cpu_threads: tuple[int, str]) -> None:
+    """The start-up lines: model, device, dtype, quantization, LoRA, parameter counts; data and steps; CPU threads."""
+    r = recipe
+    trainable, total = count_parameters(loaded.model)
+    logger.info(f"peftlab: {r.model.name} on {loaded.device} ({loaded.dtype}), quantization={r.quantization.mode}, "
+                f"LoRA r={r.adapter.r} on {len(loaded.lora_modules)} modules: {trainable:,} trainable / "
+                f"{total:,} parameters")
+    logger.info(f"data: {len(data.train)} train rows, {len(data.eval or [])} eval rows, "
+                f"{steps} optimizer steps of {r.train.micro_batch_size}x{r.train.grad_accum}")
+    if loaded.device.type == "cpu":
+        threads, why = cpu_threads
+        logger.info(f"cpu: {threads} thread(s) ({why}); OpenMP wait policy: {openmp_wait_policy()}")

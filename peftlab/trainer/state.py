@@ -1,0 +1,108 @@
+"""Where a run is: the loop position and counters (:class:`TrainState`), the data order (:class:`EpochSampler`)
+and the fingerprint of the training data — all a checkpoint needs to continue exactly where a run stopped —
+and what a finished run returns (:class:`TrainResult`)."""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from peftlab.errors import PeftlabError
+
+
+@dataclass
+class TrainState:
+    step: int = 0                 # optimizer steps done
+    epoch: int = 0
+    micro_index: int = 0          # next micro-batch within the epoch order
+    tokens_seen: int = 0          # trained (target) tokens so far
+    skipped_steps: int = 0        # steps with a non-finite loss or gradient (update not applied)
+    nonfinite_streak: int = 0     # of those, how many in a row up to now
+    recent_losses: list[float] = field(default_factory=list)  # loss-spike watchdog window (finite losses)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    _SAVED = ("step", "epoch", "micro_index", "tokens_seen", "skipped_steps", "nonfinite_streak", "recent_losses")
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self._SAVED}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TrainState:
+        return cls(**{k: d[k] for k in cls._SAVED})
+
+
+class EpochSampler:
+    """Micro-batches of example indices: a permutation seeded by (seed, epoch), cut into slices.
+
+    Its position is (epoch, index of the next micro-batch) — kept in :class:`TrainState`, all a resume needs
+    to continue with exactly the same data order.
+    """
+
+    def __init__(self, n_examples: int, micro_batch_size: int, seed: int):
+        if n_examples == 0:
+            raise PeftlabError("the training set is empty after tokenisation (check data.train and max_seq_len)")
+        self.n = n_examples
+        self.mbs = micro_batch_size
+        self.seed = seed
+
+    @property
+    def micro_batches_per_epoch(self) -> int:
+        return math.ceil(self.n / self.mbs)
+
+    def epoch_order(self, epoch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        return [perm[i:i + self.mbs] for i in range(0, self.n, self.mbs)]
+
+    def next_step(self, state: TrainState, grad_accum: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+        """This rank's micro-batches of the next optimizer step (may cross an epoch boundary); advances ``state``.
+
+        A step takes grad_accum x world_size micro-batches of the global order; rank r trains micro-batches
+        r, r + world_size, ... (one process with grad_accum x world_size sees them all).
+        """
+        out = []
+        while len(out) < grad_accum * world_size:
+            order = self.epoch_order(state.epoch)
+            if state.micro_index >= len(order):
+                state.epoch += 1
+                state.micro_index = 0
+                continue
+            out.append(order[state.micro_index])
+            state.micro_index += 1
+        return out[rank::world_size]
+
+
+def data_fingerprint(rows) -> str:
+    """Content hash of the tokenized training rows: a resume onto other data is refused."""
+    h = hashlib.sha256(str(len(rows)).encode())
+    for row in rows:
+        for key in ("input_ids", "labels"):
+            if row.get(key) is not None:
+                h.update(np.asarray(row[key], dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Non-padding tokens of a batch (packs under sdpa/eager carry a 4D mask, so not its sum)."""
+    if "num_tokens" in batch:
+        return int(batch["num_tokens"])
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None and mask.dim() == 2 else batch["input_ids"].numel()
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    adapter_dir: Path
+    state: TrainState
+    eval_before: dict[str, Any]
+    eval_after: dict[str, Any]
+    losses: list[float]
+    preempted: bool = False           # stopped by SIGTERM/SIGINT after saving a checkpoint
+    checkpoint: Path | None = None    # the newest checkpoint of the run
+    best: dict[str, Any] | None = None  # early stopping: best metric, step and its adapter dir (best/)
