@@ -75,7 +75,7 @@ class LocalEngine:
 
     def __init__(self, model: nn.Module, train: Any, total_steps: int, device: torch.device,
                  param_groups: list[dict[str, Any]] | None = None):
-        """``param_groups`` (peftlab.freezing.optimizer_param_groups): per-group learning rates (LoRA+,
+        """``param_groups`` (peftlab.adapters.freezing.optimizer_param_groups): per-group learning rates (LoRA+,
         unfrozen modules), each with ``lr_scale`` = its lr / train.lr; None: one group at train.lr."""
         self.model = model
         self.train = train

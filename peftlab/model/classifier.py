@@ -67,7 +67,7 @@ def is_encoder(config: Any) -> bool:
 
 
 def build_classifier_model(recipe: Any, *, adapter_dir: str | Path | None = None, trainable: bool = True):
-    """The backbone with LoRA (a :class:`peftlab.models.LoadedModel`); the head is attached separately."""
+    """The backbone with LoRA (a :class:`peftlab.model.load.LoadedModel`); the head is attached separately."""
     path = resolve_model_path(recipe.model.name, revision=recipe.model.revision)
     config = load_model_config(recipe.model.name, revision=recipe.model.revision,
                                trust_remote_code=recipe.model.trust_remote_code)

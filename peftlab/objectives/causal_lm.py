@@ -1,7 +1,7 @@
 """The causal-LM loss: final hidden states + the head weight -> cross-entropy, never whole logits.
 
-The trainer (through :class:`peftlab.objectives.objective.CausalLMObjective`) never runs the model's own ``lm_head`` in training: it asks the decoder for its final
-hidden states and hands them, with the head weight, to
+The trainer (through :class:`peftlab.objectives.objective.CausalLMObjective`) never runs the model's own
+``lm_head`` in training: it asks the decoder for its final hidden states and hands them, with the head weight, to
 :func:`peftlab.kernels.fused_linear_cross_entropy` (Triton on CUDA, chunked PyTorch elsewhere). The
 loss is a *sum* over target tokens divided by ``normalizer`` — the number of target tokens in all
 micro-batches of the optimizer step — so gradient accumulation gives exactly the gradient of the

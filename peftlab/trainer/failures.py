@@ -17,7 +17,8 @@ from peftlab.checkpoint.store import STORAGE_ERRNOS, checkpoint_step, storage_pr
 from peftlab.engine.memory_fit import out_of_memory_advice
 from peftlab.errors import PeftlabError
 
-_ALLOCATION_FAILURES = ("can't allocate memory", "cannot allocate memory", "out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
+_ALLOCATION_FAILURES = ("can't allocate memory", "cannot allocate memory", "out of memory",
+                        "CUBLAS_STATUS_ALLOC_FAILED")
 
 
 def out_of_memory_detail(exc: BaseException) -> str | None:

@@ -101,8 +101,8 @@ class Trainer:
             self.state, self._resume_rng = TrainState.from_json(resumed.trainer_state), resumed.rng
             self.resumed_from, self._last_saved = resume_from, (self.state.step, resume_from)
             logger.info(f"peftlab: resuming from {resume_from} (step {self.state.step}, epoch {self.state.epoch})")
-        setup.continue_metrics(self.out_dir / "metrics.jsonl", self.state.step if self.resumed_from else None,
-                               self.dist.is_main)
+        resumed_step = self.state.step if self.resumed_from is not None else None
+        setup.continue_metrics(self.out_dir / "metrics.jsonl", resumed_step, self.dist.is_main)
         self.log = RunLog(self.out_dir, recipe.output.report_to if self.dist.is_main else [],
                           params=recipe.to_dict(), run_name=self.out_dir.name)
 
@@ -252,8 +252,8 @@ class Trainer:
                 summary.say_beside(bar, f"step {step}: " + summary.format_metrics(m))
                 if self._track_best(m):
                     es = self.early_stopping
-                    summary.say_beside(bar, f"early stopping at step {step}: {es.metric} did not improve for "
-                                       f"{es.patience} evals; best {es.best:.4f} at step {es.best_step} (kept in best/)")
+                    summary.say_beside(bar, f"early stopping at step {step}: {es.metric} did not improve for {es.patience} "
+                                            f"evals; best {es.best:.4f} at step {es.best_step} (kept in best/)")
                     self._last_eval = (step, m)
                     return False
             self._save_due = self._save_due or bool(t.save_every and step % t.save_every == 0)
