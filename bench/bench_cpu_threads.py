@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 sys.path.insert(0, {recipes!r})
 import make_quickstart_data as gen
-from peftlab.recipe.schema import load_recipe
+from peftlab.recipe.parse import load_recipe
 from peftlab.trainer.loop import Trainer
 
 threads, steps, work = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])

@@ -42,7 +42,8 @@ def generated_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
 
 
 def run(data_path: str, tokenizer: Any, max_seq_len: int, batch_size: int, max_samples: int | None) -> dict:
-    from peftlab.data import DataConfig, build_data
+    from peftlab.data.config import DataConfig
+    from peftlab.data.pipeline import build_data
 
     cfg = DataConfig(train=[{"path": data_path, "format": "alpaca"}], max_seq_len=max_seq_len,
                      max_samples=max_samples)

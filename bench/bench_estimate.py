@@ -58,7 +58,7 @@ def scale_rows(results_dir: Path | None, work: Path) -> list[dict[str, Any]]:
     """The 8B training runs of bench/scale.py (the newest full run per host allocator) against the
     planner of THIS checkout (from the config alone), with the prediction made at run time beside it."""
     from peftlab.engine.planner import estimate
-    from peftlab.recipe.schema import recipe_from_dict
+    from peftlab.recipe.parse import recipe_from_dict
 
     path = (results_dir or HERE / "results") / f"{SCALE_RESULTS}.jsonl"
     if not path.is_file():
@@ -85,7 +85,7 @@ def repredict(name: str, ckpt: Path, work: Path, *, seq: int, mbs: int, ckpting:
               results_dir: Path | None) -> dict[str, Any] | None:
     """The newest measured row of this case with the planner of THIS checkout (measurement unchanged)."""
     from peftlab.engine.planner import estimate
-    from peftlab.recipe.schema import recipe_from_dict
+    from peftlab.recipe.parse import recipe_from_dict
 
     path = (results_dir or HERE / "results") / "bench_estimate.jsonl"
     if not path.is_file():

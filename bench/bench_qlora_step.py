@@ -57,7 +57,7 @@ def write_checkpoint(config_dir: str | None, layers: int, out: Path, smoke: bool
 def peftlab_side(path: Path, device: torch.device):
     from peftlab.model.load import build_model
     from peftlab.objectives.causal_lm import LossSettings, causal_lm_loss
-    from peftlab.recipe.schema import recipe_from_dict
+    from peftlab.recipe.parse import recipe_from_dict
 
     recipe = recipe_from_dict({
         "model": {"name": str(path), "gradient_checkpointing": True, "dtype": "bfloat16" if device.type == "cuda"

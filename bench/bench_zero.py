@@ -30,7 +30,7 @@ from peftlab.engine.planner import peak_rss_bytes
 
 def worker(recipe_path: str, report: str) -> None:
     """Runs inside every rank: train, then write this rank's figures."""
-    from peftlab.recipe.schema import load_recipe
+    from peftlab.recipe.parse import load_recipe
     from peftlab.trainer.loop import Trainer
 
     trainer = Trainer(load_recipe(recipe_path), quiet=True)

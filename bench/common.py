@@ -7,7 +7,7 @@
 - :func:`median_time_ms` — median wall time of a callable (CPU; on CUDA it synchronises).
 - :func:`watch` — wait for a benchmark subprocess, killing it past a memory limit or a timeout.
 - :func:`run_peak_rss` — run a Python snippet in a fresh subprocess and return its own peak resident
-  set (VmHWM, see ``peftlab.estimate.peak_rss_bytes``: a child's ``ru_maxrss`` starts at its parent's
+  set (VmHWM, see ``peftlab.engine.planner.peak_rss_bytes``: a child's ``ru_maxrss`` starts at its parent's
   size): the only honest way to compare the peak memory of two methods on CPU.
 
 Keep this API stable: several benchmarks import it.

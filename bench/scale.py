@@ -6,7 +6,7 @@ shapes: 32 layers, hidden 4096, GQA 32/8, MLP 14336, vocabulary 128,256) is writ
 sharded bf16 safetensors checkpoint (~16 GB, into ``--work``; reused by later runs). Then, each in a
 fresh process whose own peak resident set (VmHWM) is the figure, one after another:
 
-1. ``load-peftlab``: peftlab's streaming loader (``peftlab.streaming.load_quantized``): tensor by
+1. ``load-peftlab``: peftlab's streaming loader (``peftlab.model.quantized_load.load_quantized``): tensor by
    tensor, each linear quantised to NF4 (double quant) as it arrives;
 2. ``load-transformers``: the usual path, ``AutoModelForCausalLM.from_pretrained(checkpoint,
    quantization_config=BitsAndBytesConfig(load_in_4bit=True, nf4, double quant))`` — watched: a
@@ -184,7 +184,7 @@ def phase_load_transformers(ns: argparse.Namespace) -> None:
 def phase_train(ns: argparse.Namespace) -> None:
     import torch
 
-    from peftlab.recipe.schema import recipe_from_dict
+    from peftlab.recipe.parse import recipe_from_dict
     from peftlab.trainer.loop import Trainer
 
     raw = json.loads(ns.recipe)
@@ -211,7 +211,7 @@ def measure_train(ckpt: Path, work: Path, *, seq: int, steps: int, dtype: str, t
                   **recipe_kw: Any) -> dict[str, Any]:
     """One training run in its own process + the planner's prediction for the same recipe."""
     from peftlab.engine.planner import estimate
-    from peftlab.recipe.schema import recipe_from_dict
+    from peftlab.recipe.parse import recipe_from_dict
 
     raw = recipe_dict(ckpt, work, seq=seq, steps=steps, dtype=dtype, **recipe_kw)
     est = estimate(recipe_from_dict(raw), device="cpu")

@@ -13,7 +13,7 @@ Sides (each in its own fresh process, so peak memory is that process's own):
 
 What makes the two train the same thing (so "the loss curves agree" is a check, not a hope):
 
-- one random bf16 checkpoint of one config (``peftlab.streaming.save_random_checkpoint``) with the
+- one random bf16 checkpoint of one config (``peftlab.model.quantized_load.save_random_checkpoint``) with the
   tokenizer beside it, loaded by every side in NF4 + double quant (compute fp32 on CPU, bf16 on GPU);
 - one initial adapter (LoRA r=16, alpha=32, dropout 0, all linear layers of the decoder; A drawn
   like PEFT's kaiming-uniform and rounded to bf16, B = 0) loaded by both sides: peftlab through
@@ -152,7 +152,7 @@ def load_rows(smoke: bool, data: str) -> tuple[list[dict[str, str]], str]:
 
 
 def data_config(path: Path, max_seq_len: int, packing: bool):
-    from peftlab.data import DataConfig
+    from peftlab.data.config import DataConfig
 
     return DataConfig(train=[{"path": str(path), "format": "alpaca"}], template="alpaca", train_on="assistant",
                       max_seq_len=max_seq_len, packing=packing)
@@ -163,8 +163,8 @@ def prepare_data(rows: list[dict[str, str]], tokenizer, max_seq_len: int, n_pack
     """Pick the rows of one full-batch step (see the module docstring) and write them for both sides:
     ``rows.json`` (Alpaca rows, read by peftlab) and ``tokens.jsonl`` (the same rows as peftlab tokenizes
     them: input_ids + completion_mask, read by the peer)."""
-    from peftlab.data import build_data
     from peftlab.data.packing import best_fit_decreasing
+    from peftlab.data.pipeline import build_data
 
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
@@ -227,7 +227,7 @@ class StepClock:
 
 
 def run_peftlab(job: dict[str, Any]) -> dict[str, Any]:
-    from peftlab.recipe.schema import recipe_from_dict
+    from peftlab.recipe.parse import recipe_from_dict
     from peftlab.trainer.loop import Trainer
 
     raw = {
@@ -350,7 +350,7 @@ def run_trl(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def peak_rss_mb() -> float:
-    """This process's own peak RSS in MB (VmHWM; see ``peftlab.estimate.peak_rss_bytes``)."""
+    """This process's own peak RSS in MB (VmHWM; see ``peftlab.engine.planner.peak_rss_bytes``)."""
     from peftlab.engine.planner import peak_rss_bytes
 
     return peak_rss_bytes() / 2**20

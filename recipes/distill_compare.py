@@ -24,8 +24,9 @@ HERE = Path(__file__).resolve().parent
 
 def main(argv: list[str] | None = None) -> int:
     from peftlab.evaluation.evaluate import evaluate
-    from peftlab.objectives.distillation import load_teacher, teacher_kl
-    from peftlab.recipe.schema import load_recipe, recipe_from_dict
+    from peftlab.objectives.distillation import teacher_kl
+    from peftlab.objectives.teacher import load_teacher
+    from peftlab.recipe.parse import load_recipe, recipe_from_dict
     from peftlab.trainer.loop import Trainer
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
