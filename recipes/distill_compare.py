@@ -60,10 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     h_result = hard.train()
     times["hard_labels"] = time.perf_counter() - t0
 
-    teacher = getattr(distilled.loss_fn, "teacher", None) or load_teacher(recipe, distilled.device)
+    teacher = getattr(distilled.objective, "teacher", None) or load_teacher(recipe, distilled.device)
     batches = distilled.eval_batches()
     t_metrics = evaluate(teacher.model, teacher.tokenizer, batches, distilled.data.eval_prompts, recipe=recipe,
-                         settings=distilled.settings)
+                         settings=distilled.objective.settings)
     temperature = 1.0
     rows = {
         f"teacher ({teacher.label})": t_metrics,

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from peftlab.adapters.arithmetic import pattern_value
+from peftlab.adapters.chat_template import TEMPLATE_FILE
 from peftlab.adapters.peft_format import (
     read_adapter_config,
     read_adapter_weights,
@@ -89,7 +90,7 @@ def export_peft(adapter_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
     if config.get("use_dora"):
         notes.append("DoRA adapter: PEFT loads it; serving engines may not support DoRA (merge it instead)")
     write_adapter(out, read_adapter_weights(src), config)
-    for extra in (ADAPTER_RECIPE_NAME, PROVENANCE_NAME):
+    for extra in (ADAPTER_RECIPE_NAME, PROVENANCE_NAME, TEMPLATE_FILE):  # the training chat template travels too
         if (src / extra).is_file() and src.resolve() != out.resolve():
             atomic_write(out / extra, lambda tmp, f=src / extra: shutil.copy2(f, tmp))
     return PeftExportResult(out, len(updates), notes)

@@ -41,7 +41,7 @@ from peftlab.engine.hostmem import bound_host_heap, choose_cpu_threads, openmp_w
 from peftlab.engine.interface import Engine
 from peftlab.engine.local import LocalEngine
 from peftlab.engine.memory_fit import apply_auto_fit
-from peftlab.engine.process_group import DistInfo, join_process_group
+from peftlab.engine.process_group import DistInfo, env_dist_info, join_process_group
 from peftlab.errors import PeftlabError
 from peftlab.model.classifier import build_classifier_model
 from peftlab.model.load import LoadedModel, build_model, count_parameters, pick_device, pick_dtype
@@ -54,6 +54,12 @@ def join(recipe: Any) -> DistInfo:
     """Join the process group of a launched run (first: the data cache and DeepSpeed need it); a no-op in a
     single process without DeepSpeed. A ``deepspeed`` recipe is checked here, before any model is loaded."""
     if recipe.deepspeed is None:
+        launched = env_dist_info().world_size
+        if launched > 1:  # the local engine never averages gradients: N processes would train N diverging copies
+            raise PeftlabError(
+                f"this run was launched as {launched} processes (WORLD_SIZE={launched}) but the recipe has no "
+                "deepspeed key: peftlab trains across processes through DeepSpeed, which averages the gradients. "
+                "Add deepspeed: recipes/deepspeed/zero1.json (or zero2.json / zero3.json), or run one process")
         return join_process_group()
     return join_for_deepspeed(recipe, pick_dtype(recipe.model.dtype, pick_device(recipe.train.device)))
 

@@ -63,17 +63,20 @@ def test_peft_export_rejects_adapters_that_do_not_fit(micro_dir, tmp_path):
         export_peft(tmp_path / "a", tmp_path / "o", base=str(tiny))
 
 
-def test_peft_export_copies_recipe_and_provenance_and_refuses_a_full_out(micro_dir, tmp_path):
+def test_peft_export_copies_recipe_template_and_provenance_and_refuses_a_full_out(micro_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(micro_dir, dtype=torch.float32)
     inject_lora(model, r=2, alpha=2, target_modules=["q_proj"])
     src = tmp_path / "a"
     save_adapter(model, src, base_model_name_or_path=str(micro_dir))
     (src / "peftlab_recipe.yaml").write_text("model: {name: x}\n")
     (src / "peftlab_combine.json").write_text('{"method": "cat"}\n')
+    (src / "chat_template.jinja").write_text("{{ bos_token }}{{ messages[0]['content'] }}")
     result = export_peft(src, tmp_path / "o")
     assert result.modules == 2 and result.path == tmp_path / "o"
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "peftlab_combine.json", "peftlab_recipe.yaml"]
+        "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "peftlab_combine.json",
+        "peftlab_recipe.yaml"]
+    assert (tmp_path / "o" / "chat_template.jinja").read_text() == (src / "chat_template.jinja").read_text()
     assert (tmp_path / "o" / "adapter_config.json").read_bytes() == (src / "adapter_config.json").read_bytes()
     with pytest.raises(PeftlabError, match=r"--out .* exists and is not empty; .* --overwrite"):
         export_peft(src, tmp_path / "o")

@@ -122,3 +122,14 @@ def test_seed_everything_makes_every_generator_repeat():
         setup.seed_everything(5)
         draws.append((random.random(), float(np.random.rand()), float(torch.rand(()))))
     assert draws[0] == draws[1]
+
+
+def test_several_processes_without_deepspeed_are_refused(short_data, short_recipe, tmp_path, monkeypatch):
+    """The local engine never averages gradients across processes: a torchrun launch without a DeepSpeed config
+    would train diverging copies of the adapter. Refused before joining (nothing waits for the other ranks)."""
+    from peftlab.trainer import setup
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(PeftlabError, match=r"2 processes .*deepspeed: recipes/deepspeed/zero1.json"):
+        setup.join(recipe_from_dict(short_recipe(short_data, tmp_path / "out")))
