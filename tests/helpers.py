@@ -67,3 +67,15 @@ def ds_config(name: str) -> str:
 def train_losses(out: Path) -> list[float]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if r["split"] == "train"]
+
+
+def short_run_recipe(data_dir: Path, out: Path, **sections) -> dict:
+    """3 steps of micro-batch 4 in fp32 with LoRA dropout, a checkpoint after every step, jsonl metrics only."""
+    train = {"max_steps": 3, "micro_batch_size": 4, "grad_accum": 1, "save_every": 1, "eval_at_start": False,
+             **sections.pop("train", {})}
+    resume = sections.pop("resume", None)
+    adapter = {"dropout": 0.1, **sections.pop("adapter", {})}
+    output = {"report_to": ["jsonl"], "plot": False, **sections.pop("output", {})}
+    raw = tiny_recipe_dict(data_dir, out, quantization={"mode": "none"}, adapter=adapter, data={"max_seq_len": 48},
+                           train=train, eval={"max_prompts": 1, "max_new_tokens": 2}, output=output, **sections)
+    return {**raw, "resume": resume}

@@ -5,22 +5,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import make_quickstart_data, tiny_recipe_dict
+from helpers import make_quickstart_data, short_run_recipe
 
 from peftlab.recipe.parse import recipe_from_dict
 from peftlab.trainer.loop import Trainer
 
-
-def checkpoint_recipe(data_dir: Path, out: Path, **sections) -> dict:
-    """3 steps of micro-batch 4, a checkpoint after every step (the last step writes the final adapter)."""
-    train = {"max_steps": 3, "micro_batch_size": 4, "grad_accum": 1, "save_every": 1, "eval_at_start": False,
-             **sections.pop("train", {})}
-    resume = sections.pop("resume", None)
-    adapter = {"dropout": 0.1, **sections.pop("adapter", {})}
-    output = {"report_to": ["jsonl"], "plot": False, **sections.pop("output", {})}
-    raw = tiny_recipe_dict(data_dir, out, quantization={"mode": "none"}, adapter=adapter, data={"max_seq_len": 48},
-                           train=train, eval={"max_prompts": 1, "max_new_tokens": 2}, output=output, **sections)
-    return {**raw, "resume": resume}
+checkpoint_recipe = short_run_recipe  # 3 steps, a checkpoint after every step (tests/helpers.py)
 
 
 @pytest.fixture(scope="session")
