@@ -676,7 +676,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     configs = SHARED / "configs"
     if args.smoke:
         d = {"model": "smoke", "seq": 256, "micro_batch": 1, "grad_accum": 2, "steps": 2, "repeats": 1,
-             "seq_lens": [128, 256], "sizes": [], "scaling_steps": 1}
+             "seq_lens": [128], "sizes": [], "scaling_steps": 1}
         args.size_seq = min(args.size_seq, 256)
     elif args.gpu:
         d = {"model": str(configs / "llama-3.1-8b"), "seq": 2048, "micro_batch": 2, "grad_accum": 2, "steps": 6,

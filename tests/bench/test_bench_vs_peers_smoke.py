@@ -38,6 +38,6 @@ def test_bench_vs_peers_smoke(tmp_path):
     assert compare["pairs"] and compare["pairs"][0]["speed_ratio"] > 0
 
     scaling = [r for r in records if r["mode"] == "scaling"]
-    assert {(r["seq_len"], r["side"]) for r in scaling} == {(n, s) for n in (128, 256) for s in ("peftlab", "peft")}
+    assert {(r["seq_len"], r["side"]) for r in scaling} == {(128, s) for s in ("peftlab", "peft")}
     assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 and r["peak_mb"] > 0 for r in scaling)
     assert (tmp_path / "vs_peers_scaling.png").stat().st_size > 0

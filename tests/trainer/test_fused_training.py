@@ -2,7 +2,8 @@
 
 `kernels: triton` routes every LoRA layer through `fused_lora_linear` (NF4 dequantised inside the GEMM
 tiles) and the loss through the Triton `fused_linear_cross_entropy`; `kernels: torch` runs the PyTorch
-references. 20 QLoRA steps of the micro model in fp32 must give the same per-step losses.
+references. 8 QLoRA steps of the micro model in fp32 (every step's update feeds the next, so kernel differences
+would compound) must give the same per-step losses.
 """
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ from peftlab.trainer.loop import Trainer
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("fused-training")]
 
 
-def test_twenty_qlora_steps_fused_match_unfused(tmp_path):
+def test_qlora_steps_fused_match_unfused(tmp_path):
     data = make_quickstart_data(tmp_path / "data", n_train=48, n_eval=4)
     curves = {}
     for backend in ("triton", "torch"):
-        raw = tiny_recipe_dict(data, tmp_path / backend, train={"max_steps": 20, "grad_accum": 1,
+        raw = tiny_recipe_dict(data, tmp_path / backend, train={"max_steps": 8, "grad_accum": 1,
                                                                 "micro_batch_size": 1, "eval_at_start": False},
                                )
         raw["kernels"] = backend
@@ -32,5 +33,5 @@ def test_twenty_qlora_steps_fused_match_unfused(tmp_path):
 
             assert {m.kernel_backend for m in lora_modules(trainer.model).values()} == {"triton"}
         curves[backend] = trainer.train().losses
-    assert len(curves["triton"]) == 20
+    assert len(curves["triton"]) == 8
     torch.testing.assert_close(torch.tensor(curves["triton"]), torch.tensor(curves["torch"]), rtol=1e-4, atol=1e-5)
