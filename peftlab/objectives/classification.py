@@ -147,3 +147,9 @@ class ClassificationObjective:
     def save(self, model: nn.Module, adapter_dir: Path) -> None:
         """The head's weights and config beside the LoRA adapter (``peftlab predict`` reloads both)."""
         save_head(model, adapter_dir)
+
+    def prepare(self, model: nn.Module, train_batches: Any) -> None:
+        """Nothing to precompute."""
+
+    def begin_step(self, step: int, total_steps: int) -> None:
+        """No schedule."""

@@ -221,3 +221,9 @@ class DistillationObjective:
 
     def save(self, model: nn.Module, adapter_dir: Path) -> None:
         """Nothing beside the adapter (the teacher is named in the recipe saved with it)."""
+
+    def prepare(self, model: nn.Module, train_batches: Any) -> None:
+        """Nothing to precompute."""
+
+    def begin_step(self, step: int, total_steps: int) -> None:
+        """No schedule."""

@@ -7,7 +7,11 @@ The loop asks its objective five things and never which task it trains:
   classification) and their summed loss weights — counted over every micro-batch of the step before any loss
   is computed, so gradient accumulation gives exactly the gradient of the whole step's mean;
 - ``evaluate(model, batches)``: the run's eval metrics on held-out batches (``None``: no eval data);
-- ``save(model, adapter_dir)``: the objective's own files beside the adapter (a classification head).
+- ``save(model, adapter_dir)``: the objective's own files beside the adapter (a classification head);
+- ``prepare(model, train_batches)``: once, before the first step (and again after a resume) — e.g. reference
+  log-probs computed once for the training data; ``train_batches(indices)`` builds batches like the loop's;
+- ``begin_step(step, total_steps)``: before every optimizer step — for terms that follow the run's progress
+  (a schedule).
 
 :func:`build_objective` picks it from the recipe: :class:`CausalLMObjective` (next-token cross-entropy, the
 default), :class:`~peftlab.objectives.distillation.DistillationObjective` (``distill:``) or
@@ -52,6 +56,12 @@ class Objective(Protocol):
     def save(self, model: nn.Module, adapter_dir: Path) -> None:
         ...
 
+    def prepare(self, model: nn.Module, train_batches: Any) -> None:
+        ...
+
+    def begin_step(self, step: int, total_steps: int) -> None:
+        ...
+
 
 @dataclass
 class CausalLMObjective:
@@ -77,6 +87,12 @@ class CausalLMObjective:
 
     def save(self, model: nn.Module, adapter_dir: Path) -> None:
         """Nothing beside the adapter."""
+
+    def prepare(self, model: nn.Module, train_batches: Any) -> None:
+        """Nothing to precompute."""
+
+    def begin_step(self, step: int, total_steps: int) -> None:
+        """No schedule."""
 
 
 def build_objective(recipe: Any, loaded: Any, data: Any) -> Objective:

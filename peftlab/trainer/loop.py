@@ -128,6 +128,7 @@ class Trainer:
                                          self.dist.world_size)
         batches = [self.batch(ix) for ix in indices]
         self.model.train()
+        self.objective.begin_step(self.state.step + 1, self.total_steps)
         loss, n_targets = accumulate_gradients(self.model, batches, self.objective, self.engine.backward)
         step = self.state.step + 1
         kill_point(f"step-{step}-backward")
@@ -176,9 +177,8 @@ class Trainer:
         return path
 
     def train(self) -> TrainResult:
-        """Train to the end (or to a signal / early stop). A full or read-only disk and running out of
-        memory end in a PeftlabError that names the cause, the recipe keys or steps that fix it, and the
-        checkpoint to continue from — never a traceback; complete checkpoints are never touched."""
+        """Train to the end (or to a signal / early stop). A full or read-only disk and running out of memory end
+        in a PeftlabError naming the cause, the fix and the checkpoint to continue from; checkpoints stay intact."""
         try:
             return self._train()
         except BaseException as exc:  # re-raised below unless it is one of the failures the run explains
@@ -199,6 +199,7 @@ class Trainer:
             before = self.evaluate()
             self.log.log(0, "eval", before)
             logger.info("eval before training: " + summary.format_metrics(before))
+        self.objective.prepare(self.model, self.batch)  # e.g. reference log-probs, once, before any step
         losses: list[float] = []
         t0 = time.perf_counter()
         if self._resume_rng is not None:  # last, so nothing between here and the first step draws from them
