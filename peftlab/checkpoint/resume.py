@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from peftlab.adapters.peft_format import lora_parameters
+from peftlab.checkpoint.save import TRAINABLE_FILE, restore_trainable_modules, trainable_modules
 from peftlab.checkpoint.store import MARKER, checkpoint_step, load_torch_file, scan, verify
 from peftlab.engine.interface import Engine
 from peftlab.errors import PeftlabError
@@ -35,7 +36,7 @@ logger = logging.getLogger(__name__)
 # (A section name refuses every key inside it.)
 RESUME_LOCKED_KEYS = (
     "model.name", "model.revision", "model.dtype", "model.tokenizer",
-    "quantization", "adapter", "data", "distill",
+    "quantization", "adapter", "data", "distill", "task", "dann",
     "train.micro_batch_size", "train.grad_accum", "train.seed", "train.optimizer",
 )
 # Keys that may change between runs without comment (where files go, how often to log/save/evaluate).
@@ -115,6 +116,13 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
                             weights, recipe)
 
 
+def _read_trainable_modules(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path / TRAINABLE_FILE))
+    except Exception as exc:  # noqa: BLE001 — safetensors raises its own error types
+        raise PeftlabError(f"resume: cannot read {path / TRAINABLE_FILE}: {exc}") from None
+
+
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(d, dict):
         out: dict[str, Any] = {}
@@ -185,5 +193,17 @@ def resume(path: Path, *, recipe: Any, model: nn.Module, engine: Engine, data_fi
     if bad:
         raise PeftlabError(f"resume: the adapter weights in {path} do not fit this model (keys missing, "
                            f"unexpected or of another shape: {', '.join(bad[:4])})")
+    extra = None
+    if not (path / "deepspeed").is_dir():  # under DeepSpeed its own checkpoint restores them
+        extra = _read_trainable_modules(path) if (path / TRAINABLE_FILE).is_file() else {}
+        if not extra and trainable_modules(model):
+            raise PeftlabError(
+                f"resume: {path} holds no {TRAINABLE_FILE}, but this run trains modules besides the LoRA adapter "
+                f"({', '.join(list(trainable_modules(model))[:3])}): they would restart from their initial "
+                "values. Resume from a checkpoint written by this peftlab, or start a fresh run")
+        if extra:
+            restore_trainable_modules(model, extra, path, check_only=True)
     engine.restore(path, weights, loaded.engine_state)
+    if extra:
+        restore_trainable_modules(model, extra, path)
     return Resumed(path, saved, loaded.rng)

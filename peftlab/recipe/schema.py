@@ -284,10 +284,9 @@ class Recipe(Section):
         if self.train.early_stopping is not None and self.train.eval_every is None:
             raise ValueError("train.early_stopping needs train.eval_every (evaluate every N steps), e.g. "
                              "train.eval_every: 50")
-        if self.resume is not None and (self.task != "causal_lm" or self.adapter.unfreeze):
-            raise ValueError("resume with task=classification/regression or adapter.unfreeze is not supported: "
-                             "checkpoints hold the LoRA weights only, not the head / unfrozen modules; remove "
-                             "resume (start a fresh run)")
+        if self.resume is not None and (self.adapter.unfreeze or (self.task != "causal_lm" and self.deepspeed)):
+            raise ValueError("resume with adapter.unfreeze, or with task=classification/regression under deepspeed, "
+                             "is not supported yet; remove resume (start a fresh run)")
         if self.task != "causal_lm":
             if self.distill is not None or self.data.packing:
                 raise ValueError(f"task={self.task} cannot be combined with distill or data.packing; remove them")

@@ -5,12 +5,13 @@ tests/evaluation/test_predict.py.)"""
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from peftlab.errors import PeftlabError
 from peftlab.evaluation.predict import load_classifier
 from peftlab.objectives.classification import (
     ClassificationObjective,
@@ -99,8 +100,30 @@ def test_decoder_classifier_learns(tmp_path):
     _assert_same({k: after[k] for k in ("accuracy", "precision", "recall", "f1_macro", "f1_micro",
                                         "confusion_matrix")}, _sk_classification(labels, preds, 3))
     assert trainer.data.label_map == {"food": 0, "sport": 1, "weather": 2}
-    with pytest.raises(PeftlabError, match="resume with task=classification"):
-        recipe_from_dict({**_recipe(data, tmp_path / "run"), "resume": "auto"})
+
+
+def test_a_resumed_classification_run_ends_exactly_like_an_uninterrupted_one(tmp_path):
+    """The head's weights travel in the checkpoint (trainable_modules.safetensors) with its optimizer moments:
+    4 steps in one go == 2 steps, a checkpoint, and 2 more after a resume (LoRA, head and losses bit for bit).
+    Before, checkpoints held the LoRA weights only and such a resume was refused."""
+    data = _data(tmp_path, n_train=24, n_eval=4)
+    raw = _recipe(data, tmp_path / "run", steps=4)
+    raw["train"].update(micro_batch_size=6, save_every=2, log_every=1, eval_at_start=False)
+    raw["adapter"]["dropout"] = 0.1  # the RNG state must be restored too
+    whole = Trainer(recipe_from_dict(raw), quiet=True).train()
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "run", resumed_dir)
+    ckpt = resumed_dir / "checkpoints" / "step-0000002"
+    assert (ckpt / "trainable_modules.safetensors").is_file()
+    resumed = Trainer(recipe_from_dict({**raw, "output": {**raw["output"], "dir": str(resumed_dir)},
+                                        "resume": str(ckpt)}), quiet=True)
+    assert torch.equal(resumed.model.peftlab_head.score.weight, load_file(str(ckpt / "trainable_modules.safetensors"))
+                       ["peftlab_head.score.weight"])
+    result = resumed.train()
+    assert result.losses == whole.losses[2:]
+    for name in ("adapter_model.safetensors", "classifier_head.safetensors"):
+        a, b = load_file(str(whole.adapter_dir / name)), load_file(str(result.adapter_dir / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_the_objective_weights_rows_and_counts_rows(tmp_path):
