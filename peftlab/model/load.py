@@ -245,6 +245,10 @@ def build_model(recipe, *, device: torch.device | None = None, adapter_dir: str 
     names: list[str] = []
     if with_adapter:
         names = attach_adapters(model, recipe, device, adapter_dir=adapter_dir, trainable=trainable)
+        if recipe.train.fused_blocks:
+            from peftlab.adapters.fused_blocks import apply_fused_blocks
+
+            apply_fused_blocks(model)
         init_from = recipe.resolve_path(recipe.adapter.init_from) if recipe.adapter.init_from else None
         use_adapter_template(tokenizer, adapter_dir or init_from)
     if recipe.model.gradient_checkpointing:

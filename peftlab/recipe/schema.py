@@ -128,6 +128,9 @@ class TrainConfig(Section):
     activations); ``bounded`` fixes glibc's mmap threshold at 1 MiB so freed tensors go back to the
     OS: peak host memory follows the live tensors (measured -28% to -33%), steps are slower when
     activations are 1-32 MiB (+40% on a 100M model, see README Memory)."""
+    fused_blocks: bool = False
+    """Whole-block (Q)LoRA autograd: q/k/v, o and the SwiGLU MLP of Llama/Mistral/Qwen2/Gemma-2 decoders each run
+    as one node (peftlab.adapters.fused_blocks); groups with LoRA dropout, biases or DoRA stay per-module."""
     early_stopping: EarlyStoppingConfig | None = None
     """Stop when an eval metric stops improving (needs eval_every); the best adapter is kept in best/."""
     loss: LossConfig = LossConfig()
@@ -279,6 +282,9 @@ class Recipe(Section):
                 "adapter.dora=true with kernels=triton: the fused QLoRA kernel does not implement DoRA; "
                 "set kernels to auto (DoRA layers then use the PyTorch path) or torch"
             )
+        if self.train.fused_blocks and (self.kernels == "off" or self.adapter.dora):
+            raise ValueError("train.fused_blocks=true with kernels=off or adapter.dora=true: the fused blocks are "
+                             "fused kernels and do not implement DoRA; set train.fused_blocks: false")
         if self.model.attn_implementation == "flash_attention_2" and self.train.device == "cpu":
             raise ValueError("model.attn_implementation=flash_attention_2 needs a CUDA GPU; use sdpa on CPU")
         if self.train.early_stopping is not None and self.train.eval_every is None:

@@ -143,3 +143,20 @@ def test_without_the_rope_kernel_the_models_own_rotation_is_used(monkeypatch):
     torch.testing.assert_close(loss, ref_loss, **FP32)
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], **FP32)
+
+
+def test_the_recipe_key_applies_the_blocks_when_the_model_is_built(tmp_path, micro_dir, caplog):
+    from helpers import tiny_recipe_dict
+
+    from peftlab.model.load import build_model
+    from peftlab.recipe.schema import Recipe
+
+    raw = tiny_recipe_dict(tmp_path, tmp_path / "out", quantization={"mode": "none"}, train={"fused_blocks": True,
+                                                                                              "device": "cpu"})
+    with caplog.at_level(logging.INFO, logger="peftlab.adapters.fused_blocks"):
+        model = build_model(Recipe.model_validate(raw)).model
+    fused = [n for n, m in model.named_modules() if "forward" in m.__dict__]
+    assert fused and all(n.endswith((".self_attn", ".mlp")) for n in fused)
+    assert any("whole-block autograd nodes" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="train.fused_blocks=true with kernels=off"):
+        Recipe.model_validate({**raw, "kernels": "off"})
