@@ -22,16 +22,25 @@ from peftlab.kernels.fused_linear_kd_loss import (
 )
 from peftlab.kernels.fused_lora_linear import fused_lora_linear, reference_lora_linear
 from peftlab.kernels.nf4 import nf4_dequantize, reference_nf4_dequantize
+from peftlab.kernels.rms_norm import reference_rms_norm, rms_norm
+from peftlab.kernels.rope import apply_rope_, reference_apply_rope_
+from peftlab.kernels.swiglu import reference_swiglu, swiglu
 
 __all__ = [
+    "apply_rope_",
     "fused_linear_cross_entropy",
     "fused_linear_kd_loss",
     "fused_lora_linear",
     "nf4_dequantize",
+    "reference_apply_rope_",
     "reference_linear_cross_entropy",
     "reference_linear_kd_loss",
     "reference_lora_linear",
     "reference_nf4_dequantize",
+    "reference_rms_norm",
+    "reference_swiglu",
+    "rms_norm",
+    "swiglu",
     "topk_kd_loss",
     "triton_available",
 ]
