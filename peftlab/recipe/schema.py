@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from peftlab.data.config import DataConfig
+from peftlab.recipe.augmentation import AugmentConfig, check_augment
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -258,6 +259,8 @@ class Recipe(Section):
     """Distillation from a teacher model (see docs/distillation.md); None: plain fine-tuning."""
     task: Literal["causal_lm", "classification", "regression"] = "causal_lm"
     """classification / regression: LoRA + a head on {text, label} rows (docs/workflows.md)."""
+    augment: AugmentConfig | None = None
+    """Training-time augmentation of the inputs, new at every epoch (peftlab.data.augment); None: off."""
 
     # Where relative paths in the recipe are resolved from (the recipe file's directory).
     base_dir: str = Field(".", exclude=True)
@@ -301,6 +304,7 @@ class Recipe(Section):
             elif (self.data.label_type == "class") != (self.task == "classification"):
                 raise ValueError(f"task={self.task} with data.label_type={self.data.label_type}: set "
                                  "data.label_type: auto (the task then decides)")
+        check_augment(self)
         loss = self.train.loss
         if self.distill is not None and (loss.label_smoothing or loss.z_loss or loss.softcap):
             raise ValueError(

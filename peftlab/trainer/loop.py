@@ -27,7 +27,6 @@ from peftlab.checkpoint.resume import checkpoint_to_resume, resume
 from peftlab.checkpoint.rng import restore_rng
 from peftlab.checkpoint.save import run_files, save_checkpoint
 from peftlab.checkpoint.store import latest_complete
-from peftlab.data.collate import collate
 from peftlab.engine.process_group import all_reduce_sum
 from peftlab.errors import PeftlabError
 from peftlab.metrics.console import ensure_logging, progress
@@ -82,6 +81,7 @@ class Trainer:
         self.loaded = setup.load_model(recipe)
         self.model, self.tokenizer, self.device = self.loaded.model, self.loaded.tokenizer, self.loaded.device
         self.data = setup.load_data(recipe, self.tokenizer)
+        self.batch = setup.batch_builder(recipe, self.data, self.tokenizer, self.device)  # indices -> batch
         self.objective = build_objective(recipe, self.loaded, self.data)
         self.unfrozen = unfreeze_modules(self.model, recipe.adapter.unfreeze)
         self.sampler = EpochSampler(len(self.data.train), t.micro_batch_size, t.seed)
@@ -105,12 +105,6 @@ class Trainer:
         setup.continue_metrics(self.out_dir / "metrics.jsonl", resumed_step, self.dist.is_main)
         self.log = RunLog(self.out_dir, recipe.output.report_to if self.dist.is_main else [],
                           params=recipe.to_dict(), run_name=self.out_dir.name)
-
-    def batch(self, indices: list[int], split: str = "train") -> Batch:
-        rows = self.data.train if split == "train" else self.data.eval
-        b = collate([rows[i] for i in indices], pad_token_id=self.data.pad_token_id,
-                    attn_implementation=self.recipe.model.attn_implementation)
-        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
 
     def eval_batches(self) -> list[Batch] | None:
         if not self.data.eval:

@@ -5,6 +5,7 @@
     CPU threads, seed                                              use_cpu_threads, seed_everything
     model          base (+4-bit, +LoRA), or backbone + LoRA         load_model
     data           tokenized, cached                               load_data
+    batches        indices -> batch; augment: per epoch            batch_builder
     schedule       optimizer steps of the run                      total_steps
     engine         local PyTorch or DeepSpeed ZeRO                  build_engine
     metrics.jsonl  continued on resume, new for a fresh run        continue_metrics
@@ -34,6 +35,7 @@ from peftlab.checkpoint.store import (
     safe_subpath,
     storage_problem,
 )
+from peftlab.data.augment import build_augmenter, describe
 from peftlab.data.build import DataBundle
 from peftlab.data.pipeline import build_data
 from peftlab.engine.deepspeed import ZeroEngine, join_for_deepspeed
@@ -45,7 +47,7 @@ from peftlab.engine.process_group import DistInfo, env_dist_info, join_process_g
 from peftlab.errors import PeftlabError
 from peftlab.model.classifier import build_classifier_model
 from peftlab.model.load import LoadedModel, build_model, count_parameters, pick_device, pick_dtype
-from peftlab.trainer.state import EpochSampler
+from peftlab.trainer.state import BatchBuilder, EpochSampler
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +138,15 @@ def load_data(recipe: Any, tokenizer: Any) -> DataBundle:
     cache_dir = Path(os.environ.get("PEFTLAB_DATA_CACHE", recipe.output_dir / ".data-cache"))
     return build_data(recipe.data, tokenizer, seed=recipe.train.seed, cache_dir=cache_dir,
                       base_dir=Path(recipe.base_dir))
+
+
+def batch_builder(recipe: Any, data: DataBundle, tokenizer: Any, device: torch.device) -> BatchBuilder:
+    """Row indices -> a batch on the device; with an ``augment:`` section, train rows are augmented per epoch."""
+    augmenter = build_augmenter(recipe.augment, recipe.data, tokenizer, seed=recipe.train.seed,
+                                base_dir=Path(recipe.base_dir))
+    if augmenter is not None:
+        logger.info(f"augmenting the training inputs at every epoch: {describe(recipe.augment)}")
+    return BatchBuilder(data, device, recipe.model.attn_implementation, augmenter)
 
 
 def total_steps(recipe: Any, sampler: EpochSampler, world_size: int) -> int:

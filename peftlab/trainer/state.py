@@ -1,6 +1,6 @@
 """Where a run is: the loop position and counters (:class:`TrainState`), the data order (:class:`EpochSampler`)
-and the fingerprint of the training data — all a checkpoint needs to continue exactly where a run stopped —
-and what a finished run returns (:class:`TrainResult`)."""
+and the fingerprint of the training data — all a checkpoint needs to continue exactly where a run stopped —,
+how indices become a batch (:class:`BatchBuilder`) and what a finished run returns (:class:`TrainResult`)."""
 from __future__ import annotations
 
 import hashlib
@@ -12,6 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from peftlab.data.augment import Augmenter
+from peftlab.data.build import DataBundle
+from peftlab.data.collate import collate
 from peftlab.errors import PeftlabError
 
 
@@ -34,6 +37,14 @@ class TrainState:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TrainState:
         return cls(**{k: d[k] for k in cls._SAVED})
+
+
+class EpochSlice(list):
+    """A micro-batch's training-row indices (a plain list to everything else) that knows its epoch."""
+
+    def __init__(self, indices: list[int], epoch: int):
+        super().__init__(indices)
+        self.epoch = epoch
 
 
 class EpochSampler:
@@ -72,9 +83,36 @@ class EpochSampler:
                 state.epoch += 1
                 state.micro_index = 0
                 continue
-            out.append(order[state.micro_index])
+            out.append(EpochSlice(order[state.micro_index], state.epoch))
             state.micro_index += 1
         return out[rank::world_size]
+
+
+class BatchBuilder:
+    """Row indices -> a collated batch on the device: ``builder(indices, split="train" | "eval")``.
+
+    With an ``augment:`` section, train micro-batches from the sampler (an :class:`EpochSlice`) are augmented
+    for their epoch (:mod:`peftlab.data.augment`); eval batches and plain index lists (e.g. an objective's
+    ``prepare``) get the rows as tokenized.
+    """
+
+    def __init__(self, data: DataBundle, device: torch.device | str, attn_implementation: str = "sdpa",
+                 augmenter: Augmenter | None = None):
+        self.data, self.device, self.attn_implementation = data, device, attn_implementation
+        self.augmenter = augmenter
+
+    def examples(self, indices: list[int], split: str = "train") -> list[dict[str, Any]]:
+        rows = self.data.train if split == "train" else self.data.eval
+        examples = [rows[i] for i in indices]
+        epoch = getattr(indices, "epoch", None)
+        if split == "train" and self.augmenter is not None and epoch is not None:
+            examples = self.augmenter.augment(examples, list(indices), epoch)
+        return examples
+
+    def __call__(self, indices: list[int], split: str = "train") -> dict[str, torch.Tensor]:
+        b = collate(self.examples(indices, split), pad_token_id=self.data.pad_token_id,
+                    attn_implementation=self.attn_implementation)
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
 
 
 def data_fingerprint(rows) -> str:

@@ -28,6 +28,7 @@ def test_a_step_crosses_the_epoch_boundary_and_resumes_from_its_position():
     steps = [s.next_step(state, grad_accum=2) for _ in range(3)]
     e0, e1 = s.epoch_order(0), s.epoch_order(1)
     assert steps == [e0[0:2], [e0[2], e1[0]], e1[1:3]]
+    assert [[mb.epoch for mb in step] for step in steps] == [[0, 0], [0, 1], [1, 1]]  # what augmentation keys on
     assert (state.epoch, state.micro_index) == (1, 3)
     # a resumed run continues from the saved position with exactly the same micro-batches
     again = TrainState.from_json(json.loads(json.dumps(TrainState(epoch=0, micro_index=2).to_json())))
