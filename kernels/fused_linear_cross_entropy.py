@@ -25,7 +25,6 @@ re-runs the chunk loop with the upstream gradient as the per-row scale.
 """
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -131,12 +130,41 @@ def check_labels(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
         )
 
 
+# Fewest rows per chunk (when the memory cap allows): the chunk is the M dimension of three vocab-wide GEMMs
+# (logits, grad_hidden, grad_head). Measured on an H100 (bench/RESULTS.md, H=4096, V=128256, bf16): 128-row
+# chunks (the old rule at 2k tokens) made the fused loss 1.57x slower than unfused, 256-row chunks (8k) 0.93x
+# and 1024-row chunks (32k) 0.75x: below a few hundred rows cuBLAS cannot fill the GPU and the per-chunk work
+# that scales with V·H (a weight-gradient accumulation when the head trains, launches) does not amortise.
+MIN_CHUNK_ROWS = 512
+# Byte budget of one fp32 logits chunk (per head: the KD loss holds a student and a teacher chunk).
+CHUNK_BYTES_FLOOR = 64 << 20
+CHUNK_BYTES_CAP = 512 << 20
+
+
 def default_chunk_rows(n_rows: int, hidden_size: int, vocab: int, n_heads: int = 1) -> int:
-    """Rows per chunk: the fp32 logits chunk is about as large as the hidden states (the V/H ratio
-    rule of Liger) clamped to [64 MB, 512 MB] per head, rounded down to a power of two, ≥ 16."""
-    target = min(max(n_rows * hidden_size * 4, 64 << 20), 512 << 20) // max(n_heads, 1)
-    rows = max(16, 1 << int(math.log2(max(target // (vocab * 4), 1))))
-    return max(1, min(rows, n_rows))
+    """Rows per chunk, from the token count, hidden size and vocabulary.
+
+    1. The fp32 logits chunk is about the size of the (fp32) hidden states — Liger's V/H rule: the loss
+       never holds more than one more copy of its input — kept within [64 MB, 512 MB] per head;
+    2. at least :data:`MIN_CHUNK_ROWS` rows while that chunk fits the 512 MB cap (GEMM efficiency at
+       small token counts: 1k-8k tokens get 512 rows instead of 128-256);
+    3. balanced over the chunks this takes, so the last chunk is not a sliver (2,100 rows at 512: five
+       chunks of 420, not four of 512 and one of 52).
+
+    Memory: one chunk is ``rows·V·4`` bytes (256 MB at V=128,256 and 512 rows), still ≤ 0.1x the unfused
+    logits of any batch of 1k tokens or more.
+    """
+    n_rows, vocab = max(int(n_rows), 1), max(int(vocab), 1)
+    heads = max(int(n_heads), 1)
+    row_bytes = vocab * 4
+    target = min(max(n_rows * hidden_size * 4, CHUNK_BYTES_FLOOR), CHUNK_BYTES_CAP) // heads
+    rows = max(target // row_bytes, 1)
+    cap_rows = max(CHUNK_BYTES_CAP // heads // row_bytes, 1)
+    rows = max(rows, min(MIN_CHUNK_ROWS, cap_rows))
+    if rows >= n_rows:
+        return n_rows
+    chunks = -(-n_rows // rows)
+    return -(-n_rows // chunks)  # balanced: never more rows than the budget, no sliver at the end
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
