@@ -94,7 +94,9 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    """Print the first tokenized samples (trained tokens marked) and the data statistics."""
+    """Print the first tokenized samples (trained tokens marked), augmented as the first epochs see them when the
+    recipe has ``augment:``, and the data statistics."""
+    from peftlab.data.augment import build_augmenter, render_augmented
     from peftlab.data.pipeline import build_data
     from peftlab.data.preview import render_preview
     from peftlab.data.stats import format_stats
@@ -105,5 +107,8 @@ def cmd_data(args: argparse.Namespace) -> int:
                          trust_remote_code=recipe.model.trust_remote_code)
     bundle = build_data(recipe.data, tok, seed=recipe.train.seed, base_dir=Path(recipe.base_dir))
     print(render_preview(bundle, tok, n=args.n, color=sys.stdout.isatty()))
+    augmenter = build_augmenter(recipe.augment, recipe.data, tok, seed=recipe.train.seed, base_dir=Path(recipe.base_dir))
+    if augmenter is not None:
+        print(render_augmented(bundle, augmenter, tok, n=args.n, color=sys.stdout.isatty()))
     print(format_stats(bundle.stats))
     return 0

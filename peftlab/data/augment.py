@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peftlab.data.build import open_sources, read_records, sample_id, unique_names
+from peftlab.data.build import DataBundle, open_sources, read_records, sample_id, unique_names
 from peftlab.data.config import DataConfig
 from peftlab.data.lexicon import moby_lexicon
+from peftlab.data.preview import mark_trained
 from peftlab.data.stats import DatasetStats
 from peftlab.data.tokenize import IGNORE_INDEX, Encoded, EncodedClass, Encoder
 from peftlab.errors import PeftlabError
@@ -229,3 +230,22 @@ def build_augmenter(cfg: AugmentConfig | None, data: DataConfig, tokenizer: Any,
 def describe(cfg: AugmentConfig) -> str:
     """``word_deletion=0.1, char_noise=0.05`` (the methods that are on)."""
     return ", ".join(f"{m}={getattr(cfg, m):g}" for m in METHODS if getattr(cfg, m))
+
+
+def render_augmented(bundle: DataBundle, augmenter: Augmenter, tokenizer: Any, n: int = 3, epochs: int = 2, *,
+                     color: bool = False) -> str:
+    """``peftlab data`` with an ``augment:`` section: the first ``n`` training rows as tokenized, then as the
+    first ``epochs`` epochs will see them (trained tokens marked as in the plain preview)."""
+    rows = list(range(min(n, len(bundle.train))))
+    originals = [bundle.train[i] for i in rows]
+    views = [augmenter.augment(originals, rows, e) for e in range(epochs)]
+    parts = [f"augmented training inputs ({describe(augmenter.cfg)}); eval data is never augmented"]
+    for k, ex in enumerate(originals):
+        for tag, shown in [("as tokenized", ex), *[(f"epoch {e}", v[k]) for e, v in enumerate(views)]]:
+            if "label" in shown:
+                body = tokenizer.decode(shown["input_ids"], skip_special_tokens=False)
+                parts.append(f"--- row {rows[k]}, {tag} (label {shown['label']})\n{body}")
+            else:
+                parts.append(f"--- row {rows[k]}, {tag}\n" + mark_trained(shown["input_ids"], shown["labels"], tokenizer,
+                                                                           color=color))
+    return "\n".join(parts)

@@ -55,3 +55,13 @@ def test_estimate_report_json_and_exit_status(trained, capsys, monkeypatch):
     report = capsys.readouterr().out
     assert report.startswith("predicted peak host RSS (CPU) per rank, micro_batch_size=4 seq_len=64:\n  baseline")
     assert "per rank with 2 rank(s):" in report and "budget 64.00 GiB: fits" in report
+
+
+def test_data_preview_shows_the_augmented_inputs_of_the_first_epochs(trained, capsys):
+    recipe, _ = trained
+    assert main(["data", str(recipe), "-n", "1", "--set", "augment.word_swap=0.5", "--set", "augment.char_noise=0.3"]) == 0
+    out = capsys.readouterr().out
+    assert "\naugmented training inputs (word_swap=0.5, char_noise=0.3); eval data is never augmented\n" in out
+    shown = [out.split(f"--- row 0, {tag}\n")[1].split("\n---")[0] for tag in ("as tokenized", "epoch 0", "epoch 1")]
+    assert len(set(shown)) == 3  # the row as cached, and a different augmentation per epoch
+    assert len({s[s.index("[["):s.index("]]") + 2] for s in shown}) == 1  # the answer (trained tokens): unchanged
