@@ -105,3 +105,18 @@ def test_user_errors():
         rms_norm(x, torch.ones(8), 1e-6, backend="cuda")
     with pytest.raises(PeftlabError, match="float64"):
         rms_norm(x.double(), torch.ones(8, dtype=torch.float64), 1e-6, backend="triton")
+
+
+def test_aot_compile(capsys):
+    """The bf16 launches of a Llama-8B row (D=4096: forward and backward, both rounding styles) compile for
+    sm_80/89/90 without register spills."""
+    pytest.importorskip("triton")
+    import importlib
+
+    from peftlab.kernels.aot import assert_compiles
+
+    mod = importlib.import_module("peftlab.kernels.rms_norm")
+    launches = [launch for launch in mod.aot_launches(torch.bfloat16, 4096) if launch[2].get("COMPUTE_DW", True)]
+    reports = assert_compiles(launches, capsys=capsys)
+    assert len(reports) == 4 * 3 and {r.arch for r in reports} == {80, 89, 90}
+    assert all(r.n_spills == 0 for r in reports), "an RMSNorm launch spills registers"

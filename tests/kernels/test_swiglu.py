@@ -88,3 +88,16 @@ def test_user_errors():
         swiglu(gate, up[..., :-1])
     with pytest.raises(PeftlabError, match="one dtype"):
         swiglu(gate, up.bfloat16())
+
+
+def test_aot_compile(capsys):
+    """Forward and in-place backward launches (bf16) compile for sm_80/89/90 without register spills."""
+    pytest.importorskip("triton")
+    import importlib
+
+    from peftlab.kernels.aot import assert_compiles
+
+    reports = assert_compiles(importlib.import_module("peftlab.kernels.swiglu").aot_launches(torch.bfloat16),
+                              capsys=capsys)
+    assert len(reports) == 2 * 3 and {r.arch for r in reports} == {80, 89, 90}
+    assert all(r.n_spills == 0 for r in reports), "a SwiGLU launch spills registers"
