@@ -242,6 +242,10 @@ def build_model(recipe, *, device: torch.device | None = None, adapter_dir: str 
     model = load_base_model(recipe.model.name, dtype=dtype, device=device, quant=recipe.quantization,
                             attn_implementation=recipe.model.attn_implementation,
                             revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
+    if recipe.train.fused_norm:
+        from peftlab.model.fused_norm import apply_fused_norm
+
+        apply_fused_norm(model, backend=recipe.kernels)
     names: list[str] = []
     if with_adapter:
         names = attach_adapters(model, recipe, device, adapter_dir=adapter_dir, trainable=trainable)

@@ -132,6 +132,10 @@ class TrainConfig(Section):
     fused_blocks: bool = False
     """Whole-block (Q)LoRA autograd: q/k/v, o and the SwiGLU MLP of Llama/Mistral/Qwen2/Gemma-2 decoders each run
     as one node (peftlab.adapters.fused_blocks); groups with LoRA dropout, biases or DoRA stay per-module."""
+    fused_norm: bool = False
+    """RMSNorm modules of Llama/Mistral/Qwen2/Qwen3/Gemma/Gemma-2 decoders run peftlab's fused RMSNorm (Triton
+    kernels on CUDA: fp32 statistics, x and one fp32 value per row saved for backward, no weight gradient when
+    frozen); on the CPU the same ops as transformers (no speed change there)."""
     early_stopping: EarlyStoppingConfig | None = None
     """Stop when an eval metric stops improving (needs eval_every); the best adapter is kept in best/."""
     loss: LossConfig = LossConfig()
@@ -285,6 +289,9 @@ class Recipe(Section):
                 "adapter.dora=true with kernels=triton: the fused QLoRA kernel does not implement DoRA; "
                 "set kernels to auto (DoRA layers then use the PyTorch path) or torch"
             )
+        if self.train.fused_norm and self.kernels == "off":
+            raise ValueError("train.fused_norm=true with kernels=off: the fused RMSNorm is a fused kernel; set "
+                             "train.fused_norm: false or kernels: auto")
         if self.train.fused_blocks and (self.kernels == "off" or self.adapter.dora):
             raise ValueError("train.fused_blocks=true with kernels=off or adapter.dora=true: the fused blocks are "
                              "fused kernels and do not implement DoRA; set train.fused_blocks: false")
