@@ -21,6 +21,7 @@ keyboard-neighbour typo in the word).
 """
 from __future__ import annotations
 
+import logging
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -37,6 +38,7 @@ from peftlab.data.tokenize import IGNORE_INDEX, Encoded, EncodedClass, Encoder
 from peftlab.errors import PeftlabError
 from peftlab.recipe.augmentation import METHODS, AugmentConfig
 
+logger = logging.getLogger(__name__)
 Synonyms = Callable[[str], Sequence[str]]
 
 _ROWS = (("qwertyuiop", 0.0), ("asdfghjkl", 0.25), ("zxcvbnm", 0.75))  # letter rows and their stagger, in keys
@@ -162,12 +164,20 @@ class Augmenter:
     overlength: str = "truncate"
     synonyms: Synonyms | None = None
     kept_original: int = field(default=0)     # rows served un-augmented (the checks above refused the edit)
+    served: int = field(default=0)
 
     def augment(self, examples: Sequence[dict[str, Any]], rows: Sequence[int], epoch: int) -> list[dict[str, Any]]:
         """``examples[k]`` is training row ``rows[k]``; returns new dicts (the cached rows are never modified)."""
         records = [augment_record(self.records[ex["sample_id"]], self.cfg, rng_for(self.seed, epoch, row),
                                   self.synonyms) for ex, row in zip(examples, rows)]
-        return [self._checked(ex, enc) for ex, enc in zip(examples, self.encoder.encode_batch(records))]
+        kept_before = self.kept_original
+        out = [self._checked(ex, enc) for ex, enc in zip(examples, self.encoder.encode_batch(records))]
+        if self.served == 0 and self.kept_original - kept_before == len(out):  # said once, on the first batch
+            logger.warning("augment: no row of the first batch could be augmented (each changed its trained "
+                           "tokens or outgrew data.max_seq_len), so they are trained as they are; check the data "
+                           "with `peftlab data RECIPE`")
+        self.served += len(out)
+        return out
 
     def _checked(self, ex: dict[str, Any], enc: Any) -> dict[str, Any]:
         if isinstance(enc, EncodedClass):

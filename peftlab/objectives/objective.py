@@ -33,6 +33,7 @@ from peftlab.model.classifier import attach_head
 from peftlab.objectives.causal_lm import LossSettings, causal_lm_loss, count_targets, loss_normalizer
 from peftlab.objectives.classification import ClassificationObjective
 from peftlab.objectives.distillation import DistillationObjective, build_distill_loss
+from peftlab.objectives.domain_adversarial import build_dann_objective
 
 Batch = dict[str, torch.Tensor]
 
@@ -101,6 +102,8 @@ def build_objective(recipe: Any, loaded: Any, data: Any) -> Objective:
     label space comes from the data); a distillation run loads its teacher or opens its teacher cache."""
     if recipe.task != "causal_lm":
         attach_head(loaded.model, data, recipe)
+        if recipe.dann is not None:  # DANN: + target rows and a domain head
+            return build_dann_objective(recipe, loaded, data)
         return ClassificationObjective(task=data.task, label_map=data.label_map)
     settings = LossSettings.from_recipe(recipe, loaded.model)
     if recipe.distill is not None:

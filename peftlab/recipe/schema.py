@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from peftlab.data.config import DataConfig
 from peftlab.recipe.augmentation import AugmentConfig, check_augment
+from peftlab.recipe.dann import DannConfig, check_dann_combination
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -261,6 +262,8 @@ class Recipe(Section):
     guards: GuardsConfig = GuardsConfig()
     distill: DistillConfig | None = None
     """Distillation from a teacher model (see docs/distillation.md); None: plain fine-tuning."""
+    dann: DannConfig | None = None
+    """Domain-adversarial adaptation to unlabelled target-domain data (classification/regression runs)."""
     task: Literal["causal_lm", "classification", "regression"] = "causal_lm"
     """classification / regression: LoRA + a head on {text, label} rows (docs/workflows.md)."""
     augment: AugmentConfig | None = None
@@ -300,6 +303,7 @@ class Recipe(Section):
         if self.train.early_stopping is not None and self.train.eval_every is None:
             raise ValueError("train.early_stopping needs train.eval_every (evaluate every N steps), e.g. "
                              "train.eval_every: 50")
+        check_dann_combination(self)
         if self.resume is not None and (self.adapter.unfreeze or (self.task != "causal_lm" and self.deepspeed)):
             raise ValueError("resume with adapter.unfreeze, or with task=classification/regression under deepspeed, "
                              "is not supported yet; remove resume (start a fresh run)")

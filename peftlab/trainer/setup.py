@@ -46,6 +46,7 @@ from peftlab.engine.memory_fit import apply_auto_fit
 from peftlab.engine.process_group import DistInfo, env_dist_info, join_process_group
 from peftlab.errors import PeftlabError
 from peftlab.model.classifier import build_classifier_model
+from peftlab.model.domain_head import separate_domain_head_group
 from peftlab.model.load import LoadedModel, build_model, count_parameters, pick_device, pick_dtype
 from peftlab.trainer.state import BatchBuilder, EpochSampler
 
@@ -162,6 +163,7 @@ def build_engine(recipe: Any, loaded: LoadedModel, unfrozen: dict[str, torch.nn.
     if recipe.deepspeed is not None:
         return ZeroEngine(loaded.model, recipe, steps, loaded.device, loaded.dtype)
     groups = optimizer_param_groups(loaded.model, recipe.adapter, recipe.train.lr, unfrozen)
+    groups = separate_domain_head_group(loaded.model, groups, recipe.train.lr)  # dann.head.lr
     return LocalEngine(loaded.model, recipe.train, steps, loaded.device, param_groups=groups)
 
 

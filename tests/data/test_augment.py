@@ -5,6 +5,7 @@ builds the same augmented batches; plain-text data is refused."""
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -127,14 +128,16 @@ def test_chat_rows_change_in_user_turns_only_and_keep_their_loss_masks_exactly(t
     assert aug.kept_original == 0 and ex["input_ids"] == original.input_ids  # the cached row is not modified
 
 
-def test_a_row_whose_trained_tokens_would_change_is_served_unaugmented(tok):
+def test_a_row_whose_trained_tokens_would_change_is_served_unaugmented(tok, caplog):
     """Truncation that cuts an augmented row elsewhere would change its targets: the original is used."""
     enc = Encoder(tok)
     original = enc.encode_batch([CHAT])[0]
     n = len(original.input_ids) - 3  # the original, truncated, loses 3 trained tokens
     ex = {"input_ids": original.input_ids[:n], "labels": original.labels[:n], "sample_id": 0, "dataset": 0}
     aug = Augmenter(_cfg(word_insertion=0.5), seed=0, records={0: CHAT}, encoder=enc, max_seq_len=n)
-    assert aug.augment([ex], [0], 0)[0] is ex and aug.kept_original == 1
+    with caplog.at_level(logging.WARNING, logger="peftlab.data.augment"):
+        assert aug.augment([ex], [0], 0)[0] is ex and aug.kept_original == 1
+    assert "augment: no row of the first batch could be augmented" in caplog.text
 
 
 def _write(path: Path, rows: list[dict]) -> Path:
