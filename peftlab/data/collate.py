@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from peftlab.data.preference import is_preference_example
+from peftlab.data.preference_batch import preference_rows
 from peftlab.errors import PeftlabError
 
 IGNORE_INDEX = -100
@@ -49,6 +51,10 @@ def collate(examples: Sequence[dict[str, Any]], *, pad_token_id: int, pad_to_mul
     """
     if not examples:
         raise ValueError("collate() got an empty batch")
+    if is_preference_example(examples[0]):  # pairs / KTO completions: 2B rows of one forward
+        rows, extra = preference_rows(examples)
+        return {**collate(rows, pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of,
+                          attn_implementation=attn_implementation), **extra}
     if "label" in examples[0]:
         return _collate_classification(examples, pad_token_id, pad_to_multiple_of)
     packed = "seq_lens" in examples[0]

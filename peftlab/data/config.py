@@ -7,7 +7,7 @@ setting added here is automatically part of the key.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -97,6 +97,9 @@ class DataConfig(BaseModel):
     label_type: Literal["auto", "class", "regression"] = "auto"
     eval_prompts: int = Field(32, ge=0)  # how many held-out prompts to keep for generation eval
     shuffle_buffer: int = Field(10_000, ge=1)  # streaming: rows held for shuffling and packing
+    # Set from the recipe's preference: section (not a data key): {"mode": "pairs" | "unpaired", "max_prompt_len"}
+    # reads the files as preference data (peftlab.data.preference_build); part of the data cache key.
+    preference: dict[str, Any] | None = Field(None, exclude=True)
 
     @field_validator("train", mode="before")
     @classmethod

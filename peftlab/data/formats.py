@@ -15,7 +15,8 @@ adds the ``file:row`` location and applies ``on_bad_rows``.
 (``data.question``, ``turns[0].text`` or ``turns.0.text``; see :func:`field_value`).
 
 Preference data (DPO-style ``chosen``/``rejected`` pairs, KTO's labelled completions) has no SFT
-meaning: :func:`refuse_preference_data` recognises TRL's shapes of it and refuses them with what to do.
+meaning: :func:`refuse_preference_data` recognises TRL's shapes of it in an SFT run and refuses them with
+what to do; a recipe with a ``preference:`` section reads them through :mod:`peftlab.data.preference`.
 """
 from __future__ import annotations
 
@@ -220,6 +221,12 @@ def _messages(turns: Any, field: str, *, sharegpt: bool) -> list[dict[str, Any]]
     return out
 
 
+def chat_turns(turns: Any, field: str, *, sharegpt: bool = False) -> list[dict[str, Any]]:
+    """A list of turn objects (``role``/``content`` or ShareGPT's ``from``/``value``) -> canonical messages;
+    raises :class:`BadRow` naming ``field``. Used for preference data too (:mod:`peftlab.data.preference`)."""
+    return _messages(turns, field, sharegpt=sharegpt)
+
+
 def row_weight(row: Mapping[str, Any], fields: Mapping[str, str]) -> float:
     """The row's sample weight: column ``weight`` (or ``fields: {weight: <column>}``), 1.0 when absent.
 
@@ -322,9 +329,10 @@ def refuse_preference_data(row: Any, fmt: str, fields: Mapping[str, str], where:
             {str(v).split(".")[0].split("[")[0] for v in fields.values()} & {"chosen", "rejected"}):
         raise PeftlabError(
             f"{where}: dataset {dataset!r} ({key}) is preference data (DPO-style pairs: a `chosen` and a "
-            "`rejected` answer to each prompt); peftlab cannot train on preference data yet. To fine-tune "
-            f"(SFT) on the chosen answers only, map the fields of this dataset: {_pair_fix(row, fields)}; "
-            "or wait for preference training."
+            "`rejected` answer to each prompt), which SFT cannot train on. To train on the preferences, add a "
+            "preference section to the recipe, e.g. preference: {method: dpo} (dpo | ipo | robust | orpo | simpo "
+            f"| kto). To fine-tune (SFT) on the chosen answers only, map the fields of this dataset: "
+            f"{_pair_fix(row, fields)}."
         )
     if fmt == "auto":
         return
@@ -333,9 +341,9 @@ def refuse_preference_data(row: Any, fmt: str, fields: Mapping[str, str], where:
     if isinstance(label, bool):
         raise PeftlabError(
             f"{where}: dataset {dataset!r} ({key}) is KTO data (unpaired, labelled: {fmt} rows, each with a "
-            f"boolean `{lname}` saying whether its answer is desirable); peftlab cannot train on it yet, and "
-            "as plain SFT it would learn the undesirable answers too. To fine-tune (SFT) on the desirable "
-            f"answers only, keep the rows whose `{lname}` is true and remove that column (e.g. "
-            f"jq -c 'select(.{lname} == true) | del(.{lname})' IN.jsonl > OUT.jsonl), or wait for preference "
-            "training. (A text classifier over true/false labels: format: classification, rows {text, label}.)"
+            f"boolean `{lname}` saying whether its answer is desirable); as plain SFT it would learn the "
+            "undesirable answers too. To train on it, add preference: {method: kto} to the recipe. To "
+            f"fine-tune (SFT) on the desirable answers only, keep the rows whose `{lname}` is true and remove "
+            f"that column (e.g. jq -c 'select(.{lname} == true) | del(.{lname})' IN.jsonl > OUT.jsonl). (A text "
+            "classifier over true/false labels: format: classification, rows {text, label}.)"
         )

@@ -10,12 +10,14 @@ the data files' content, the tokenizer and every data setting, built once across
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from peftlab.data.build import DataBundle, build_bundle, open_sources
 from peftlab.data.cache import cache_key, load_or_build
 from peftlab.data.config import DataConfig
+from peftlab.data.preference_build import build_preference_bundle
 from peftlab.data.streaming import build_streaming
 
 
@@ -30,11 +32,13 @@ def build_data(cfg: DataConfig, tokenizer: Any, *, seed: int, cache_dir: Path | 
     if cfg.streaming:
         return build_streaming(cfg, tokenizer, seed=seed, base_dir=base_dir)
     train_sources, eval_sources = open_sources(cfg, base_dir)
+    builder = build_bundle if cfg.preference is None else build_preference_bundle  # preference: pairs / KTO rows
 
     def build() -> DataBundle:
-        return build_bundle(cfg, tokenizer, seed=seed, train_sources=train_sources, eval_sources=eval_sources)
+        return builder(cfg, tokenizer, seed=seed, train_sources=train_sources, eval_sources=eval_sources)
 
     if cache_dir is None:
         return build()
-    key = cache_key(cfg, tokenizer, seed, [s.fingerprint() for s in [*train_sources, *eval_sources]])
+    preference = [json.dumps(cfg.preference, sort_keys=True)] if cfg.preference is not None else []
+    key = cache_key(cfg, tokenizer, seed, [s.fingerprint() for s in [*train_sources, *eval_sources]] + preference)
     return load_or_build(Path(cache_dir), key, build)

@@ -210,9 +210,9 @@ def test_preference_pairs_are_refused_with_a_mapping_that_trains_the_chosen_answ
         msg = str(e.value)
         assert msg.startswith(f"{tmp_path / 'd.jsonl'}:1: dataset 'd' (data.train[0]) is preference data "
                               "(DPO-style pairs"), msg
-        assert "peftlab cannot train on preference data yet" in msg and "no assistant turn" not in msg
-        assert f"on the chosen answers only, map the fields of this dataset: {fix}; or wait for preference " \
-               "training." in msg
+        assert "which SFT cannot train on. To train on the preferences, add a preference section to the " \
+               "recipe, e.g. preference: {method: dpo}" in msg and "no assistant turn" not in msg
+        assert f"on the chosen answers only, map the fields of this dataset: {fix}." in msg
     if shape != "sharegpt":  # a file that starts with SFT rows is refused at its first pair
         with pytest.raises(PeftlabError, match=r"d\.jsonl:2: dataset 'd' .* is preference data"):
             one(tmp_path, tok, [{"prompt": "a", "completion": "b"}, row], "prompt_completion") \
@@ -249,9 +249,10 @@ def test_kto_rows_are_refused_not_trained_as_sft(tmp_path, tok, fmt, row):
         msg = str(e.value)
         assert msg.startswith(f"{tmp_path / 'd.jsonl'}:1: dataset 'd' (data.train[0]) is KTO data (unpaired, "
                               f"labelled: {fmt} rows, each with a boolean `label`"), msg
-        assert "peftlab cannot train on it yet" in msg and "undesirable answers too" in msg
+        assert "To train on it, add preference: {method: kto} to the recipe" in msg
+        assert "undesirable answers too" in msg
         assert ("To fine-tune (SFT) on the desirable answers only, keep the rows whose `label` is true and remove "
-                "that column") in msg and "or wait for preference training" in msg
+                "that column") in msg
     # the fix the message gives: the desirable rows without the label column train as SFT
     desirable = {k: v for k, v in row.items() if k != "label"}
     assert len(one(tmp_path, tok, [desirable]).train) == 1
