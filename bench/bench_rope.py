@@ -1,0 +1,114 @@
+"""Benchmark: rotary embeddings on q and k, forward + backward, peftlab (in place) vs transformers.
+
+    python bench/bench_rope.py            # CPU: peftlab's PyTorch path vs apply_rotary_pos_emb
+    python bench/bench_rope.py --gpu      # GPU: the Triton kernel (in place) vs transformers (vs Liger), bf16
+    python bench/bench_rope.py --smoke    # tiny sizes, one iteration (the test suite runs this)
+
+q and k are what attention rotates: transposed views of the q/k projection outputs (B, H, T, D), with
+cos/sin from transformers' Llama-3 rotary module. Both methods pay the same preamble (a fresh non-leaf
+projection output per step). ``max_abs_diff`` is the largest difference of the rotated q/k and of their
+gradients against transformers on the same inputs; on the GPU ``peak_MiB`` is the peak allocated above
+the inputs during forward + backward. Results go to bench/results/bench_rope.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import append_jsonl, median_time_ms, print_table
+from peftlab.kernels import apply_rope_
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+# (batch, tokens, q heads, kv heads, head_dim): Llama-3-8B attention at 2k / 8k tokens, Qwen2-7B at 4k
+SHAPES_GPU = [(1, 2048, 32, 8, 128), (1, 8192, 32, 8, 128), (2, 4096, 28, 4, 128)]
+SHAPES_CPU = [(1, 512, 16, 4, 64)]
+
+
+def _liger():
+    try:
+        from liger_kernel.ops.rope import LigerRopeFunction
+    except ImportError:
+        return None
+    return lambda q, k, cos, sin: LigerRopeFunction.apply(q, k, cos, sin)
+
+
+def _one_shape(args: argparse.Namespace, device: str, dtype: torch.dtype, iters: int, b: int, t: int, hq: int, hk: int, d: int) -> list[dict]:
+    rows = []
+    cfg = LlamaConfig(hidden_size=hq * d, num_attention_heads=hq, num_key_value_heads=hk,
+                      max_position_embeddings=max(t, 8192),
+                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    rotary = LlamaRotaryEmbedding(cfg).to(device)
+    pos = torch.arange(t, device=device)[None].expand(b, t)
+    cos, sin = rotary(torch.zeros(1, device=device, dtype=dtype), pos)
+    q_proj = torch.randn(b, t, hq * d, device=device, dtype=dtype, requires_grad=True)
+    k_proj = torch.randn(b, t, hk * d, device=device, dtype=dtype, requires_grad=True)
+    gq = torch.randn(b, hq, t, d, device=device, dtype=dtype)
+    gk = torch.randn(b, hk, t, d, device=device, dtype=dtype)
+
+    def views():
+        q = (q_proj * 1).view(b, t, hq, d).transpose(1, 2)
+        k = (k_proj * 1).view(b, t, hk, d).transpose(1, 2)
+        return q, k
+
+    methods = {"transformers": lambda q, k: apply_rotary_pos_emb(q, k, cos, sin),
+               "peftlab": lambda q, k: apply_rope_(q, k, cos, sin)}
+    liger = _liger() if args.gpu else None
+    if liger is not None:
+        methods["liger"] = lambda q, k: liger(q, k, cos, sin)
+    ref = None
+    for method, fn in methods.items():
+        def step(fn=fn):
+            q_proj.grad = k_proj.grad = None
+            q, k = fn(*views())
+            torch.autograd.backward((q, k), (gq, gk))
+            return q.detach(), k.detach(), q_proj.grad, k_proj.grad
+
+        out = step()
+        ref = ref or out
+        max_diff = max(float((a.float() - r.float()).abs().max()) for a, r in zip(out, ref, strict=True))
+        peak = None
+        if args.gpu:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step()
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        ms = median_time_ms(step, warmup=0 if args.smoke else 2, iters=iters)
+        row = {"batch": b, "tokens": t, "heads": f"{hq}/{hk}", "head_dim": d,
+               "dtype": str(dtype).removeprefix("torch."), "method": method,
+               "backend": "triton" if (args.gpu and method == "peftlab") else "torch", "fwd_bwd_ms": ms,
+               "peak_MiB": peak, "max_abs_diff": max_diff}
+        rows.append(row)
+        append_jsonl("bench_rope", row, results_dir=args.results_dir)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--results-dir", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if args.gpu and not torch.cuda.is_available():
+        raise SystemExit("--gpu needs CUDA")
+    device = "cuda" if args.gpu else "cpu"
+    dtype = torch.bfloat16 if args.gpu else torch.float32
+    shapes = [(1, 16, 4, 2, 16)] if args.smoke else (SHAPES_GPU if args.gpu else SHAPES_CPU)
+    iters = 1 if args.smoke else (20 if args.gpu else 5)
+    rows = []
+    for shape in shapes:
+        rows += _one_shape(args, device, dtype, iters, *shape)
+    print(f"device: {device} ({'GPU' if args.gpu else 'CPU figures: PyTorch path, no Triton'})")
+    print_table(rows, ["batch", "tokens", "heads", "head_dim", "dtype", "method", "backend", "fwd_bwd_ms",
+                       "peak_MiB", "max_abs_diff"])
+    return rows
+
+
+if __name__ == "__main__":
+    main()
