@@ -14,6 +14,7 @@ and imports the same modules, so ``above_inputs_mb`` is the loss head's own extr
 - ``fused``: :func:`peftlab.kernels.fused_linear_sequence_logprobs` (backend "auto": PyTorch on CPU).
 
     python bench/bench_fused_linear_logprobs.py            # CPU: 2 pairs × 2 × 512 tokens, H 1024, V 128256
+    python bench/bench_fused_linear_logprobs.py --methods fused    # one method (+ the inputs baseline)
     python bench/bench_fused_linear_logprobs.py --smoke    # tiny, in-process: the methods agree (used by a test)
 
 ``--smoke`` runs full_logits and fused in this process on tiny shapes (no memory figures: one process cannot
@@ -157,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens per sequence (masked)")
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--vocab", type=int, default=128256)
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="default: all")
     ap.add_argument("--results-dir", type=Path, default=None, help="where the JSONL goes (default bench/results)")
     args = ap.parse_args(argv)
     cfg = {"pairs": args.pairs, "seq": args.seq, "prompt": args.prompt, "h": args.hidden, "v": args.vocab}
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = smoke(cfg)
         cols = ["pairs", "seq", "prompt", "h", "v", "method", "loss", "logps_sum", "time_s"]
     else:
-        methods = [m for m in METHODS if m != "trl_chunked" or trl_available()]
+        methods = [m for m in args.methods if m != "trl_chunked" or trl_available()]
         rows = cpu_measure(cfg, methods)
         cols = ["pairs", "seq", "prompt", "h", "v", "method", "peak_rss_mb", "above_inputs_mb",
                 "above_inputs_ratio_vs_full_logits", "above_inputs_ratio_vs_trl_chunked", "time_s", "loss"]
