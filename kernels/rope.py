@@ -79,9 +79,12 @@ def reference_apply_rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, s
     use_triton(backend, q.device, "apply_rope_")  # validates the name only
     r = _check(q, k, cos, sin, rotary_dim)
     c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    # autograd saves the rotated tensor itself only when cos/sin need gradients (mul saves the other
+    # factor); then it must not be the tensor the copy overwrites
+    keep = cos.requires_grad or sin.requires_grad
     for x in (q, k):
         rot = x[..., :r]
-        src = rot.clone()  # what the products read must not be the tensor the copy overwrites
+        src = rot.clone() if keep else rot
         rot.copy_(src * c + _rotate_half(src) * s)
     return q, k
 

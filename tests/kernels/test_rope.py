@@ -116,3 +116,15 @@ def test_aot_compile(capsys):
                               capsys=capsys)
     assert len(reports) == 2 * 3 and {r.arch for r in reports} == {80, 89, 90}
     assert all(r.n_spills == 0 for r in reports), "a RoPE launch spills registers"
+
+
+def test_reference_with_cos_sin_that_need_gradients():
+    """cos/sin that require grad (a learned rotary table): their gradients are transformers' too."""
+    cos, sin = (t.detach().requires_grad_(True) for t in _cos_sin(torch.float32))
+    _, _, q, k = _projections(torch.float32)
+    q_hf, k_hf = apply_rotary_pos_emb(q, k, cos, sin)
+    grads_hf = torch.autograd.grad((q_hf.sum() + k_hf.pow(2).sum()), (cos, sin))
+    _, _, q2, k2 = _projections(torch.float32)
+    reference_apply_rope_(q2, k2, cos, sin)
+    for a, b in zip(torch.autograd.grad((q2.sum() + k2.pow(2).sum()), (cos, sin)), grads_hf, strict=True):
+        torch.testing.assert_close(a, b)
