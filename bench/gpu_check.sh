@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One prepared GPU check for issue 18 (bench/gpu_check.py): kernel parity on the device, the Llama-3.1-8B QLoRA
+# step vs HF PEFT + bitsandbytes (+ Liger when installed) at 2k and 8k tokens, the longest context under a
+# 24 GiB cap; one table of ratios, JSON lines in bench/results/gpu_check.jsonl. At most 8 minutes.
+#
+#   bash bench/gpu_check.sh                      # everything, on a GPU
+#   bash bench/gpu_check.sh --skip context       # gpu_check.py's options pass through (--budget-s, --seqs, ...)
+#
+# Python: $PYTHON, else .venv/bin/python when present, else python3. Packages the machine lacks (the lent
+# H200 image has no bitsandbytes or pydantic) travel as wheels in $WHEELS (default .whl/): they are installed
+# into /tmp/peftlab-site with pip --no-index (nothing is downloaded). Nothing outside the repository changes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+WHEELS=${WHEELS:-.whl}
+if compgen -G "$WHEELS/*.whl" > /dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/peftlab-site \
+    "$WHEELS"/*.whl
+  export PYTHONPATH=/tmp/peftlab-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+missing=$("$PY" -P -c '
+import importlib.util
+need = ["torch", "triton", "transformers", "peft", "bitsandbytes", "accelerate", "pydantic", "yaml", "safetensors"]
+print(" ".join(n for n in need if importlib.util.find_spec(n) is None))')
+if [ -n "$missing" ]; then
+  echo "gpu_check.sh: missing Python packages: $missing; carry their wheels in $WHEELS/ (see the script header)" >&2
+  exit 2
+fi
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET  # compiled kernels on the GPU, never the interpreter
+# 8 minutes in all: gpu_check.py plans its stages within --budget-s (default 450 s) and appends each stage's
+# records as soon as the stage ends, so what finished is kept even if the hard stop below fires.
+exec timeout --signal=INT --kill-after=20 480 "$PY" -P bench/gpu_check.py "$@"
