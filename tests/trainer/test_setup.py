@@ -13,10 +13,12 @@ import pytest
 import torch
 
 from peftlab.checkpoint import store as ckpt
+from peftlab.data.pipeline import build_data
 from peftlab.errors import PeftlabError
+from peftlab.model.builtin import build_tokenizer
 from peftlab.recipe.parse import recipe_from_dict
 from peftlab.trainer import setup
-from peftlab.trainer.state import EpochSampler
+from peftlab.trainer.state import EpochSampler, EpochSlice
 
 pytestmark = pytest.mark.xdist_group("trainer")
 
@@ -133,3 +135,21 @@ def test_several_processes_without_deepspeed_are_refused(short_data, short_recip
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(PeftlabError, match=r"2 processes .*deepspeed: recipes/deepspeed/zero1.json"):
         setup.join(recipe_from_dict(short_recipe(short_data, tmp_path / "out")))
+
+
+def test_the_batch_builder_augments_train_rows_only_when_the_recipe_asks(tmp_path):
+    rows = [{"text": f"we saw a very big storm over the old town number {k}", "label": "ab"[k % 2]} for k in range(6)]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = {"task": "classification", "data": {"train": [{"path": "t.jsonl", "format": "classification"}]},
+           "augment": {"word_swap": 0.5}}
+    tok = build_tokenizer()
+    built = {}
+    for name, section in (("augmented", raw), ("plain", {k: v for k, v in raw.items() if k != "augment"})):
+        recipe = recipe_from_dict(section, base_dir=tmp_path)
+        data = build_data(recipe.data, tok, seed=recipe.train.seed, base_dir=tmp_path)
+        built[name] = setup.batch_builder(recipe, data, tok, torch.device("cpu"))
+    assert built["plain"].augmenter is None and built["augmented"].augmenter is not None
+    train = EpochSlice([0, 1, 2], epoch=0)
+    a, p = built["augmented"](train), built["plain"](train)
+    assert not torch.equal(a["input_ids"], p["input_ids"]) and torch.equal(a["labels"], p["labels"])
+    assert torch.equal(built["augmented"]([0, 1, 2])["input_ids"], p["input_ids"])  # no epoch: the cached rows
