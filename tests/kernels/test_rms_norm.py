@@ -52,9 +52,12 @@ def test_llama_rounding_with_a_wider_weight_follows_transformers():
         assert rms_norm(x, gemma.weight, 1e-6, offset=1.0, backend=backend).dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("family", ["llama", "gemma"])
-@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
+# each dtype with each family, and each family with a frozen and a trainable weight (4 of the 8 combinations:
+# the interpreter is slow, and the weight gradient does not depend on the dtype/family pairing)
+@pytest.mark.parametrize("dtype, family, frozen", [
+    (torch.float32, "llama", False), (torch.bfloat16, "llama", True),
+    (torch.float32, "gemma", True), (torch.bfloat16, "gemma", False),
+], ids=["fp32-llama-trainable", "bf16-llama-frozen", "fp32-gemma-frozen", "bf16-gemma-trainable"])
 def test_triton_matches_reference(dtype, family, frozen, assert_kernel_close):
     """Values and gradients against the reference computed in fp32 from the same inputs (project tolerance);
     a frozen weight gets no gradient. 15 rows over 4 programs: the backward's row loop ends early."""
@@ -108,15 +111,17 @@ def test_user_errors():
 
 
 def test_aot_compile(capsys):
-    """The bf16 launches of a Llama-8B row (D=4096: forward and backward, both rounding styles) compile for
-    sm_80/89/90 without register spills."""
+    """The bf16 launches of a Llama-8B row (D=4096: forward in both rounding styles, the backward with the
+    weight gradient and the Llama rounding, the superset of the other variants) compile for sm_80/89/90
+    without register spills."""
     pytest.importorskip("triton")
     import importlib
 
     from peftlab.kernels.aot import assert_compiles
 
     mod = importlib.import_module("peftlab.kernels.rms_norm")
-    launches = [launch for launch in mod.aot_launches(torch.bfloat16, 4096) if launch[2].get("COMPUTE_DW", True)]
+    launches = [launch for launch in mod.aot_launches(torch.bfloat16, 4096)
+                if launch[2].get("COMPUTE_DW", True) and (launch[2]["CAST_BEFORE_WEIGHT"] or "COMPUTE_DW" not in launch[2])]
     reports = assert_compiles(launches, capsys=capsys)
-    assert len(reports) == 4 * 3 and {r.arch for r in reports} == {80, 89, 90}
+    assert len(reports) == 3 * 3 and {r.arch for r in reports} == {80, 89, 90}
     assert all(r.n_spills == 0 for r in reports), "an RMSNorm launch spills registers"
