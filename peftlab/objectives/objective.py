@@ -13,6 +13,9 @@ The loop asks its objective five things and never which task it trains:
 - ``begin_step(step, total_steps)``: before every optimizer step — for terms that follow the run's progress
   (a schedule).
 
+Optionally ``step_metrics()``: figures of the steps since the last train log record (e.g. a preference run's
+rewards), merged into that record by :func:`train_figures`; every rank calls it at the same steps.
+
 :func:`build_objective` picks it from the recipe: :class:`CausalLMObjective` (next-token cross-entropy, the
 default), :class:`~peftlab.objectives.distillation.DistillationObjective` (``distill:``) or
 :class:`~peftlab.objectives.classification.ClassificationObjective` (``task: classification | regression``).
@@ -34,6 +37,7 @@ from peftlab.objectives.causal_lm import LossSettings, causal_lm_loss, count_tar
 from peftlab.objectives.classification import ClassificationObjective
 from peftlab.objectives.distillation import DistillationObjective, build_distill_loss
 from peftlab.objectives.domain_adversarial import build_dann_objective
+from peftlab.objectives.preference import build_preference_objective
 
 Batch = dict[str, torch.Tensor]
 
@@ -96,6 +100,12 @@ class CausalLMObjective:
         """No schedule."""
 
 
+def train_figures(objective: Objective) -> dict[str, Any]:
+    """The objective's own figures for a train log record (its optional ``step_metrics``; none for most)."""
+    step_metrics = getattr(objective, "step_metrics", None)
+    return step_metrics() if step_metrics is not None else {}
+
+
 def build_objective(recipe: Any, loaded: Any, data: Any) -> Objective:
     """The objective of ``recipe`` for the loaded model (:class:`peftlab.model.load.LoadedModel`) and its data
     (:class:`peftlab.data.build.DataBundle`). A classification run gets its head attached to the model here (its
@@ -105,6 +115,8 @@ def build_objective(recipe: Any, loaded: Any, data: Any) -> Objective:
         if recipe.dann is not None:  # DANN: + target rows and a domain head
             return build_dann_objective(recipe, loaded, data)
         return ClassificationObjective(task=data.task, label_map=data.label_map)
+    if recipe.preference is not None:  # DPO / IPO / robust / ORPO / SimPO / KTO on pairs or labelled completions
+        return build_preference_objective(recipe, loaded, data)
     settings = LossSettings.from_recipe(recipe, loaded.model)
     if recipe.distill is not None:
         return DistillationObjective(build_distill_loss(recipe, loaded), settings, loaded.tokenizer,

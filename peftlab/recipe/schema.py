@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from peftlab.data.config import DataConfig
 from peftlab.recipe.augmentation import AugmentConfig, check_augment
 from peftlab.recipe.dann import DannConfig, check_dann_combination
+from peftlab.recipe.preference import PreferenceConfig, check_preference
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -268,6 +269,8 @@ class Recipe(Section):
     """classification / regression: LoRA + a head on {text, label} rows (docs/workflows.md)."""
     augment: AugmentConfig | None = None
     """Training-time augmentation of the inputs, new at every epoch (peftlab.data.augment); None: off."""
+    preference: PreferenceConfig | None = None
+    """Preference fine-tuning (DPO, IPO, robust, ORPO, SimPO, KTO) on pairs / labelled completions; None: off."""
 
     # Where relative paths in the recipe are resolved from (the recipe file's directory).
     base_dir: str = Field(".", exclude=True)
@@ -316,6 +319,7 @@ class Recipe(Section):
                 raise ValueError(f"task={self.task} with data.label_type={self.data.label_type}: set "
                                  "data.label_type: auto (the task then decides)")
         check_augment(self)
+        check_preference(self)
         loss = self.train.loss
         if self.distill is not None and (loss.label_smoothing or loss.z_loss or loss.softcap):
             raise ValueError(

@@ -31,7 +31,7 @@ from peftlab.engine.process_group import all_reduce_sum
 from peftlab.errors import PeftlabError
 from peftlab.metrics.console import ensure_logging, progress
 from peftlab.metrics.runlog import RunLog
-from peftlab.objectives.objective import Objective, build_objective
+from peftlab.objectives.objective import Objective, build_objective, train_figures
 from peftlab.recipe.parse import dump_recipe
 from peftlab.trainer import setup, summary
 from peftlab.trainer.early_stopping import EarlyStopping
@@ -239,7 +239,7 @@ class Trainer:
             bar.set_postfix(loss=f"{figs['loss']:.4f}", lr=f"{figs['lr']:.2e}", tok_s=f"{figs['tokens_per_s']:.0f}")
             step = self.state.step
             if step % t.log_every == 0 or step == self.total_steps:
-                self.log.log(step, "train", figs)
+                self.log.log(step, "train", {**figs, **train_figures(self.objective)})
                 window_tokens, window_t = 0, now
             if t.eval_every and step % t.eval_every == 0 and step < self.total_steps:
                 m = self.evaluate()
