@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from peftlab.data.build import DataBundle
+from peftlab.data.preference import is_preference_example
 from peftlab.data.tokenize import IGNORE_INDEX
 
 GREEN, RESET = "\x1b[32m", "\x1b[0m"
@@ -35,6 +36,9 @@ def render_preview(bundle: DataBundle, tokenizer: Any, n: int = 3, *, color: boo
     parts = []
     for k, ex in enumerate(list(bundle.train[:n]) if hasattr(bundle.train, "__getitem__")
                            else _take(bundle.train, n)):
+        if is_preference_example(ex):  # a pair (or a KTO completion): the prompt, then each answer marked
+            parts.append(render_preference(ex, k, bundle, tokenizer, color=color))
+            continue
         if "label" in ex:
             text = tokenizer.decode(ex["input_ids"], skip_special_tokens=False)
             parts.append(f"--- sample {k} (label {ex['label']}, {len(ex['input_ids'])} tokens)\n{text}")
@@ -56,6 +60,23 @@ def render_preview(bundle: DataBundle, tokenizer: Any, n: int = 3, *, color: boo
             parts.append(head + "\n" + mark_trained(ex["input_ids"], ex["labels"], tokenizer, color=color))
     legend = "trained tokens are green" if color else "trained tokens are inside [[...]]"
     return f"({legend})\n" + "\n".join(parts)
+
+
+def render_preference(ex: dict[str, Any], k: int, bundle: DataBundle, tokenizer: Any, *, color: bool = False) -> str:
+    """One preference example: its prompt once, then the chosen and rejected answers (a KTO completion and
+    whether it is desirable), trained tokens marked."""
+    name = bundle.dataset_names[ex["dataset"]] if 0 <= ex.get("dataset", -1) < len(bundle.dataset_names) else "?"
+    prompt = tokenizer.decode(ex["prompt_ids"], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    if "chosen_ids" in ex:
+        answers = [("chosen", ex["chosen_ids"], ex["chosen_labels"]),
+                   ("rejected", ex["rejected_ids"], ex["rejected_labels"])]
+    else:
+        answers = [("desirable" if ex["desirable"] else "undesirable", ex["completion_ids"], ex["completion_labels"])]
+    kind = "pair" if len(answers) == 2 else "completion"
+    lines = [f"--- {kind} {k} ({name}, prompt {len(ex['prompt_ids'])} tokens)", prompt]
+    for what, ids, labels in answers:
+        lines.append(f">>> {what} ({len(ids)} tokens): " + mark_trained(ids, labels, tokenizer, color=color))
+    return "\n".join(lines)
 
 
 def _take(it: Any, n: int) -> list[dict[str, Any]]:

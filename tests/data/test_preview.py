@@ -88,3 +88,20 @@ def test_classification_rows_show_their_label(tmp_path, tok):
     n = [len(ex["input_ids"]) for ex in bundle.train]
     assert text.splitlines()[1:] == [f"--- sample 0 (label 1, {n[0]} tokens)", "<|begin_of_text|>good film",
                                      f"--- sample 1 (label 0, {n[1]} tokens)", "<|begin_of_text|>bad film"]
+
+
+def test_a_preference_pair_shows_its_prompt_once_and_both_answers_marked(tmp_path, tok):
+    user, good, bad = {"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"}, \
+        {"role": "assistant", "content": "5"}
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": [user], "chosen": [good], "rejected": [bad]}) + "\n")
+    cfg = DataConfig(train=["p.jsonl"], shuffle=False, preference={"mode": "pairs"})
+    ex = build_data(cfg, tok, seed=0, base_dir=tmp_path).train[0]
+    text = render_preview(build_data(cfg, tok, seed=0, base_dir=tmp_path), tok)
+    h, a = "<|start_header_id|>", "<|end_header_id|>\n\n"
+    prompt = f"<|begin_of_text|>{h}user{a}2 + 2?<|eot_id|>{h}assistant{a}"
+    assert text.split("\n", 1)[1] == (f"--- pair 0 (p, prompt {len(ex['prompt_ids'])} tokens)\n{prompt}\n"
+                                      ">>> chosen (2 tokens): [[4<|eot_id|>]]\n"
+                                      ">>> rejected (2 tokens): [[5<|eot_id|>]]")
+    kto = build_data(cfg.model_copy(update={"preference": {"mode": "unpaired"}}), tok, seed=0, base_dir=tmp_path)
+    assert render_preview(kto, tok, n=2).count(">>> ") == 2 and ">>> undesirable (2 tokens): [[5<|eot_id|>]]" in \
+        render_preview(kto, tok, n=2)
