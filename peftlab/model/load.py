@@ -255,6 +255,10 @@ def build_model(recipe, *, device: torch.device | None = None, adapter_dir: str 
             apply_fused_blocks(model)
         init_from = recipe.resolve_path(recipe.adapter.init_from) if recipe.adapter.init_from else None
         use_adapter_template(tokenizer, adapter_dir or init_from)
+    if device.type == "cpu" and dtype == torch.float32 and not recipe.adapter.unfreeze and not recipe.deepspeed:
+        from peftlab.model.frozen_weights import compact_frozen_weights
+
+        compact_frozen_weights(model)  # 16-bit checkpoint values of the frozen embeddings / head: stored in 16 bits
     if recipe.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return LoadedModel(model, tokenizer, device, dtype, resolve_model_path(recipe.model.name), names)
