@@ -192,6 +192,20 @@ def apply_rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
     reference elsewhere; "triton" forces the kernel (CPU under ``TRITON_INTERPRET=1``); "torch" the reference.
     """
     r = _check(q, k, cos, sin, rotary_dim)
+    try:
+        return _apply_rope_(q, k, cos, sin, r, backend)
+    except RuntimeError as exc:
+        if "returns multiple views" not in str(exc):
+            raise
+        raise PeftlabError(
+            "apply_rope_: q/k are views made by an op that returns several views at once (split, chunk, unbind, "
+            "or a custom autograd Function returning views of one buffer), which autograd cannot modify in "
+            "place; take them with slices (qkv[..., a:b]) or from separate tensors."
+        ) from exc
+
+
+def _apply_rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, r: int,
+                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     if not use_triton(backend, q.device, "apply_rope_"):
         return reference_apply_rope_(q, k, cos, sin, rotary_dim=r)
     if q.stride(-1) != 1 or k.stride(-1) != 1:

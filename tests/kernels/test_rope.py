@@ -128,3 +128,19 @@ def test_reference_with_cos_sin_that_need_gradients():
     reference_apply_rope_(q2, k2, cos, sin)
     for a, b in zip(torch.autograd.grad((q2.sum() + k2.pow(2).sum()), (cos, sin)), grads_hf, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_views_from_split_are_refused_with_the_fix(backend):
+    """q/k from ``qkv.split`` cannot be modified in place under autograd (PyTorch's rule for multi-view ops):
+    one clear message naming the fix instead of autograd's; slices of the same buffer work."""
+    cos, sin = _cos_sin(torch.float32)
+    x = torch.randn(B, T, 2 * D, requires_grad=True)
+    q, k = (t.view(B, T, 1, D).transpose(1, 2) for t in (x * 1).split(D, dim=-1))
+    with pytest.raises(PeftlabError, match=r"take them with slices \(qkv\[..., a:b\]\)"):
+        apply_rope_(q, k, cos, sin, backend=backend)
+    qkv = x * 1
+    q, k = (qkv[..., i * D:(i + 1) * D].view(B, T, 1, D).transpose(1, 2) for i in range(2))
+    apply_rope_(q, k, cos, sin, backend=backend)
+    (dx,) = torch.autograd.grad(q.sum() + k.sum(), x)
+    assert dx.shape == x.shape
