@@ -93,6 +93,7 @@ class PreferenceObjective:
     recipe: Any = None
     n_train: int = 0                  # training examples (the precomputed reference covers them all)
     data_fingerprint: str = ""        # of the training rows: part of the precomputed reference's key
+    n_eval: int = 0                   # held-out examples (precomputed too)
     cache: ReferenceCache | None = None
     _window: _Sums = field(default_factory=_Sums)
 
@@ -142,9 +143,10 @@ class PreferenceObjective:
         """Nothing beside the adapter: the result is a plain LoRA adapter."""
 
     def prepare(self, model: nn.Module, train_batches: Any) -> None:
-        """``reference: precomputed``: the reference log-probs of every training pair, once, from the model as
-        training starts (base + ``adapter.init_from`` if any), kept in ``output.dir/reference_logps.json``; a
-        resumed run reads them back (its adapters have moved on)."""
+        """``reference: precomputed``: the reference log-probs of every training and held-out pair, once, from the
+        model as training starts (base + ``adapter.init_from`` if any), kept in ``output.dir/reference_logps.json``;
+        a resumed run reads them back (its adapters have moved on). An eval before this (``eval_at_start``) scores
+        the starting model against itself."""
         if self.config.reference != "precomputed" or not self.config.needs_reference or self.n_train == 0:
             return
         path = self.recipe.output_dir / REFERENCE_FILE
@@ -159,7 +161,10 @@ class PreferenceObjective:
                 "data/model settings; a resumed run cannot recompute them (its adapters have trained). Start the "
                 "run over (remove resume), or use preference.reference: adapters_off")
         self.cache = ReferenceCache(key)
-        self.cache.fill(model, self.n_train, self.recipe.train.micro_batch_size, train_batches, self.settings)
+        bs = self.recipe.train.micro_batch_size
+        self.cache.fill(model, self.n_train, bs, train_batches, self.settings)
+        if self.n_eval:  # the held-out pairs too (their sample ids differ from the training rows')
+            self.cache.fill(model, self.n_eval, bs, lambda ix: train_batches(ix, split="eval"), self.settings)
         if is_main_process():
             self.cache.save(path)
 
@@ -174,10 +179,12 @@ class PreferenceObjective:
         w = batch.get("loss_weights")
         return torch.ones(pairs) if w is None else w[:pairs, 0].float().cpu()
 
-    def _reference(self, model: nn.Module, batch: Batch, evaluating: bool) -> torch.Tensor:
-        if self.cache is not None and not evaluating:
-            return self.cache.lookup(batch)
-        return reference_logps(model, batch, self.settings)
+    def _reference(self, model: nn.Module, batch: Batch, policy: torch.Tensor) -> torch.Tensor:
+        if self.config.reference != "precomputed":
+            return reference_logps(model, batch, self.settings)
+        if self.cache is None:  # an eval before prepare(): the model is the starting model, its own reference
+            return policy.detach()
+        return self.cache.lookup(batch)
 
     def _forward(self, model: nn.Module, batch: Batch, sums: _Sums,
                  evaluating: bool = False) -> tuple[PreferenceLoss, torch.Tensor]:
@@ -190,7 +197,7 @@ class PreferenceObjective:
         chosen, rejected = logps[:pairs], logps[pairs:]
         n_c, n_r = n_tokens[:pairs], n_tokens[pairs:]
         if c.method in DPO_TYPES:
-            ref = self._reference(model, batch, evaluating).to(logps)
+            ref = self._reference(model, batch, logps).to(logps)
             out = dpo_loss(chosen, rejected, ref[:pairs], ref[pairs:], beta=c.beta, label_smoothing=c.label_smoothing,
                            loss_type=DPO_TYPES[c.method], chosen_lengths=n_c, rejected_lengths=n_r)
             shown_c, shown_r = chosen, rejected
@@ -270,4 +277,5 @@ def build_preference_objective(recipe: Any, loaded: Any, data: Any) -> Preferenc
     """The objective of a recipe with a ``preference:`` section."""
     settings = LossSettings.from_recipe(recipe, loaded.model)
     return PreferenceObjective(recipe.preference, settings, loaded.tokenizer, data.eval_prompts, recipe,
-                               n_train=len(data.train), data_fingerprint=pairs_fingerprint(data.train))
+                               n_train=len(data.train), data_fingerprint=pairs_fingerprint([*data.train, *(data.eval or [])]),
+                               n_eval=len(data.eval or []))
