@@ -260,6 +260,29 @@ def parity(device, smoke: bool, budget: Budget, only: tuple[str, ...] | None = N
     return rows
 
 
+def dequant_speed(device, smoke: bool) -> dict[str, Any]:
+    """Median ms of dequantising the 8B MLP weight (14336 x 4096, NF4 double quant) to bf16: our Triton kernel
+    vs bitsandbytes' CUDA kernel (issue 18 asks the block Functions to use the faster one)."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbF
+    import torch
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from common import median_time_ms
+    from peftlab.kernels.nf4 import nf4_dequantize
+
+    shape = (64, 128) if smoke else (14336, 4096)
+    dtype = torch.float32 if smoke else torch.bfloat16
+    w = bnb.nn.Params4bit(torch.randn(shape) * 0.02, requires_grad=False, compress_statistics=True,
+                          quant_type="nf4").to(device)
+    ours = median_time_ms(lambda: nf4_dequantize(w, w.quant_state, out_dtype=dtype, backend="triton"),
+                          iters=3 if smoke else 20)
+    theirs = median_time_ms(lambda: bnbF.dequantize_4bit(w.data, w.quant_state).to(dtype),
+                            iters=3 if smoke else 20)
+    return {"shape": f"{shape[0]}x{shape[1]}", "triton_ms": ours, "bitsandbytes_ms": theirs,
+            "cpu_smoke": smoke}  # --smoke: the interpreter on a tiny weight, not a figure
+
+
 # ----------------------------------------------------------------------------------------- 2. the step
 def llama_config(smoke: bool):
     from transformers import LlamaConfig
@@ -288,7 +311,7 @@ def set_lora_values(tensors: dict[str, tuple[Any, Any]]) -> None:
             b.copy_(torch.randn(b.shape, generator=g) * 0.02)
 
 
-def peftlab_side(config, device, smoke: bool):
+def peftlab_side(config, device, smoke: bool, fused_blocks: bool = True):
     from peftlab.adapters.fused_blocks import apply_fused_blocks
     from peftlab.adapters.lora_inject import lora_modules
     from peftlab.model.load import attach_adapters, enable_gradient_checkpointing
@@ -301,11 +324,11 @@ def peftlab_side(config, device, smoke: bool):
         "quantization": {"mode": "nf4", "double_quant": True},
         "adapter": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": 0.0},
         "data": {"train": ["unused.jsonl"]},
-        "train": {"device": device.type, "fused_blocks": True},
+        "train": {"device": device.type, "fused_blocks": fused_blocks},
         "kernels": "torch" if smoke else "auto",  # smoke: bitsandbytes' dequant (the interpreter is slow)
     })
     attach_adapters(model, recipe, device)  # the same calls as peftlab.model.load.build_model
-    fallbacks = apply_fused_blocks(model)
+    fallbacks = apply_fused_blocks(model) if fused_blocks else {}
     enable_gradient_checkpointing(model)
     lora = {n: (m.lora_A.weight, m.lora_B.weight) for n, m in lora_modules(model).items()}
     set_lora_values(lora)
@@ -509,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=450.0, help="wall-clock budget of the whole check")
     ap.add_argument("--seqs", default=None, help="comma-separated step lengths (default 2048,8192; smoke 32,64)")
     ap.add_argument("--iters", type=int, default=3)
-    ap.add_argument("--skip", default="", help="comma-separated stages to skip: parity,step,context")
+    ap.add_argument("--skip", default="", help="comma-separated stages to skip: parity,dequant,step,context")
     ap.add_argument("--parity", default=None, help="'all' or comma-separated checks (default: all; smoke: "
                     + ", ".join(SMOKE_PARITY) + ")")
     ap.add_argument("--results-dir", type=Path, default=None)
@@ -546,6 +569,12 @@ def main(argv: list[str] | None = None) -> int:
     print_table(parity_rows, ["check", "dtype", "tensors", "max_abs_err", "status", "seconds"])
     emit([{"stage": "parity", **r} for r in parity_rows])
 
+    if "dequant" not in skip:
+        dq = dequant_speed(device, args.smoke)
+        print(f"== dequant of a {dq['shape']} NF4 weight: Triton {dq['triton_ms']:.3f} ms, bitsandbytes "
+              f"{dq['bitsandbytes_ms']:.3f} ms (the block Functions use Triton on CUDA)")
+        emit([{"stage": "dequant", **dq}])
+
     config = llama_config(args.smoke)
     step_rows: list[dict[str, Any]] = []
     context_rows: list[dict[str, Any]] = []
@@ -555,6 +584,8 @@ def main(argv: list[str] | None = None) -> int:
         sides["peftlab"] = peftlab_side(config, device, args.smoke)
         if sides["peftlab"]["fallbacks"]:
             print(f"   per-module fallbacks: {sides['peftlab']['fallbacks']}")
+        if device.type == "cuda":  # do the whole-block Functions pay off against peftlab's per-module layers?
+            sides["peftlab-per-module"] = peftlab_side(config, device, args.smoke, fused_blocks=False)
         sides["peft"] = peft_side(config, device)
         if sides["peft"]["lora_names"] != sides["peftlab"]["lora_names"]:
             raise SystemExit("gpu_check: peftlab and PEFT wrap different modules; the comparison would be unfair")
@@ -569,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     if "context" not in skip:
         cap = f"{CAP_GIB:g} GiB cap" if not args.smoke else f"SIMULATED cap of {SMOKE_CAP_TOKENS} tokens"
         print(f"== 3. longest context under a {cap}, one side on the device at a time")
-        names = list(sides)
+        names = [n for n in sides if n != "peftlab-per-module"]  # its context is peftlab's without the blocks
         for name in names:
             for other in [n for n in list(sides) if n != name]:  # only this side's model stays resident
                 sides.pop(other)

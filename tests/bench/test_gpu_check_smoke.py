@@ -33,6 +33,8 @@ def test_gpu_check_smoke_runs_every_stage(tmp_path, capsys):
     assert {"nf4_dequantize", "fused_lora_linear (NF4)", "lora_gated_mlp (NF4)",
             "fused_linear_cross_entropy"} <= set(parity)
     assert set(parity.values()) <= {"ok", "absent"}
+    (dequant,) = [r for r in records if r["stage"] == "dequant"]
+    assert dequant["cpu_smoke"] and dequant["triton_ms"] > 0 and dequant["bitsandbytes_ms"] > 0
     steps = [r for r in records if r["stage"] == "step"]
     assert {(r["side"], r["tokens"]) for r in steps} == {(s, t) for s in ("peftlab", "peft") for t in (32, 64)}
     assert all(r["same_loss"] for r in steps)  # same model, same LoRA weights, same batch: same loss
