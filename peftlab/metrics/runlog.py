@@ -94,7 +94,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_loss_curve(metrics_path: Path, out_png: Path) -> Path | None:
-    """Train loss (and eval loss / exact match when present) against optimizer step."""
+    """Train loss (and eval loss / exact match / a preference run's eval reward accuracy when present) against
+    optimizer step."""
     records = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in records if r.get("split") == "train" and "loss" in r]
     if not train:
@@ -112,10 +113,16 @@ def plot_loss_curve(metrics_path: Path, out_png: Path) -> Path | None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (per target token)")
     em = [(r["step"], r["exact_match"]) for r in records if r.get("split") == "eval" and "exact_match" in r]
-    if em:
+    # preference runs: how often the chosen answer out-scores the rejected one on held-out pairs
+    acc = [(r["step"], r["eval_rewards/accuracies"]) for r in records
+           if r.get("split") == "eval" and "eval_rewards/accuracies" in r]
+    if em or acc:
         ax2 = ax.twinx()
-        ax2.plot(*zip(*em), "s--", color="tab:green", label="exact match")
-        ax2.set_ylabel("exact match")
+        if em:
+            ax2.plot(*zip(*em), "s--", color="tab:green", label="exact match")
+        if acc:
+            ax2.plot(*zip(*acc), "^:", color="tab:red", label="eval rewards/accuracies")
+        ax2.set_ylabel("exact match" if not acc else "exact match / reward accuracy" if em else "reward accuracy")
         ax2.set_ylim(0, 1)
         ax2.legend(loc="upper center")
     ax.legend(loc="upper right")

@@ -85,3 +85,18 @@ def test_loss_curve_png(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert matplotlib.image.imread(png).shape[:2] == (440, 770)  # 7 x 4 inches at 110 dpi
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loss_curve.png", "metrics.jsonl"]  # no temporary left
+
+
+def test_loss_curve_shows_a_preference_runs_reward_accuracy(tmp_path):
+    import matplotlib.image
+    import numpy as np
+
+    def red_pixels(records):
+        metrics, png = tmp_path / "metrics.jsonl", tmp_path / "curve.png"
+        metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+        img = matplotlib.image.imread(plot_loss_curve(metrics, png))[..., :3]
+        return int((np.abs(img - np.array([0.839, 0.153, 0.157])).max(-1) < 0.05).sum())  # tab:red
+
+    train = [{"step": s, "split": "train", "loss": 0.7 / s} for s in range(1, 6)]
+    evals = [{"step": s, "split": "eval", "eval_loss": 0.6, "eval_rewards/accuracies": s / 5} for s in (1, 5)]
+    assert red_pixels(train) == 0 and red_pixels(train + evals) > 20
