@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,7 @@ from peftlab.objectives.reference import (
     sequence_logps,
 )
 
+logger = logging.getLogger(__name__)
 Batch = dict[str, torch.Tensor]
 DPO_TYPES = {"dpo": "sigmoid", "ipo": "ipo", "robust": "robust"}
 REFERENCE_FILE = "reference_logps.json"
@@ -78,6 +80,8 @@ class _Sums:
                 total, count = all_reduce_sum(total), all_reduce_sum(count)
             if count:
                 out[name] = total / count
+        if "rewards/margins" not in out and {"rewards/chosen", "rewards/rejected"} <= set(out):  # KTO, as TRL logs it
+            out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
         return out
 
 
@@ -154,6 +158,7 @@ class PreferenceObjective:
         cached = ReferenceCache.read(path, key)
         if cached is not None and len(cached) > 0:
             self.cache = cached
+            logger.info(f"preference: reference log-probs of {len(cached)} pairs read from {path}")
             return
         if resuming(self.recipe):
             raise PeftlabError(
@@ -162,6 +167,8 @@ class PreferenceObjective:
                 "run over (remove resume), or use preference.reference: adapters_off")
         self.cache = ReferenceCache(key)
         bs = self.recipe.train.micro_batch_size
+        logger.info(f"preference: computing the reference log-probs of {self.n_train} training and {self.n_eval} "
+                    f"held-out pairs once (reference: precomputed) -> {path}")
         self.cache.fill(model, self.n_train, bs, train_batches, self.settings)
         if self.n_eval:  # the held-out pairs too (their sample ids differ from the training rows')
             self.cache.fill(model, self.n_eval, bs, lambda ix: train_batches(ix, split="eval"), self.settings)

@@ -195,3 +195,34 @@ def test_dpo_run_logs_trls_metrics_resumes_exactly_and_merges(tmp_path):
 
     merged = merge_adapter(tmp_path / "full" / "adapter", tmp_path / "merged", report_samples=2)
     assert merged.report["max_abs_logit_diff"] <= 1e-4  # the result is a plain LoRA adapter
+
+
+def test_kto_scores_matched_completions_against_the_kl_of_mismatched_ones(trl_run, tmp_path):
+    tok, _, peft_model, _, _, _ = trl_run
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    data = build_data(DataConfig(train=["p.jsonl"], shuffle=False, preference={"mode": "unpaired"}), tok, seed=0,
+                      base_dir=tmp_path)
+    batch = collate(list(data.train)[:4], pad_token_id=tok.pad_token_id)  # 2 pairs -> 2 desirable, 2 undesirable
+    n, beta = 4, 0.5
+
+    def logps(model, rows):
+        labels = batch["labels"][rows, 1:]
+        logits = model(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows]).logits
+        lp = logits[:, :-1].float().log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+        return (lp * (labels != -100)).sum(1)
+
+    with torch.no_grad():
+        policy, policy_kl = logps(peft_model, slice(0, n)), logps(peft_model, slice(n, 2 * n))
+        with peft_model.disable_adapter():
+            ref, ref_kl = logps(peft_model, slice(0, n)), logps(peft_model, slice(n, 2 * n))
+        kl = (policy_kl - ref_kl).mean().clamp(min=0)
+        rho = policy - ref
+        good = batch["desirable"]
+        want = torch.where(good, 1 - torch.sigmoid(beta * (rho - kl)), 1 - torch.sigmoid(beta * (kl - rho))).mean()
+        obj = objective(method="kto", beta=beta)
+        got = obj.loss(peft_model, batch, normalizer=obj.normalizer(batch))
+    assert good.tolist() == [True, False, True, False] and float(kl) > 0
+    assert float(got) == pytest.approx(float(want), abs=1e-5)
+    figures = obj.step_metrics()
+    assert figures["kl"] == pytest.approx(float(kl), abs=1e-5)
+    assert figures["rewards/chosen"] == pytest.approx(float(beta * rho[good].mean()), abs=1e-5)
