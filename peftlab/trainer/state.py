@@ -115,11 +115,16 @@ class BatchBuilder:
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
 
 
+# preference examples (peftlab.data.preference) hold their tokens under these keys instead of input_ids/labels
+PREFERENCE_KEYS = ("prompt_ids", "chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels", "completion_ids",
+                   "completion_labels")
+
+
 def data_fingerprint(rows) -> str:
     """Content hash of the tokenized training rows: a resume onto other data is refused."""
     h = hashlib.sha256(str(len(rows)).encode())
     for row in rows:
-        for key in ("input_ids", "labels"):
+        for key in ("input_ids", "labels", *PREFERENCE_KEYS):
             if row.get(key) is not None:
                 h.update(np.asarray(row[key], dtype=np.int64).tobytes())
     return h.hexdigest()[:16]

@@ -57,6 +57,9 @@ def test_data_fingerprint_sees_tokens_labels_and_row_count():
     assert fp == data_fingerprint([dict(r) for r in rows]) and len(fp) == 16
     assert fp != data_fingerprint([rows[0], {"input_ids": [4, 5], "labels": [-100, 5]}])  # other targets
     assert fp != data_fingerprint(rows[:1]) and fp != data_fingerprint(rows[::-1])
+    pair = {"prompt_ids": [1, 7], "chosen_ids": [8], "chosen_labels": [8], "rejected_ids": [9], "rejected_labels": [9]}
+    other = {**pair, "rejected_ids": [10], "rejected_labels": [10]}  # a preference pair with another rejected answer
+    assert data_fingerprint([pair]) != data_fingerprint([other])
 
 
 def test_real_tokens_counts_non_padding():
