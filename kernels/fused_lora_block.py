@@ -18,7 +18,8 @@ before its GEMM and dequantised again in backward; the 16-bit weights are never 
 x·Aᵀ, the LoRA matrices and, in the MLP, gate and up (the minimum to run SwiGLU backward without recomputing
 two GEMMs). dx is accumulated in place (``addmm_``) over every projection; the SwiGLU backward writes d_gate and
 d_up into the saved gate/up and the dh buffer, so the MLP backward holds two extra (tokens, intermediate)
-temporaries at most. Because the saved gate/up are overwritten, a second backward through the same graph
+temporaries at most (on the Triton path, where :mod:`peftlab.kernels.swiglu`'s kernels do the SwiGLU forward and
+the in-place backward, only h, recomputed for the down projection's dA). Because the saved gate/up are overwritten, a second backward through the same graph
 (``retain_graph=True``) fails with autograd's version-counter error rather than giving a wrong result.
 
 Dequantisation (``backend``): "triton" = the Triton NF4 kernel (:mod:`peftlab.kernels.nf4`) writing straight
@@ -54,6 +55,9 @@ if _HAS_TRITON:
     import triton
 
     from .nf4 import _nf4_dequant_kernel
+    from .swiglu import BLOCK as SWIGLU_BLOCK
+    from .swiglu import NUM_WARPS as SWIGLU_WARPS
+    from .swiglu import _swiglu_bwd_kernel, _swiglu_fwd_kernel
 
 
 # ------------------------------------------------------------------------------------------ weights
@@ -266,11 +270,38 @@ class LoraProjectionsFunction(torch.autograd.Function):
         return (None, dx, *grads)
 
 
-def _swiglu_backward_(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """SwiGLU backward in place: returns (d_gate written into ``up``, d_up written into ``dh``).
+def _swiglu(gate: torch.Tensor, up: torch.Tensor, use_tri: bool) -> torch.Tensor:
+    """``silu(gate)·up`` into a new tensor: one Triton kernel (:mod:`peftlab.kernels.swiglu`, fp32 math, one
+    rounding) on the Triton path, two PyTorch ops otherwise."""
+    if not use_tri:
+        return F.silu(gate).mul_(up)
+    h = torch.empty_like(gate)
+    n_rows, width = gate.shape
+    if h.numel():
+        _swiglu_fwd_kernel[(n_rows, triton.cdiv(width, SWIGLU_BLOCK))](
+            gate, up, h, gate.stride(0), up.stride(0), h.stride(0), width, BLOCK=SWIGLU_BLOCK,
+            MANUAL_BF16_RNE=triton_is_interpreted(), num_warps=SWIGLU_WARPS, num_stages=1)
+    return h
 
-    h = silu(g)·u: d_up = dh·silu(g); d_gate = dh·u·σ(g)·(1 + g·(1 − σ(g))). Two temporaries (σ, silu).
+
+def _swiglu_backward_(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                      use_tri: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """SwiGLU backward in place: returns (d_gate, d_up), written over the saved activations / dh.
+
+    h = silu(g)·u: d_up = dh·silu(g); d_gate = dh·u·σ(g)·(1 + g·(1 − σ(g))). Triton path: one kernel that
+    reads dh, g, u and writes d_gate over g and d_up over u. PyTorch path: two temporaries (σ, silu),
+    d_gate over u and d_up over dh.
     """
+    if use_tri:
+        n_rows, width = gate.shape
+        if gate.numel():
+            _swiglu_bwd_kernel[(n_rows, triton.cdiv(width, SWIGLU_BLOCK))](
+                dh, gate, up, dh.stride(0), gate.stride(0), up.stride(0), width, BLOCK=SWIGLU_BLOCK,
+                MANUAL_BF16_RNE=triton_is_interpreted(), num_warps=SWIGLU_WARPS, num_stages=1)
+        # written outside autograd's view: bump the version counters so a second backward fails loudly
+        torch.autograd.graph.increment_version(gate)
+        torch.autograd.graph.increment_version(up)
+        return gate, up
     sig = torch.sigmoid(gate)
     silu = gate * sig
     up.mul_(dh)          # dh·u
@@ -288,7 +319,7 @@ class LoraGatedMlpFunction(torch.autograd.Function):
         (bg, bu, bd), (pg, pu, pd), (sg, su, sd) = spec.bases, _pairs(spec, flat), spec.scalings
         gate, xa_g = _project(x2, bg, pg, sg, spec.use_triton)
         up, xa_u = _project(x2, bu, pu, su, spec.use_triton)
-        h = F.silu(gate).mul_(up)
+        h = _swiglu(gate, up, spec.use_triton)
         out, ha = _project(h, bd, pd, sd, spec.use_triton)
         del h  # recomputed in backward from gate and up
         ctx.spec, ctx.n_flat = spec, len(flat)
@@ -314,10 +345,10 @@ class LoraGatedMlpFunction(torch.autograd.Function):
                                         need_lora[2][1])
         da_d = None
         if need_lora[2][0]:
-            h = F.silu(gate).mul_(up)
+            h = _swiglu(gate, up, spec.use_triton)
             da_d = matmul_f32(matmul_f32(dy, pd[1]).t(), h).mul_(sd).to(pd[0].dtype)
             del h
-        d_gate, d_up = _swiglu_backward_(dh, gate, up)
+        d_gate, d_up = _swiglu_backward_(dh, gate, up, spec.use_triton)
         need_x = ctx.needs_input_grad[1]
         dx, da_g, db_g = _project_backward(d_gate, x2, bg, pg, xa_g, sg, spec.use_triton, None, need_x,
                                            *need_lora[0])

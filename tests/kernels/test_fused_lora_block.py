@@ -125,3 +125,14 @@ def test_biased_base_is_refused_with_the_way_out():
     p = LoraProjection(base(H, 8, False, torch.float32, 1, bias=True))
     with pytest.raises(PeftlabError, match="bias.*per-module path"):
         lora_projections(torch.randn(2, H), [p])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_second_backward_through_the_mlp_fails_loudly(backend):
+    # the SwiGLU backward overwrites the saved gate/up with their gradients (in place, both backends)
+    ps = [proj(H, INTER, False, torch.float32, 4), proj(H, INTER, False, torch.float32, 5),
+          proj(INTER, H, False, torch.float32, 6)]
+    y = lora_gated_mlp(torch.randn(3, H).requires_grad_(), *ps, backend=backend)
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
