@@ -11,9 +11,10 @@ runs (tests/bench/test_gpu_check_smoke.py). Stages, each skipped with a note whe
    modules not in this checkout are listed as absent.
 2. **step** — the Llama-3.1-8B architecture (numbers below; all 32 layers), random init made on the GPU and
    quantised as it is made (NF4, double quant, bf16 compute; ``peftlab.model.quantized_load.random_quantized``,
-   seed 0: both sides hold the same weights), LoRA r=16 / alpha 32 on all linear layers with the same
+   seed 0), made ONCE: every side is a deep copy of its module tree over the same frozen weight tensors, LoRA r=16 / alpha 32 on all linear layers with the same
    (non-zero) LoRA weights, non-reentrant gradient checkpointing, one sequence of 2k and of 8k tokens:
-   **peftlab** (``train.fused_blocks: true``, kernels auto, fused linear cross-entropy) vs **peft** (HF PEFT on
+   **peftlab** (``train.fused_blocks: true``, kernels auto, fused linear cross-entropy), **peftlab-per-module**
+   (the same with ``fused_blocks: false``: what the blocks themselves gain) vs **peft** (HF PEFT on
    transformers' model with bitsandbytes Linear4bit, ``model(labels=...)``) and **liger** (the peft side with
    Liger's kernels, only when ``liger_kernel`` imports). Forward + backward, alternating sides, one warm-up;
    medians; step peak memory = ``max_memory_allocated`` above the model; the losses must agree (relative 1e-3).
@@ -290,13 +291,29 @@ def llama_config(smoke: bool):
     return LlamaConfig(**copy.deepcopy(SMOKE_CONFIG if smoke else LLAMA_31_8B))  # transformers edits the dicts
 
 
+_BASE: dict[str, Any] = {}  # the one random 4-bit model every side shares its frozen weights with
+
+
 def base_model(config, device):
+    """A side's own module tree over ONE shared set of frozen 4-bit weights.
+
+    The random NF4 model is made once (building an 8B model per side would cost a minute each); each side
+    gets a deep copy whose parameters are the same tensors (frozen: nobody writes them), so LoRA wrappers,
+    instance forwards and hooks stay per side while the weights are held once.
+    """
     import torch
 
     from peftlab.model.quantized_load import QuantSettings, random_quantized
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return random_quantized(config, QuantSettings("nf4", True, 64, dtype), seed=0, device=device)
+    if "model" not in _BASE:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        _BASE["model"] = random_quantized(config, QuantSettings("nf4", True, 64, dtype), seed=0, device=device)
+    base = _BASE["model"]
+    return copy.deepcopy(base, memo={id(p): p for p in base.parameters()})
+
+
+def release_base() -> None:
+    _BASE.clear()
 
 
 def set_lora_values(tensors: dict[str, tuple[Any, Any]]) -> None:
