@@ -9,10 +9,12 @@ runs (tests/bench/test_gpu_check_smoke.py). Stages, each skipped with a note whe
    forward and input gradients, at the tolerances of tests/kernels (fp32 atol 1e-5 / rtol 5e-4; bf16 against
    the fp32 reference of the same bf16 inputs, atol 5e-3 / rtol 5e-2; NF4 dequant bit for bit). Kernels of
    modules not in this checkout are listed as absent.
+   **dequant** — Triton vs bitsandbytes NF4 dequant of the 8B MLP weight (which the block Functions should use).
 2. **step** — the Llama-3.1-8B architecture (numbers below; all 32 layers), random init made on the GPU and
    quantised as it is made (NF4, double quant, bf16 compute; ``peftlab.model.quantized_load.random_quantized``,
-   seed 0), made ONCE: every side is a deep copy of its module tree over the same frozen weight tensors, LoRA r=16 / alpha 32 on all linear layers with the same
-   (non-zero) LoRA weights, non-reentrant gradient checkpointing, one sequence of 2k and of 8k tokens:
+   seed 0) ONCE: every side is a deep copy of the module tree over the same frozen weight tensors. LoRA r=16 /
+   alpha 32 on all linear layers with the same (non-zero) LoRA weights, non-reentrant gradient checkpointing,
+   one sequence of 2k and of 8k tokens:
    **peftlab** (``train.fused_blocks: true``, kernels auto, fused linear cross-entropy), **peftlab-per-module**
    (the same with ``fused_blocks: false``: what the blocks themselves gain) vs **peft** (HF PEFT on
    transformers' model with bitsandbytes Linear4bit, ``model(labels=...)``) and **liger** (the peft side with

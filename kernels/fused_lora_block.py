@@ -19,8 +19,9 @@ x·Aᵀ, the LoRA matrices and, in the MLP, gate and up (the minimum to run SwiG
 two GEMMs). dx is accumulated in place (``addmm_``) over every projection; the SwiGLU backward writes d_gate and
 d_up into the saved gate/up and the dh buffer, so the MLP backward holds two extra (tokens, intermediate)
 temporaries at most (on the Triton path, where :mod:`peftlab.kernels.swiglu`'s kernels do the SwiGLU forward and
-the in-place backward, only h, recomputed for the down projection's dA). Because the saved gate/up are overwritten, a second backward through the same graph
-(``retain_graph=True``) fails with autograd's version-counter error rather than giving a wrong result.
+the in-place backward, only h, recomputed for the down projection's dA). Because the saved gate/up are
+overwritten, a second backward through the same graph (``retain_graph=True``) fails with autograd's
+version-counter error rather than giving a wrong result.
 
 Dequantisation (``backend``): "triton" = the Triton NF4 kernel (:mod:`peftlab.kernels.nf4`) writing straight
 into the reused buffer (CPU tensors under ``TRITON_INTERPRET=1``); "torch" = bitsandbytes' own dequant
