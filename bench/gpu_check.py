@@ -472,14 +472,17 @@ def longest_context(side, config, device, budget: Budget, smoke: bool, start: in
             if smoke and seq > SMOKE_CAP_TOKENS:
                 raise torch.OutOfMemoryError(f"simulated cap of {SMOKE_CAP_TOKENS} tokens (--smoke)")
             seconds, _, _ = one_step(side, _batch(config.vocab_size, seq, device), device)
-            last = (seq, seconds)
-            tried.append((seq, "fits", seconds))
-            return True
         except torch.OutOfMemoryError:
-            side["model"].zero_grad(set_to_none=True)
-            _release_memory()
+            seconds = None
+        # released outside the except block: the exception's frames hold the failed step's tensors until then
+        side["model"].zero_grad(set_to_none=True)
+        _release_memory()
+        if seconds is None:
             tried.append((seq, "oom", 0.0))
             return False
+        last = (seq, seconds)
+        tried.append((seq, "fits", seconds))
+        return True
 
     good, bad = 0, None
     seq = start
@@ -551,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=450.0, help="wall-clock budget of the whole check")
     ap.add_argument("--seqs", default=None, help="comma-separated step lengths (default 2048,8192; smoke 32,64)")
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--parity-budget-s", type=float, default=150.0, help="most of the budget the parity stage gets")
     ap.add_argument("--skip", default="", help="comma-separated stages to skip: parity,dequant,step,context")
     ap.add_argument("--parity", default=None, help="'all' or comma-separated checks (default: all; smoke: "
                     + ", ".join(SMOKE_PARITY) + ")")
@@ -584,7 +588,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"== 1. parity of every Triton kernel vs its reference on {device}")
     only = (SMOKE_PARITY if args.smoke else None) if args.parity is None else (
         None if args.parity == "all" else tuple(args.parity.split(",")))
-    parity_rows = [] if "parity" in skip else parity(device, args.smoke, budget, only)
+    # parity may not eat the step and context stages: it gets --parity-budget-s of the whole budget at most
+    parity_budget = Budget(min(args.parity_budget_s, budget.left()))
+    parity_rows = [] if "parity" in skip else parity(device, args.smoke, parity_budget, only)
     print_table(parity_rows, ["check", "dtype", "tensors", "max_abs_err", "status", "seconds"])
     emit([{"stage": "parity", **r} for r in parity_rows])
 
@@ -619,8 +625,15 @@ def main(argv: list[str] | None = None) -> int:
     if "context" not in skip:
         cap = f"{CAP_GIB:g} GiB cap" if not args.smoke else f"SIMULATED cap of {SMOKE_CAP_TOKENS} tokens"
         print(f"== 3. longest context under a {cap}, one side on the device at a time")
-        names = [n for n in sides if n != "peftlab-per-module"]  # its context is peftlab's without the blocks
+        # peers first (they stop early: HF's full logits), peftlab last with whatever the budget has left;
+        # the per-module side is skipped (its context is peftlab's without the blocks)
+        names = [n for n in sides if n not in ("peftlab", "peftlab-per-module")] + ["peftlab"]
         for name in names:
+            if budget.left() < 10:
+                row = {"stage": "context", "side": name, "status": "skipped: time"}
+                context_rows.append(row)
+                emit([row])
+                continue
             for other in [n for n in list(sides) if n != name]:  # only this side's model stays resident
                 sides.pop(other)
             _release_memory()
@@ -631,7 +644,9 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.set_per_process_memory_fraction(
                     min(1.0, CAP_GIB * 2**30 / torch.cuda.get_device_properties(0).total_memory))
             start, gran = (32, 32) if args.smoke else (4096, 4096)
-            res = longest_context(sides[name], config, device, budget, args.smoke, start, gran)
+            # a peer gets 90 s at most (it fails early); peftlab, last, everything that is left
+            side_budget = budget if name == "peftlab" else Budget(min(90.0, budget.left() / 2))
+            res = longest_context(sides[name], config, device, side_budget, args.smoke, start, gran)
             if device.type == "cuda":
                 torch.cuda.set_per_process_memory_fraction(1.0)
             row = {"stage": "context", "side": name, "simulated": args.smoke, **res}
@@ -639,8 +654,6 @@ def main(argv: list[str] | None = None) -> int:
             emit([row])
             print(f"   {name}: longest {res['longest_tokens']} tokens (first failure {res['first_failure']}), "
                   f"tries {[(s, o) for s, o, _ in res['tries']]}")
-            if budget.left() < 0:
-                break
     ratios = ratio_table(step_rows, context_rows)
     print("== ratios (peftlab / peer; tokens/s: > 1 is faster, memory: < 1 is smaller)")
     print_table(ratios, ["metric", "vs", "ratio", "same_loss"])
