@@ -3,15 +3,15 @@ vocabularies — a labelled source domain and an unlabelled target domain.
 
 Every text is a few filler words, ONE topic word and ONE cue word at random positions:
 
-- topic words: the source domain uses one set (rain, bread, ball, ...), the target domain another (storm, cheese,
-  tennis, ...) that the source data never show; a topic word always names the text's topic;
-- cue words (umbrella, kitchen, stadium, ...) are shared by both domains and name the topic in ``CUE_MATCH``
-  (75 %) of the texts, a random other topic otherwise.
+- topic words name the topic in both domains, but from different sets: the source uses rain, bread, ball, ...;
+  the target storm, cheese, tennis, ... — words the source data never show;
+- cue words (umbrella, kitchen, stadium, ...) are shared by both domains; in the source they name the topic in
+  60 % of the texts (a random other topic otherwise), in the target they always do (``CUE_MATCH``).
 
-A source-only model fits the source topic words (perfect on source) and leans little on the noisy cues, so on the
-target domain — whose topic words it never saw — little of what it learned applies. DANN's domain classifier tells
-the domains apart by exactly those domain-specific words; reversing its gradient pushes the backbone towards the
-shared cues, which carry over (the best a cue-only reader can do on the target is about 75 %).
+A source-only model fits the source topic words (perfect on source) and leans little on the loose cues, so on the
+target — whose topic words it never saw — it is often wrong. DANN's domain classifier tells the domains apart by
+the domain-specific topic words; reversing its gradient pushes the features away from them and towards the shared
+cues, which carry over (a reader of the cues alone is right on every target text).
 
     python recipes/make_dann_data.py recipes/data/dann
     # -> source_train.jsonl, source_eval.jsonl (labelled), target_train.jsonl (no labels), target_eval.jsonl
@@ -38,7 +38,7 @@ CUES = {
     "food": ["kitchen", "dinner"],
     "sport": ["stadium", "coach"],
 }
-CUE_MATCH = 0.75
+CUE_MATCH = {"source": 0.6, "target": 1.0}
 FILLER = ["the", "a", "we", "saw", "very", "much", "today", "and", "then", "it", "was", "all", "of", "my"]
 
 
@@ -50,7 +50,8 @@ def generate(n: int, seed: int, *, domain: str, labelled: bool = True) -> list[d
     rows = []
     for _ in range(n):
         topic = rng.choice(topics)
-        cue_topic = topic if rng.random() < CUE_MATCH else rng.choice([t for t in topics if t != topic])
+        match = rng.random() < CUE_MATCH[domain]
+        cue_topic = topic if match else rng.choice([t for t in topics if t != topic])
         text = [rng.choice(FILLER) for _ in range(rng.randint(2, 4))]
         for word in (rng.choice(words[topic]), rng.choice(CUES[cue_topic])):
             text.insert(rng.randint(0, len(text)), word)

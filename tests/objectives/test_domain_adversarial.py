@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import random
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch import nn
 
-from peftlab.model.classifier import head_of
-from peftlab.model.domain_head import domain_head_of
+from peftlab.data.target_domain import TargetData
+from peftlab.model.classifier import HEAD_ATTR, ClassificationHead, head_of
+from peftlab.model.domain_head import attach_domain_head, domain_head_of, separate_domain_head_group
 from peftlab.objectives.classification import pooled_hidden
 from peftlab.objectives.domain_adversarial import (
     DomainAdversarialObjective,
@@ -25,7 +29,7 @@ from peftlab.objectives.domain_adversarial import (
     token_batch,
 )
 from peftlab.recipe.parse import recipe_from_dict
-from peftlab.trainer.loop import Trainer
+from peftlab.trainer.loop import Trainer, accumulate_gradients
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -163,3 +167,70 @@ def test_a_resumed_dann_run_ends_exactly_like_an_uninterrupted_one(data, tmp_pat
         a, b = load_file(str(adapter / name)), load_file(str(result.adapter_dir / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert result.eval_after["target_accuracy"] == whole.eval_after["target_accuracy"]
+
+
+# ---- the effect, measured: DANN vs source-only on the quickstart's generated domains ---------------------
+
+
+class _BagOfWords(nn.Module):
+    """The smallest feature extractor the objective runs on (an encoder's interface: ``last_hidden_state``,
+    pooled at the first position): trainable word embeddings averaged, then tanh(linear)."""
+
+    def __init__(self, vocab: int, hidden: int):
+        super().__init__()
+        self.emb, self.proj = nn.Embedding(vocab, hidden), nn.Linear(hidden, hidden)
+
+    def forward(self, input_ids, attention_mask):
+        m = attention_mask.unsqueeze(-1).float()
+        pooled = torch.tanh(self.proj((self.emb(input_ids) * m).sum(1) / m.sum(1)))
+        return SimpleNamespace(last_hidden_state=pooled.unsqueeze(1))
+
+
+def _target_accuracy(gen, seed: int, lambda_max: float, steps: int = 200, hidden: int = 32, lr: float = 3e-3) -> float:
+    words = sorted({w for d in (gen.SOURCE_WORDS, gen.TARGET_WORDS, gen.CUES) for v in d.values() for w in v}
+                   | set(gen.FILLER))
+    vocab, labels = {w: i + 1 for i, w in enumerate(words)}, {"food": 0, "sport": 1, "weather": 2}
+
+    def rows(raw):
+        return [{"input_ids": [vocab[w] for w in r["text"].split()], "sample_id": i,
+                 **({"label": labels[r["label"]]} if "label" in r else {})} for i, r in enumerate(raw)]
+
+    def batch(rs):
+        out = token_batch(rs, 0, torch.device("cpu"))
+        return {**out, "labels": torch.tensor([r["label"] for r in rs]),
+                "sample_ids": torch.tensor([r["sample_id"] for r in rs])}
+
+    source = rows(gen.generate(256, 0, domain="source"))
+    target = TargetData(rows(gen.generate(256, 2, domain="target", labelled=False)),
+                        rows(gen.generate(128, 3, domain="target")), "dann.target_eval")
+    torch.manual_seed(seed)
+    model = _BagOfWords(len(vocab) + 1, hidden)
+    model.add_module(HEAD_ATTR, ClassificationHead(hidden, 3, pooling="first", task="classification",
+                                                   labels=sorted(labels)))
+    attach_domain_head(model, hidden, 16, lr=lr)
+    objective = DomainAdversarialObjective(task="classification", label_map=labels, target=target, pad_token_id=0,
+                                           seed=seed, lambda_max=lambda_max)
+    opt = torch.optim.AdamW(separate_domain_head_group(model, [{"params": list(model.parameters())}], lr), lr=lr)
+    order = random.Random(seed)
+    for step in range(1, steps + 1):
+        objective.begin_step(step, steps)
+        accumulate_gradients(model, [batch(order.sample(source, 16))], objective)
+        opt.step()
+        opt.zero_grad()
+    return objective.evaluate(model, [batch(rows(gen.generate(128, 1, domain="source")))])["target_accuracy"]
+
+
+def test_dann_beats_source_only_on_the_target_domain():
+    """On the DANN quickstart's domains (recipes/make_dann_data.py: source and target name the topics with
+    different words; shared cue words, loose in the source, reliable in the target), DANN's mean target accuracy
+    over seeds 1-3 beats source-only (λ = 0: the same objective, nothing reversed into the features) by >= 0.05.
+
+    A transformer run that shows it takes minutes on a CPU, so this runs the real objective (pairing, gradient
+    reversal, domain head in its own optimizer group, the loop's accumulate_gradients, evaluate) on the smallest
+    feature extractor: trainable word embeddings averaged (hidden 32), 200 steps of 16 source rows, AdamW 3e-3.
+    Measured (DANN vs source-only target accuracy): seed 1 0.359 vs 0.430, seed 2 0.727 vs 0.492, seed 3 0.711 vs
+    0.547 — mean +0.109 (seed 1 loses: DANN is not a free win on every seed). On the micro-llama quickstart itself
+    (160 steps, LoRA r=8): README, section "Domain-adversarial adaptation (DANN)"."""
+    gen = _gen()
+    gains = [_target_accuracy(gen, s, 1.0) - _target_accuracy(gen, s, 0.0) for s in (1, 2, 3)]
+    assert sum(gains) / 3 >= 0.05, gains
