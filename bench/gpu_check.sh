@@ -9,6 +9,13 @@
 # Python: $PYTHON, else .venv/bin/python when present, else python3. Packages the machine lacks (the lent
 # H200 image has no bitsandbytes or pydantic) travel as wheels in $WHEELS (default .whl/): they are installed
 # into /tmp/peftlab-site with pip --no-index (nothing is downloaded). Nothing outside the repository changes.
+# What the check imports beyond that image (read off sys.modules of a --smoke run): bitsandbytes, pydantic,
+# pydantic-core, annotated-types, typing-inspection; liger-kernel is optional (its side runs when it imports).
+# Fetch them on a machine with the index, for the image's Python 3.12 / x86-64 (see the device notes), e.g.
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+#     --platform manylinux2014_x86_64 -d .whl bitsandbytes==0.50.2 pydantic pydantic-core annotated-types \
+#     typing-inspection
+# (keep the versions the local .venv has: `.venv/bin/pip freeze | grep -i -E "pydantic|annotated|inspection"`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-}

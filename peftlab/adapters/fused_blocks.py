@@ -134,6 +134,15 @@ def _project(parent: nn.Module, names: tuple[str, ...], fused: bool, x: Tensor) 
     return tuple(y.to(x.dtype) for y in lora_projections(x.to(dtype), projections, backend=backend))
 
 
+def _attention_interface(impl: str, eager: Callable) -> Callable:
+    """The attention function the model's own forward would call (``get_interface`` is transformers >= 5.2x's
+    spelling; earlier 5.x releases index the registry, eager outside it)."""
+    get = getattr(ALL_ATTENTION_FUNCTIONS, "get_interface", None)
+    if get is not None:
+        return get(impl, eager)
+    return eager if impl == "eager" else ALL_ATTENTION_FUNCTIONS[impl]
+
+
 def _attention_forward(self: nn.Module, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor] | None = None,
                        attention_mask: Tensor | None = None, cache: Any = None, past_key_values: Any = None,
                        **kwargs: Any) -> tuple[Tensor, Tensor | None]:
@@ -147,8 +156,7 @@ def _attention_forward(self: nn.Module, hidden_states: Tensor, position_embeddin
     q, k = _rotate(self, q, k, cos, sin)
     if cache is not None:
         k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
-    interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
-                                                                _modeling(self).eager_attention_forward)
+    interface = _attention_interface(self.config._attn_implementation, _modeling(self).eager_attention_forward)
     out, weights = interface(self, q, k, v, attention_mask, dropout=self.attention_dropout if self.training else 0.0,
                              scaling=self.scaling, **_attention_extras(self), **kwargs)
     out = out.reshape(*input_shape, -1).contiguous()
