@@ -2,14 +2,18 @@
 (streaming, packing, overlength split, offline distillation) refused with the key and the fix."""
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 
 from peftlab.errors import PeftlabError
 from peftlab.recipe.augmentation import METHODS, AugmentConfig
-from peftlab.recipe.parse import recipe_from_dict
+from peftlab.recipe.parse import load_recipe, recipe_from_dict
 from peftlab.recipe.schema import Recipe
 
 DATA = {"train": ["train.jsonl"]}
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _recipe(augment, **sections):
@@ -56,3 +60,18 @@ def test_runs_augmentation_cannot_serve_are_refused_with_the_fix(sections, messa
 def test_a_preference_run_is_refused():
     with pytest.raises(PeftlabError, match="augment with preference: the prompt a chosen and a rejected answer"):
         _recipe({"word_swap": 0.1}, preference={"method": "dpo"})
+
+
+def test_the_shipped_quickstart_recipe_and_its_noisy_eval_data():
+    recipe = load_recipe(REPO / "recipes" / "augment-quickstart.yaml")
+    assert recipe.augment == AugmentConfig(char_noise=0.15) and recipe.task == "classification"
+    spec = importlib.util.spec_from_file_location("make_augment_data", REPO / "recipes" / "make_augment_data.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    train, clean, noisy = gen.generate(8, 50, seed=0)
+    assert len(train) == 8 and [r["label"] for r in clean] == [r["label"] for r in noisy]
+    topic_words = {w for words in gen.TOPICS.values() for w in words}
+    for c, n in zip(clean, noisy):
+        word = next(w for w in c["text"].split() if w in topic_words)
+        assert word not in n["text"].split() and len(n["text"].split()) <= len(c["text"].split())  # misspelt
+    assert train == gen.generate(8, 50, seed=0)[0]  # the same data on every machine
