@@ -23,17 +23,21 @@ if [ -z "$PY" ]; then
   if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
 WHEELS=${WHEELS:-.whl}
-if compgen -G "$WHEELS/*.whl" > /dev/null; then
+missing() {
+  "$PY" -P -c '
+import importlib.util
+need = ["torch", "triton", "transformers", "peft", "bitsandbytes", "accelerate", "pydantic", "yaml", "safetensors"]
+print(" ".join(n for n in need if importlib.util.find_spec(n) is None))'
+}
+lacking=$(missing)
+if [ -n "$lacking" ] && compgen -G "$WHEELS/*.whl" > /dev/null; then  # only what is missing brings the wheels in
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/peftlab-site \
     "$WHEELS"/*.whl
   export PYTHONPATH=/tmp/peftlab-site${PYTHONPATH:+:$PYTHONPATH}
+  lacking=$(missing)
 fi
-missing=$("$PY" -P -c '
-import importlib.util
-need = ["torch", "triton", "transformers", "peft", "bitsandbytes", "accelerate", "pydantic", "yaml", "safetensors"]
-print(" ".join(n for n in need if importlib.util.find_spec(n) is None))')
-if [ -n "$missing" ]; then
-  echo "gpu_check.sh: missing Python packages: $missing; carry their wheels in $WHEELS/ (see the script header)" >&2
+if [ -n "$lacking" ]; then
+  echo "gpu_check.sh: missing Python packages: $lacking; carry their wheels in $WHEELS/ (see the script header)" >&2
   exit 2
 fi
 export PYTHONUNBUFFERED=1
