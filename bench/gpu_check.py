@@ -208,6 +208,10 @@ def _parity_cases(device, dtype, smoke: bool) -> dict[str, Callable[[], tuple | 
         return call
     cases["fused_lora_linear (NF4)"] = lambda: pair(
         lora_linear(fll.fused_lora_linear), lora_linear(fll.reference_lora_linear), [rnd(m, k), *lora], dtype)
+    # up to FUSED_IN_TILE_MAX_ROWS tokens the GPU runs the in-tile-dequant GEMMs (more: dequant + cuBLAS)
+    small_m = min(m, fll.FUSED_IN_TILE_MAX_ROWS - 51)
+    cases["fused_lora_linear (NF4 in-tile)"] = lambda: pair(
+        lora_linear(fll.fused_lora_linear), lora_linear(fll.reference_lora_linear), [rnd(small_m, k), *lora], dtype)
     gate, up, down = linear4bit(k, n, 2), linear4bit(k, n, 3), linear4bit(n, k, 4)
 
     def mlp(fn):
