@@ -21,7 +21,8 @@ reversal only scales what flows back into the backbone.
 Eval metrics: the source ones of :func:`peftlab.objectives.classification.evaluate_classifier`, the same on the
 labelled target rows as ``target_*`` (``target_accuracy``, ``target_f1_macro``, ...; only when target labels
 exist), ``domain_accuracy`` (the domain head on source eval rows vs target rows; near 0.5 = aligned features),
-``dann_lambda`` and ``train_domain_accuracy`` (the domain head on the training micro-batches since the last eval).
+``dann_lambda``. Train log records (``step_metrics``) add ``dann_lambda`` and ``domain_accuracy`` (the domain head on
+the training micro-batches' source and target rows since the previous train record).
 """
 from __future__ import annotations
 
@@ -104,7 +105,7 @@ class DomainAdversarialObjective:
     lambda_max: float = 1.0
     lam: float = 0.0                            # λ of the current step (begin_step)
     step: int = 0
-    _seen: list[int] = field(default_factory=lambda: [0, 0])   # train domain predictions: correct, rows
+    _seen: list[int] = field(default_factory=lambda: [0, 0])   # train domain predictions since the last record
 
     # ---- the step -------------------------------------------------------------------------------
     def begin_step(self, step: int, total_steps: int) -> None:
@@ -188,11 +189,13 @@ class DomainAdversarialObjective:
                 metrics["domain_accuracy"] = sum(a == b for a, b in zip(said, truth)) / len(truth)
         finally:
             model.train(was_training)
-        if self._seen[1]:
-            metrics["train_domain_accuracy"] = self._seen[0] / self._seen[1]
-        self._seen = [0, 0]
         metrics["dann_lambda"] = self.lam
         return metrics
+
+    def step_metrics(self) -> dict[str, Any]:
+        """λ and the domain head's accuracy on the training rows since the previous train log record."""
+        seen, self._seen = self._seen, [0, 0]
+        return {"dann_lambda": self.lam, **({"domain_accuracy": seen[0] / seen[1]} if seen[1] else {})}
 
     def save(self, model: nn.Module, adapter_dir: Path) -> None:
         """The classification head and, beside it, the domain head (neither goes into the PEFT adapter file)."""

@@ -6,6 +6,7 @@ test_dann_beats_source_only_on_the_target_domain."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import random
 import shutil
@@ -167,6 +168,10 @@ def test_a_resumed_dann_run_ends_exactly_like_an_uninterrupted_one(data, tmp_pat
         a, b = load_file(str(adapter / name)), load_file(str(result.adapter_dir / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert result.eval_after["target_accuracy"] == whole.eval_after["target_accuracy"]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    assert [r["dann_lambda"] for r in train] == [dann_lambda(s, 4, schedule="dann", lambda_max=1.0) for s in (1, 2, 3, 4)]
+    assert all(0.0 <= r["domain_accuracy"] <= 1.0 for r in train)
 
 
 # ---- the effect, measured: DANN vs source-only on the quickstart's generated domains ---------------------
