@@ -47,10 +47,14 @@ def _head_forward(self: nn.Linear, x: Tensor) -> Tensor:
     return out
 
 
+CHECK_ROWS = 4096  # rows compared at a time: the check's temporaries stay small next to the weight
+
+
 def _exact_dtype(weight: Tensor) -> torch.dtype | None:
-    """The first 16-bit dtype that holds every value of the fp32 ``weight`` exactly, else None."""
+    """The first 16-bit dtype that holds every value of the fp32 ``weight`` exactly, else None (checked in row
+    chunks, stopping at the first inexact chunk: no full-size temporary)."""
     for dtype in COMPACT_DTYPES:
-        if torch.equal(weight.to(dtype).to(weight.dtype), weight):
+        if all(torch.equal(rows.to(dtype).to(rows.dtype), rows) for rows in weight.split(CHECK_ROWS)):
             return dtype
     return None
 
