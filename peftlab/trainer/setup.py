@@ -194,7 +194,8 @@ def resolved_recipe(recipe: Any, loaded: LoadedModel) -> Any:
     resolved.model.dtype = str(loaded.dtype).replace("torch.", "")
     # Relative paths were relative to the recipe file; the copy lives elsewhere, so make local ones
     # absolute (hub ids and missing paths stay as written).
-    for spec in [*resolved.data.train, *resolved.data.eval]:
+    dann = [*resolved.dann.target, *resolved.dann.target_eval] if resolved.dann is not None else []
+    for spec in [*resolved.data.train, *resolved.data.eval, *dann]:
         local = recipe.resolve_path(spec.path)
         if local.exists():
             spec.path = str(local.resolve())

@@ -30,6 +30,7 @@ from peftlab.objectives.domain_adversarial import (
     token_batch,
 )
 from peftlab.recipe.parse import recipe_from_dict
+from peftlab.trainer import setup
 from peftlab.trainer.loop import Trainer, accumulate_gradients
 
 REPO = Path(__file__).resolve().parents[2]
@@ -147,6 +148,16 @@ def test_eval_reports_source_target_and_domain_figures(trainer):
         assert key in m, key
     assert m["target_samples"] == 8 and 0.0 <= m["domain_accuracy"] <= 1.0
     assert m["dann_lambda"] == pytest.approx(dann_lambda(5, 10, schedule="dann", lambda_max=1.0))
+
+
+def test_the_adapters_recipe_names_the_target_files_absolutely(data):
+    """peftlab_recipe.yaml beside the adapter is used from other directories: relative target paths (relative to
+    the recipe file) are stored resolved, like data.train's."""
+    raw = dann_recipe(data, data / "run")
+    raw["dann"].update(target=["target_train.jsonl"], target_eval=["target_eval.jsonl"])
+    resolved = setup.resolved_recipe(recipe_from_dict(raw, base_dir=data), SimpleNamespace(dtype=torch.float32))
+    assert [s.path for s in (*resolved.dann.target, *resolved.dann.target_eval)] == [
+        str((data / "target_train.jsonl").resolve()), str((data / "target_eval.jsonl").resolve())]
 
 
 def test_a_resumed_dann_run_ends_exactly_like_an_uninterrupted_one(data, tmp_path):
