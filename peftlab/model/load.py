@@ -255,7 +255,8 @@ def build_model(recipe, *, device: torch.device | None = None, adapter_dir: str 
             apply_fused_blocks(model)
         init_from = recipe.resolve_path(recipe.adapter.init_from) if recipe.adapter.init_from else None
         use_adapter_template(tokenizer, adapter_dir or init_from)
-    if device.type == "cpu" and dtype == torch.float32 and not recipe.adapter.unfreeze and not recipe.deepspeed:
+    if (recipe.model.frozen_16bit and device.type == "cpu" and dtype == torch.float32 and not recipe.adapter.unfreeze
+            and not recipe.deepspeed):
         from peftlab.model.frozen_weights import compact_frozen_weights
 
         compact_frozen_weights(model)  # 16-bit checkpoint values of the frozen embeddings / head: stored in 16 bits

@@ -40,6 +40,9 @@ class ModelConfig(Section):
     trust_remote_code: bool = False
     tokenizer: str | None = None
     """Tokenizer id/dir when it differs from the model's."""
+    frozen_16bit: bool = True
+    """fp32 CPU runs: frozen embeddings / head whose values are exact in bf16 or fp16 (a 16-bit checkpoint's)
+    stay in 16 bits and are upcast per use (peftlab.model.frozen_weights): half their memory, slower head."""
 
 
 class QuantizationConfig(Section):
@@ -301,6 +304,9 @@ class Recipe(Section):
         if self.train.fused_blocks and (self.kernels == "off" or self.adapter.dora):
             raise ValueError("train.fused_blocks=true with kernels=off or adapter.dora=true: the fused blocks are "
                              "fused kernels and do not implement DoRA; set train.fused_blocks: false")
+        if self.train.fused_blocks and self.adapter.dropout > 0 and not self.adapter.init_from:
+            raise ValueError(f"train.fused_blocks=true with adapter.dropout={self.adapter.dropout}: layers with LoRA "
+                             "dropout keep the per-module path, so nothing would be fused; set adapter.dropout: 0")
         if self.model.attn_implementation == "flash_attention_2" and self.train.device == "cpu":
             raise ValueError("model.attn_implementation=flash_attention_2 needs a CUDA GPU; use sdpa on CPU")
         if self.train.early_stopping is not None and self.train.eval_every is None:

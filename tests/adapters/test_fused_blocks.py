@@ -166,3 +166,5 @@ def test_the_recipe_key_applies_the_blocks_when_the_model_is_built(tmp_path, mic
     assert any("whole-block autograd nodes" in r.getMessage() for r in caplog.records)
     with pytest.raises(ValueError, match="train.fused_blocks=true with kernels=off"):
         Recipe.model_validate({**raw, "kernels": "off"})
+    with pytest.raises(ValueError, match=r"adapter.dropout=0.05: .* nothing would be fused; set adapter.dropout: 0"):
+        Recipe.model_validate({**raw, "adapter": {**raw["adapter"], "dropout": 0.05}})

@@ -99,3 +99,5 @@ def test_build_model_stores_a_bf16_checkpoints_embeddings_in_bf16(tmp_path, micr
     assert loaded.dtype == torch.float32
     assert loaded.model.get_input_embeddings().weight.dtype == torch.bfloat16
     assert next(loaded.model.model.layers.parameters()).dtype == torch.float32
+    raw["model"]["frozen_16bit"] = False  # the switch: fp32 copies, as before
+    assert build_model(Recipe.model_validate(raw)).model.get_input_embeddings().weight.dtype == torch.float32
