@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from peftlab.data.preference import is_preference_example
 from peftlab.data.preference_batch import preference_rows
+from peftlab.data.preference_rows import is_preference_example
 from peftlab.errors import PeftlabError
 
 IGNORE_INDEX = -100

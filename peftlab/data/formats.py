@@ -16,7 +16,7 @@ adds the ``file:row`` location and applies ``on_bad_rows``.
 
 Preference data (DPO-style ``chosen``/``rejected`` pairs, KTO's labelled completions) has no SFT
 meaning: :func:`refuse_preference_data` recognises TRL's shapes of it in an SFT run and refuses them with
-what to do; a recipe with a ``preference:`` section reads them through :mod:`peftlab.data.preference`.
+what to do; a recipe with a ``preference:`` section reads them through :mod:`peftlab.data.preference_rows`.
 """
 from __future__ import annotations
 
@@ -223,7 +223,7 @@ def _messages(turns: Any, field: str, *, sharegpt: bool) -> list[dict[str, Any]]
 
 def chat_turns(turns: Any, field: str, *, sharegpt: bool = False) -> list[dict[str, Any]]:
     """A list of turn objects (``role``/``content`` or ShareGPT's ``from``/``value``) -> canonical messages;
-    raises :class:`BadRow` naming ``field``. Used for preference data too (:mod:`peftlab.data.preference`)."""
+    raises :class:`BadRow` naming ``field``. Used for preference data too (:mod:`peftlab.data.preference_rows`)."""
     return _messages(turns, field, sharegpt=sharegpt)
 
 

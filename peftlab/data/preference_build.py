@@ -2,7 +2,7 @@
 tokenized pairs (or KTO's labelled completions) -> over-length handling -> eval split, mixture, shuffle.
 
 Same steps, seeds and :class:`~peftlab.data.build.DataBundle` as the SFT pipeline (:mod:`peftlab.data.build`);
-what differs is the record (:mod:`peftlab.data.preference`) and that nothing is packed. Over-length counts are
+what differs is the record (:mod:`peftlab.data.preference_rows`) and that nothing is packed. Over-length counts are
 reported: pairs cut (their prompts from the left, then their answers) and dropped.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from peftlab.data.build import (
 )
 from peftlab.data.config import DataConfig, DatasetSpec
 from peftlab.data.formats import BadRow, row_weight
-from peftlab.data.preference import (
+from peftlab.data.preference_rows import (
     PreferenceEncoder,
     example_length,
     example_of,

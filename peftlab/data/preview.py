@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from peftlab.data.build import DataBundle
-from peftlab.data.preference import is_preference_example
+from peftlab.data.preference_rows import is_preference_example
 from peftlab.data.tokenize import IGNORE_INDEX
 
 GREEN, RESET = "\x1b[32m", "\x1b[0m"

@@ -88,7 +88,7 @@ class _Sums:
 @dataclass
 class PreferenceObjective:
     """See the module docstring. ``config`` is the recipe's ``preference:`` section
-    (:class:`peftlab.recipe.preference.PreferenceConfig`)."""
+    (:class:`peftlab.recipe.preference_config.PreferenceConfig`)."""
 
     config: Any
     settings: LossSettings = field(default_factory=LossSettings)

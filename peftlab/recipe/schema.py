@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from peftlab.data.config import DataConfig
 from peftlab.recipe.augmentation import AugmentConfig, check_augment
 from peftlab.recipe.dann import DannConfig, check_dann_combination
-from peftlab.recipe.preference import PreferenceConfig, check_preference
+from peftlab.recipe.preference_config import PreferenceConfig, check_preference
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 

@@ -115,7 +115,7 @@ class BatchBuilder:
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
 
 
-# preference examples (peftlab.data.preference) hold their tokens under these keys instead of input_ids/labels
+# preference examples (peftlab.data.preference_rows) hold their tokens under these keys instead of input_ids/labels
 PREFERENCE_KEYS = ("prompt_ids", "chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels", "completion_ids",
                    "completion_labels")
 

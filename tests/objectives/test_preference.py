@@ -19,7 +19,7 @@ from peftlab.data.pipeline import build_data
 from peftlab.model.builtin import build_tokenizer
 from peftlab.objectives.causal_lm import LossSettings
 from peftlab.objectives.preference import FIGURES, PreferenceObjective
-from peftlab.recipe.preference import PreferenceConfig
+from peftlab.recipe.preference_config import PreferenceConfig
 
 U, AS = (lambda c: {"role": "user", "content": c}), (lambda c: {"role": "assistant", "content": c})
 ROWS = [{"prompt": [U("What is 2 + 3?")], "chosen": [AS("5")], "rejected": [AS("6")]},

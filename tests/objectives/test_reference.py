@@ -15,7 +15,7 @@ from peftlab.errors import PeftlabError
 from peftlab.objectives.causal_lm import LossSettings
 from peftlab.objectives.preference import REFERENCE_FILE, PreferenceObjective
 from peftlab.objectives.reference import ReferenceCache, adapters_disabled, reference_logps, sequence_logps
-from peftlab.recipe.preference import PreferenceConfig
+from peftlab.recipe.preference_config import PreferenceConfig
 
 
 @pytest.fixture(scope="module")

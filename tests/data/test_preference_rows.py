@@ -1,11 +1,11 @@
-"""peftlab.data.preference: TRL's preference shapes are detected, rendered with the chat template, the prompt is
+"""peftlab.data.preference_rows: TRL's preference shapes are detected, rendered with the chat template, the prompt is
 never a label, chosen and rejected share their prompt tokens, and over-length pairs are cut prompt-first."""
 from __future__ import annotations
 
 import pytest
 
 from peftlab.data.formats import BadRow
-from peftlab.data.preference import (
+from peftlab.data.preference_rows import (
     EncodedAnswer,
     EncodedPreference,
     PreferenceEncoder,

@@ -1,4 +1,4 @@
-"""peftlab.recipe.preference: TRL's names and defaults, the data section marked as preference data, and one clear
+"""peftlab.recipe.preference_config: TRL's names and defaults, the data section marked as preference data, and one clear
 message for each combination that cannot work."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 
 from peftlab.errors import PeftlabError
 from peftlab.recipe.parse import recipe_from_dict
-from peftlab.recipe.preference import PreferenceConfig
+from peftlab.recipe.preference_config import PreferenceConfig
 
 
 def recipe(**sections):
