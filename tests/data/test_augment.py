@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_quickstart_data, tiny_recipe_dict
 
 from peftlab.data.augment import (
     KEYBOARD_NEIGHBOURS,
@@ -28,6 +29,8 @@ from peftlab.data.tokenize import IGNORE_INDEX, Encoder
 from peftlab.errors import PeftlabError
 from peftlab.model.builtin import build_tokenizer
 from peftlab.recipe.augmentation import AugmentConfig
+from peftlab.recipe.parse import recipe_from_dict
+from peftlab.trainer.loop import Trainer
 from peftlab.trainer.state import BatchBuilder, EpochSampler, EpochSlice, TrainState
 
 TEXT = "The quick brown fox\njumps over, the lazy dog."
@@ -197,3 +200,22 @@ def test_plain_text_data_is_refused(tmp_path, tok):
                                            r"is plain text"):
         build_augmenter(_cfg(word_swap=0.1), cfg, tok, seed=0, base_dir=tmp_path)
     assert build_augmenter(None, cfg, tok, seed=0, base_dir=tmp_path) is None
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("trainer")
+def test_an_augmented_chat_run_resumed_mid_epoch_ends_exactly_like_an_uninterrupted_one(tmp_path):
+    """4 steps in one go == 2 steps, a checkpoint, 2 more after a resume (the augmented batches of steps 3-4 are
+    rebuilt from (seed, epoch, row) alone); every row was augmented, none served as it was."""
+    data = make_quickstart_data(tmp_path / "data", n_train=16, n_eval=4)
+    raw = tiny_recipe_dict(data, tmp_path / "run", train={"max_steps": 4, "eval_at_start": False, "save_every": 2,
+                                                          "micro_batch_size": 4, "grad_accum": 1},
+                           eval={"metric": "loss"})
+    raw["augment"] = {"word_swap": 0.2, "char_noise": 0.2}
+    whole = Trainer(recipe_from_dict(raw), quiet=True)
+    losses = whole.train().losses
+    assert whole.batch.augmenter.served == 16 and whole.batch.augmenter.kept_original == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "step-0000002"
+    resumed = Trainer(recipe_from_dict({**raw, "output": {**raw["output"], "dir": str(tmp_path / "resumed")},
+                                        "resume": str(ckpt)}), quiet=True).train()
+    assert resumed.losses == losses[2:]
