@@ -47,10 +47,25 @@ def quantized_bytes(n: int, blocksize: int, double_quant: bool) -> int:
     return packed + 4 * blocks + 16 * 4
 
 
-def model_shape(recipe: Any, dtype: torch.dtype = torch.float32) -> ModelShape:
-    """Build the recipe's model on the meta device (+ 4-bit swap, + LoRA) and count it."""
+def _checkpoint_is_16bit(config: Any) -> bool:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return str(dtype).removeprefix("torch.") in ("bfloat16", "float16")
+
+
+def model_shape(recipe: Any, dtype: torch.dtype = torch.float32, *, device: str | None = None) -> ModelShape:
+    """Build the recipe's model on the meta device (+ 4-bit swap, + LoRA) and count it.
+
+    ``device`` (cpu / cuda; default: where the recipe trains) decides whether ``model.frozen_16bit`` applies:
+    then a 16-bit checkpoint's frozen embeddings / untied head count 2 bytes per element, as the run keeps them."""
+    from peftlab.model.frozen_weights import frozen_16bit_applies
     from peftlab.model.load import resolve_model_path
-    from peftlab.model.quantized_load import QuantSettings, empty_model, load_config, swap_linears_for_4bit
+    from peftlab.model.quantized_load import (
+        QuantSettings,
+        empty_model,
+        frozen_dense_weight_names,
+        load_config,
+        swap_linears_for_4bit,
+    )
 
     path = resolve_model_path(recipe.model.name, revision=recipe.model.revision)
     try:
@@ -60,8 +75,17 @@ def model_shape(recipe: Any, dtype: torch.dtype = torch.float32) -> ModelShape:
 
         config = AutoConfig.from_pretrained(path, revision=recipe.model.revision,
                                             trust_remote_code=recipe.model.trust_remote_code)
+    sixteen_bit_checkpoint = _checkpoint_is_16bit(config)  # before empty_model sets config.dtype
     model = empty_model(config, dtype=dtype, attn_implementation="eager",
                         trust_remote_code=recipe.model.trust_remote_code)
+    if device is None:
+        t = recipe.train.device
+        device = "cuda" if t == "cuda" or (t == "auto" and torch.cuda.is_available()) else "cpu"
+    sixteen_bit: set[str] = set()
+    if sixteen_bit_checkpoint and frozen_16bit_applies(
+            enabled=recipe.model.frozen_16bit, device_type=device, dtype=dtype, unfreeze=recipe.adapter.unfreeze,
+            deepspeed=recipe.deepspeed):
+        sixteen_bit = frozen_dense_weight_names(model)
     q = recipe.quantization
     swapped: set[str] = set()
     if q.mode != "none":
@@ -90,7 +114,7 @@ def model_shape(recipe: Any, dtype: torch.dtype = torch.float32) -> ModelShape:
                 base_bytes += quantized_bytes(n, q.blocksize, q.double_quant)
             else:
                 dense += p.numel()
-                base_bytes += p.numel() * dtype.itemsize
+                base_bytes += p.numel() * (2 if full.lstrip(".") in sixteen_bit else dtype.itemsize)
     base_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
     if not swapped:
         largest = 0

@@ -303,7 +303,7 @@ def estimate(recipe: Any, *, device_memory: int | None = None, gpus: int = 1, de
     device = device or run_device(recipe)
     dtype = compute_dtype(recipe, device)
     elem = dtype.itemsize
-    shape = shape or model_shape(recipe, dtype)
+    shape = shape or model_shape(recipe, dtype, device=device)
     if baseline is None:
         baseline = _probe_baseline(recipe) if device == "cpu" else CUDA_CONTEXT_BYTES
     mbs = micro_batch_size or recipe.train.micro_batch_size

@@ -13,11 +13,18 @@ forward that upcasts per use:
 Only exact ``nn.Embedding`` / ``nn.Linear`` instances that do not require grad are touched (scaled embeddings
 such as Gemma's, LoRA-wrapped or quantised heads keep their own path); tied weights are converted once and
 both modules get the upcasting forward. Nothing changes numerically: the upcast values are the fp32 values.
+
+The streaming 4-bit loader (:mod:`peftlab.model.quantized_load`) goes one step further when
+:func:`frozen_16bit_applies`: it puts a 16-bit checkpoint's embeddings / head into the model in their checkpoint
+dtype directly (no fp32 copy is ever made, so the load peak drops too), and :func:`compact_frozen_weights` then
+gives such an already-16-bit weight the upcasting forward; one it cannot take (e.g. a LoRA-wrapped head) is
+upcast to the compute dtype there, as before.
 """
 from __future__ import annotations
 
 import logging
 import types
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +35,14 @@ logger = logging.getLogger(__name__)
 COMPACT_DTYPES = (torch.bfloat16, torch.float16)
 HEAD_VOCAB_SLICE = 16384  # rows of the head upcast at a time (16384 x 4096 x 4 B = 256 MB at most)
 _MARK = "_peftlab_compute_dtype"
+
+
+def frozen_16bit_applies(*, enabled: bool, device_type: str, dtype: torch.dtype, unfreeze: Any = None,
+                         deepspeed: Any = None) -> bool:
+    """Whether a run keeps its frozen embeddings / head in 16 bits (``model.frozen_16bit``): fp32 CPU runs whose
+    embeddings and head stay frozen (no ``adapter.unfreeze``) and are not partitioned by DeepSpeed. The one
+    rule the loader, :func:`peftlab.model.load.build_model` and the memory planner share."""
+    return bool(enabled and device_type == "cpu" and dtype == torch.float32 and not unfreeze and not deepspeed)
 
 
 def _embedding_forward(self: nn.Embedding, ids: Tensor) -> Tensor:
@@ -74,15 +89,16 @@ def compact_frozen_weights(model: nn.Module) -> list[str]:
     for name, module in targets:
         weight = module.weight
         if id(weight) not in done:
-            if weight.requires_grad or weight.dtype != torch.float32:
+            if weight.requires_grad or (getattr(module, "bias", None) is not None and module.bias.requires_grad):
                 continue
-            if getattr(module, "bias", None) is not None and module.bias.requires_grad:
+            if weight.dtype in COMPACT_DTYPES:  # loaded in its checkpoint dtype (quantized_load): nothing to check
+                done[id(weight)] = weight
+                saved += weight.numel() * (4 - weight.element_size())
+            elif weight.dtype == torch.float32 and (dtype := _exact_dtype(weight.data)) is not None:
+                done[id(weight)] = nn.Parameter(weight.data.to(dtype), requires_grad=False)
+                saved += weight.numel() * (weight.element_size() - done[id(weight)].element_size())
+            else:
                 continue
-            dtype = _exact_dtype(weight.data)
-            if dtype is None:
-                continue
-            done[id(weight)] = nn.Parameter(weight.data.to(dtype), requires_grad=False)
-            saved += weight.numel() * (weight.element_size() - done[id(weight)].element_size())
         module.weight = done[id(weight)]
         object.__setattr__(module, _MARK, torch.float32)
         forward = _embedding_forward if isinstance(module, nn.Embedding) else _head_forward
@@ -91,4 +107,17 @@ def compact_frozen_weights(model: nn.Module) -> list[str]:
     if changed:
         logger.info("frozen weights kept in 16 bits and upcast per use: %s (%.0f MB saved)", ", ".join(changed),
                     saved / 2**20)
+    _upcast_leftovers(model)
     return changed
+
+
+def _upcast_leftovers(model: nn.Module) -> None:
+    """A weight the loader kept in 16 bits that got no upcasting forward (its module was wrapped or made
+    trainable after loading) would meet fp32 activations: it is upcast to fp32, the pre-frozen_16bit layout."""
+    for name, module in model.named_modules():
+        if hasattr(module, _MARK):
+            continue
+        for attr, p in module._parameters.items():
+            if p is not None and p.dtype in COMPACT_DTYPES and getattr(p, "quant_state", None) is None:
+                module._parameters[attr] = nn.Parameter(p.data.float(), requires_grad=p.requires_grad)
+                logger.info("%s.%s: kept in fp32 (its module computes in fp32 without a per-use upcast)", name, attr)

@@ -18,6 +18,7 @@ from torch import nn
 
 from peftlab.errors import PeftlabError
 from peftlab.model.builtin import is_builtin, resolve_builtin
+from peftlab.model.frozen_weights import compact_frozen_weights, frozen_16bit_applies
 from peftlab.model.quantized_load import QuantSettings, keep_compute_dtype, load_quantized
 
 logger = logging.getLogger(__name__)
@@ -176,7 +177,8 @@ def bnb_config(quant: Any, compute_dtype: torch.dtype):
 
 def load_base_model(name: str, *, dtype: torch.dtype, device: torch.device, quant: Any = None,
                     attn_implementation: str = "sdpa", revision: str | None = None,
-                    trust_remote_code: bool = False, loader: str = "streaming") -> nn.Module:
+                    trust_remote_code: bool = False, loader: str = "streaming",
+                    frozen_16bit: bool = False) -> nn.Module:
     """Load a causal LM in ``dtype`` on ``device``, 4-bit quantised when ``quant.mode`` is nf4/fp4.
 
     4-bit models from a local safetensors directory are streamed tensor by tensor into a meta-device
@@ -193,7 +195,8 @@ def load_base_model(name: str, *, dtype: torch.dtype, device: torch.device, quan
     if (loader == "streaming" and quant is not None and quant.mode != "none" and Path(path).is_dir()
             and any(Path(path).glob("*.safetensors"))):
         return load_quantized(path, QuantSettings.from_recipe(quant, dtype), device=device,
-                              attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+                              attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+                              frozen_16bit=frozen_16bit)
     # use_safetensors: a hub repository with only pickle weights is refused, never unpickled
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation,
                               "revision": revision, "trust_remote_code": trust_remote_code, "use_safetensors": True}
@@ -239,9 +242,12 @@ def build_model(recipe, *, device: torch.device | None = None, adapter_dir: str 
         raise PeftlabError("model.dtype=float16 is not usable on the CPU; use float32 or bfloat16")
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.name, revision=recipe.model.revision,
                                trust_remote_code=recipe.model.trust_remote_code)
+    frozen_16bit = frozen_16bit_applies(enabled=recipe.model.frozen_16bit, device_type=device.type, dtype=dtype,
+                                        unfreeze=recipe.adapter.unfreeze, deepspeed=recipe.deepspeed)
     model = load_base_model(recipe.model.name, dtype=dtype, device=device, quant=recipe.quantization,
                             attn_implementation=recipe.model.attn_implementation,
-                            revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
+                            revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code,
+                            frozen_16bit=frozen_16bit)
     if recipe.train.fused_norm:
         from peftlab.model.fused_norm import apply_fused_norm
 
@@ -255,10 +261,7 @@ def build_model(recipe, *, device: torch.device | None = None, adapter_dir: str 
             apply_fused_blocks(model)
         init_from = recipe.resolve_path(recipe.adapter.init_from) if recipe.adapter.init_from else None
         use_adapter_template(tokenizer, adapter_dir or init_from)
-    if (recipe.model.frozen_16bit and device.type == "cpu" and dtype == torch.float32 and not recipe.adapter.unfreeze
-            and not recipe.deepspeed):
-        from peftlab.model.frozen_weights import compact_frozen_weights
-
+    if frozen_16bit:
         compact_frozen_weights(model)  # 16-bit checkpoint values of the frozen embeddings / head: stored in 16 bits
     if recipe.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)

@@ -248,12 +248,31 @@ def _model_key(key: str, names: set[str], prefix: str) -> str | None:
     return None
 
 
+def frozen_dense_weight_names(model: nn.Module) -> set[str]:
+    """Parameter names of the plain ``nn.Embedding`` / ``nn.Linear`` input embeddings and output head (what
+    ``model.frozen_16bit`` keeps in their checkpoint dtype)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    found = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        fn = getattr(model, getter, None)
+        module = fn() if callable(fn) else None
+        if module is not None and type(module) in (nn.Embedding, nn.Linear) and id(module) in names:
+            found.add(f"{names[id(module)]}.weight".lstrip("."))
+    return found
+
+
 def load_quantized(path: str | Path, settings: QuantSettings, *, device: torch.device | str = "cpu",
-                   attn_implementation: str = "sdpa", trust_remote_code: bool = False) -> nn.Module:
-    """A 4-bit model from a 16/32-bit safetensors checkpoint, streamed tensor by tensor (see module doc)."""
+                   attn_implementation: str = "sdpa", trust_remote_code: bool = False,
+                   frozen_16bit: bool = False) -> nn.Module:
+    """A 4-bit model from a 16/32-bit safetensors checkpoint, streamed tensor by tensor (see module doc).
+
+    ``frozen_16bit``: the input embeddings / output head of a 16-bit checkpoint stay in its dtype instead of
+    the compute dtype (:mod:`peftlab.model.frozen_weights` upcasts them per use), so their fp32 copies never
+    exist, not even during the load."""
     device = torch.device(device)
     model = empty_model(path, dtype=settings.compute_dtype, attn_implementation=attn_implementation,
                         trust_remote_code=trust_remote_code)
+    keep_dtype = frozen_dense_weight_names(model) if frozen_16bit else set()
     swapped = set(swap_linears_for_4bit(model, settings))
     names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     names |= {n for n, _ in model.named_buffers()}
@@ -267,6 +286,8 @@ def load_quantized(path: str | Path, settings: QuantSettings, *, device: torch.d
             set_4bit_weight(model.get_submodule(mod_name), tensor, settings, device)
         else:
             dtype = settings.compute_dtype if tensor.is_floating_point() else tensor.dtype
+            if name in keep_dtype and tensor.dtype in (torch.bfloat16, torch.float16):
+                dtype = tensor.dtype
             _set_tensor(model, name, tensor.to(device=device, dtype=dtype))
         del tensor
         release_freed_memory()

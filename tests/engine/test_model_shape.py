@@ -67,3 +67,26 @@ def test_activation_bytes_are_what_autograd_saves(tmp_path, attn, dropout):
     measured = sum(saved.values()) / tokens
     predicted = activation_bytes_per_token(model_shape(r), elem=4, seq_len=tokens, attn=attn, dropout=dropout)
     assert abs(predicted - measured) <= 0.10 * measured, (predicted, measured)
+
+
+def test_frozen_16bit_embeddings_and_head_count_two_bytes_on_cpu(tmp_path, micro_dir):
+    """model.frozen_16bit keeps a bf16 checkpoint's frozen embeddings and untied head in 2 bytes on an fp32 CPU
+    run: the planner's prediction is lower by exactly vocab x hidden x 2 bytes per matrix (not on a GPU)."""
+    import json
+
+    from peftlab.engine.planner import estimate
+
+    cfg = json.loads((micro_dir / "config.json").read_text())
+    ckpt = tmp_path / "bf16"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "dtype": "bfloat16"}))
+    r = _recipe(tmp_path, model={"name": str(ckpt)})
+    off = _recipe(tmp_path, model={"name": str(ckpt), "frozen_16bit": False})
+    per_matrix = cfg["vocab_size"] * cfg["hidden_size"] * 2
+    assert model_shape(off, device="cpu").base_weight_bytes - model_shape(r, device="cpu").base_weight_bytes \
+        == 2 * per_matrix  # embeddings + untied head
+    kw = {"device": "cpu", "baseline": 0}
+    assert estimate(off, **kw).total - estimate(r, **kw).total == 2 * per_matrix
+    assert model_shape(r, device="cuda").base_weight_bytes == model_shape(off, device="cuda").base_weight_bytes
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "dtype": "float32"}))  # fp32 values: stay fp32
+    assert model_shape(r, device="cpu").base_weight_bytes == model_shape(off, device="cpu").base_weight_bytes

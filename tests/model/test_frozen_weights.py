@@ -101,3 +101,35 @@ def test_build_model_stores_a_bf16_checkpoints_embeddings_in_bf16(tmp_path, micr
     assert next(loaded.model.model.layers.parameters()).dtype == torch.float32
     raw["model"]["frozen_16bit"] = False  # the switch: fp32 copies, as before
     assert build_model(Recipe.model_validate(raw)).model.get_input_embeddings().weight.dtype == torch.float32
+
+
+def test_streaming_4bit_load_reads_the_embeddings_and_head_in_bf16(tmp_path, micro_dir):
+    """The NF4 streaming loader puts a bf16 checkpoint's embeddings / head into the model in bf16 (never as fp32
+    copies); the run's loss equals the fp32-copies run (frozen_16bit: false) exactly."""
+    from helpers import tiny_recipe_dict
+
+    from peftlab.model.load import build_model
+    from peftlab.model.quantized_load import QuantSettings, load_quantized
+    from peftlab.recipe.schema import Recipe
+
+    ckpt = tmp_path / "bf16"
+    LlamaForCausalLM.from_pretrained(micro_dir, dtype=torch.float32).to(torch.bfloat16).save_pretrained(ckpt)
+    for f in micro_dir.iterdir():  # the tokenizer files
+        if "token" in f.name or f.suffix == ".jinja":
+            (ckpt / f.name).write_bytes(f.read_bytes())
+    direct = load_quantized(ckpt, QuantSettings(), frozen_16bit=True)
+    assert direct.model.embed_tokens.weight.dtype == direct.lm_head.weight.dtype == torch.bfloat16
+    assert direct.model.norm.weight.dtype == torch.float32
+    assert load_quantized(ckpt, QuantSettings()).lm_head.weight.dtype == torch.float32
+    raw = tiny_recipe_dict(tmp_path, tmp_path / "out", model={"name": str(ckpt)}, train={"device": "cpu"})
+    losses = []
+    for frozen_16bit in (True, False):
+        raw["model"]["frozen_16bit"] = frozen_16bit
+        torch.manual_seed(0)  # the same LoRA A
+        model = build_model(Recipe.model_validate(raw)).model
+        assert model.lm_head.weight.dtype == (torch.bfloat16 if frozen_16bit else torch.float32)
+        with torch.no_grad():
+            for m in lora_modules(model).values():
+                m.lora_B.weight.normal_(0, 0.05)
+        losses.append(causal_lm_loss(model, batch(), normalizer=16.0, settings=LossSettings(backend="auto")))
+    assert torch.equal(losses[0], losses[1])
