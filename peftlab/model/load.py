@@ -19,6 +19,7 @@ from torch import nn
 from peftlab.errors import PeftlabError
 from peftlab.model.builtin import is_builtin, resolve_builtin
 from peftlab.model.frozen_weights import compact_frozen_weights, frozen_16bit_applies
+from peftlab.model.long_context import apply_activation_offload, apply_mlp_chunking
 from peftlab.model.quantized_load import QuantSettings, keep_compute_dtype, load_quantized
 
 logger = logging.getLogger(__name__)
@@ -265,6 +266,10 @@ def build_model(recipe, *, device: torch.device | None = None, adapter_dir: str 
         compact_frozen_weights(model)  # 16-bit checkpoint values of the frozen embeddings / head: stored in 16 bits
     if recipe.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if recipe.train.offload_activations:
+        apply_activation_offload(model)
+    if recipe.train.mlp_chunk_tokens:
+        apply_mlp_chunking(model, recipe.train.mlp_chunk_tokens)
     return LoadedModel(model, tokenizer, device, dtype, resolve_model_path(recipe.model.name), names)
 
 

@@ -141,6 +141,13 @@ class TrainConfig(Section):
     """RMSNorm modules of Llama/Mistral/Qwen2/Qwen3/Gemma/Gemma-2 decoders run peftlab's fused RMSNorm (Triton
     kernels on CUDA: fp32 statistics, x and one fp32 value per row saved for backward, no weight gradient when
     frozen); on the CPU the same ops as transformers (no speed change there)."""
+    offload_activations: bool = False
+    """Long context: each gradient-checkpointed decoder layer's input goes to pinned host memory (async copies on
+    a side CUDA stream, prefetched one layer ahead in backward) instead of staying on the GPU; needs
+    model.gradient_checkpointing. On the CPU nothing moves (same numerics, no memory change)."""
+    mlp_chunk_tokens: int | None = Field(None, gt=0)
+    """Long context: each decoder MLP runs over the sequence in chunks of this many positions, each chunk
+    recomputed in backward, so the gate/up activations exist for one chunk at a time (None: whole sequence)."""
     early_stopping: EarlyStoppingConfig | None = None
     """Stop when an eval metric stops improving (needs eval_every); the best adapter is kept in best/."""
     loss: LossConfig = LossConfig()
@@ -307,6 +314,9 @@ class Recipe(Section):
         if self.train.fused_blocks and self.adapter.dropout > 0 and not self.adapter.init_from:
             raise ValueError(f"train.fused_blocks=true with adapter.dropout={self.adapter.dropout}: layers with LoRA "
                              "dropout keep the per-module path, so nothing would be fused; set adapter.dropout: 0")
+        if self.train.offload_activations and not self.model.gradient_checkpointing:
+            raise ValueError("train.offload_activations=true offloads the inputs gradient checkpointing keeps; set "
+                             "model.gradient_checkpointing: true (or train.offload_activations: false)")
         if self.model.attn_implementation == "flash_attention_2" and self.train.device == "cpu":
             raise ValueError("model.attn_implementation=flash_attention_2 needs a CUDA GPU; use sdpa on CPU")
         if self.train.early_stopping is not None and self.train.eval_every is None:

@@ -1,0 +1,261 @@
+"""Long context on one card: checkpointed layer inputs offloaded to host memory, the MLP chunked over the sequence.
+
+Under gradient checkpointing each decoder layer keeps only its input for backward (``tokens x hidden`` per
+layer: 32 x 2 x 80k x 4096 = 21 GB at 80k tokens for Llama-3.1-8B in bf16, most of a 24 GB card). Two
+per-instance changes, both opt-in recipe keys, take the remaining long-context costs off the device:
+
+* ``train.offload_activations`` (:func:`apply_activation_offload`): each decoder layer's checkpoint function
+  becomes :class:`OffloadedCheckpoint` — the layer runs without autograd in forward and its input is copied to a
+  pinned host buffer on a side CUDA stream (the device copy is freed as soon as the copy is done); in backward the
+  input comes back, the layer is recomputed with autograd and back-propagated (the reentrant checkpoint scheme),
+  and the *previous* layer's input is already being copied back on the side stream (prefetched one layer ahead).
+  On the CPU the host buffer is the input itself (nothing to move): the same recompute path runs, so the
+  numerics are tested on any machine.
+* ``train.mlp_chunk_tokens`` (:func:`apply_mlp_chunking`): each decoder MLP instance runs over the sequence in
+  chunks of N positions, each chunk under a non-reentrant checkpoint: the ``tokens x intermediate`` gate / up /
+  product activations (3.5x the hidden width for Llama) exist for one chunk at a time, in forward and in backward.
+  The MLP is position-wise, so the result and every gradient are those of the whole-sequence MLP.
+
+Only the layer instances of the model peftlab built are changed (their ``_gradient_checkpointing_func`` and the
+MLP's ``forward`` attributes); transformers' classes are untouched.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from peftlab.errors import PeftlabError
+
+logger = logging.getLogger(__name__)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's checkpointable decoder layers (transformers' ``GradientCheckpointingLayer`` instances)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+# ---- activation offload ----------------------------------------------------------------------------------------
+
+
+class _Saved:
+    """One checkpointed layer input: its host copy, and (in backward) its device copy coming back."""
+
+    __slots__ = ("device", "device_copy", "done", "dtype", "fetched", "host", "offloaded", "shape")
+
+    def __init__(self) -> None:
+        self.host: Tensor | None = None
+        self.device_copy: Tensor | None = None
+        self.offloaded: Any = None  # CUDA event: host copy complete
+        self.fetched: Any = None    # CUDA event: device copy complete
+        self.done = False
+
+
+class ActivationOffloader:
+    """Host buffers of one model's checkpointed layer inputs, in forward order (shared by its layers).
+
+    CUDA: pinned host buffers (kept and reused across steps, grown when a longer batch comes), copies on one side
+    stream, ``record_stream`` so the caching allocator never reuses a tensor's memory while a copy still reads it.
+    CPU: the input is already in host memory; it is kept as is.
+    """
+
+    def __init__(self) -> None:
+        self.pending: list[_Saved] = []   # inputs of the forward passes whose backward has not run yet
+        self.pool: list[Tensor] = []      # pinned buffers by position in ``pending``
+        self._stream: Any = None
+
+    def _side_stream(self, device: torch.device):
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=device)
+        return self._stream
+
+    def _pinned(self, slot: int, numel: int, dtype: torch.dtype) -> Tensor:
+        while len(self.pool) <= slot:
+            self.pool.append(torch.empty(0, dtype=torch.uint8, pin_memory=True))
+        nbytes = numel * dtype.itemsize
+        if self.pool[slot].numel() < nbytes:
+            self.pool[slot] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        return self.pool[slot][:nbytes].view(dtype)
+
+    def offload(self, x: Tensor) -> _Saved:
+        saved = _Saved()
+        saved.shape, saved.dtype, saved.device = x.shape, x.dtype, x.device
+        if x.device.type != "cuda":
+            saved.host = x.detach()
+        else:
+            stream = self._side_stream(x.device)
+            host = self._pinned(len(self.pending), x.numel(), x.dtype)
+            stream.wait_stream(torch.cuda.current_stream(x.device))  # x is written on the compute stream
+            with torch.cuda.stream(stream):
+                host.copy_(x.detach().reshape(-1), non_blocking=True)
+                saved.offloaded = torch.cuda.Event()
+                saved.offloaded.record(stream)
+            x.record_stream(stream)  # its memory is not reused before the copy has read it
+            saved.host = host
+        self.pending.append(saved)
+        return saved
+
+    def _start_fetch(self, saved: _Saved) -> None:
+        if saved.device_copy is not None or saved.done:
+            return
+        if saved.device.type != "cuda":
+            saved.device_copy = saved.host
+            return
+        stream = self._side_stream(saved.device)
+        with torch.cuda.stream(stream):
+            stream.wait_event(saved.offloaded)
+            saved.device_copy = saved.host.to(saved.device, non_blocking=True).view(saved.shape)
+            saved.fetched = torch.cuda.Event()
+            saved.fetched.record(stream)
+
+    def fetch(self, saved: _Saved) -> Tensor:
+        """The layer input back on its device (waited for), with the previous layer's input prefetched."""
+        self._start_fetch(saved)
+        x = saved.device_copy
+        if saved.device.type == "cuda":
+            current = torch.cuda.current_stream(saved.device)
+            current.wait_event(saved.fetched)
+            x.record_stream(current)  # allocated on the side stream, used and freed on the compute stream
+        i = next((k for k, s in enumerate(self.pending) if s is saved), None)
+        if i is not None:
+            earlier = [s for s in self.pending[:i] if not s.done]
+            if earlier:
+                self._start_fetch(earlier[-1])  # the layer whose backward runs next
+        return x
+
+    def release(self, saved: _Saved) -> None:
+        saved.done, saved.device_copy, saved.host = True, None, None
+        if all(s.done for s in self.pending):
+            self.pending.clear()
+
+
+class _OffloadedLayer(torch.autograd.Function):
+    """Forward: the layer without autograd, its input offloaded. Backward: input fetched, layer recomputed with
+    autograd and back-propagated (LoRA gradients accumulate into ``.grad`` as in reentrant checkpointing)."""
+
+    @staticmethod
+    def forward(ctx, run: Callable[[Tensor], Any], offloader: ActivationOffloader, x: Tensor,
+                _anchor: Tensor) -> Tensor:
+        ctx.run, ctx.offloader, ctx.x_requires_grad = run, offloader, x.requires_grad
+        ctx.rng = _rng_state(x.device)
+        with torch.no_grad():
+            out = run(x)
+        ctx.saved = offloader.offload(x)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x = ctx.offloader.fetch(ctx.saved).detach().requires_grad_(ctx.x_requires_grad)
+        with torch.enable_grad(), _restored_rng(x.device, ctx.rng):
+            out = ctx.run(x)
+        ctx.offloader.release(ctx.saved)
+        torch.autograd.backward(out, grad_out)
+        return None, None, x.grad if ctx.x_requires_grad else None, None
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+class _restored_rng:
+    """The RNG state of the forward during the recompute (LoRA dropout draws the same masks); restored after."""
+
+    def __init__(self, device: torch.device, state: tuple[Tensor, Tensor | None]) -> None:
+        self.device, self.state = device, state
+
+    def __enter__(self) -> None:
+        self.before = _rng_state(self.device)
+        torch.set_rng_state(self.state[0])
+        if self.state[1] is not None:
+            torch.cuda.set_rng_state(self.state[1], self.device)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_rng_state(self.before[0])
+        if self.before[1] is not None:
+            torch.cuda.set_rng_state(self.before[1], self.device)
+
+
+class OffloadedCheckpoint:
+    """A decoder layer's ``_gradient_checkpointing_func``: called by transformers as ``f(forward_partial, x)``."""
+
+    def __init__(self, offloader: ActivationOffloader) -> None:
+        self.offloader = offloader
+        # makes the output require grad when the layer input does not (frozen embeddings), so that backward
+        # reaches the LoRA weights inside the layer
+        self.anchor = torch.zeros((), requires_grad=True)
+
+    def __call__(self, run: Callable[..., Any], *args: Any) -> Any:
+        if len(args) != 1 or not isinstance(args[0], Tensor):
+            raise PeftlabError("train.offload_activations: this decoder layer takes more than the hidden states "
+                               "positionally; set train.offload_activations: false for this model")
+        tuple_out = []
+
+        def hidden_states_of(x: Tensor) -> Tensor:  # older layers return (hidden_states, attentions...)
+            out = run(x)
+            if isinstance(out, tuple):
+                tuple_out.append(len(out))
+                return out[0]
+            return out
+
+        out = _OffloadedLayer.apply(hidden_states_of, self.offloader, args[0], self.anchor)
+        return (out,) + (None,) * (tuple_out[0] - 1) if tuple_out else out
+
+
+def apply_activation_offload(model: nn.Module) -> int:
+    """Offload the checkpointed inputs of ``model``'s decoder layers (gradient checkpointing must be on);
+    returns the number of layers changed."""
+    layers = [m for m in decoder_layers(model) if getattr(m, "gradient_checkpointing", False)]
+    if not layers:
+        raise PeftlabError("train.offload_activations=true: the model has no gradient-checkpointed decoder "
+                           "layers; set model.gradient_checkpointing: true (or train.offload_activations: false)")
+    offloader = ActivationOffloader()
+    fn = OffloadedCheckpoint(offloader)
+    for layer in layers:
+        layer._gradient_checkpointing_func = fn
+    logger.info("train.offload_activations: the checkpointed inputs of %d decoder layers go to host memory",
+                len(layers))
+    return len(layers)
+
+
+# ---- MLP chunked over the sequence ------------------------------------------------------------------------------
+
+
+def _chunked_mlp_forward(self: nn.Module, x: Tensor) -> Tensor:
+    chunk = self._peftlab_mlp_chunk
+    run = self._peftlab_mlp_forward
+    if x.dim() < 2 or x.shape[-2] <= chunk:
+        return run(x)
+    parts = []
+    for piece in x.split(chunk, dim=-2):
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(run, piece, use_reentrant=False))
+        else:
+            parts.append(run(piece))
+    return torch.cat(parts, dim=-2)
+
+
+def apply_mlp_chunking(model: nn.Module, chunk_tokens: int) -> int:
+    """Run each decoder layer's ``mlp`` in chunks of ``chunk_tokens`` sequence positions; returns the count."""
+    done = 0
+    for layer in decoder_layers(model):
+        mlp = getattr(layer, "mlp", None)
+        if mlp is None or hasattr(mlp, "_peftlab_mlp_chunk"):
+            continue
+        mlp._peftlab_mlp_forward = functools.partial(type(mlp).forward, mlp) if "forward" not in vars(mlp) \
+            else mlp.forward
+        mlp._peftlab_mlp_chunk = chunk_tokens
+        mlp.forward = types.MethodType(_chunked_mlp_forward, mlp)
+        done += 1
+    if not done:
+        raise PeftlabError("train.mlp_chunk_tokens: the model's decoder layers have no .mlp module; "
+                           "remove train.mlp_chunk_tokens")
+    logger.info("train.mlp_chunk_tokens=%d: the MLP of %d decoder layers runs in chunks", chunk_tokens, done)
+    return done
