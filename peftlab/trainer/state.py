@@ -127,6 +127,8 @@ def data_fingerprint(rows) -> str:
         for key in ("input_ids", "labels", *PREFERENCE_KEYS):
             if row.get(key) is not None:
                 h.update(np.asarray(row[key], dtype=np.int64).tobytes())
+        if row.get("label") is not None:  # classification id or regression target (float64: 2.2 != 2.7)
+            h.update(np.asarray(row["label"], dtype=np.float64).tobytes())
     return h.hexdigest()[:16]
 
 

@@ -60,6 +60,10 @@ def test_data_fingerprint_sees_tokens_labels_and_row_count():
     pair = {"prompt_ids": [1, 7], "chosen_ids": [8], "chosen_labels": [8], "rejected_ids": [9], "rejected_labels": [9]}
     other = {**pair, "rejected_ids": [10], "rejected_labels": [10]}  # a preference pair with another rejected answer
     assert data_fingerprint([pair]) != data_fingerprint([other])
+    texts = [{"input_ids": [1, 2], "label": 0}, {"input_ids": [3, 4], "label": 2.2}]
+    relabelled = [texts[0], {"input_ids": [3, 4], "label": 2.7}]  # same texts, another regression target
+    assert data_fingerprint(texts) != data_fingerprint(relabelled)
+    assert data_fingerprint(texts) != data_fingerprint([{**texts[0], "label": 1}, texts[1]])  # another class
 
 
 def test_real_tokens_counts_non_padding():
