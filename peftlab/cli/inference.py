@@ -9,7 +9,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from peftlab.errors import PeftlabError
 
@@ -87,10 +87,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     attn_implementation=recipe.model.attn_implementation)
         b.pop("loss_weights", None)
         batches.append({k: v.to(loaded.device) if hasattr(v, "to") else v for k, v in b.items()})
-    metrics = evaluate(loaded.model, loaded.tokenizer, batches, data.eval_prompts, recipe=recipe,
-                       settings=LossSettings.from_recipe(recipe, loaded.model))
+    if recipe.preference is not None and not args.base_only:
+        metrics = _preference_metrics(recipe, loaded, data, batches)
+    else:
+        metrics = evaluate(loaded.model, loaded.tokenizer, batches, data.eval_prompts, recipe=recipe,
+                           settings=LossSettings.from_recipe(recipe, loaded.model))
     print(json.dumps(metrics, indent=2))
     return 0
+
+
+def _preference_metrics(recipe: Recipe, loaded: Any, data: Any, batches: list[dict[str, Any]]) -> dict[str, Any]:
+    """A preference adapter's eval figures (eval_loss, eval_rewards/*, eval_logps/*) as its run computed them.
+
+    The reference of ``reference: precomputed`` is the model as training started: the bare base when the run had
+    no ``adapter.init_from`` (then the adapters-off forward gives the same values, computed here), else base +
+    that adapter, whose log-probs only the run's ``reference_logps.json`` holds (read back under its key)."""
+    from peftlab.objectives.preference import REFERENCE_FILE, build_preference_objective, reference_key
+    from peftlab.objectives.reference import ReferenceCache
+
+    objective = build_preference_objective(recipe, loaded, data)
+    pref = recipe.preference
+    if pref.needs_reference and pref.reference == "precomputed":
+        if not recipe.adapter.init_from:
+            objective.config = pref.model_copy(update={"reference": "adapters_off"})
+        else:
+            path = recipe.output_dir / REFERENCE_FILE
+            cache = ReferenceCache.read(path, reference_key(recipe, objective.data_fingerprint))
+            if cache is None:
+                raise PeftlabError(
+                    f"peftlab eval: this preference run's reference is its base + adapter.init_from "
+                    f"({recipe.adapter.init_from}), whose log-probs are stored only in {path}, which is missing or "
+                    "was computed for other data; evaluate with the run's own recipe and eval data (peftlab eval "
+                    "RECIPE), or read the run's eval figures in its metrics.jsonl")
+            objective.cache = cache
+    return objective.evaluate(loaded.model, batches)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -158,7 +158,7 @@ def preference_data(out):
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("trainer")
-def test_dpo_run_logs_trls_metrics_resumes_exactly_and_merges(tmp_path):
+def test_dpo_run_logs_trls_metrics_resumes_exactly_and_merges(tmp_path, capsys):
     from helpers import short_run_recipe
 
     from peftlab.export.merge import merge_adapter
@@ -195,6 +195,14 @@ def test_dpo_run_logs_trls_metrics_resumes_exactly_and_merges(tmp_path):
 
     merged = merge_adapter(tmp_path / "full" / "adapter", tmp_path / "merged", report_samples=2)
     assert merged.report["max_abs_logit_diff"] <= 1e-4  # the result is a plain LoRA adapter
+
+    # peftlab eval on the adapter gives the run's own preference figures (not a causal-LM loss over both answers)
+    from peftlab.cli.main import main
+    summary = json.loads((tmp_path / "full" / "summary.json").read_text())
+    assert main(["eval", str(tmp_path / "full" / "adapter")]) == 0
+    by_dir = json.loads(capsys.readouterr().out)
+    for key in ("eval_loss", "eval_rewards/margins", "eval_rewards/accuracies", "eval_logps/chosen"):
+        assert by_dir[key] == pytest.approx(summary["eval_after"][key], rel=1e-5, abs=1e-6), key
 
 
 def test_kto_scores_matched_completions_against_the_kl_of_mismatched_ones(trl_run, tmp_path):
