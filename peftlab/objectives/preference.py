@@ -13,7 +13,7 @@ the gradient of the whole step's mean — TRL's per-batch mean when all weights 
 TRL, the token mean over the chosen answers of the micro-batch.
 
 Metrics (TRL's names): ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``,
-``logps/chosen``, ``logps/rejected`` (+ ``kl`` for KTO; + ``nll_loss`` and ``log_odds_ratio`` for ORPO) — on
+``logps/chosen``, ``logps/rejected`` (+ ``kl`` for KTO; + ``nll_loss``, ``log_odds_ratio`` and ``log_odds_chosen`` for ORPO) — on
 train averaged over the steps since the last log record (:meth:`step_metrics`), and on eval (``eval_`` prefix)
 with ``eval_loss``; KTO's eval accuracy compares the desirable and undesirable completions of one source pair.
 """
@@ -214,7 +214,9 @@ class PreferenceObjective:
                 nll = -chosen.sum() / n_c.sum().clamp(min=1).to(chosen)
                 out = orpo_loss(mean_c, mean_r, nll, beta=c.beta)
                 sums.add("nll_loss", out.nll.reshape(1))
-                sums.add("log_odds_ratio", out.log_odds)
+                # TRL's names: log_odds_ratio = mean logσ(log odds), log_odds_chosen = mean log odds
+                sums.add("log_odds_ratio", torch.nn.functional.logsigmoid(out.log_odds.detach()))
+                sums.add("log_odds_chosen", out.log_odds.detach())
             else:
                 out = simpo_loss(mean_c, mean_r, beta=c.beta, simpo_gamma=c.simpo_gamma,
                                  label_smoothing=c.label_smoothing)

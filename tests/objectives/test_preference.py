@@ -131,6 +131,9 @@ def test_other_pair_methods_run_on_the_same_batch_and_log_their_figures(trl_run,
     assert torch.isfinite(loss)
     figures = obj.step_metrics()
     assert 0.0 <= figures["rewards/accuracies"] <= 1.0 and ("nll_loss" in figures) == (method == "orpo")
+    if method == "orpo":  # TRL's names: log_odds_ratio = mean logσ(log odds) <= 0; log_odds_chosen = mean log odds
+        assert figures["log_odds_ratio"] < 0.0  # logσ(x) is concave: mean logσ <= logσ(mean), strictly here
+        assert figures["log_odds_ratio"] < float(torch.nn.functional.logsigmoid(torch.tensor(figures["log_odds_chosen"])))
 
 
 # ---- a preference run end to end: metrics, exact resume, early stopping on a reward metric, merge ----------------
