@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--gpus", type=int, default=1, help="data-parallel ranks for the ZeRO columns")
     sp.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: the recipe's train.device")
     sp.add_argument("--json", action="store_true")
+    sp.add_argument("--max-context", action="store_true",
+                    help="print the longest context (tokens, micro_batch_size 1) whose predicted peak fits the budget")
+    sp.add_argument("--gpu-memory", default=None, metavar="SIZE",
+                    help="a GPU of this size, e.g. 24GB: --device-memory SIZE --device cuda")
     sp.set_defaults(fn=cmd_estimate, messages_to_stderr=True)
 
     sp = with_set(sub.add_parser("quickstart", help="train the built-in tiny model on the shipped task"))

@@ -85,9 +85,22 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 def cmd_estimate(args: argparse.Namespace) -> int:
     """Predicted peak memory of a recipe's run, by component; exit 1 when it does not fit the budget."""
-    from peftlab.engine.planner import estimate, format_estimate, parse_size
+    from peftlab.engine.planner import estimate, fmt, format_estimate, max_context, parse_size
+    from peftlab.errors import PeftlabError
 
+    if args.gpu_memory:
+        args.device_memory, args.device = args.gpu_memory, "cuda"
     budget = parse_size(args.device_memory) if args.device_memory else None
+    if args.max_context:
+        if budget is None:
+            raise PeftlabError("--max-context needs a budget: --gpu-memory 24GB (or --device-memory SIZE)")
+        longest = max_context(_recipe(args), budget, device=args.device)
+        if args.json:
+            print(json.dumps({"max_context": longest, "budget": budget, "micro_batch_size": 1}))
+        else:
+            print(f"longest context that fits {fmt(budget)} (predicted, micro_batch_size=1): "
+                  + (f"{longest} tokens" if longest else "none"))
+        return 0 if longest else 1
     est = estimate(_recipe(args), device_memory=budget, gpus=args.gpus, device=args.device)
     print(json.dumps(est.to_dict(), indent=2) if args.json else format_estimate(est, gpus=args.gpus))
     return 0 if est.fits else 1

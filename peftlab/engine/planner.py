@@ -222,21 +222,33 @@ def _components(recipe: Any, shape: ModelShape, *, device: str, elem: int, mbs: 
     per_token = activation_bytes_per_token(shape, elem=elem, seq_len=seq, attn=attn,
                                            dropout=recipe.adapter.dropout)
     layer_acts = per_token * n_tokens
+    # train.mlp_chunk_tokens: the gate, silu(gate), up and product activations (4 x intermediate per token, see
+    # activation_bytes_per_token) exist for one chunk of positions at a time (each chunk is recomputed in backward)
+    mlp_tokens = n_tokens
+    if t.mlp_chunk_tokens and t.mlp_chunk_tokens < seq:
+        mlp_tokens = mbs * t.mlp_chunk_tokens
+        layer_acts -= 4 * shape.intermediate * elem * (n_tokens - mlp_tokens)
     # the 4D mask of a batch (bool for sdpa, fp32 for eager) lives for the whole step; SDPA converts a
     # boolean mask to the compute dtype on every call (a transient of the same shape)
     mask = 0 if attn == "flash_attention_2" else mbs * seq * seq * (1 if attn == "sdpa" else 4)
     mask_transient = 0 if attn == "flash_attention_2" else mbs * seq * seq * elem
     if recipe.model.gradient_checkpointing:
         kept = shape.n_layers * n_tokens * shape.hidden * elem  # each layer keeps only its input
+        if offloaded_layers(recipe, device, shape):  # in host memory but the one being copied and the one prefetched
+            kept = min(2, shape.n_layers) * n_tokens * shape.hidden * elem
         recompute = layer_acts
     else:
-        kept = shape.n_layers * layer_acts
-        recompute = 0
+        kept = shape.n_layers * (layer_acts - 4 * shape.intermediate * elem * mlp_tokens)
+        recompute = 4 * shape.intermediate * elem * mlp_tokens  # only one chunk: the rest is recomputed
+        if mlp_tokens == n_tokens:
+            kept, recompute = shape.n_layers * layer_acts, 0
     # final norm input + output, embeddings output (kept by layer 0's norm is already counted)
     kept += 2 * n_tokens * shape.hidden * elem + mask
     grad_hidden = n_tokens * shape.hidden * 4
     widest = max(shape.intermediate, shape.hidden)
     backward_temps = shape.largest_linear * (4 + elem) + 4 * n_tokens * widest * elem + mask_transient
+    if mlp_tokens < n_tokens:  # the MLP-width gradients of one chunk, the hidden-width ones of every token
+        backward_temps += 4 * (max(mlp_tokens * widest, n_tokens * shape.hidden) - n_tokens * widest) * elem
     if recipe.kernels == "off":  # whole fp32 logits, their log-softmax and their gradient: alive into backward
         loss_fwd = 3 * n_tokens * shape.vocab * 4 + (n_tokens * shape.vocab * elem if elem != 4 else 0)
         loss_bwd = loss_fwd
@@ -273,6 +285,14 @@ def _components(recipe: Any, shape: ModelShape, *, device: str, elem: int, mbs: 
             comps["allocator_overhead"] = int(CPU_HEAP_RETENTION * n_tokens * shape.n_layers
                                               * (shape.hidden + shape.intermediate) * elem)
     return {k: int(v) for k, v in comps.items()}
+
+
+def offloaded_layers(recipe: Any, device: str, shape: ModelShape) -> int:
+    """Decoder layers whose checkpointed input ``train.offload_activations`` keeps in host memory instead of on
+    the GPU (0 on the CPU, where the input already is in host memory)."""
+    if device != "cuda" or not recipe.train.offload_activations or not recipe.model.gradient_checkpointing:
+        return 0
+    return max(shape.n_layers - 2, 0)
 
 
 def _zero_table(comps: dict[str, int], gpus: int) -> dict[str, int]:
@@ -312,6 +332,10 @@ def estimate(recipe: Any, *, device_memory: int | None = None, gpus: int = 1, de
     est = Estimate(comps, device, mbs, seq, device_memory, _zero_table(comps, gpus))
     if device == "cpu" and recipe.train.optimizer != "adamw":
         est.notes.append(f"train.optimizer={recipe.train.optimizer} needs CUDA; on the CPU use adamw")
+    if offloaded_layers(recipe, device, shape):
+        host = offloaded_layers(recipe, device, shape) * mbs * seq * shape.hidden * elem
+        est.notes.append(f"train.offload_activations: {fmt(host)} of checkpointed layer inputs in pinned host memory "
+                         "(not counted above)")
     if recipe.train.optimizer.startswith("paged"):
         est.notes.append("paged optimizer state can be evicted to host memory under pressure: "
                          f"{fmt(comps['optimizer_state'])} of the total is pageable")
@@ -322,6 +346,27 @@ def estimate(recipe: Any, *, device_memory: int | None = None, gpus: int = 1, de
         est.max_seq_len = _largest(lambda s: total(mbs, s) <= device_memory, 1, _max_positions(recipe, shape))
         est.max_micro_batch_size = _largest(lambda m: total(m, seq) <= device_memory, 1, 4096)
     return est
+
+
+MAX_CONTEXT_SEARCHED = 1 << 20
+
+
+def max_context(recipe: Any, device_memory: int, *, device: str | None = None, baseline: int | None = None,
+                shape: ModelShape | None = None, micro_batch_size: int = 1) -> int | None:
+    """The longest sequence (tokens per row, ``micro_batch_size`` rows) whose predicted peak fits ``device_memory``
+    (binary search with the planner up to MAX_CONTEXT_SEARCHED); None when not even one token fits."""
+    device = device or run_device(recipe)
+    dtype = compute_dtype(recipe, device)
+    shape = shape or model_shape(recipe, dtype, device=device)
+    if baseline is None:
+        baseline = _probe_baseline(recipe) if device == "cpu" else CUDA_CONTEXT_BYTES
+
+    def fits(s: int) -> bool:
+        comps = _components(recipe, shape, device=device, elem=dtype.itemsize, mbs=micro_batch_size, seq=s,
+                            baseline=baseline)
+        return sum(comps.values()) <= device_memory
+
+    return _largest(fits, 1, MAX_CONTEXT_SEARCHED)
 
 
 def _max_positions(recipe: Any, shape: ModelShape) -> int:

@@ -1,6 +1,7 @@
 """The memory planner: breakdown, budget search, the report of `peftlab estimate`, and prediction vs measured RSS."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -130,3 +131,53 @@ def test_small_model_prediction_within_15_percent(tmp_path, small_checkpoint, al
           f"{measured / MiB:.0f} MiB ({est.total / measured - 1:+.1%})")
     assert abs(est.total - measured) <= 0.15 * measured, (est.total / MiB, measured / MiB,
                                                           {k: v / MiB for k, v in est.components.items()})
+
+
+def test_offload_and_mlp_chunking_lower_the_gpu_peak_by_the_modelled_amount(tmp_path):
+    """train.offload_activations keeps 2 layers' checkpointed inputs on the GPU instead of all of them;
+    train.mlp_chunk_tokens bounds the 4 x intermediate MLP activations of the recomputed layer by the chunk."""
+    raw = _raw(tmp_path, model={"gradient_checkpointing": True})
+    raw["model"].update(attn_implementation="flash_attention_2")  # no seq^2 mask: the terms below stand alone
+    r = recipe_from_dict(raw)
+    shape = model_shape(r)
+    kw = {"baseline": 0, "device": "cuda", "shape": shape, "micro_batch_size": 1, "seq_len": 4096}
+    plain = estimate(r, **kw)
+    r.train.offload_activations = True
+    off = estimate(r, **kw)
+    per_layer_input = 4096 * shape.hidden * 2  # bf16 on the GPU
+    assert shape.n_layers == 2 and plain.components["activations"] == off.components["activations"]  # 2 kept anyway
+    more_layers = dataclasses.replace(shape, n_layers=8)
+    kw["shape"] = more_layers
+    r.train.offload_activations = False
+    plain = estimate(r, **kw)
+    r.train.offload_activations = True
+    off = estimate(r, **kw)
+    assert plain.total - off.total == 6 * per_layer_input
+    assert any("pinned host memory" in n for n in off.notes)
+    r.train.offload_activations = False
+    cpu_plain = estimate(r, **{**kw, "device": "cpu"}).total
+    r.train.offload_activations = True
+    assert estimate(r, **{**kw, "device": "cpu"}).total == cpu_plain  # nothing moves on the CPU
+    r.train.mlp_chunk_tokens = 1024
+    chunked = estimate(r, **kw)
+    mlp_saved = 4 * shape.intermediate * 2 * (4096 - 1024)  # the recomputed layer's gate/silu/up/product
+    assert off.components["temporary_buffers"] - chunked.components["temporary_buffers"] >= mlp_saved
+
+
+def test_max_context_is_the_longest_length_that_fits(tmp_path, capsys):
+    raw = _raw(tmp_path, model={"gradient_checkpointing": True})
+    r = recipe_from_dict(raw)
+    budget = 600 * MiB
+    from peftlab.engine.planner import max_context
+
+    n = max_context(r, budget, device="cuda")
+    assert n is not None and n > 1000
+    assert estimate(r, device="cuda", micro_batch_size=1, seq_len=n).total <= budget
+    assert estimate(r, device="cuda", micro_batch_size=1, seq_len=n + 1).total > budget
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(raw))
+    assert main(["estimate", str(path), "--max-context", "--gpu-memory", "600MiB"]) == 0
+    assert capsys.readouterr().out.strip() == (
+        f"longest context that fits 0.59 GiB (predicted, micro_batch_size=1): {n} tokens")
+    assert main(["estimate", str(path), "--max-context"]) == 2
+    assert "--max-context needs a budget: --gpu-memory 24GB" in capsys.readouterr().err
