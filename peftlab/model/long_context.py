@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 import types
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -49,9 +50,11 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 class _Saved:
     """One checkpointed layer input: its host copy, and (in backward) its device copy coming back."""
 
-    __slots__ = ("device", "device_copy", "done", "dtype", "fetched", "host", "offloaded", "shape")
+    __slots__ = ("__weakref__", "device", "device_copy", "done", "dtype", "fetched", "host", "offloaded", "shape",
+                 "slot")
 
     def __init__(self) -> None:
+        self.slot = 0               # which pinned buffer of the pool holds it
         self.host: Tensor | None = None
         self.device_copy: Tensor | None = None
         self.offloaded: Any = None  # CUDA event: host copy complete
@@ -68,8 +71,10 @@ class ActivationOffloader:
     """
 
     def __init__(self) -> None:
-        self.pending: list[_Saved] = []   # inputs of the forward passes whose backward has not run yet
-        self.pool: list[Tensor] = []      # pinned buffers by position in ``pending``
+        # inputs of the forward passes whose backward has not run yet, in forward order; weak: a graph dropped
+        # without a backward (an exception, a forward that only measured something) frees its entries
+        self._pending: list[weakref.ref[_Saved]] = []
+        self.pool: list[Tensor] = []      # pinned buffers, one per slot
         self._stream: Any = None
 
     def _side_stream(self, device: torch.device):
@@ -85,14 +90,21 @@ class ActivationOffloader:
             self.pool[slot] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
         return self.pool[slot][:nbytes].view(dtype)
 
+    @property
+    def pending(self) -> list[_Saved]:
+        self._pending = [r for r in self._pending if r() is not None and not r().done]
+        return [r() for r in self._pending]
+
     def offload(self, x: Tensor) -> _Saved:
         saved = _Saved()
         saved.shape, saved.dtype, saved.device = x.shape, x.dtype, x.device
+        used = {s.slot for s in self.pending}
+        saved.slot = next(i for i in range(len(used) + 1) if i not in used)
         if x.device.type != "cuda":
             saved.host = x.detach()
         else:
             stream = self._side_stream(x.device)
-            host = self._pinned(len(self.pending), x.numel(), x.dtype)
+            host = self._pinned(saved.slot, x.numel(), x.dtype)
             stream.wait_stream(torch.cuda.current_stream(x.device))  # x is written on the compute stream
             with torch.cuda.stream(stream):
                 host.copy_(x.detach().reshape(-1), non_blocking=True)
@@ -100,7 +112,7 @@ class ActivationOffloader:
                 saved.offloaded.record(stream)
             x.record_stream(stream)  # its memory is not reused before the copy has read it
             saved.host = host
-        self.pending.append(saved)
+        self._pending.append(weakref.ref(saved))
         return saved
 
     def _start_fetch(self, saved: _Saved) -> None:
@@ -124,17 +136,14 @@ class ActivationOffloader:
             current = torch.cuda.current_stream(saved.device)
             current.wait_event(saved.fetched)
             x.record_stream(current)  # allocated on the side stream, used and freed on the compute stream
-        i = next((k for k, s in enumerate(self.pending) if s is saved), None)
-        if i is not None:
-            earlier = [s for s in self.pending[:i] if not s.done]
-            if earlier:
-                self._start_fetch(earlier[-1])  # the layer whose backward runs next
+        pending = self.pending
+        i = next((k for k, s in enumerate(pending) if s is saved), None)
+        if i:
+            self._start_fetch(pending[i - 1])  # the layer whose backward runs next
         return x
 
     def release(self, saved: _Saved) -> None:
         saved.done, saved.device_copy, saved.host = True, None, None
-        if all(s.done for s in self.pending):
-            self.pending.clear()
 
 
 class _OffloadedLayer(torch.autograd.Function):

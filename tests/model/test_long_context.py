@@ -88,6 +88,12 @@ def test_offloader_prefetches_the_previous_layer_in_backward():
     off.release(saved[1])
     off.release(saved[0])
     assert off.pending == []
+    a, b = off.offload(xs[0]), off.offload(xs[1])
+    assert (a.slot, b.slot) == (0, 1)
+    off.release(a)
+    assert off.offload(xs[2]).slot == 0  # a free pinned buffer is reused, a live one never
+    del b  # a graph dropped without backward frees its entries
+    assert off.pending == []
 
 
 def test_offload_needs_gradient_checkpointing(tmp_path):
