@@ -141,13 +141,14 @@ CHUNK_BYTES_FLOOR = 64 << 20
 CHUNK_BYTES_CAP = 512 << 20
 
 
-def default_chunk_rows(n_rows: int, hidden_size: int, vocab: int, n_heads: int = 1) -> int:
+def default_chunk_rows(n_rows: int, hidden_size: int, vocab: int, n_heads: int = 1, *, gpu: bool = True) -> int:
     """Rows per chunk, from the token count, hidden size and vocabulary.
 
     1. The fp32 logits chunk is about the size of the (fp32) hidden states — Liger's V/H rule: the loss
        never holds more than one more copy of its input — kept within [64 MB, 512 MB] per head;
-    2. at least :data:`MIN_CHUNK_ROWS` rows while that chunk fits the 512 MB cap (GEMM efficiency at
-       small token counts: 1k-8k tokens get 512 rows instead of 128-256);
+    2. on a GPU (``gpu``), at least :data:`MIN_CHUNK_ROWS` rows while that chunk fits the 512 MB cap (GEMM
+       efficiency at small token counts: 1k-8k tokens get 512 rows instead of 128-256); a CPU GEMM is as fast
+       on smaller chunks, so there the memory rule alone decides (512 rows cost a 155M model's step ~370 MB);
     3. balanced over the chunks this takes, so the last chunk is not a sliver (2,100 rows at 512: five
        chunks of 420, not four of 512 and one of 52).
 
@@ -160,7 +161,8 @@ def default_chunk_rows(n_rows: int, hidden_size: int, vocab: int, n_heads: int =
     target = min(max(n_rows * hidden_size * 4, CHUNK_BYTES_FLOOR), CHUNK_BYTES_CAP) // heads
     rows = max(target // row_bytes, 1)
     cap_rows = max(CHUNK_BYTES_CAP // heads // row_bytes, 1)
-    rows = max(rows, min(MIN_CHUNK_ROWS, cap_rows))
+    if gpu:
+        rows = max(rows, min(MIN_CHUNK_ROWS, cap_rows))
     if rows >= n_rows:
         return n_rows
     chunks = -(-n_rows // rows)
@@ -587,7 +589,7 @@ def fused_linear_cross_entropy(
     be = resolve_backend(backend, h2, head_weight)
     v = head_weight.shape[0]
     check_labels(y, v, ignore_index)
-    rows = chunk_size or default_chunk_rows(h2.shape[0], h2.shape[1], v)
+    rows = chunk_size or default_chunk_rows(h2.shape[0], h2.shape[1], v, gpu=h2.is_cuda)
     if rows < 1:
         raise PeftlabError(f"chunk_size must be a positive number of rows, got {chunk_size}.")
     opts = CEOptions(ignore_index, float(label_smoothing), float(z_loss),

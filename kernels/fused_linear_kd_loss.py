@@ -303,7 +303,7 @@ def fused_linear_kd_loss(
     be = resolve_backend(backend, h2, student_head, th, teacher_head)
     v = student_head.shape[0]
     check_labels(y, v, ignore_index)
-    rows = chunk_size or default_chunk_rows(h2.shape[0], max(h2.shape[1], th.shape[1]), v, n_heads=2)
+    rows = chunk_size or default_chunk_rows(h2.shape[0], max(h2.shape[1], th.shape[1]), v, n_heads=2, gpu=h2.is_cuda)
     if rows < 1:
         raise PeftlabError(f"chunk_size must be a positive number of rows, got {chunk_size}.")
     cd = compute_dtype(h2, student_head)
@@ -414,7 +414,7 @@ def topk_kd_loss(
     cd = compute_dtype(h2, student_head)
     lp = teacher_topk_logprobs.reshape(-1, k).detach().to(cd)
     check_labels(y, v, ignore_index)
-    rows = chunk_size or default_chunk_rows(h2.shape[0], h2.shape[1], v)
+    rows = chunk_size or default_chunk_rows(h2.shape[0], h2.shape[1], v, gpu=h2.is_cuda)
 
     def math_fn(s: torch.Tensor, lab: torch.Tensor, lp_c: torch.Tensor, ids_c: torch.Tensor) -> torch.Tensor:
         valid = lab != ignore_index

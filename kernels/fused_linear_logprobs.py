@@ -292,7 +292,7 @@ def fused_linear_sequence_logprobs(
     cd = compute_dtype(hidden2, weight)
     if rows.index.numel() == 0:  # nothing scored: zeros that still depend on the inputs (backward works)
         return (hidden2.sum() * 0).to(cd).expand(b).clone(), n_tokens
-    n_chunk = chunk_rows or default_chunk_rows(rows.index.numel(), hs, v)
+    n_chunk = chunk_rows or default_chunk_rows(rows.index.numel(), hs, v, gpu=hidden2.is_cuda)
     softcap = None if softcap is None else float(softcap)
     row_impl = triton_logprob_rows if be == "triton" else torch_logprob_rows
 

@@ -253,7 +253,7 @@ def _components(recipe: Any, shape: ModelShape, *, device: str, elem: int, mbs: 
         loss_fwd = 3 * n_tokens * shape.vocab * 4 + (n_tokens * shape.vocab * elem if elem != 4 else 0)
         loss_bwd = loss_fwd
     else:  # fused: one chunk of fp32 logits (+ softmax, grad) and the hidden-state gradient made in forward
-        rows = default_chunk_rows(n_tokens, shape.hidden, shape.vocab)
+        rows = default_chunk_rows(n_tokens, shape.hidden, shape.vocab, gpu=device == "cuda")
         loss_fwd = 3 * rows * shape.vocab * 4 + grad_hidden
         loss_bwd = grad_hidden
     fwd_peak = loss_fwd + mask_transient

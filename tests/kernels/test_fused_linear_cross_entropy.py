@@ -171,6 +171,19 @@ def test_default_chunk_rows_rule(shape):
     assert n - (chunks - 1) * rows > rows - chunks  # balanced: the last chunk is within `chunks` rows of the others
 
 
+# On a CPU the memory rule alone decides (no 512-row minimum: a CPU GEMM gains nothing from it, and vs_peers'
+# 155M model paid ~370 MB of peak for it): the old 128 / 256 rows at 2k / 8k tokens, 1024 once the hidden states
+# are large; vs_peers' small model (1,008 rows, hidden 512) gets 126-row chunks instead of 504.
+CPU_RULE = {(2048, 4096, 128256): 128, (8192, 4096, 128256): 256, (32768, 4096, 128256): 1024,
+            (1008, 512, 128256): 126}
+
+
+@pytest.mark.parametrize("shape", sorted(CPU_RULE))
+def test_default_chunk_rows_on_a_cpu_follow_the_memory_rule_alone(shape):
+    assert ce_mod.default_chunk_rows(*shape, gpu=False) == CPU_RULE[shape]
+    assert ce_mod.default_chunk_rows(*shape, gpu=False) <= ce_mod.default_chunk_rows(*shape)
+
+
 def test_default_chunks_give_the_reference_result(monkeypatch):
     # scaled-down budgets so the default rule makes several balanced chunks of a small input
     monkeypatch.setattr(ce_mod, "MIN_CHUNK_ROWS", 16)
