@@ -48,6 +48,10 @@ def out_of_memory_advice(recipe: Any, *, device: str | None = None, budget: int 
              "keep the batch)"), f"data.max_seq_len (now {d.max_seq_len})"]
     if not recipe.model.gradient_checkpointing:
         keys.append("model.gradient_checkpointing: true")
+    elif not t.offload_activations and (device or run_device(recipe)) == "cuda":
+        keys.append("train.offload_activations: true (checkpointed layer inputs in pinned host memory)")
+    if t.mlp_chunk_tokens is None:
+        keys.append("train.mlp_chunk_tokens: 4096 (the MLP run over the sequence in chunks)")
     if recipe.quantization.mode == "none":
         keys.append("quantization.mode: nf4 (a 4-bit base)")
     if not t.auto_fit:

@@ -87,6 +87,13 @@ def test_out_of_memory_advice(tmp_path, monkeypatch):
                 "data.max_seq_len (now 512)", "model.gradient_checkpointing: true", "train.auto_fit: true"):
         assert key in advice
     assert "quantization.mode: nf4" not in advice  # the recipe already has a 4-bit base
+    assert "train.mlp_chunk_tokens: 4096" in advice
+    assert "train.offload_activations" not in advice  # on the CPU offloading moves nothing
+    ckpt = _recipe(tmp_path, model={"gradient_checkpointing": True})
+    assert "train.offload_activations: true" in out_of_memory_advice(ckpt, device="cuda", budget=1)
+    assert "train.offload_activations" not in out_of_memory_advice(
+        _recipe(tmp_path, model={"gradient_checkpointing": True}, train={"offload_activations": True}),
+        device="cuda", budget=1)
     assert "so the memory went elsewhere" in out_of_memory_advice(r, device="cpu", budget=full.total)
 
     def broken(*a, **k):
