@@ -9,6 +9,8 @@ style`` data) this generates the greedy answer to each held-out prompt (the reci
   answers' common prefix and common suffix (``make_preference_data.py --preference style``: ``7.``, the suffix
   ``.``; a bare ``7`` or noise like ``o..s.`` is not);
 - ``exact_match``: answers equal to the chosen answer (as ``peftlab eval`` scores them);
+- ``starts_with_chosen``: answers that begin with the chosen answer (``7.`` and ``7....``: the right value in the
+  chosen style, whether or not the model then stops);
 - ``answer_match``: answers whose value is right in either style (``7``, ``7.``): the skill the SFT
   quickstart taught, which a style preference should leave intact;
 - a few ``samples``.
@@ -66,6 +68,7 @@ def style_figures(predictions: list[str], references: list[str]) -> dict[str, An
     return {"prefix": prefix, "suffix": suffix, "prompts": n,
             "style_rate": sum(in_style(p, prefix, suffix) for p in preds) / n,
             "exact_match": sum(p == r for p, r in zip(preds, refs)) / n,
+            "starts_with_chosen": sum(p.startswith(r) for p, r in zip(preds, refs)) / n,
             "answer_match": sum(bare(p, prefix, suffix) == bare(r, prefix, suffix) for p, r in zip(preds, refs)) / n}
 
 

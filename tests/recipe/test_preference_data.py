@@ -68,6 +68,8 @@ def test_style_figures_count_the_chosen_style_exact_and_right_answers():
     assert (fig["prefix"], fig["suffix"]) == ("", ".")
     assert fig["style_rate"] == pytest.approx(4 / 7)  # one value in the style; not '7', noise or nothing
     assert fig["exact_match"] == pytest.approx(3 / 7)  # whitespace normalised, as peftlab eval does
+    assert fig["starts_with_chosen"] == pytest.approx(3 / 7)
+    assert recipe_module("preference_style").style_figures(["7....", "7."], ["7.", "7."])["starts_with_chosen"] == 1
     assert fig["answer_match"] == pytest.approx(4 / 7)  # '7' is right in the terse style too
     sentence = recipe_module("preference_style").style_figures(["The answer is 7.", "7", "The answer is 9."],
                                                                ["The answer is 7.", "The answer is 7.",
