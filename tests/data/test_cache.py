@@ -45,7 +45,8 @@ CHANGES = {
     "on_bad_rows": "skip", "system_prompt": "S", "max_samples": 5, "eval_split": 0.25, "mixture": "proportional",
     "shuffle": False, "label_type": "class", "eval_prompts": 3, "shuffle_buffer": 7, "streaming": None,
     "train": None, "eval": None, "num_proc": None,
-}
+    "preference": None,  # set from the recipe's preference: section; its own cache entry is tested with pair data in
+}                        # tests/data/test_preference_build.py (pairs vs KTO rows of one file)
 
 
 def test_every_setting_is_covered():
