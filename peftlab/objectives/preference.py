@@ -19,6 +19,7 @@ with ``eval_loss``; KTO's eval accuracy compares the desirable and undesirable c
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -207,6 +208,10 @@ class PreferenceObjective:
             ref = self._reference(model, batch, logps).to(logps)
             out = dpo_loss(chosen, rejected, ref[:pairs], ref[pairs:], beta=c.beta, label_smoothing=c.label_smoothing,
                            loss_type=DPO_TYPES[c.method], chosen_lengths=n_c, rejected_lengths=n_r)
+            if c.sft_weight:  # RPO: + α · token-mean NLL of the micro-batch's chosen answers (TRL's "sft" loss)
+                nll = -chosen.sum() / n_c.sum().clamp(min=1).to(chosen)
+                out = dataclasses.replace(out, losses=out.losses + c.sft_weight * nll, nll=nll.detach())
+                sums.add("nll_loss", nll.detach().reshape(1))
             shown_c, shown_r = chosen, rejected
         else:  # reference-free, length-normalised log-probs
             mean_c, mean_r = chosen / n_c.clamp(min=1).to(chosen), rejected / n_r.clamp(min=1).to(rejected)

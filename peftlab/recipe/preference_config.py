@@ -32,6 +32,10 @@ class PreferenceConfig(BaseModel):
     """KTO: weight of the desirable completions' losses."""
     undesirable_weight: float = Field(1.0, gt=0)
     """KTO: weight of the undesirable completions' losses."""
+    sft_weight: float = Field(0.0, ge=0.0)
+    """dpo / ipo / robust: weight of an SFT term, the chosen answers' token-mean NLL of the micro-batch, added to
+    the loss (RPO; TRL 1.16: ``loss_type: [sigmoid, sft]``, ``loss_weights: [1, sft_weight]``). Keeps the chosen
+    answers likely while the margin grows (pure DPO can lower both)."""
     reference: Literal["adapters_off", "precomputed"] = "adapters_off"
     """Reference log-probs: the model with its adapters off at every step, or computed so once before training."""
     max_prompt_len: int | None = Field(None, ge=1)
@@ -45,6 +49,9 @@ class PreferenceConfig(BaseModel):
         if self.method in ("ipo", "orpo", "kto") and self.label_smoothing:
             raise ValueError(f"label_smoothing has no meaning for method={self.method}; set it to 0 "
                              "(it applies to dpo, robust and simpo)")
+        if self.sft_weight and self.method not in ("dpo", "ipo", "robust"):
+            raise ValueError(f"sft_weight with method={self.method}: the SFT term is added to dpo, ipo and robust "
+                             "(orpo has its own; simpo and kto have none); set it to 0")
         if self.method == "kto" and self.reference == "precomputed":
             raise ValueError("method=kto with reference=precomputed: KTO's KL estimate pairs each prompt with "
                              "another completion of its batch, which changes every epoch; use reference: "

@@ -54,6 +54,9 @@ def trl_run(tmp_path_factory):
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(ROWS))])
     loss = float(trainer._compute_loss(trainer.model, batch, False))
     metrics = {k: v[-1] for k, v in trainer._metrics["eval"].items()}
+    # RPO: TRL 1.16's loss_type [sigmoid, sft] with loss_weights [1, 0.7] on the same batch (peftlab's sft_weight)
+    trainer.loss_types, trainer.loss_weights = ["sigmoid", "sft"], [1.0, 0.7]
+    metrics["rpo_loss"] = float(trainer._compute_loss(trainer.model, batch, False))
     return tok, base, trainer.model, batch, loss, metrics
 
 
@@ -120,6 +123,15 @@ def test_dpo_loss_and_rewards_equal_trls_dpotrainer_on_peft_and_on_peftlab_lora(
     assert float(total) == pytest.approx(trl_loss, abs=1e-5)
     for a, b in zip(whole, [p.grad for p in ours.parameters() if p.grad is not None]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_dpo_with_an_sft_term_equals_trls_sigmoid_plus_sft_loss(trl_run):
+    _, _, peft_model, trl_batch, trl_loss, trl_metrics = trl_run
+    obj = objective(method="dpo", beta=0.5, sft_weight=0.7)
+    with torch.no_grad():
+        loss = float(obj.loss(peft_model, peftlab_batch(trl_batch), normalizer=len(ROWS)))
+    assert loss == pytest.approx(trl_metrics["rpo_loss"], abs=1e-5) and abs(loss - trl_loss) > 1e-2
+    assert obj.step_metrics()["nll_loss"] > 0
 
 
 @pytest.mark.parametrize("method", ["ipo", "robust", "orpo", "simpo"])

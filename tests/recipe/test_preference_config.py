@@ -37,6 +37,7 @@ def test_defaults_are_trls_and_the_data_is_read_as_pairs_or_unpaired():
     ({"preference": {"method": "ipo", "label_smoothing": 0.1}}, "label_smoothing has no meaning for method=ipo"),
     ({"preference": {"method": "robust", "label_smoothing": 0.5}}, "method=robust needs label_smoothing < 0.5"),
     ({"preference": {"max_prompt_len": 1024}}, "preference.max_prompt_len=1024 leaves no room"),
+    ({"preference": {"method": "orpo", "sft_weight": 0.5}}, "sft_weight with method=orpo"),
     ({"train": {"loss": {"z_loss": 1e-4}}}, "preference with train.loss.label_smoothing/z_loss"),
     ({"adapter": {"unfreeze": ["embeddings"]}}, "preference with adapter.unfreeze"),
 ])
