@@ -20,6 +20,11 @@ from peftlab.kernels.fused_linear_kd_loss import (
     reference_linear_kd_loss,
     topk_kd_loss,
 )
+from peftlab.kernels.fused_linear_logprobs import (
+    fused_linear_sequence_logprobs,
+    reference_linear_sequence_logprobs,
+)
+from peftlab.kernels.fused_lora_block import lora_gated_mlp, lora_projections
 from peftlab.kernels.fused_lora_linear import fused_lora_linear, reference_lora_linear
 from peftlab.kernels.nf4 import nf4_dequantize, reference_nf4_dequantize
 from peftlab.kernels.rms_norm import reference_rms_norm, rms_norm
@@ -30,11 +35,15 @@ __all__ = [
     "apply_rope_",
     "fused_linear_cross_entropy",
     "fused_linear_kd_loss",
+    "fused_linear_sequence_logprobs",
     "fused_lora_linear",
+    "lora_gated_mlp",
+    "lora_projections",
     "nf4_dequantize",
     "reference_apply_rope_",
     "reference_linear_cross_entropy",
     "reference_linear_kd_loss",
+    "reference_linear_sequence_logprobs",
     "reference_lora_linear",
     "reference_nf4_dequantize",
     "reference_rms_norm",
