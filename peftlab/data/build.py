@@ -249,6 +249,21 @@ def mix(parts: list[list[dict[str, Any]]], specs: Sequence[DatasetSpec], cfg: Da
     return out
 
 
+def draw_train(parts: list[list[dict[str, Any]]], cfg: DataConfig, stats: DataStats,
+               seed: int) -> list[dict[str, Any]]:
+    """The training examples of the run: each dataset's share of the mixture (its count in ``stats``), then the
+    seeded shuffle."""
+    drawn = mix(parts, cfg.train, cfg, random.Random(f"mixture:{seed}"))
+    for st, p in zip([d for d in stats.datasets if d.split == "train"], drawn):
+        st.drawn = len(p)
+    train = [e for p in drawn for e in p]
+    if not train:
+        raise PeftlabError("data.train: the mixture is empty (all weights 0?)")
+    if cfg.shuffle:
+        random.Random(f"shuffle:{seed}").shuffle(train)
+    return train
+
+
 def _class_labels(examples: list[dict[str, Any]], cfg: DataConfig) -> tuple[str, dict[str, int] | None]:
     labels = [e["label"] for e in examples]
     numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in labels)
@@ -316,16 +331,7 @@ def build_bundle(cfg: DataConfig, tokenizer: Any, *, seed: int, train_sources: l
     if True in kinds:
         task, label_map = _class_labels([e for p in parts for e in p] + eval_examples, cfg)
 
-    rng = random.Random(f"mixture:{seed}")
-    drawn = mix(parts, cfg.train, cfg, rng)
-    train_stats = [d for d in stats.datasets if d.split == "train"]
-    for st, p in zip(train_stats, drawn):
-        st.drawn = len(p)
-    train = [e for p in drawn for e in p]
-    if not train:
-        raise PeftlabError("data.train: the mixture is empty (all weights 0?)")
-    if cfg.shuffle:
-        random.Random(f"shuffle:{seed}").shuffle(train)
+    train = draw_train(parts, cfg, stats, seed)
 
     lengths = [len(e["input_ids"]) for e in train]
     stats.train_samples = len(train)

@@ -15,7 +15,7 @@ from typing import Any
 from peftlab.data.build import (
     DataBundle,
     SourceRecord,
-    mix,
+    draw_train,
     pad_token_id_for,
     sample_id,
     split_eval,
@@ -144,14 +144,7 @@ def build_preference_bundle(cfg: DataConfig, tokenizer: Any, *, seed: int, train
                                  names[i], est, key, prompts_cut)
         stats.datasets.append(est)
 
-    drawn = mix(parts, cfg.train, cfg, random.Random(f"mixture:{seed}"))
-    for st, p in zip([d for d in stats.datasets if d.split == "train"], drawn):
-        st.drawn = len(p)
-    train = [e for p in drawn for e in p]
-    if not train:
-        raise PeftlabError("data.train: the mixture is empty (all weights 0?)")
-    if cfg.shuffle:
-        random.Random(f"shuffle:{seed}").shuffle(train)
+    train = draw_train(parts, cfg, stats, seed)
     lengths = [example_length(e) for e in train]
     stats.train_samples, stats.train_tokens, stats.eval_samples = len(train), sum(lengths), len(eval_examples)
     stats.train_trained_tokens = sum(d.trained_tokens for d in stats.datasets if d.split == "train")
