@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_jsonl, median_time_ms, print_table
+from common import append_jsonl, median_time_ms, run_op_bench
 from peftlab.kernels import swiglu
 from transformers.activations import ACT2FN
 
@@ -72,25 +72,9 @@ def _one_shape(args: argparse.Namespace, device: str, dtype: torch.dtype, iters:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gpu", action="store_true")
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--results-dir", type=Path, default=None)
-    args = ap.parse_args(argv)
-    if args.gpu and not torch.cuda.is_available():
-        raise SystemExit("--gpu needs CUDA")
-    device = "cuda" if args.gpu else "cpu"
-    dtype = torch.bfloat16 if args.gpu else torch.float32
-    shapes = [(16, 40)] if args.smoke else (SHAPES_GPU if args.gpu else SHAPES_CPU)
-    iters = 1 if args.smoke else (20 if args.gpu else 5)
-    rows = []
-    for shape in shapes:
-        rows += _one_shape(args, device, dtype, iters, *shape)
-    print(f"device: {device} ({'GPU' if args.gpu else 'CPU figures: PyTorch path, no Triton'})")
-    print_table(rows, ["tokens", "intermediate", "dtype", "method", "backend", "fwd_bwd_ms", "peak_MiB",
-                       "max_abs_diff"])
-    return rows
-
+    return run_op_bench(__doc__, _one_shape, smoke_shape=(16, 40), shapes_cpu=SHAPES_CPU, shapes_gpu=SHAPES_GPU,
+                        columns=["tokens", "intermediate", "dtype", "method", "backend", "fwd_bwd_ms", "peak_MiB",
+                       "max_abs_diff"], argv=argv)
 
 if __name__ == "__main__":
     main()

@@ -14,6 +14,7 @@ Keep this API stable: several benchmarks import it.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -183,3 +184,30 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
     return "" if v is None else str(v)
+
+
+def run_op_bench(doc: str | None, one_shape: Callable[..., list[dict[str, Any]]], *, smoke_shape: tuple,
+                 shapes_cpu: list[tuple], shapes_gpu: list[tuple], columns: list[str],
+                 argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """The command line of an op benchmark (bench_rms_norm / rope / swiglu): ``--gpu`` (bf16 on CUDA, Triton) or
+    the CPU (fp32, the PyTorch path), ``--smoke`` (one tiny shape, one iteration), ``--results-dir``;
+    ``one_shape(args, device, dtype, iters, *shape)`` measures one shape; one table is printed."""
+    import torch
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--results-dir", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if args.gpu and not torch.cuda.is_available():
+        raise SystemExit("--gpu needs CUDA")
+    device = "cuda" if args.gpu else "cpu"
+    dtype = torch.bfloat16 if args.gpu else torch.float32
+    shapes = [smoke_shape] if args.smoke else (shapes_gpu if args.gpu else shapes_cpu)
+    iters = 1 if args.smoke else (20 if args.gpu else 5)
+    rows: list[dict[str, Any]] = []
+    for shape in shapes:
+        rows += one_shape(args, device, dtype, iters, *shape)
+    print(f"device: {device} ({'GPU' if args.gpu else 'CPU figures: PyTorch path, no Triton'})")
+    print_table(rows, columns)
+    return rows
