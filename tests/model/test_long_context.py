@@ -119,3 +119,44 @@ def test_build_model_applies_both(tmp_path):
     for layer in model.model.layers:
         assert isinstance(layer._gradient_checkpointing_func, OffloadedCheckpoint)
         assert layer.mlp._peftlab_mlp_chunk == 16
+
+
+def test_recomputed_layer_output_is_freed_before_its_backward():
+    """In backward the offloaded layer is recomputed; its output (tokens x hidden) is needed only for its shape
+    and graph, so its memory is released before back-propagating — same loss and gradients as the plain run."""
+    ref_loss, ref_grads = loss_and_grads(tiny(0.1))
+    model = tiny(0.1)
+    apply_activation_offload(model)
+    outputs = []
+    fn = model.model.layers[0]._gradient_checkpointing_func
+
+    def capture(out):  # each recomputed output (the forward pass runs the layer without grad)
+        if torch.is_grad_enabled():
+            outputs.append(out[0] if isinstance(out, tuple) else out)
+        return out
+
+    for layer in model.model.layers:
+        layer._gradient_checkpointing_func = lambda run, *a: fn(lambda *b, **k: capture(run(*b, **k)), *a)
+    loss, grads = loss_and_grads(model)
+    torch.testing.assert_close(loss, ref_loss, **EXACT)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], **EXACT, msg=name)
+    assert len(outputs) == 2 and all(o.untyped_storage().nbytes() == 0 for o in outputs)
+
+
+def test_release_storage_keeps_what_autograd_saved_or_shares():
+    from peftlab.model.long_context import release_storage
+
+    x = torch.randn(4, 3, requires_grad=True)
+    fresh = x + 1  # AddBackward saves nothing
+    release_storage(fresh)
+    assert fresh.untyped_storage().nbytes() == 0
+    saved = x.exp()  # ExpBackward saves its result
+    release_storage(saved)
+    assert saved.untyped_storage().nbytes() == 4 * 3 * 4
+    view = (x + 1)[1:]
+    release_storage(view)
+    assert view.untyped_storage().nbytes() == 4 * 3 * 4
+    leaf = torch.randn(2)
+    release_storage(leaf)
+    assert leaf.untyped_storage().nbytes() == 8
