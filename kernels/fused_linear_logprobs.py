@@ -36,11 +36,13 @@ import torch
 from peftlab.kernels.fused_linear_cross_entropy import (
     ROW_BLOCK_V,
     ROW_NUM_WARPS,
+    CEOptions,
     check_labels,
     compute_dtype,
     default_chunk_rows,
     resolve_backend,
     run_chunks,
+    torch_ce_online,
 )
 
 from peftlab.errors import PeftlabError
@@ -185,7 +187,7 @@ class _SequenceLogprobsFunction(torch.autograd.Function):
     """(B·T × H hidden, head) -> (B,) summed label log-probs; gradients as described in the module docstring."""
 
     @staticmethod
-    def forward(ctx, hidden2, weight, bias, rows, n_seq, row_fn, backend, chunk_rows):
+    def forward(ctx, hidden2, weight, bias, rows, n_seq, row_fn, backend, chunk_rows, online=None):
         need = (hidden2.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
         cd = compute_dtype(hidden2, weight)
         h = hidden2.index_select(0, rows.index)
@@ -193,8 +195,8 @@ class _SequenceLogprobsFunction(torch.autograd.Function):
         eager = need[0] and not need[1] and not need[2]
         ones = torch.ones(h.shape[0], device=h.device, dtype=cd)
         row_logp, gh, _, _ = run_chunks(h, weight, bias, rows.labels, ones, row_fn, backend, chunk_rows,
-                                        eager, eager, False, False)
-        ctx.need, ctx.eager, ctx.replay = need, eager, (rows, row_fn, backend, chunk_rows)
+                                        eager, eager, False, False, None, online)
+        ctx.need, ctx.eager, ctx.replay = need, eager, (rows, row_fn, backend, chunk_rows, online)
         ctx.dtypes = (hidden2.dtype, weight.dtype, bias.dtype if bias is not None else None)
         ctx.n_rows = hidden2.shape[0]
         if eager:
@@ -205,7 +207,7 @@ class _SequenceLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logps):
-        rows, row_fn, backend, chunk_rows = ctx.replay
+        rows, row_fn, backend, chunk_rows, online = ctx.replay
         hd, wd, bd = ctx.dtypes
         gw = gb = None
         if ctx.eager:
@@ -215,13 +217,13 @@ class _SequenceLogprobsFunction(torch.autograd.Function):
             hidden2, weight, bias = ctx.saved_tensors
             scale = grad_logps.to(compute_dtype(hidden2, weight)).index_select(0, rows.seq)
             _, gh, gw, gb = run_chunks(hidden2.index_select(0, rows.index), weight, bias, rows.labels, scale,
-                                       row_fn, backend, chunk_rows, True, *ctx.need)
+                                       row_fn, backend, chunk_rows, True, *ctx.need, None, online)
         grad_hidden = None
         if gh is not None:
             grad_hidden = torch.zeros((ctx.n_rows, gh.shape[1]), device=gh.device, dtype=hd)
             grad_hidden.index_copy_(0, rows.index, gh.to(hd))
         return (grad_hidden, gw.to(wd) if gw is not None else None, gb.to(bd) if gb is not None else None,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def _per_sequence(row_logp: torch.Tensor, rows: _Rows, n_seq: int) -> torch.Tensor:
@@ -299,12 +301,16 @@ def fused_linear_sequence_logprobs(
     def row_fn(logits, lab, scale, compute_grad):
         return row_impl(logits, lab, scale, softcap, compute_grad)
 
+    def online(h, w, bias_, lab, scale, compute_grad):  # a frozen 16-bit head on the CPU: log p = -CE
+        nll, gh = torch_ce_online(h, w, bias_, lab, scale, CEOptions(softcap=softcap), compute_grad, chunk_rows)
+        return nll.neg_(), gh.neg_() if gh is not None else None
+
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden2, weight, bias)):
-        logps = _SequenceLogprobsFunction.apply(hidden2, weight, bias, rows, b, row_fn, be, n_chunk)
+        logps = _SequenceLogprobsFunction.apply(hidden2, weight, bias, rows, b, row_fn, be, n_chunk, online)
     else:
         ones = torch.ones(rows.index.numel(), device=hidden.device, dtype=cd)
         row_logp, *_ = run_chunks(hidden2.index_select(0, rows.index), weight, bias, rows.labels, ones, row_fn,
-                                  be, n_chunk, False, False, False, False)
+                                  be, n_chunk, False, False, False, False, None, online)
         logps = _per_sequence(row_logp, rows, b)
     return logps, n_tokens
 

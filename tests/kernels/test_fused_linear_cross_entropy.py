@@ -140,6 +140,41 @@ def test_mixed_dtypes_fp32_hidden_bf16_head():
         torch.testing.assert_close(loss, ref, atol=1e-5, rtol=5e-4)
 
 
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("chunk_size", [16, None])
+def test_frozen_16bit_head_goes_vocabulary_outer_and_matches_the_reference(option, chunk_size, monkeypatch):
+    """model.frozen_16bit on the CPU: a frozen bf16 head (and bias) under fp32 hidden states takes the online
+    path — vocabulary slices outer, each upcast once per row block, the softmax accumulated online — never
+    the row chunks (which would upcast the whole head twice per chunk). Forced to 8 slices of 16 vocabulary
+    rows (and 3 row blocks with chunk_size=16) so every rescaling step of the online softmax runs."""
+    monkeypatch.setattr(ce_mod, "ONLINE_MIN_SLICE", 16)
+    monkeypatch.setattr(ce_mod, "ONLINE_SLICE_BYTES", 1)
+    kw = dict(OPTIONS[option])
+    hidden, weight, bias, labels = make_inputs(*ODD, torch.float32, ignore_index=kw.get("ignore_index", -100))
+    weight, bias = weight.detach().bfloat16(), bias.detach().bfloat16()
+    online, chunked = [], []
+    real_online, real_grads = ce_mod.torch_ce_online, ce_mod.chunk_grad_matmuls
+    monkeypatch.setattr(ce_mod, "torch_ce_online", lambda *a, **k: online.append(1) or real_online(*a, **k))
+    monkeypatch.setattr(ce_mod, "chunk_grad_matmuls", lambda *a: chunked.append(1) or real_grads(*a))
+    upstream = torch.randn(labels.shape) if kw.get("reduction") == "none" else None
+    loss, (grad,) = run(fused_linear_cross_entropy, hidden, weight, bias, labels, upstream, backend="torch",
+                        chunk_size=chunk_size, **kw)
+    ref_loss, (ref_grad,) = run(reference_linear_cross_entropy, hidden, weight.float(), bias.float(), labels,
+                                upstream, **kw)
+    assert online and not chunked
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=1e-5)
+
+
+def test_online_path_is_only_for_a_frozen_low_precision_head_on_the_torch_backend():
+    h32, w16 = torch.zeros(2, 4), torch.zeros(3, 4, dtype=torch.bfloat16)
+    assert ce_mod.online_applies("torch", h32, w16, None, False, False)
+    assert not ce_mod.online_applies("triton", h32, w16, None, False, False)
+    assert not ce_mod.online_applies("torch", h32, w16.float(), None, False, False)  # fp32 head: row chunks
+    assert not ce_mod.online_applies("torch", h32, w16, None, True, False)  # trainable head: grad_w needs them
+    assert not ce_mod.online_applies("torch", h32, w16, None, False, True)
+
+
 @pytest.mark.parametrize("chunk_size", [1, 5, None])
 def test_chunk_size_does_not_change_the_result(chunk_size):
     hidden, weight, bias, labels = make_inputs(*ODD, torch.float32)

@@ -117,6 +117,28 @@ def test_no_grad_reference_pass_computes_no_gradients(monkeypatch):
     torch.testing.assert_close(logps, ref, atol=1e-5, rtol=5e-4)
 
 
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_frozen_16bit_head_online_path_matches_the_reference(softcap, monkeypatch):
+    """A frozen bf16 head under fp32 hidden states (model.frozen_16bit on the CPU) goes through the CE's online
+    vocabulary-outer path with log p = -CE; forced to several slices and row blocks."""
+    ce_mod = importlib.import_module("peftlab.kernels.fused_linear_cross_entropy")
+    monkeypatch.setattr(ce_mod, "ONLINE_MIN_SLICE", 16)
+    monkeypatch.setattr(ce_mod, "ONLINE_SLICE_BYTES", 1)
+    hidden, weight, bias, labels, upstream = make_inputs(*ODD, torch.float32, train_head=False)
+    weight, bias = weight.detach().bfloat16(), bias.detach().bfloat16()
+    called = []
+    real = ce_mod.torch_ce_online
+    monkeypatch.setattr(lp_mod, "torch_ce_online", lambda *a, **k: called.append(1) or real(*a, **k))
+    logps, _ = fused_linear_sequence_logprobs(hidden, weight, labels, bias=bias, softcap=softcap, chunk_rows=5,
+                                              backend="torch")
+    (grad,) = torch.autograd.grad((logps * upstream).sum(), hidden)
+    ref, _ = reference_linear_sequence_logprobs(hidden, weight.float(), labels, bias=bias.float(), softcap=softcap)
+    (ref_grad,) = torch.autograd.grad((ref * upstream).sum(), hidden)
+    assert called
+    torch.testing.assert_close(logps, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("chunk_rows", [1, 5, None])
 def test_chunk_rows_do_not_change_the_result(chunk_rows):
     hidden, weight, bias, labels, upstream = make_inputs(*ODD, torch.float32, train_head=True)
