@@ -2,8 +2,9 @@
 
 :func:`model_shape` builds the recipe's model on the meta device (no memory, any architecture transformers
 knows), swaps its linears for 4-bit ones and injects LoRA exactly as a real run does, and counts weight and
-adapter bytes. :func:`activation_bytes_per_token` is what autograd keeps per token for one decoder layer of
-a (Q)LoRA step. :mod:`peftlab.engine.planner` turns both into a predicted peak.
+adapter bytes. :func:`layer_activations` is what autograd keeps per token for one decoder layer of
+a (Q)LoRA step, on the path the recipe takes (checked against autograd on each path in the tests).
+:mod:`peftlab.engine.planner` turns both into a predicted peak.
 """
 from __future__ import annotations
 
@@ -136,23 +137,116 @@ def model_shape(recipe: Any, dtype: torch.dtype = torch.float32, *, device: str 
         largest_linear=largest, lora_params=lora_params, lora_modules_per_layer=per_layer, lora_r=a.r)
 
 
-def activation_bytes_per_token(shape: ModelShape, *, elem: int, seq_len: int, attn: str, dropout: float) -> int:
-    """Bytes autograd keeps per token for one decoder layer of a (Q)LoRA step (Llama-family layout).
+@dataclass(frozen=True)
+class LayerActivations:
+    """Bytes per token that one decoder layer keeps for backward, split by what the recipe can bound.
 
-    Attention block: layer input (saved by the RMSNorm), normed input (saved by the LoRA A of q/k/v),
-    rotated q and k plus v and the attention output (saved by SDPA; + the nh x T softmax rows under
-    eager attention), o_proj's contiguous input. MLP block: residual, normed input, gate, silu(gate),
-    up and their product (4 x intermediate). LoRA: the r-wide mid activation of every adapted layer,
-    and with dropout each adapted layer's own dropped input + its mask. 4-bit base matmuls save no
-    input (bitsandbytes keeps only the packed weight). Norm statistics (1 float per token) are noise.
+    ``layer_input``: the layer's own input, when its first norm saves it (fp32 compute, or the fused norm;
+    a bf16 eager norm keeps an fp32 copy instead, counted in ``attention``) — under gradient checkpointing it is
+    the checkpointed input, already on the books. ``attention``: everything else outside the MLP: both norms'
+    saved tensors, q/k/v/o LoRA inputs / masks / rank-wide intermediates, rotated q and k, v, the attention
+    output and statistics (eager: the probabilities). ``mlp_input``: the MLP's input when only the MLP chunks
+    keep it (each chunk checkpoint saves its slice of it). ``mlp``: gate / up activations and the MLP's LoRA
+    tensors — what ``train.mlp_chunk_tokens`` bounds by the chunk."""
+
+    layer_input: int
+    attention: int
+    mlp_input: int
+    mlp: int
+
+    @property
+    def total(self) -> int:
+        return self.layer_input + self.attention + self.mlp
+
+
+def kernel_path(kernels: str, device: str) -> bool:
+    """Whether LoRA layers run ``fused_lora_linear`` and the fused norm its Triton kernel (the ``use_triton``
+    rule: ``auto`` on CUDA, ``triton`` anywhere); otherwise the PyTorch path."""
+    return kernels == "triton" or (kernels == "auto" and device == "cuda")
+
+
+def layer_activations(shape: ModelShape, *, elem: int, seq_len: int, attn: str, dropout: float,
+                      kernel: bool = False, fused_norm: bool = False, fused_blocks: bool = False,
+                      device: str = "cpu", sdpa_mask: bool = True) -> LayerActivations:
+    """What autograd keeps per token for one decoder layer of a (Q)LoRA step (Llama-family layout), by path.
+
+    Counted from what each op saves (and checked against ``saved_tensors_hooks`` in tests/engine/
+    test_model_shape.py on the CPU, the kernel path under the Triton interpreter); 4-bit base matmuls save no
+    input; LoRA weights and their rank-wide activations are fp32.
+
+    * Norms: transformers' RMSNorm upcasts, so in bf16 it keeps an fp32 copy of its input (4 bytes/element);
+      the fused norm (``kernel`` and ``fused_norm``) and any fp32 norm keep the input itself; + 1 fp32 per row.
+    * LoRA, kernel path (``fused_lora_linear``): the input in the compute dtype (one tensor for q/k/v, one for
+      gate/up), the fp32 rank-wide ``x·Aᵀ``, and with dropout a 1-byte keep-mask per input element — never a
+      dropped copy. PyTorch path: ``lora_A`` keeps its fp32 input, a copy per adapted layer when the compute
+      dtype is not fp32; with dropout the dropped copy and the mask (the input's dtype on the CPU, bool on CUDA).
+    * Attention: rotated q and k, v, the output (flash / SDPA hand o_proj their output without a copy) and the
+      log-sum-exp (SDPA with a mask, ``sdpa_mask``: k and v repeated to every head, and the mask in the compute
+      dtype); eager: q, k and v repeated to every head, the probabilities (+ their fp32 softmax in 16-bit), the
+      output's contiguous copy when o_proj's LoRA keeps its input as it is.
+    * MLP: gate, silu(gate), up (and their product when down_proj's LoRA keeps its input as is); the fused
+      block keeps only gate and up.
     """
-    H, inter = shape.hidden, shape.intermediate
-    q_width, kv_width = shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
-    elems = 4 * H + 3 * q_width + 2 * kv_width + 4 * inter + shape.n_heads
-    elems += shape.lora_r * len(shape.lora_modules_per_layer)
-    per_token = elems * elem
-    if attn == "eager":
-        per_token += 2 * shape.n_heads * seq_len * elem  # attention probabilities + their matmul input
-    if dropout > 0:
-        per_token += sum(width * (elem + 1) for width in shape.lora_modules_per_layer.values())
-    return per_token
+    H, inter, r = shape.hidden, shape.intermediate, shape.lora_r
+    q_w, kv_w = shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
+    widths = shape.lora_modules_per_layer
+    attn_mods = {k: w for k, w in widths.items() if "mlp" not in k}
+    mlp_mods = {k: w for k, w in widths.items() if "mlp" in k}
+    lora_f32 = 4
+    drop = dropout > 0 and not fused_blocks
+    mask_bytes = 1 if kernel or device == "cuda" else lora_f32
+
+    # the two norms: 4 bytes per row each, plus the input itself or its fp32 copy
+    layer_input = 0
+    attention = 2 * 4
+    if elem < 4 and not (kernel and fused_norm):
+        attention += 2 * 4 * H
+    else:
+        layer_input = H * elem
+        attention += H * elem  # the attention block's residual output, the second norm's input
+
+    def lora_inputs(mods: dict[str, int], shared: list[int]) -> int:
+        """Bytes of what the LoRA layers ``mods`` keep of their inputs; ``shared``: input widths counted once
+        (one tensor feeds several layers) when the layers keep the input as it is."""
+        n = lora_f32 * r * len(mods)
+        if kernel:
+            return n + sum(w * elem for w in shared) + (sum(mods.values()) if drop else 0)
+        if drop:
+            return n + sum(w * (lora_f32 + mask_bytes) for w in mods.values())
+        if elem < lora_f32:
+            return n + sum(w * lora_f32 for w in mods.values())
+        return n + sum(w * elem for w in shared)
+
+    # attention: the normed input (shared by q/k/v), o_proj's input is the attention output (counted below)
+    qkv = {k: w for k, w in attn_mods.items() if not k.endswith("o_proj")}
+    o = {k: w for k, w in attn_mods.items() if k.endswith("o_proj")}
+    attention += lora_inputs(qkv, [H] if qkv else []) + lora_inputs(o, [])
+    keeps_input = kernel or (elem >= lora_f32 and not drop)  # LoRA layers keep their input as it is
+    if attn == "eager":  # fp32 softmax, then the probabilities in the compute dtype; o_proj's input is a copy
+        probs = shape.n_heads * seq_len * (elem + (4 if elem < 4 else 0))
+        attention += 3 * q_w * elem + probs + (q_w * elem if keeps_input and o else 0)
+    else:  # transformers repeats k / v to every head for SDPA with a mask (CUDA's kernels take GQA only without)
+        kv_kept = q_w if attn == "sdpa" and sdpa_mask else kv_w
+        attention += (2 * q_w + 2 * kv_kept) * elem + shape.n_heads * 4
+        if attn == "sdpa" and sdpa_mask:  # SDPA saves the mask it converted to the compute dtype: seq per token
+            attention += seq_len * elem
+    # MLP: gate/up share the normed input, down_proj's input is the product
+    gate_up = {k: w for k, w in mlp_mods.items() if not k.endswith("down_proj")}
+    down = {k: w for k, w in mlp_mods.items() if k.endswith("down_proj")}
+    # the MLP's input (one tensor for gate/up): kept by the layers themselves on the kernel path (and fp32
+    # without dropout); otherwise only the chunk checkpoints of train.mlp_chunk_tokens keep it
+    if fused_blocks and kernel:
+        mlp = 2 * inter * elem + lora_f32 * r * len(mlp_mods)
+    else:
+        mlp = 3 * inter * elem + lora_inputs(gate_up, []) + lora_inputs(down, [inter] if down else [])
+    mlp_input = 0
+    if keeps_input and gate_up:
+        attention += H * elem
+    else:
+        mlp_input = H * elem
+    return LayerActivations(layer_input, attention, mlp_input, mlp)
+
+
+def activation_bytes_per_token(shape: ModelShape, *, elem: int, seq_len: int, attn: str, dropout: float) -> int:
+    """Bytes autograd keeps per token for one decoder layer on the PyTorch path (see :func:`layer_activations`)."""
+    return layer_activations(shape, elem=elem, seq_len=seq_len, attn=attn, dropout=dropout).total

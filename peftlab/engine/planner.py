@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from peftlab.checkpoint.atomic import atomic_write_text
-from peftlab.engine.model_shape import ModelShape, activation_bytes_per_token, model_shape
+from peftlab.engine.model_shape import ModelShape, kernel_path, layer_activations, model_shape
 from peftlab.errors import PeftlabError
 
 GiB = 1 << 30
@@ -42,6 +42,7 @@ CUDA_CONTEXT_BYTES = 500 * MiB  # CUDA context + cuBLAS workspace outside the ca
 #   to those runs (4.5: within ±15% of each), not a derivation. bounded needs no such term.
 CPU_ALLOCATOR_SLACK = 0.05
 CPU_HEAP_RETENTION = 4.5
+EAGER_NORM_BACKWARD_BYTES = 20  # per element: transformers' 16-bit RMSNorm backward (fp32 math), measured
 
 
 def peak_rss_bytes() -> int:
@@ -198,70 +199,91 @@ def compute_dtype(recipe: Any, device: str) -> torch.dtype:
 
 def _components(recipe: Any, shape: ModelShape, *, device: str, elem: int, mbs: int, seq: int,
                 baseline: int) -> dict[str, int]:
-    """The predicted peak, by component. The peak is the larger of two moments of a step:
+    """The predicted peak, by component. The peak is the largest of three moments of a step:
 
-    - the end of the forward pass: every saved activation + the loss head's buffers (the whole fp32
-      logits, log-softmax and their gradient when ``kernels: off``; one chunk + the hidden-state
-      gradient with the fused loss);
-    - the start of the backward pass: the saved activations, the hidden-state gradient, under
-      gradient checkpointing the layer being recomputed (all its activations), and the backward
-      temporaries (one dequantised base weight, ~4 activation gradients of the MLP width, the
-      attention mask in the compute dtype).
+    - the end of the forward pass: what every layer keeps (under gradient checkpointing its input; with
+      ``train.offload_activations`` only the inputs in flight), the final norm's and embeddings' outputs,
+      RoPE's cos/sin, and the loss head's buffers (the whole fp32 logits, log-softmax and their gradient when
+      ``kernels: off``; one chunk + the fp32 hidden-state gradient with the fused loss);
+    - the loss head's backward: its gradient buffers (fused: the fp32 hidden-state gradient, its scaled copy
+      and the compute-dtype result);
+    - a decoder layer's backward: under gradient checkpointing the layer recomputed (everything
+      :func:`layer_activations` says it keeps; the MLP's gate/up activations for one chunk with
+      ``train.mlp_chunk_tokens``), the residual stream's gradient (compute dtype: the loss head's fp32 buffers
+      are freed by then), and the backward temporaries: one dequantised base weight and the larger of ~4
+      hidden-width gradients (fp32 ones under transformers' 16-bit RMSNorm, whose backward runs in fp32) and
+      the attention backward's (q/k/v-sized gradients, GQA expanded to all heads, + flash's fp32 dq
+      accumulator), the attention mask in the compute dtype.
 
-    ``loss_head`` and ``temporary_buffers`` are what each contributes at the peak moment (the fused
-    loss's chunk buffers are gone before backward starts, so at a backward peak only its hidden-state
-    gradient counts)."""
+    ``activations`` is what the layers keep at the peak moment, ``loss_head`` the loss head's share (at a
+    layer's backward: the residual stream's gradient), ``temporary_buffers`` the rest."""
     from peftlab.kernels.fused_linear_cross_entropy import default_chunk_rows
 
     t = recipe.train
     n_tokens = mbs * seq
+    H = shape.hidden
     lora_bytes = shape.lora_params * 4  # adapters train in fp32 whatever the base dtype
     attn = recipe.model.attn_implementation
+    kernel = kernel_path(recipe.kernels, device)
+    fused_blocks = bool(t.fused_blocks) and kernel and recipe.adapter.dropout == 0
     # CPU SDPA with peftlab's boolean padding / packing mask takes torch's flash kernel (torch >= 2.3;
     # checked with torch._fused_sdp_choice): like CUDA SDPA it keeps no attention probabilities
-    per_token = activation_bytes_per_token(shape, elem=elem, seq_len=seq, attn=attn,
-                                           dropout=recipe.adapter.dropout)
-    layer_acts = per_token * n_tokens
-    # train.mlp_chunk_tokens: the gate, silu(gate), up and product activations (4 x intermediate per token, see
-    # activation_bytes_per_token) exist for one chunk of positions at a time (each chunk is recomputed in backward)
+    la = layer_activations(shape, elem=elem, seq_len=seq, attn=attn, dropout=recipe.adapter.dropout,
+                           kernel=kernel, fused_norm=bool(t.fused_norm), fused_blocks=fused_blocks, device=device,
+                           sdpa_mask=True)  # peftlab's batches carry a mask (see `mask` below)
+    # train.mlp_chunk_tokens: the MLP's own activations (la.mlp per token) exist for one chunk of positions at a
+    # time (each chunk is recomputed in backward); its input is kept whole by the chunk checkpoints
     mlp_tokens = n_tokens
     if t.mlp_chunk_tokens and t.mlp_chunk_tokens < seq:
         mlp_tokens = mbs * t.mlp_chunk_tokens
-        layer_acts -= 4 * shape.intermediate * elem * (n_tokens - mlp_tokens)
+    whole = (la.layer_input + la.attention) * n_tokens
+    if mlp_tokens < n_tokens:
+        whole += la.mlp_input * n_tokens
     # the 4D mask of a batch (bool for sdpa, fp32 for eager) lives for the whole step; SDPA converts a
     # boolean mask to the compute dtype on every call (a transient of the same shape)
     mask = 0 if attn == "flash_attention_2" else mbs * seq * seq * (1 if attn == "sdpa" else 4)
     mask_transient = 0 if attn == "flash_attention_2" else mbs * seq * seq * elem
+    rope = 2 * n_tokens * shape.head_dim * elem  # cos / sin, shared by every layer
     if recipe.model.gradient_checkpointing:
-        kept = shape.n_layers * n_tokens * shape.hidden * elem  # each layer keeps only its input
+        kept = shape.n_layers * n_tokens * H * elem  # each layer keeps only its input
         if offloaded_layers(recipe, device, shape):  # in host memory but the one being copied and the one prefetched
-            kept = min(2, shape.n_layers) * n_tokens * shape.hidden * elem
-        recompute = layer_acts
+            kept = min(2, shape.n_layers) * n_tokens * H * elem
+        recompute = whole - la.layer_input * n_tokens + la.mlp * mlp_tokens  # its input is among the kept
     else:
-        kept = shape.n_layers * (layer_acts - 4 * shape.intermediate * elem * mlp_tokens)
-        recompute = 4 * shape.intermediate * elem * mlp_tokens  # only one chunk: the rest is recomputed
-        if mlp_tokens == n_tokens:
-            kept, recompute = shape.n_layers * layer_acts, 0
-    # final norm input + output, embeddings output (kept by layer 0's norm is already counted)
-    kept += 2 * n_tokens * shape.hidden * elem + mask
-    grad_hidden = n_tokens * shape.hidden * 4
-    widest = max(shape.intermediate, shape.hidden)
-    backward_temps = shape.largest_linear * (4 + elem) + 4 * n_tokens * widest * elem + mask_transient
-    if mlp_tokens < n_tokens:  # the MLP-width gradients of one chunk, the hidden-width ones of every token
-        backward_temps += 4 * (max(mlp_tokens * widest, n_tokens * shape.hidden) - n_tokens * widest) * elem
+        kept = shape.n_layers * (whole + (la.mlp * n_tokens if mlp_tokens == n_tokens else 0))
+        recompute = la.mlp * mlp_tokens if mlp_tokens < n_tokens else 0  # one MLP chunk, recomputed in backward
+    kept += mask + rope
+    # final norm input + output, embeddings output (kept by layer 0's norm is already counted): forward only
+    head_inputs = 2 * n_tokens * H * elem
+    widest = max(shape.intermediate, H)
+    hidden_grads = 4 * n_tokens * H * elem
+    if elem < 4 and not (kernel and t.fused_norm):
+        # transformers' RMSNorm backward in 16 bits runs in fp32: 20 bytes per element beyond its saved fp32 copy
+        # and incoming gradient at its peak, its result included (CPU, torch 2.13: the memory timeline of
+        # torch.profiler over one bf16 LlamaRMSNorm backward), + the incoming gradient
+        hidden_grads = n_tokens * H * (EAGER_NORM_BACKWARD_BYTES + elem)
+    if mlp_tokens == n_tokens:
+        hidden_grads = max(hidden_grads, 4 * n_tokens * widest * elem)
+    else:  # the MLP-width gradients of one chunk
+        hidden_grads = max(hidden_grads, 4 * mlp_tokens * widest * elem)
+    if attn != "eager":  # dq, dk, dv expanded to every head, flash's fp32 dq accumulator, the output's gradient
+        q_w, kv_w = shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
+        hidden_grads = max(hidden_grads, n_tokens * (q_w * (4 + 4 * elem) + 2 * kv_w * elem))
+    backward_temps = shape.largest_linear * (4 + elem) + hidden_grads + mask_transient
+    grad_stream = n_tokens * H * elem
     if recipe.kernels == "off":  # whole fp32 logits, their log-softmax and their gradient: alive into backward
         loss_fwd = 3 * n_tokens * shape.vocab * 4 + (n_tokens * shape.vocab * elem if elem != 4 else 0)
-        loss_bwd = loss_fwd
+        loss_bwd = loss_fwd + n_tokens * H * elem
     else:  # fused: one chunk of fp32 logits (+ softmax, grad) and the hidden-state gradient made in forward
-        rows = default_chunk_rows(n_tokens, shape.hidden, shape.vocab, gpu=device == "cuda")
-        loss_fwd = 3 * rows * shape.vocab * 4 + grad_hidden
-        loss_bwd = grad_hidden
-    fwd_peak = loss_fwd + mask_transient
-    bwd_peak = loss_bwd + recompute + backward_temps
-    if fwd_peak >= bwd_peak:
-        loss_head, temporary = loss_fwd, mask_transient
-    else:
-        loss_head, temporary = loss_bwd, recompute + backward_temps
+        rows = default_chunk_rows(n_tokens, H, shape.vocab, gpu=device == "cuda")
+        loss_fwd = 3 * rows * shape.vocab * 4 + n_tokens * H * 4
+        loss_bwd = n_tokens * H * (4 + 4 + elem)  # saved fp32 gradient, x grad_output, cast to the compute dtype
+    moments = [  # (activations, loss_head, temporary)
+        (kept + head_inputs, loss_fwd, mask_transient),
+        (kept + head_inputs, loss_bwd, 0),
+        (kept, grad_stream, recompute + backward_temps),
+    ]
+    activations, loss_head, temporary = max(moments, key=sum)
     optimizer = shape.lora_params * OPTIMIZER_BYTES_PER_PARAM[t.optimizer]
     if device == "cpu":
         # torch's foreach AdamW step allocates param-sized intermediates (after backward: never at the
@@ -273,7 +295,7 @@ def _components(recipe: Any, shape: ModelShape, *, device: str, elem: int, mbs: 
         "adapters": lora_bytes,
         "gradients": lora_bytes,
         "optimizer_state": optimizer,
-        "activations": kept,
+        "activations": activations,
         "loss_head": loss_head,
         "temporary_buffers": temporary,
     }

@@ -8,7 +8,13 @@ import pytest
 import torch
 from helpers import tiny_recipe_dict
 
-from peftlab.engine.model_shape import activation_bytes_per_token, model_shape, quantized_bytes
+from peftlab.engine.model_shape import (
+    ModelShape,
+    activation_bytes_per_token,
+    layer_activations,
+    model_shape,
+    quantized_bytes,
+)
 from peftlab.model.load import build_model
 from peftlab.recipe.parse import recipe_from_dict
 
@@ -90,3 +96,65 @@ def test_frozen_16bit_embeddings_and_head_count_two_bytes_on_cpu(tmp_path, micro
     assert model_shape(r, device="cuda").base_weight_bytes == model_shape(off, device="cuda").base_weight_bytes
     (ckpt / "config.json").write_text(json.dumps({**cfg, "dtype": "float32"}))  # fp32 values: stay fp32
     assert model_shape(r, device="cpu").base_weight_bytes == model_shape(off, device="cpu").base_weight_bytes
+
+
+def _saved_bytes_per_token(layer, x, cos, sin, mask, skip: set[int]) -> float:
+    """Every storage autograd saves while ``layer`` runs forward (each counted once, the parameters, cos/sin and
+    the input left out), per token."""
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x, attention_mask=mask, position_embeddings=(cos, sin), position_ids=torch.arange(x.shape[1])[None])
+    return sum(saved.values()) / x.shape[1]
+
+
+@pytest.mark.parametrize("dtype, attn, masked, dropout, kernel, fused_norm", [
+    ("float32", "sdpa", False, 0.0, False, False),
+    ("float32", "eager", True, 0.05, False, False),
+    ("bfloat16", "sdpa", False, 0.0, False, False),
+    ("bfloat16", "sdpa", True, 0.05, False, False),
+    ("bfloat16", "sdpa", False, 0.05, True, True),
+    ("bfloat16", "sdpa", True, 0.0, True, False),
+    ("bfloat16", "eager", True, 0.05, True, False),
+], ids=["fp32-torch", "fp32-eager-dropout", "bf16-torch", "bf16-torch-dropout-masked", "bf16-kernel-dropout-fusednorm",
+        "bf16-kernel-masked", "bf16-kernel-eager-dropout"])
+def test_layer_activations_are_exactly_what_autograd_saves(dtype, attn, masked, dropout, kernel, fused_norm):
+    """One Llama decoder layer with LoRA on every linear, on each path the planner tells apart: the PyTorch path
+    (fp32 copies of 16-bit LoRA inputs, dropout's dropped copy + mask), the kernel path (``fused_lora_linear`` and
+    the fused RMSNorm, Triton interpreter: the input itself, a 1-byte mask), transformers' 16-bit RMSNorm (an fp32
+    copy), SDPA with a mask (k / v repeated to every head), eager attention: predicted bytes == saved bytes."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peftlab.adapters.lora_inject import inject_lora
+    from peftlab.model.fused_norm import apply_fused_norm
+
+    torch.manual_seed(0)
+    H, inter, heads, kv, r, T = 64, 160, 4, 2, 4, 16
+    dt = getattr(torch, dtype)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=H, intermediate_size=inter, num_hidden_layers=1,
+                      num_attention_heads=heads, num_key_value_heads=kv, attn_implementation=attn)
+    model = LlamaForCausalLM(cfg).to(dt)
+    model.requires_grad_(False)
+    backend = "triton" if kernel else "torch"
+    inject_lora(model, r=r, alpha=8, dropout=dropout, kernel_backend=backend)
+    if fused_norm:
+        apply_fused_norm(model, backend=backend)
+    model.train()
+    x = torch.randn(1, T, H, dtype=dt, requires_grad=True)
+    cos, sin = model.model.rotary_emb(x, torch.arange(T)[None])
+    mask = torch.ones(T, T, dtype=torch.bool).tril()[None, None] if masked else None
+    if masked and attn == "eager":
+        mask = torch.zeros(1, 1, T, T, dtype=dt).masked_fill(~mask, torch.finfo(dt).min)
+    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), cos, sin, x]}
+    measured = _saved_bytes_per_token(model.model.layers[0], x, cos, sin, mask, skip)
+    widths = {f"self_attn.{p}_proj": H for p in "qkvo"} | {"mlp.gate_proj": H, "mlp.up_proj": H, "mlp.down_proj": inter}
+    shape = ModelShape("llama", 1, H, inter, heads, kv, H // heads, 300, 0, 0, 0, 0, 0, widths, r)
+    la = layer_activations(shape, elem=dt.itemsize, seq_len=T, attn=attn, dropout=dropout, kernel=kernel,
+                           fused_norm=fused_norm, sdpa_mask=masked)
+    assert la.total - la.layer_input == measured, (la, measured)  # the input is the caller's, left out above

@@ -181,3 +181,70 @@ def test_max_context_is_the_longest_length_that_fits(tmp_path, capsys):
         f"longest context that fits 0.59 GiB (predicted, micro_batch_size=1): {n} tokens")
     assert main(["estimate", str(path), "--max-context"]) == 2
     assert "--max-context needs a budget: --gpu-memory 24GB" in capsys.readouterr().err
+
+
+def _long_context(tmp_path, *, dropout=0.05, **train):
+    raw = _raw(tmp_path, model={"gradient_checkpointing": True, "attn_implementation": "flash_attention_2"},
+               adapter={"dropout": dropout})
+    raw["train"].update(offload_activations=True, mlp_chunk_tokens=1024, **train)
+    r = recipe_from_dict(raw)
+    import torch
+
+    shape = dataclasses.replace(model_shape(r, torch.bfloat16, device="cuda"), n_layers=8)
+    return r, shape
+
+
+def test_layer_backward_moment_holds_the_stream_gradient_in_the_compute_dtype(tmp_path):
+    """At a long context the peak is a decoder layer's backward. The fused loss's fp32 hidden-state gradient is
+    freed by then (its backward hands the compute-dtype gradient on), so the loss head's share is the residual
+    stream's bf16 gradient; the layers keep the two inputs in flight and RoPE's cos / sin."""
+    r, shape = _long_context(tmp_path)
+    n = 16384
+    est = estimate(r, device="cuda", baseline=0, shape=shape, micro_batch_size=1, seq_len=n)
+    assert est.components["loss_head"] == n * shape.hidden * 2
+    assert est.components["activations"] == 2 * n * shape.hidden * 2 + 2 * n * shape.head_dim * 2
+
+
+def test_lora_dropout_on_the_kernel_path_costs_its_one_byte_masks(tmp_path):
+    """fused_lora_linear keeps a bool keep-mask per input element of each adapted layer, never a dropped copy
+    (tests/engine/test_model_shape.py checks that against autograd); the MLP's masks exist for one chunk."""
+    n, chunk = 16384, 1024
+    r0, shape = _long_context(tmp_path, dropout=0.0)
+    r1, _ = _long_context(tmp_path, dropout=0.05)
+    kw = {"device": "cuda", "baseline": 0, "shape": shape, "micro_batch_size": 1, "seq_len": n}
+    widths = shape.lora_modules_per_layer
+    attn_side = sum(w for k, w in widths.items() if "mlp" not in k)
+    mlp_side = sum(w for k, w in widths.items() if "mlp" in k)
+    diff = estimate(r1, **kw).components["temporary_buffers"] - estimate(r0, **kw).components["temporary_buffers"]
+    assert diff == n * attn_side + chunk * mlp_side
+
+
+def test_fused_norm_and_kernels_off_change_the_recomputed_layer_by_what_they_keep(tmp_path):
+    """transformers' 16-bit RMSNorm keeps an fp32 copy of its input (the fused norm: the input itself) and its
+    backward runs in fp32; kernels: off takes the PyTorch LoRA path (an fp32 copy of each adapted layer's input,
+    dropout's dropped copy + mask): the planner's totals order accordingly at a long context."""
+    n = 16384
+    kw = {"device": "cuda", "baseline": 0, "micro_batch_size": 1, "seq_len": n}
+    eager, shape = _long_context(tmp_path)
+    fused, _ = _long_context(tmp_path, fused_norm=True)
+    off, _ = _long_context(tmp_path)
+    off.kernels = "off"
+    totals = {k: estimate(rec, shape=shape, **kw).total for k, rec in (("eager", eager), ("fused", fused),
+                                                                          ("off", off))}
+    assert totals["fused"] < totals["eager"] < totals["off"]
+    assert totals["eager"] - totals["fused"] >= n * shape.hidden * (2 * 4 - 2)  # two fp32 copies vs h_mid
+
+
+def test_8b_qlora_long_context_prediction(shared_data, tmp_path):
+    """The issue-18 goal as the planner sees it: Llama-3.1-8B QLoRA (the shipped recipe) with offloaded layer
+    inputs, the chunked MLP, flash attention and the fused norm on a 24 GB card: predicted >= 80,000 tokens
+    (a prediction; bench/gpu_check.sh measures it on a GPU)."""
+    from peftlab.engine.planner import max_context
+    from peftlab.recipe.parse import load_recipe
+
+    r = load_recipe(REPO / "recipes" / "llama-3.1-8b-qlora.yaml", overrides=[
+        f"model.name={shared_data / 'configs' / 'llama-3.1-8b'}",
+        f"model.tokenizer={shared_data / 'tokenizers' / 'llama3-8b-instruct'}",
+        "train.offload_activations=true", "train.mlp_chunk_tokens=4096", "model.attn_implementation=flash_attention_2",
+        "train.fused_norm=true"])
+    assert max_context(r, parse_size("24GB"), device="cuda") >= 80_000
