@@ -167,7 +167,8 @@ def kernel_path(kernels: str, device: str) -> bool:
 
 def layer_activations(shape: ModelShape, *, elem: int, seq_len: int, attn: str, dropout: float,
                       kernel: bool = False, fused_norm: bool = False, fused_blocks: bool = False,
-                      device: str = "cpu", sdpa_mask: bool = True) -> LayerActivations:
+                      device: str = "cpu", sdpa_mask: bool = True, lean: bool = False,
+                      mlp_chunked: bool = False) -> LayerActivations:
     """What autograd keeps per token for one decoder layer of a (Q)LoRA step (Llama-family layout), by path.
 
     Counted from what each op saves (and checked against ``saved_tensors_hooks`` in tests/engine/
@@ -186,6 +187,10 @@ def layer_activations(shape: ModelShape, *, elem: int, seq_len: int, attn: str, 
       output's contiguous copy when o_proj's LoRA keeps its input as it is.
     * MLP: gate, silu(gate), up (and their product when down_proj's LoRA keeps its input as is); the fused
       block keeps only gate and up.
+    * ``lean``: the recompute of an offloaded layer (``peftlab.model.long_context.LeanSaved``) keeps the kernel
+      path's dropout masks as RNG states, the norms' outputs as their inputs (recomputed) and a 16-bit norm's fp32
+      copy as the 16-bit input; the MLP's own (``mlp_chunked``: its chunk checkpoints keep them as autograd
+      would, per chunk).
     """
     H, inter, r = shape.hidden, shape.intermediate, shape.lora_r
     q_w, kv_w = shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
@@ -244,6 +249,16 @@ def layer_activations(shape: ModelShape, *, elem: int, seq_len: int, attn: str, 
         attention += H * elem
     else:
         mlp_input = H * elem
+    if lean:
+        if kernel and drop:  # keep-masks redrawn from the RNG
+            attention -= sum(attn_mods.values())
+            mlp -= 0 if mlp_chunked else sum(mlp_mods.values())
+        if keeps_input and qkv:  # the first norm's output, recomputed from the layer input
+            attention -= H * elem
+        if keeps_input and gate_up and not mlp_chunked:  # the second's, from the residual (kept below or above)
+            attention -= H * elem
+        if elem < 4 and not (kernel and fused_norm):  # fp32 copies -> the 16-bit inputs (the residual kept)
+            attention -= 2 * 4 * H - H * elem
     return LayerActivations(layer_input, attention, mlp_input, mlp)
 
 

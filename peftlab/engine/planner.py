@@ -228,14 +228,17 @@ def _components(recipe: Any, shape: ModelShape, *, device: str, elem: int, mbs: 
     fused_blocks = bool(t.fused_blocks) and kernel and recipe.adapter.dropout == 0
     # CPU SDPA with peftlab's boolean padding / packing mask takes torch's flash kernel (torch >= 2.3;
     # checked with torch._fused_sdp_choice): like CUDA SDPA it keeps no attention probabilities
-    la = layer_activations(shape, elem=elem, seq_len=seq, attn=attn, dropout=recipe.adapter.dropout,
-                           kernel=kernel, fused_norm=bool(t.fused_norm), fused_blocks=fused_blocks, device=device,
-                           sdpa_mask=True)  # peftlab's batches carry a mask (see `mask` below)
     # train.mlp_chunk_tokens: the MLP's own activations (la.mlp per token) exist for one chunk of positions at a
     # time (each chunk is recomputed in backward); its input is kept whole by the chunk checkpoints
     mlp_tokens = n_tokens
     if t.mlp_chunk_tokens and t.mlp_chunk_tokens < seq:
         mlp_tokens = mbs * t.mlp_chunk_tokens
+    # train.offload_activations recomputes each layer keeping less (long_context.LeanSaved), on any device
+    lean = bool(t.offload_activations and recipe.model.gradient_checkpointing)
+    la = layer_activations(shape, elem=elem, seq_len=seq, attn=attn, dropout=recipe.adapter.dropout,
+                           kernel=kernel, fused_norm=bool(t.fused_norm), fused_blocks=fused_blocks, device=device,
+                           sdpa_mask=True,  # peftlab's batches carry a mask (see `mask` below)
+                           lean=lean, mlp_chunked=mlp_tokens < n_tokens)
     whole = (la.layer_input + la.attention) * n_tokens
     if mlp_tokens < n_tokens:
         whole += la.mlp_input * n_tokens
@@ -262,6 +265,8 @@ def _components(recipe: Any, shape: ModelShape, *, device: str, elem: int, mbs: 
         # and incoming gradient at its peak, its result included (CPU, torch 2.13: the memory timeline of
         # torch.profiler over one bf16 LlamaRMSNorm backward), + the incoming gradient
         hidden_grads = n_tokens * H * (EAGER_NORM_BACKWARD_BYTES + elem)
+        if lean:  # its fp32 copy was kept as the 16-bit input: the backward makes it again
+            hidden_grads += n_tokens * H * 4
     if mlp_tokens == n_tokens:
         hidden_grads = max(hidden_grads, 4 * n_tokens * widest * elem)
     else:  # the MLP-width gradients of one chunk

@@ -76,6 +76,7 @@ class ActivationOffloader:
         self._pending: list[weakref.ref[_Saved]] = []
         self.pool: list[Tensor] = []      # pinned buffers, one per slot
         self._stream: Any = None
+        self.lean: LeanSaved | None = None  # what the recompute keeps less of (apply_activation_offload sets it)
 
     def _side_stream(self, device: torch.device):
         if self._stream is None:
@@ -163,7 +164,7 @@ class _OffloadedLayer(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x = ctx.offloader.fetch(ctx.saved).detach().requires_grad_(ctx.x_requires_grad)
-        with torch.enable_grad(), _restored_rng(x.device, ctx.rng):
+        with torch.enable_grad(), _restored_rng(x.device, ctx.rng), LeanSaved.active(ctx.offloader.lean):
             out = ctx.run(x)
         ctx.offloader.release(ctx.saved)
         release_storage(out)
@@ -247,12 +248,185 @@ def apply_activation_offload(model: nn.Module) -> int:
         raise PeftlabError("train.offload_activations=true: the model has no gradient-checkpointed decoder "
                            "layers; set model.gradient_checkpointing: true (or train.offload_activations: false)")
     offloader = ActivationOffloader()
+    offloader.lean = LeanSaved(layers)
     fn = OffloadedCheckpoint(offloader)
     for layer in layers:
         layer._gradient_checkpointing_func = fn
     logger.info("train.offload_activations: the checkpointed inputs of %d decoder layers go to host memory",
                 len(layers))
     return len(layers)
+
+
+# ---- what the recompute keeps: less than autograd would -----------------------------------------------------------
+
+
+class LeanSaved:
+    """``saved_tensors_hooks`` for the recompute of an offloaded layer: three kinds of saved tensors are kept as a
+    way to remake them, exactly, when backward needs them, instead of as tensors (the recomputed layer is what
+    fills the card at long context, so each is tokens x width off the peak):
+
+    * a LoRA dropout keep-mask (bool, one byte per input element of each adapted layer) → the RNG state it was
+      drawn from: redrawn in backward (``fused_lora_linear`` draws it with ``bernoulli_`` as the layer's first use
+      of the RNG; each replacement is checked against the real mask when made, and a mismatch keeps the mask);
+    * an RMSNorm's output (the normed input that q/k/v — or, without MLP chunks, gate/up — keep) → the norm and its
+      input, which stays alive anyway: recomputed in backward (the same op on the same input);
+    * transformers' 16-bit RMSNorm's fp32 copy of its input (``x.to(float32)``, 4 bytes per element) → the
+      16-bit input itself, upcast in backward (exact).
+
+    Hooks on the layer's norm and LoRA modules (per instance) tell the pack hook which module is running; they do
+    nothing outside the recompute."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        from peftlab.adapters.lora_layer import LoraLinear
+
+        self.on = False
+        # output storage -> (norm, its input, the output itself, weakly: a storage freed and reused is no match)
+        self.norm_outputs: dict[int, tuple[nn.Module, Tensor, weakref.ref[Tensor]]] = {}
+        self.norm_input: Tensor | None = None       # the input of the norm running now
+        self.lora: tuple[nn.Module, tuple[Tensor, Tensor | None], torch.Size] | None = None
+        self.mask_mismatch_logged = False
+        # bytes kept as a way to remake them instead, each storage once (for tests and logs)
+        self.kept: dict[str, int] = {"mask": 0, "norm_output": 0, "upcast": 0}
+        self._counted: set[Any] = set()
+        for layer in layers:
+            for child in layer.modules():
+                if type(child).__name__.endswith("RMSNorm"):
+                    child.register_forward_pre_hook(self._norm_enter)
+                    child.register_forward_hook(self._norm_exit)
+                elif isinstance(child, LoraLinear):
+                    child.register_forward_pre_hook(self._lora_enter)
+                    child.register_forward_hook(self._lora_exit)
+
+    @staticmethod
+    def active(lean: LeanSaved | None):
+        """The hooks, for one recompute (a no-op context without ``lean``)."""
+        if lean is None:
+            return torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+        return lean._session()
+
+    def _session(self):
+        lean = self
+
+        class _Session(torch.autograd.graph.saved_tensors_hooks):
+            def __init__(self) -> None:
+                super().__init__(lean._pack, lean._unpack)
+
+            def __enter__(self) -> None:
+                lean.on, lean.norm_outputs, lean._counted = True, {}, set()
+                super().__enter__()
+
+            def __exit__(self, *exc: object) -> None:
+                super().__exit__(*exc)
+                lean.on, lean.norm_outputs, lean.norm_input, lean.lora, lean._counted = False, {}, None, None, set()
+
+        return _Session()
+
+    # module hooks
+    def _norm_enter(self, module: nn.Module, args: tuple) -> None:
+        if self.on and args and isinstance(args[0], Tensor):
+            self.norm_input = args[0]
+
+    def _norm_exit(self, module: nn.Module, args: tuple, out: Any) -> None:
+        if self.on and isinstance(out, Tensor) and self.norm_input is not None:
+            self.norm_outputs[out.untyped_storage().data_ptr()] = (module, self.norm_input, weakref.ref(out),
+                                                                   out._version)
+        self.norm_input = None
+
+    def _lora_enter(self, module: nn.Module, args: tuple) -> None:
+        drop = getattr(module, "lora_dropout", None)
+        if not (self.on and module.training and isinstance(drop, nn.Dropout) and drop.p > 0 and args):
+            return
+        # fused_lora_linear draws a bool mask (the layer's rule: auto = CUDA inputs, or triton); the PyTorch path's
+        # nn.Dropout keeps its own mask, which is left alone
+        backend, x = module.kernel_backend, args[0]
+        if not module.use_dora and (backend == "triton" or (backend == "auto" and x.is_cuda)):
+            self.lora = (module, _rng_state(x.device), x.shape)
+
+    def _lora_exit(self, module: nn.Module, args: tuple, out: Any) -> None:
+        self.lora = None
+
+    # saved-tensor hooks
+    def _pack(self, t: Tensor) -> Any:
+        if not self.on:
+            return t
+        if t.dtype == torch.bool and self.lora is not None:
+            return self._pack_mask(t)
+        hit = self.norm_outputs.get(t.untyped_storage().data_ptr())
+        # the output itself or a view of it, not changed in place since the norm made it (in-place RoPE on a
+        # normed q would be): a recompute gives exactly the saved values
+        if hit is not None and hit[2]() is not None and t.dtype == hit[2]().dtype and t._version == hit[3]:
+            self._count("norm_output", id(hit), t)
+            return ("norm", hit[0], hit[1], hit[1]._version, t.shape, t.stride(), t.storage_offset())
+        x = self.norm_input
+        if (x is not None and t.dtype == torch.float32 and x.dtype != torch.float32 and t.shape == x.shape
+                and _is_cast_of(t, x)):
+            self._count("upcast", ("upcast", id(x)), t)
+            return ("upcast", x, x._version)
+        return t
+
+    def _count(self, kind: str, key: Any, t: Tensor) -> None:
+        """Each tensor once though several ops save it (q/k/v's input; the fp32 copy for pow and mul): ``key`` is
+        the norm call that made it (a storage address is no key: a freed one is reused at once)."""
+        if key not in self._counted:
+            self._counted.add(key)
+            self.kept[kind] += t.untyped_storage().nbytes()
+
+    def _pack_mask(self, t: Tensor) -> Any:
+        module, rng, shape = self.lora
+        if t.numel() != shape.numel() or t.shape[-1] != shape[-1]:
+            return t
+        p = float(module.lora_dropout.p)
+        if not torch.equal(_redraw(t.device, rng, shape, p).reshape(t.shape), t):
+            if not self.mask_mismatch_logged:
+                logger.warning("train.offload_activations: a LoRA dropout mask could not be redrawn from its RNG "
+                               "state; the masks stay in memory (correct, more memory)")
+                self.mask_mismatch_logged = True
+            return t
+        self.kept["mask"] += t.untyped_storage().nbytes()  # one tensor per layer call
+        return ("mask", t.device, rng, shape, p, t.shape)
+
+    def _unpack(self, packed: Any) -> Tensor:
+        if isinstance(packed, Tensor):
+            return packed
+        kind = packed[0]
+        if kind == "mask":
+            _, device, rng, shape, p, view = packed
+            return _redraw(device, rng, shape, p).reshape(view)
+        if kind == "upcast":
+            _check_unchanged(packed[1], packed[2])
+            return packed[1].float()
+        _, norm, x, version, shape, stride, offset = packed
+        _check_unchanged(x, version)
+        was, self.on = self.on, False  # the norm's own hooks stay quiet
+        try:
+            with torch.no_grad():
+                y = norm(x)
+        finally:
+            self.on = was
+        return y.as_strided(shape, stride, offset)
+
+
+def _check_unchanged(x: Tensor, version: int) -> None:
+    if x._version != version:  # what autograd does for a saved tensor changed in place: never a silent wrong gradient
+        raise RuntimeError("train.offload_activations: a norm input kept to remake a saved tensor was changed in "
+                           "place before backward; set train.offload_activations: false for this model")
+
+
+def _is_cast_of(t: Tensor, x: Tensor) -> bool:
+    """``t`` is ``x.to(float32)``: made by a dtype copy whose input is ``x`` itself."""
+    node = t.grad_fn
+    if node is None or type(node).__name__ != "ToCopyBackward0" or not node.next_functions:
+        return False
+    src = node.next_functions[0][0]
+    if x.grad_fn is not None:
+        return src is x.grad_fn
+    return src is not None and getattr(src, "variable", None) is x
+
+
+def _redraw(device: torch.device, rng: tuple[Tensor, Tensor | None], shape: torch.Size, p: float) -> Tensor:
+    """The keep-mask ``fused_lora_linear`` drew from RNG state ``rng`` (its ``resolve_dropout_mask``)."""
+    with _restored_rng(device, rng):
+        return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - p)
 
 
 # ---- MLP chunked over the sequence ------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from peftlab.adapters.lora_inject import inject_lora, lora_modules
@@ -160,3 +161,101 @@ def test_release_storage_keeps_what_autograd_saved_or_shares():
     leaf = torch.randn(2)
     release_storage(leaf)
     assert leaf.untyped_storage().nbytes() == 8
+
+
+def _bf16_kernel_model(dropout: float) -> LlamaForCausalLM:
+    """A tiny bf16 Llama on the kernel path (fused_lora_linear under the Triton interpreter), transformers' RMSNorm,
+    gradient checkpointing, the layer inputs offloaded."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.requires_grad_(False)
+    inject_lora(model, r=4, alpha=8, dropout=dropout, kernel_backend="triton")
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.normal_(0, 0.05)
+    model.config.use_cache = False
+    enable_gradient_checkpointing(model)
+    apply_activation_offload(model)
+    return model.train()
+
+
+def test_lean_recompute_keeps_less_with_the_same_gradients():
+    """The offloaded layer's recompute keeps the dropout keep-masks as RNG states, the first norm's output as the
+    norm's input, and transformers' bf16 RMSNorm's fp32 copies as the bf16 inputs: loss and every LoRA gradient
+    are bit-identical to the same run keeping the tensors, and the bytes not kept are the masks, one normed input
+    per layer (the MLP's too, unchunked) and both norms' fp32 copies."""
+    plain = _bf16_kernel_model(0.1)
+    plain.model.layers[0]._gradient_checkpointing_func.offloader.lean = None
+    ref_loss, ref_grads = loss_and_grads(plain)
+    model = _bf16_kernel_model(0.1)
+    lean = model.model.layers[0]._gradient_checkpointing_func.offloader.lean
+    loss, grads = loss_and_grads(model)
+    assert torch.equal(loss, ref_loss)
+    for name, g in grads.items():
+        assert torch.equal(g, ref_grads[name]), name
+    tokens, layers, hidden, inter = 2 * 11, 2, 32, 64
+    widths = 6 * hidden + inter  # q, k, v, o, gate, up: hidden wide; down: intermediate
+    assert lean.kept == {"mask": layers * tokens * widths, "norm_output": layers * 2 * tokens * hidden * 2,
+                         "upcast": layers * 2 * tokens * hidden * 4}
+    assert not lean.on and lean.norm_outputs == {}
+
+
+def test_lean_recompute_bytes_are_what_the_planner_counts():
+    """Every tensor the lean recompute still keeps (unique storages, parameters and RoPE's cos/sin left out, and
+    the layer input, which the offloader holds) against layer_activations(lean=True)."""
+    from peftlab.engine.model_shape import ModelShape, layer_activations
+
+    model = _bf16_kernel_model(0.1)
+    lean = model.model.layers[0]._gradient_checkpointing_func.offloader.lean
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+    held = []  # no storage is freed and its address reused during the count
+    pack = lean._pack
+
+    def counting_pack(t):
+        out = pack(t)
+        rope = t.shape[-1] == 8 and t.numel() == 11 * 8  # cos / sin (one row of positions): the model's, every layer
+        if isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() not in params and not rope:
+            kept[out.untyped_storage().data_ptr()] = out.untyped_storage().nbytes()
+            held.append(out)
+        return out
+
+    lean._pack = counting_pack
+    loss_and_grads(model)
+    tokens, hidden = 2 * 11, 32
+    widths = {f"self_attn.{p}_proj": hidden for p in "qkvo"} | {"mlp.gate_proj": hidden, "mlp.up_proj": hidden,
+                                                                 "mlp.down_proj": 64}
+    shape = ModelShape("llama", 2, hidden, 64, 4, 2, 8, 300, 0, 0, 0, 0, 0, widths, 4)
+    la = layer_activations(shape, elem=2, seq_len=11, attn="sdpa", dropout=0.1, kernel=True, lean=True)
+    # the residual (the second norm's input) is kept by its fp32 copy's handle, not as a saved tensor
+    per_layer = (la.attention + la.mlp - hidden * 2) * tokens
+    assert sum(kept.values()) == 2 * per_layer, (sum(kept.values()), 2 * per_layer)
+
+
+def test_lean_keeps_a_norm_output_changed_in_place():
+    """A norm output modified in place before it is saved (in-place RoPE on a normed q would be) is kept as it is:
+    recomputing the norm would give the values before the change."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from peftlab.model.long_context import LeanSaved
+
+    holder = nn.Module()
+    holder.norm = LlamaRMSNorm(8)
+    lean = LeanSaved([holder])
+    x = torch.randn(3, 8, requires_grad=True)
+    w = torch.randn(3, 8, requires_grad=True)
+
+    def run(session):
+        with session:
+            y = holder.norm(x)
+            y.mul_(2.0)
+            (y * w).sum().backward()
+        grads = x.grad.clone(), w.grad.clone()
+        x.grad = w.grad = None
+        return grads
+
+    ref = run(LeanSaved.active(None))
+    assert all(torch.equal(a, b) for a, b in zip(run(LeanSaved.active(lean)), ref))
+    assert lean.kept["norm_output"] == 0
