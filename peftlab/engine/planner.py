@@ -363,6 +363,12 @@ def estimate(recipe: Any, *, device_memory: int | None = None, gpus: int = 1, de
         host = offloaded_layers(recipe, device, shape) * mbs * seq * shape.hidden * elem
         est.notes.append(f"train.offload_activations: {fmt(host)} of checkpointed layer inputs in pinned host memory "
                          "(not counted above)")
+    if kernel_path(recipe.kernels, device) and not recipe.train.fused_norm and elem < 4:
+        fused = recipe.model_copy(deep=True)
+        fused.train.fused_norm = True
+        peak = sum(_components(fused, shape, device=device, elem=elem, mbs=mbs, seq=seq, baseline=baseline).values())
+        est.notes.append(f"train.fused_norm: true predicts {fmt(peak)}: transformers' RMSNorm keeps an fp32 copy of "
+                         "its input and runs its backward in fp32, the fused one neither")
     if recipe.train.optimizer.startswith("paged"):
         est.notes.append("paged optimizer state can be evicted to host memory under pressure: "
                          f"{fmt(comps['optimizer_state'])} of the total is pageable")

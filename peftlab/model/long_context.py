@@ -10,7 +10,10 @@ per-instance changes, both opt-in recipe keys, take the remaining long-context c
   input comes back, the layer is recomputed with autograd and back-propagated (the reentrant checkpoint scheme),
   and the *previous* layer's input is already being copied back on the side stream (prefetched one layer ahead).
   On the CPU the host buffer is the input itself (nothing to move): the same recompute path runs, so the
-  numerics are tested on any machine.
+  numerics are tested on any machine. The recompute is the largest thing on the card at long context, so it keeps
+  less than autograd would (:class:`LeanSaved`: dropout keep-masks as RNG states, norm outputs as the norm's input,
+  a 16-bit RMSNorm's fp32 copy as its 16-bit input — each remade exactly in backward) and the recomputed output is
+  freed before back-propagating through it (:func:`release_storage`).
 * ``train.mlp_chunk_tokens`` (:func:`apply_mlp_chunking`): each decoder MLP instance runs over the sequence in
   chunks of N positions, each chunk under a non-reentrant checkpoint: the ``tokens x intermediate`` gate / up /
   product activations (3.5x the hidden width for Llama) exist for one chunk at a time, in forward and in backward.

@@ -89,8 +89,11 @@ def test_out_of_memory_advice(tmp_path, monkeypatch):
     assert "quantization.mode: nf4" not in advice  # the recipe already has a 4-bit base
     assert "train.mlp_chunk_tokens: 4096" in advice
     assert "train.offload_activations" not in advice  # on the CPU offloading moves nothing
+    assert "train.fused_norm" not in advice  # on the CPU the fused norm runs transformers' ops
     ckpt = _recipe(tmp_path, model={"gradient_checkpointing": True})
     assert "train.offload_activations: true" in out_of_memory_advice(ckpt, device="cuda", budget=1)
+    assert "train.fused_norm: true (RMSNorm without its fp32 copy" in out_of_memory_advice(ckpt, device="cuda",
+                                                                                           budget=1)
     assert "train.offload_activations" not in out_of_memory_advice(
         _recipe(tmp_path, model={"gradient_checkpointing": True}, train={"offload_activations": True}),
         device="cuda", budget=1)

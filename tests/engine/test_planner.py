@@ -254,3 +254,15 @@ def test_8b_qlora_long_context_prediction(shared_data, tmp_path):
         "train.offload_activations=true", "train.mlp_chunk_tokens=4096", "model.attn_implementation=flash_attention_2",
         "train.fused_norm=true"])
     assert max_context(r, parse_size("24GB"), device="cuda") >= 80_000
+
+
+def test_estimate_names_the_fused_norm_and_what_it_predicts(tmp_path):
+    r, shape = _long_context(tmp_path)
+    kw = {"device": "cuda", "baseline": 0, "shape": shape, "micro_batch_size": 1, "seq_len": 16384}
+    est = estimate(r, **kw)
+    r.train.fused_norm = True
+    fused = estimate(r, **kw)
+    from peftlab.engine.planner import fmt
+
+    assert f"train.fused_norm: true predicts {fmt(fused.total)}" in "\n".join(est.notes) and fused.total < est.total
+    assert not any("fused_norm" in n for n in fused.notes)
