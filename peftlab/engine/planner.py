@@ -210,10 +210,10 @@ def _components(recipe: Any, shape: ModelShape, *, device: str, elem: int, mbs: 
     - a decoder layer's backward: under gradient checkpointing the layer recomputed (everything
       :func:`layer_activations` says it keeps; the MLP's gate/up activations for one chunk with
       ``train.mlp_chunk_tokens``), the residual stream's gradient (compute dtype: the loss head's fp32 buffers
-      are freed by then), and the backward temporaries: one dequantised base weight and the larger of ~4
-      hidden-width gradients (fp32 ones under transformers' 16-bit RMSNorm, whose backward runs in fp32) and
-      the attention backward's (q/k/v-sized gradients, GQA expanded to all heads, + flash's fp32 dq
-      accumulator), the attention mask in the compute dtype.
+      are freed by then), and the backward temporaries: one dequantised base weight (compute dtype) and the
+      larger of ~4 hidden-width gradients (transformers' 16-bit RMSNorm: its fp32 backward, measured) and the
+      attention backward's (q/k/v-sized gradients, GQA expanded to all heads, + flash's fp32 dq accumulator),
+      the attention mask in the compute dtype.
 
     ``activations`` is what the layers keep at the peak moment, ``loss_head`` the loss head's share (at a
     layer's backward: the residual stream's gradient), ``temporary_buffers`` the rest."""
@@ -274,7 +274,10 @@ def _components(recipe: Any, shape: ModelShape, *, device: str, elem: int, mbs: 
     if attn != "eager":  # dq, dk, dv expanded to every head, flash's fp32 dq accumulator, the output's gradient
         q_w, kv_w = shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
         hidden_grads = max(hidden_grads, n_tokens * (q_w * (4 + 4 * elem) + 2 * kv_w * elem))
-    backward_temps = shape.largest_linear * (4 + elem) + hidden_grads + mask_transient
+    # one base weight dequantised in the compute dtype at a time (fused_lora_linear, bitsandbytes); DoRA's weight
+    # norm also takes an fp32 copy
+    dequant = shape.largest_linear * (elem + (4 if recipe.adapter.dora else 0))
+    backward_temps = dequant + hidden_grads + mask_transient
     grad_stream = n_tokens * H * elem
     if recipe.kernels == "off":  # whole fp32 logits, their log-softmax and their gradient: alive into backward
         loss_fwd = 3 * n_tokens * shape.vocab * 4 + (n_tokens * shape.vocab * elem if elem != 4 else 0)
