@@ -283,9 +283,11 @@ class LeanSaved:
         from peftlab.adapters.lora_layer import LoraLinear
 
         self.on = False
-        # output storage -> (norm, its input, the output itself, weakly: a storage freed and reused is no match)
-        self.norm_outputs: dict[int, tuple[nn.Module, Tensor, weakref.ref[Tensor]]] = {}
+        # output storage -> (norm, its input, the output itself, weakly: a storage freed and reused is no match,
+        # the output's version when made, the input's version when the norm read it)
+        self.norm_outputs: dict[int, tuple[nn.Module, Tensor, weakref.ref[Tensor], int, int]] = {}
         self.norm_input: Tensor | None = None       # the input of the norm running now
+        self.norm_input_version = 0                 # its version when the norm began
         self.lora: tuple[nn.Module, tuple[Tensor, Tensor | None], torch.Size] | None = None
         self.mask_mismatch_logged = False
         # bytes kept as a way to remake them instead, each storage once (for tests and logs)
@@ -327,14 +329,14 @@ class LeanSaved:
     # module hooks
     def _norm_enter(self, module: nn.Module, args: tuple) -> None:
         if self.on and args and isinstance(args[0], Tensor):
-            self.norm_input = args[0]
+            self.norm_input, self.norm_input_version = args[0], args[0]._version
 
     def _norm_exit(self, module: nn.Module, args: tuple, out: Any) -> None:
         # an output that fills its own storage from the start: a recompute lays its values out the same way
         if (self.on and isinstance(out, Tensor) and self.norm_input is not None and out.is_contiguous()
                 and out.storage_offset() == 0 and out.untyped_storage().nbytes() == out.numel() * out.itemsize):
             self.norm_outputs[out.untyped_storage().data_ptr()] = (module, self.norm_input, weakref.ref(out),
-                                                                   out._version)
+                                                                   out._version, self.norm_input_version)
         self.norm_input = None
 
     def _lora_enter(self, module: nn.Module, args: tuple) -> None:
@@ -358,15 +360,17 @@ class LeanSaved:
             return self._pack_mask(t)
         hit = self.norm_outputs.get(t.untyped_storage().data_ptr())
         # the output itself or a view of it, not changed in place since the norm made it (in-place RoPE on a
-        # normed q would be): a recompute gives exactly the saved values
-        if hit is not None and hit[2]() is not None and t.dtype == hit[2]().dtype and t._version == hit[3]:
+        # normed q would be), nor its input since the norm read it (a recompute from a changed input would give
+        # other values, and the gradient would be wrong without an error): a recompute gives exactly the saved values
+        if (hit is not None and hit[2]() is not None and t.dtype == hit[2]().dtype and t._version == hit[3]
+                and hit[1]._version == hit[4]):
             self._count("norm_output", id(hit), t)
-            return ("norm", hit[0], hit[1], hit[1]._version, t.shape, t.stride(), t.storage_offset())
+            return ("norm", hit[0], hit[1], hit[4], t.shape, t.stride(), t.storage_offset())
         x = self.norm_input
         if (x is not None and t.dtype == torch.float32 and x.dtype != torch.float32 and t.shape == x.shape
-                and _is_cast_of(t, x)):
+                and x._version == self.norm_input_version and _is_cast_of(t, x)):
             self._count("upcast", ("upcast", id(x)), t)
-            return ("upcast", x, x._version)
+            return ("upcast", x, self.norm_input_version)
         return t
 
     def _count(self, kind: str, key: Any, t: Tensor) -> None:

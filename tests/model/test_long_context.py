@@ -259,3 +259,32 @@ def test_lean_keeps_a_norm_output_changed_in_place():
     ref = run(LeanSaved.active(None))
     assert all(torch.equal(a, b) for a, b in zip(run(LeanSaved.active(lean)), ref))
     assert lean.kept["norm_output"] == 0
+
+
+def test_lean_keeps_a_norm_output_whose_input_changed_in_place():
+    """The norm's input changed in place after the norm and before its output is saved: recomputing the norm
+    from that input would give other values and a wrong gradient without any error (the first layer's input and
+    the norm weight need no gradient, so the norm's own backward, which would notice, never runs): the output is
+    kept as it is."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from peftlab.model.long_context import LeanSaved
+
+    holder = nn.Module()
+    holder.norm = LlamaRMSNorm(8)
+    holder.norm.requires_grad_(False)
+    lean = LeanSaved([holder])
+
+    def run(session):
+        torch.manual_seed(0)
+        x = torch.randn(3, 8)
+        w = torch.randn(3, 8, requires_grad=True)
+        with session:
+            y = holder.norm(x)
+            x.add_(1.0)
+            (y * w).sum().backward()
+        return w.grad
+
+    ref = run(LeanSaved.active(None))
+    assert torch.equal(run(LeanSaved.active(lean)), ref)
+    assert lean.kept["norm_output"] == 0
