@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from peftlab.adapters.peft_format import lora_state_dict, save_adapter
+from peftlab.engine.hostmem import release_freed_memory
 from peftlab.engine.interface import StepResult
 from peftlab.engine.process_group import barrier, is_main_process
 from peftlab.errors import PeftlabError
@@ -88,6 +89,9 @@ class LocalEngine:
             self.optimizer, lr_lambda(train.scheduler, warmup_steps(train, total_steps), total_steps)
         )
         self.max_grad_norm = train.max_grad_norm
+        # train.host_allocator: auto on the CPU — the heap's free pages go back after each micro-batch's backward
+        # (peftlab/engine/hostmem.py), so one micro-batch's fragmentation is not carried into the next
+        self.release_host = device.type == "cpu" and getattr(train, "host_allocator", "default") == "auto"
 
     @property
     def lr(self) -> float:
@@ -95,6 +99,8 @@ class LocalEngine:
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
+        if self.release_host:
+            release_freed_memory()
 
     def step(self, *, skip: bool = False) -> StepResult:
         """Clip and apply the accumulated gradients — unless their norm is not finite or the caller says
