@@ -40,8 +40,13 @@ CUDA_CONTEXT_BYTES = 500 * MiB  # CUDA context + cuBLAS workspace outside the ca
 #   layer for every token, with or without gradient checkpointing, where the factor was 3.6-5.2 across
 #   a 100M Llama fp32 (1k-4k tokens), Llama-3.2-1B and Llama-3.1-8B bf16: an empirical figure fitted
 #   to those runs (4.5: within ±15% of each), not a derivation. bounded needs no such term.
+# - auto (the default: huge pages for tensors >= 2 MiB, the heap's free pages handed back after every
+#   micro-batch's backward) keeps what one micro-batch fragments: fitted the same way to the ~40M Llama of
+#   tests/engine/test_planner.py (with and without checkpointing: 4.0 and 3.2) and bench/vs_peers.py's 155M
+#   model (3.1): 3.5.
 CPU_ALLOCATOR_SLACK = 0.05
 CPU_HEAP_RETENTION = 4.5
+CPU_HEAP_RETENTION_AUTO = 3.5
 EAGER_NORM_BACKWARD_BYTES = 20  # per element: transformers' 16-bit RMSNorm backward (fp32 math), measured
 
 
@@ -217,7 +222,12 @@ def _components(recipe: Any, shape: ModelShape, *, device: str, elem: int, mbs: 
 
     ``activations`` is what the layers keep at the peak moment, ``loss_head`` the loss head's share (at a
     layer's backward: the residual stream's gradient), ``temporary_buffers`` the rest."""
-    from peftlab.kernels.fused_linear_cross_entropy import default_chunk_rows
+    from peftlab.kernels.fused_linear_cross_entropy import (
+        ONLINE_MIN_SLICE,
+        ONLINE_ROWS,
+        ONLINE_SLICE_BYTES,
+        default_chunk_rows,
+    )
 
     t = recipe.train
     n_tokens = mbs * seq
@@ -282,6 +292,12 @@ def _components(recipe: Any, shape: ModelShape, *, device: str, elem: int, mbs: 
     if recipe.kernels == "off":  # whole fp32 logits, their log-softmax and their gradient: alive into backward
         loss_fwd = 3 * n_tokens * shape.vocab * 4 + (n_tokens * shape.vocab * elem if elem != 4 else 0)
         loss_bwd = loss_fwd + n_tokens * H * elem
+    elif shape.head_16bit and device == "cpu":  # fused, online over a 16-bit head (torch_ce_online): one block's
+        # logits slice (exp'd in place), the slice of the head upcast, the hidden-state gradient made in forward
+        rows = min(n_tokens, ONLINE_ROWS)
+        width = min(shape.vocab, max(ONLINE_MIN_SLICE, ONLINE_SLICE_BYTES // (rows * 4)))
+        loss_fwd = rows * width * 4 + width * H * 4 + n_tokens * H * 4
+        loss_bwd = n_tokens * H * (4 + 4 + elem)
     else:  # fused: one chunk of fp32 logits (+ softmax, grad) and the hidden-state gradient made in forward
         rows = default_chunk_rows(n_tokens, H, shape.vocab, gpu=device == "cuda")
         loss_fwd = 3 * rows * shape.vocab * 4 + n_tokens * H * 4
@@ -312,7 +328,8 @@ def _components(recipe: Any, shape: ModelShape, *, device: str, elem: int, mbs: 
             work = sum(v for k, v in comps.items() if k not in ("baseline", "base_weights"))
             comps["allocator_overhead"] = int(CPU_ALLOCATOR_SLACK * work)
         else:
-            comps["allocator_overhead"] = int(CPU_HEAP_RETENTION * n_tokens * shape.n_layers
+            factor = CPU_HEAP_RETENTION_AUTO if t.host_allocator == "auto" else CPU_HEAP_RETENTION
+            comps["allocator_overhead"] = int(factor * n_tokens * shape.n_layers
                                               * (shape.hidden + shape.intermediate) * elem)
     return {k: int(v) for k, v in comps.items()}
 
