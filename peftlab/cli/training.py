@@ -85,7 +85,16 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 def cmd_estimate(args: argparse.Namespace) -> int:
     """Predicted peak memory of a recipe's run, by component; exit 1 when it does not fit the budget."""
-    from peftlab.engine.planner import estimate, fmt, format_estimate, max_context, parse_size
+    from peftlab.engine.model_shape import model_shape
+    from peftlab.engine.planner import (
+        compute_dtype,
+        estimate,
+        fmt,
+        format_estimate,
+        max_context,
+        parse_size,
+        run_device,
+    )
     from peftlab.errors import PeftlabError
 
     if args.gpu_memory:
@@ -94,12 +103,20 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     if args.max_context:
         if budget is None:
             raise PeftlabError("--max-context needs a budget: --gpu-memory 24GB (or --device-memory SIZE)")
-        longest = max_context(_recipe(args), budget, device=args.device)
+        recipe = _recipe(args)
+        device = args.device or run_device(recipe)
+        shape = model_shape(recipe, compute_dtype(recipe, device), device=device)
+        longest = max_context(recipe, budget, device=device, shape=shape)
+        positions = shape.max_positions
         if args.json:
-            print(json.dumps({"max_context": longest, "budget": budget, "micro_batch_size": 1}))
+            print(json.dumps({"max_context": longest, "budget": budget, "micro_batch_size": 1,
+                              "model_max_positions": positions}))
         else:
+            beyond = bool(longest and positions and longest > positions)
             print(f"longest context that fits {fmt(budget)} (predicted, micro_batch_size=1): "
-                  + (f"{longest} tokens" if longest else "none"))
+                  + (f"{longest} tokens" if longest else "none")
+                  + (f" — more than the model's {positions} positions (max_position_embeddings): its whole context "
+                     "fits" if beyond else ""))
         return 0 if longest else 1
     est = estimate(_recipe(args), device_memory=budget, gpus=args.gpus, device=args.device)
     print(json.dumps(est.to_dict(), indent=2) if args.json else format_estimate(est, gpus=args.gpus))

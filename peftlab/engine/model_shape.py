@@ -38,6 +38,7 @@ class ModelShape:
     lora_modules_per_layer: dict[str, int] = field(default_factory=dict)  # input width of each LoRA layer
     lora_r: int = 16
     head_16bit: bool = False        # model.frozen_16bit keeps the frozen head in 16 bits (the CE's online path)
+    max_positions: int | None = None  # the config's max_position_embeddings (None: not stated)
 
 
 def quantized_bytes(n: int, blocksize: int, double_quant: bool) -> int:
@@ -136,7 +137,7 @@ def model_shape(recipe: Any, dtype: torch.dtype = torch.float32, *, device: str 
         n_kv_heads=getattr(text, "num_key_value_heads", None) or n_heads, head_dim=head_dim,
         vocab=text.vocab_size, base_weight_bytes=base_bytes, quantized_params=quantized, dense_params=dense,
         largest_linear=largest, lora_params=lora_params, lora_modules_per_layer=per_layer, lora_r=a.r,
-        head_16bit=bool(sixteen_bit))
+        head_16bit=bool(sixteen_bit), max_positions=getattr(text, "max_position_embeddings", None))
 
 
 @dataclass(frozen=True)

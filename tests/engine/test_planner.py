@@ -183,8 +183,13 @@ def test_max_context_is_the_longest_length_that_fits(tmp_path, capsys):
     path = tmp_path / "recipe.json"
     path.write_text(json.dumps(raw))
     assert main(["estimate", str(path), "--max-context", "--gpu-memory", "600MiB"]) == 0
+    assert n > 1024  # the built-in model's max_position_embeddings: the line says the whole context fits
     assert capsys.readouterr().out.strip() == (
-        f"longest context that fits 0.59 GiB (predicted, micro_batch_size=1): {n} tokens")
+        f"longest context that fits 0.59 GiB (predicted, micro_batch_size=1): {n} tokens — more than the model's "
+        "1024 positions (max_position_embeddings): its whole context fits")
+    assert main(["estimate", str(path), "--max-context", "--gpu-memory", "600MiB", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"max_context": n, "budget": budget, "micro_batch_size": 1,
+                                                   "model_max_positions": 1024}
     assert main(["estimate", str(path), "--max-context"]) == 2
     assert "--max-context needs a budget: --gpu-memory 24GB" in capsys.readouterr().err
 
