@@ -227,7 +227,7 @@ class StepClock:
 
 
 def run_peftlab(job: dict[str, Any]) -> dict[str, Any]:
-    from peftlab.recipe.parse import recipe_from_dict
+    from peftlab.recipe.parse import apply_overrides, recipe_from_dict
     from peftlab.trainer.loop import Trainer
 
     raw = {
@@ -244,6 +244,7 @@ def run_peftlab(job: dict[str, Any]) -> dict[str, Any]:
         "output": {"dir": job["out_dir"], "report_to": ["jsonl"], "plot": False, "overwrite": True},
         "kernels": "auto",
     }
+    raw = apply_overrides(raw, job.get("peftlab_set") or [])  # --peftlab-set KEY=VALUE (e.g. train.host_allocator)
     os.environ["PEFTLAB_DATA_CACHE"] = str(Path(job["out_dir"]) / "data-cache")
     trainer = Trainer(recipe_from_dict(raw), quiet=True)
     clock = StepClock(job["device"] == "cuda")
@@ -480,7 +481,7 @@ class Setup:
         job = {"side": side, "model_dir": str(model[1]), "adapter_dir": str(model[2]), "rows_path": data["rows_path"],
                "tokens_path": data["tokens_path"], "max_seq_len": max_seq_len, "micro_batch": micro_batch,
                "grad_accum": grad_accum, "steps": steps, "lr": a.lr, "r": a.r, "alpha": a.alpha, "seed": a.seed,
-               "device": self.device, "dtype": self.dtype, "threads": a.threads}
+               "device": self.device, "dtype": self.dtype, "threads": a.threads, "peftlab_set": a.peftlab_set}
         t0 = time.perf_counter()
         res = run_side(job, self.tmp / f"run-{self.counter:03d}-{side}", a.max_rss_gb, a.timeout)
         s = summarize(res, a.warmup, data)
@@ -510,13 +511,15 @@ def available_sides(gpu: bool) -> tuple[list[str], dict[str, str]]:
 def geometry(args) -> dict[str, Any]:
     return {"max_seq_len": args.seq, "micro_batch": args.micro_batch, "grad_accum": args.grad_accum,
             "steps": args.steps, "warmup": args.warmup, "lr": args.lr, "r": args.r, "alpha": args.alpha,
-            "seed": args.seed}
+            "seed": args.seed, "peftlab_set": args.peftlab_set}
 
 
 def compare(args, setup: Setup, run_id: str) -> dict[str, Any]:
     model = setup.model(args.model, args.layers)
     data = setup.data(args.seq, args.micro_batch * args.grad_accum)
     sides, skipped = available_sides(args.gpu)
+    if args.only_peftlab:
+        sides, skipped = ["peftlab"], {**skipped, **{s: "--only-peftlab" for s in sides[1:]}}
     print(f"\n== compare: {data['rows']} {setup.data_name} rows = {data['tokens_per_step']} tokens "
           f"({data['targets_per_step']} targets) per optimizer step, {args.steps} steps, warm-up {args.warmup}, "
           f"{args.repeats} alternating repeats", flush=True)
@@ -671,6 +674,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch threads per side (default: torch's own)")
     ap.add_argument("--max-rss-gb", type=float, default=18.0, help="kill a side whose RSS passes this")
     ap.add_argument("--timeout", type=float, default=3600.0, help="kill a side running longer (s)")
+    ap.add_argument("--peftlab-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a recipe override for the peftlab side (repeatable), e.g. train.host_allocator=bounded")
+    ap.add_argument("--only-peftlab", action="store_true", help="compare: run the peftlab side only (no ratios)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     configs = SHARED / "configs"

@@ -423,7 +423,9 @@ def max_context(recipe: Any, device_memory: int, *, device: str | None = None, b
 
 
 def _max_positions(recipe: Any, shape: ModelShape) -> int:
-    return max(recipe.data.max_seq_len, 131072)
+    """The longest sequence the "largest seq_len" line searches: the model's own positions (131,072 when its config
+    does not say), or the recipe's max_seq_len when that is longer."""
+    return max(recipe.data.max_seq_len, shape.max_positions or 131072)
 
 
 def _largest(ok, lo: int, hi: int) -> int | None:
