@@ -296,7 +296,7 @@ class LeanSaved:
         for layer in layers:
             for child in layer.modules():
                 if type(child).__name__.endswith("RMSNorm"):
-                    child.register_forward_pre_hook(self._norm_enter)
+                    child.register_forward_pre_hook(self._norm_enter, with_kwargs=True)
                     child.register_forward_hook(self._norm_exit)
                 elif isinstance(child, LoraLinear):
                     child.register_forward_pre_hook(self._lora_enter)
@@ -327,8 +327,9 @@ class LeanSaved:
         return _Session()
 
     # module hooks
-    def _norm_enter(self, module: nn.Module, args: tuple) -> None:
-        if self.on and args and isinstance(args[0], Tensor):
+    def _norm_enter(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        # only a call on the input alone: the recompute calls ``norm(x)``, which must be the same call
+        if self.on and len(args) == 1 and not kwargs and isinstance(args[0], Tensor):
             self.norm_input, self.norm_input_version = args[0], args[0]._version
 
     def _norm_exit(self, module: nn.Module, args: tuple, out: Any) -> None:
@@ -426,9 +427,9 @@ def _is_cast_of(t: Tensor, x: Tensor) -> bool:
     node = t.grad_fn
     if node is None or type(node).__name__ != "ToCopyBackward0" or not node.next_functions:
         return False
-    src = node.next_functions[0][0]
-    if x.grad_fn is not None:
-        return src is x.grad_fn
+    src, output_nr = node.next_functions[0]
+    if x.grad_fn is not None:  # the same node AND the same of its outputs (two chunks of one split share a node)
+        return src is x.grad_fn and output_nr == x.output_nr
     return src is not None and getattr(src, "variable", None) is x
 
 

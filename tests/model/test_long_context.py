@@ -288,3 +288,46 @@ def test_lean_keeps_a_norm_output_whose_input_changed_in_place():
     ref = run(LeanSaved.active(None))
     assert torch.equal(run(LeanSaved.active(lean)), ref)
     assert lean.kept["norm_output"] == 0
+
+
+def test_lean_remakes_only_a_norm_called_on_its_input_alone():
+    """The recompute calls ``norm(x)``: a norm called with more (a second argument, a keyword) keeps its output."""
+    from peftlab.model.long_context import LeanSaved
+
+    class ScaledRMSNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(8), requires_grad=False)
+
+        def forward(self, x, scale=1.0):
+            return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * scale
+
+    holder = nn.Module()
+    holder.norm = ScaledRMSNorm()
+    lean = LeanSaved([holder])
+
+    def run(session, **kw):
+        torch.manual_seed(0)
+        x = torch.randn(3, 8)
+        w = torch.randn(3, 8, requires_grad=True)
+        with session:
+            y = holder.norm(x, **kw)
+            (y * w).sum().backward()
+        return w.grad
+
+    for kw in ({"scale": 3.0},):
+        ref = run(LeanSaved.active(None), **kw)
+        assert torch.equal(run(LeanSaved.active(lean), **kw), ref)
+        assert lean.kept["norm_output"] == 0
+    assert torch.equal(run(LeanSaved.active(lean)), run(LeanSaved.active(None)))
+    assert lean.kept["norm_output"] > 0  # the same norm on its input alone is remade
+
+
+def test_an_upcast_is_matched_to_the_very_output_it_copies():
+    """Two chunks of one split share their autograd node: the fp32 copy of the other chunk is no cast of x."""
+    from peftlab.model.long_context import _is_cast_of
+
+    base = torch.randn(4, 8, requires_grad=True).bfloat16()
+    x, other = base.split(2)
+    assert _is_cast_of(x.float(), x)
+    assert not _is_cast_of(other.float(), x)
