@@ -108,8 +108,7 @@ def small_checkpoint(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("allocator, checkpointing", [("default", False), ("bounded", False), ("auto", False),
-                                                      ("auto", True)])
+@pytest.mark.parametrize("allocator, checkpointing", [("default", False), ("bounded", False), ("auto", True)])
 def test_small_model_prediction_within_15_percent(tmp_path, small_checkpoint, allocator, checkpointing):
     """A ~40M Llama with packed 256-token rows: each host allocator, with and without checkpointing,
     against the measured peak RSS of the same run in its own process."""
