@@ -27,11 +27,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from peftlab.adapters.lora_layer import LoraLinear, is_4bit
 from peftlab.kernels.fused_lora_block import LoraProjection, lora_gated_mlp, lora_projections
-
-try:  # H18a's in-place RoPE (issue 18); the model's own rotation is the fallback
-    from peftlab.kernels.rope import apply_rope_
-except ImportError:  # pragma: no cover - depends on which kernels this install has
-    apply_rope_ = None
+from peftlab.kernels.rope import apply_rope_
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +117,9 @@ def _modeling(module: nn.Module) -> types.ModuleType:
 
 
 def _rotate(attn: nn.Module, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    if apply_rope_ is not None:
+    """peftlab's in-place RoPE kernel on CUDA (no rotated copies of q and k); on the CPU the model's own rotation,
+    which is faster there (bench/bench_rope.py: 13.9 vs 19.8 ms at 512 tokens)."""
+    if q.is_cuda:
         return apply_rope_(q, k, cos, sin)
     return _modeling(attn).apply_rotary_pos_emb(q, k, cos, sin)
 
