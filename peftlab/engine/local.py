@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from peftlab.adapters.peft_format import lora_state_dict, save_adapter
-from peftlab.engine.hostmem import release_freed_memory
+from peftlab.engine.hostmem import release_if_worthwhile
 from peftlab.engine.interface import StepResult
 from peftlab.engine.process_group import barrier, is_main_process
 from peftlab.errors import PeftlabError
@@ -100,7 +100,7 @@ class LocalEngine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
         if self.release_host:
-            release_freed_memory()
+            release_if_worthwhile()
 
     def step(self, *, skip: bool = False) -> StepResult:
         """Clip and apply the accumulated gradients — unless their norm is not finite or the caller says
