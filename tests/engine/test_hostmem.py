@@ -23,8 +23,8 @@ def rss():
 if sys.argv[1] == "bounded":
     assert bound_host_heap()
 if sys.argv[1] == "trim":  # a heap with little free: no trim (its page faults would cost a small model ~20 %)
-    from peftlab.engine.hostmem import release_if_worthwhile
-    assert not release_if_worthwhile()
+    from peftlab.engine.hostmem import heap_free_bytes, release_if_worthwhile
+    assert heap_free_bytes() is None or not release_if_worthwhile()  # None: a C library without mallinfo2
 big = torch.ones(4 << 20)  # 16 MiB, then freed: glibc's adaptive threshold rises to it (max 32 MiB)
 del big
 before = rss()
@@ -33,8 +33,7 @@ pin = torch.ones(1 << 16)  # a 256 KiB live tensor carved above them (no top-of-
 peak = rss()
 del blocks
 if sys.argv[1] == "trim":  # host_allocator auto: what the local engine does after each backward
-    from peftlab.engine.hostmem import heap_free_bytes, release_if_worthwhile
-    assert heap_free_bytes() >= 100 << 20  # what the heap kept is what a trim is for
+    assert (heap_free_bytes() or 100 << 20) >= 100 << 20  # what the heap kept is what a trim is for
     assert release_if_worthwhile()
 print(json.dumps({"held": peak - before, "kept": rss() - before}))
 """
