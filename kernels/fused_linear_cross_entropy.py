@@ -451,8 +451,20 @@ ONLINE_MIN_SLICE = 1024  # vocabulary rows of one slice at least (a narrower GEM
 ONLINE_SLICE_BYTES = 64 << 20  # the logits of one (row block × vocabulary slice), like the chunk floor
 
 
-def online_applies(backend: str, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   need_w: bool, need_b: bool) -> bool:
+def online_block(n_rows: int, vocab: int, elem_bytes: int, chunk_rows: int | None = None) -> tuple[int, int]:
+    """(rows of one block, vocabulary rows of one slice) of the online path for ``n_rows`` rows: blocks of
+    ``chunk_rows`` (default :data:`ONLINE_ROWS`) balanced so the last is no sliver, slices whose logits are about
+    :data:`ONLINE_SLICE_BYTES` (at least :data:`ONLINE_MIN_SLICE` wide). The memory planner counts the same."""
+    rows = max(1, min(n_rows, chunk_rows or ONLINE_ROWS))
+    rows = -(-n_rows // -(-n_rows // rows))
+    return rows, online_slice(rows, vocab, elem_bytes)
+
+
+def online_slice(rows: int, vocab: int, elem_bytes: int) -> int:
+    return min(vocab, max(ONLINE_MIN_SLICE, ONLINE_SLICE_BYTES // (rows * elem_bytes)))
+
+
+def online_applies(backend: str, hidden: torch.Tensor, weight: torch.Tensor, need_w: bool, need_b: bool) -> bool:
     """Whether the chunk driver takes the online path: the exact PyTorch backend over a head stored in a lower
     precision than the compute dtype (``model.frozen_16bit``: a bf16 head on an fp32 CPU run) that gets no
     gradient. Chunking rows there would upcast the whole head twice per row chunk (measured: a 155M model's
@@ -484,8 +496,7 @@ def torch_ce_online(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     eps, zeta, cap = opts.label_smoothing, opts.z_loss, opts.softcap
     loss = torch.empty(n, device=hidden.device, dtype=cd)
     grad_h = torch.empty((n, hdim), device=hidden.device, dtype=cd) if compute_grad else None
-    rows = max(1, min(n, chunk_rows or ONLINE_ROWS))
-    rows = -(-n // -(-n // rows))  # balanced blocks: no sliver at the end
+    rows, _ = online_block(n, v, cd.itemsize, chunk_rows)
     w_sum = None  # Σ_j W_j (label smoothing without a soft-cap), made during the first block
     for start in range(0, n, rows):
         sl = slice(start, min(start + rows, n))
@@ -493,7 +504,7 @@ def torch_ce_online(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         r = h.shape[0]
         valid = labels[sl] != opts.ignore_index
         y = torch.where(valid, labels[sl], 0)
-        width = min(v, max(ONLINE_MIN_SLICE, ONLINE_SLICE_BYTES // (r * torch.finfo(cd).bits // 8)))
+        width = online_slice(r, v, cd.itemsize)
         m = torch.full((r,), float("-inf"), device=h.device, dtype=cd)
         l_sum = torch.zeros(r, device=h.device, dtype=cd)
         z_y = torch.zeros(r, device=h.device, dtype=cd)
@@ -562,7 +573,7 @@ def run_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     per-chunk tensors (teacher logits for KD) passed to ``row_fn`` after the labels. ``online`` (the CE
     family's :func:`torch_ce_online`) replaces the row chunks where :func:`online_applies`.
     """
-    if online is not None and online_applies(backend, hidden, weight, bias, compute_grad and need_w,
+    if online is not None and online_applies(backend, hidden, weight, compute_grad and need_w,
                                              compute_grad and need_b):
         loss, grad_h = online(hidden, weight, bias, labels, row_scale, compute_grad and need_h)
         return loss, grad_h, None, None

@@ -25,10 +25,9 @@ no cost: torch is asked to back every tensor of 2 MiB or more with transparent h
 allocation; the kernel's ``transparent_hugepage`` setting must be ``madvise`` or ``always``), which cuts
 page faults ~100x, and the local engine hands the heap's free pages back after every micro-batch's backward
 (:func:`release_if_worthwhile`: when it holds 64 MiB or more), so what one micro-batch fragmented is not
-carried into the next. Measured on
-the vs_peers comparison model (155M, 128k vocabulary, 2 x 512 tokens, 2 threads; bench/RESULTS.md): peak
-RSS 1.45 GB default, 1.20 GB auto, 1.02 GB bounded; step time auto within the run-to-run noise of default
-(sys time 1-3 s vs 1.5-2 s per step), bounded +3.5 s of page faults per step.
+carried into the next. Measured on the vs_peers comparison model (155M, 128k vocabulary, 2 x 512 tokens, 2
+threads; bench/RESULTS.md): peak RSS 1.48 GB default, 1.24 GB auto, 1.01 GB bounded at 175 / 173 / 148
+tokens/s (bounded's cost: +3.5 s of page faults per step).
 """
 from __future__ import annotations
 

@@ -222,12 +222,7 @@ def _components(recipe: Any, shape: ModelShape, *, device: str, elem: int, mbs: 
 
     ``activations`` is what the layers keep at the peak moment, ``loss_head`` the loss head's share (at a
     layer's backward: the residual stream's gradient), ``temporary_buffers`` the rest."""
-    from peftlab.kernels.fused_linear_cross_entropy import (
-        ONLINE_MIN_SLICE,
-        ONLINE_ROWS,
-        ONLINE_SLICE_BYTES,
-        default_chunk_rows,
-    )
+    from peftlab.kernels.fused_linear_cross_entropy import default_chunk_rows, online_block
 
     t = recipe.train
     n_tokens = mbs * seq
@@ -294,8 +289,7 @@ def _components(recipe: Any, shape: ModelShape, *, device: str, elem: int, mbs: 
         loss_bwd = loss_fwd + n_tokens * H * elem
     elif shape.head_16bit and device == "cpu":  # fused, online over a 16-bit head (torch_ce_online): one block's
         # logits slice (exp'd in place), the slice of the head upcast, the hidden-state gradient made in forward
-        rows = min(n_tokens, ONLINE_ROWS)
-        width = min(shape.vocab, max(ONLINE_MIN_SLICE, ONLINE_SLICE_BYTES // (rows * 4)))
+        rows, width = online_block(n_tokens, shape.vocab, 4)
         loss_fwd = rows * width * 4 + width * H * 4 + n_tokens * H * 4
         loss_bwd = n_tokens * H * (4 + 4 + elem)
     else:  # fused: one chunk of fp32 logits (+ softmax, grad) and the hidden-state gradient made in forward

@@ -132,8 +132,8 @@ class TrainConfig(Section):
     host_allocator: Literal["auto", "default", "bounded"] = "auto"
     """CPU runs: ``auto`` asks torch for transparent huge pages on tensors >= 2 MiB and hands the heap's free
     pages back after every micro-batch's backward when it holds >= 64 MiB free (peak -17% against ``default`` on
-    the vs_peers model, same speed); ``default`` leaves the C library's adaptive allocator alone (its heap keeps freed activations);
-    ``bounded`` fixes glibc's mmap threshold at 1 MiB so freed tensors go back to the OS at once: peak host
+    the vs_peers model, same speed); ``default`` leaves the C library's adaptive allocator alone (its heap keeps
+    freed activations); ``bounded`` fixes glibc's mmap threshold at 1 MiB so freed tensors go back to the OS at once: peak host
     memory follows the live tensors (-30%), steps are slower when activations are 1-32 MiB (page faults:
     +3.5 s of a 10 s step on the vs_peers model, +40% on a 100M model; README "Host memory on the CPU")."""
     fused_blocks: bool = False

@@ -168,11 +168,11 @@ def test_frozen_16bit_head_goes_vocabulary_outer_and_matches_the_reference(optio
 
 def test_online_path_is_only_for_a_frozen_low_precision_head_on_the_torch_backend():
     h32, w16 = torch.zeros(2, 4), torch.zeros(3, 4, dtype=torch.bfloat16)
-    assert ce_mod.online_applies("torch", h32, w16, None, False, False)
-    assert not ce_mod.online_applies("triton", h32, w16, None, False, False)
-    assert not ce_mod.online_applies("torch", h32, w16.float(), None, False, False)  # fp32 head: row chunks
-    assert not ce_mod.online_applies("torch", h32, w16, None, True, False)  # trainable head: grad_w needs them
-    assert not ce_mod.online_applies("torch", h32, w16, None, False, True)
+    assert ce_mod.online_applies("torch", h32, w16, False, False)
+    assert not ce_mod.online_applies("triton", h32, w16, False, False)
+    assert not ce_mod.online_applies("torch", h32, w16.float(), False, False)  # fp32 head: row chunks
+    assert not ce_mod.online_applies("torch", h32, w16, True, False)  # trainable head: grad_w needs them
+    assert not ce_mod.online_applies("torch", h32, w16, False, True)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 5, None])
