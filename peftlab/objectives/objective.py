@@ -14,7 +14,9 @@ The loop asks its objective five things and never which task it trains:
   (a schedule).
 
 Optionally ``step_metrics()``: figures of the steps since the last train log record (e.g. a preference run's
-rewards), merged into that record by :func:`train_figures`; every rank calls it at the same steps.
+rewards), merged into that record by :func:`train_figures`; every rank calls it at the same steps. Optionally
+``trained_tokens(batch)``: the tokens a micro-batch trains, where its targets are not tokens (a preference run's
+targets are pairs, its tokens the answers' tokens): what the run's ``tokens_seen`` counts (:func:`trained_tokens`).
 
 :func:`build_objective` picks it from the recipe: :class:`CausalLMObjective` (next-token cross-entropy, the
 default), :class:`~peftlab.objectives.distillation.DistillationObjective` (``distill:``) or
@@ -31,6 +33,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from peftlab.engine.process_group import all_reduce_sum
 from peftlab.evaluation.evaluate import evaluate
 from peftlab.model.classifier import attach_head
 from peftlab.objectives.causal_lm import LossSettings, causal_lm_loss, count_targets, loss_normalizer
@@ -104,6 +107,13 @@ def train_figures(objective: Objective) -> dict[str, Any]:
     """The objective's own figures for a train log record (its optional ``step_metrics``; none for most)."""
     step_metrics = getattr(objective, "step_metrics", None)
     return step_metrics() if step_metrics is not None else {}
+
+
+def trained_tokens(objective: Objective, batches: list[Batch], n_targets: int) -> int:
+    """Tokens one optimizer step trained, summed over ranks (the run's ``tokens_seen``): the objective's own
+    ``trained_tokens`` where its targets are not tokens, else the step's targets ``n_targets`` (summed already)."""
+    count = getattr(objective, "trained_tokens", None)
+    return n_targets if count is None else all_reduce_sum(sum(int(count(b)) for b in batches))
 
 
 def build_objective(recipe: Any, loaded: Any, data: Any) -> Objective:

@@ -36,7 +36,7 @@ from peftlab.data.sources import hash_files
 from peftlab.engine.process_group import all_reduce_sum, is_main_process
 from peftlab.errors import PeftlabError
 from peftlab.evaluation.evaluate import generation_metrics
-from peftlab.objectives.causal_lm import LossSettings
+from peftlab.objectives.causal_lm import LossSettings, count_targets
 from peftlab.objectives.preference_losses import (
     PreferenceLoss,
     dpo_loss,
@@ -106,6 +106,14 @@ class PreferenceObjective:
     def targets(self, batch: Batch) -> int:
         """Pairs (KTO: completions) of a micro-batch."""
         return int(batch["pairs"])
+
+    def trained_tokens(self, batch: Batch) -> int:
+        """Answer tokens whose log-probs the loss scores (the run's ``tokens_seen``; prompts are never trained):
+        chosen + rejected of every pair; KTO: its completions (the mismatched rows of the KL estimate carry no
+        gradient). The same count as :func:`~peftlab.objectives.reference.sequence_logps`' tokens per row."""
+        if self.config.method == "kto":
+            return count_targets(rows(batch, 0, int(batch["pairs"])))
+        return count_targets(batch)
 
     def normalizer(self, batch: Batch) -> float:
         """Σ of the pairs' loss weights (= the pairs when unweighted)."""

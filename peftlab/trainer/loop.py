@@ -31,7 +31,7 @@ from peftlab.engine.process_group import all_reduce_sum
 from peftlab.errors import PeftlabError
 from peftlab.metrics.console import ensure_logging, progress
 from peftlab.metrics.runlog import RunLog
-from peftlab.objectives.objective import Objective, build_objective, train_figures
+from peftlab.objectives.objective import Objective, build_objective, train_figures, trained_tokens
 from peftlab.recipe.parse import dump_recipe
 from peftlab.trainer import setup, summary
 from peftlab.trainer.early_stopping import EarlyStopping
@@ -132,7 +132,7 @@ class Trainer:
         if verdict.abort:
             raise self._abort(verdict.abort)
         self.state.step = step
-        self.state.tokens_seen += n_targets
+        self.state.tokens_seen += trained_tokens(self.objective, batches, n_targets)
         stop = self.guards.record(self.state, step, loss, n_targets, verdict, result)
         if stop:
             raise self._abort(stop)
