@@ -8,9 +8,12 @@ rows for each training micro-batch (:mod:`peftlab.objectives.domain_adversarial`
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from peftlab.data.build import sample_id
 from peftlab.data.config import DataConfig, DatasetSpec
@@ -29,6 +32,17 @@ class TargetData:
     train: list[dict[str, Any]]             # {"input_ids", "sample_id"}: never a label
     eval: list[dict[str, Any]] | None       # {"input_ids", "label", "sample_id"}; None: no labelled target rows
     eval_from: str                          # "dann.target_eval" | "dann.target" | ""
+    # per dataset key ("dann.target[0]"): {"path", "rows", "fingerprint"} of its training rows (a resume checks them)
+    fingerprints: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def rows_fingerprint(rows: list[dict[str, Any]]) -> str:
+    """Content hash of token-only rows (their count and ids, in order): what a resume compares."""
+    h = hashlib.sha256(str(len(rows)).encode())
+    for row in rows:
+        ids = np.asarray(row["input_ids"], dtype=np.int64)
+        h.update(str(ids.size).encode() + b":" + ids.tobytes())
+    return h.hexdigest()[:16]
 
 
 def _rows(spec: DatasetSpec, key: str, cfg: DataConfig, base_dir: Path | None
@@ -88,10 +102,12 @@ def build_target_data(dann: Any, cfg: DataConfig, tokenizer: Any, *, task: str,
     encoder = Encoder(tokenizer, template=cfg.template, train_on=cfg.train_on, system_prompt=cfg.system_prompt)
     train: list[dict[str, Any]] = []
     labelled: list[dict[str, Any]] = []
+    fingerprints: dict[str, dict[str, Any]] = {}
     all_labelled = True
     for i, spec in enumerate(dann.target):
         key = f"dann.target[{i}]"
         rows = _rows(spec, key, cfg, base_dir)
+        first = len(train)
         for (index, where, _, label), ids in zip(rows, _encode([r[2] for r in rows], encoder, cfg)):
             if ids is None:
                 continue
@@ -101,6 +117,8 @@ def build_target_data(dann: Any, cfg: DataConfig, tokenizer: Any, *, task: str,
             elif all_labelled:
                 labelled.append({"input_ids": ids, "label": _label_id(label, where, key, task, label_map),
                                  "sample_id": sample_id(TARGET_DATASET + i, index)})
+        fingerprints[key] = {"path": str(spec.path), "rows": len(train) - first,
+                             "fingerprint": rows_fingerprint(train[first:])}
     if not train:
         raise PeftlabError("dann.target: every row is longer than data.max_seq_len and overlength: drop left them "
                            "all out; raise data.max_seq_len or set data.overlength: truncate")
@@ -116,7 +134,7 @@ def build_target_data(dann: Any, cfg: DataConfig, tokenizer: Any, *, task: str,
                 if ids is not None:
                     evaluated.append({"input_ids": ids, "label": _label_id(label, where, key, task, label_map),
                                       "sample_id": sample_id(TARGET_EVAL_DATASET + j, index)})
-        return TargetData(train, evaluated or None, "dann.target_eval")
+        return TargetData(train, evaluated or None, "dann.target_eval", fingerprints)
     if all_labelled and labelled:
-        return TargetData(train, labelled, "dann.target")
-    return TargetData(train, None, "")
+        return TargetData(train, labelled, "dann.target", fingerprints)
+    return TargetData(train, None, "", fingerprints)

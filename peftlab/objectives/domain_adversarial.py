@@ -205,6 +205,11 @@ class DomainAdversarialObjective:
     def prepare(self, model: nn.Module, train_batches: Any) -> None:
         """Nothing to precompute."""
 
+    def fingerprints(self) -> dict[str, dict[str, Any]]:
+        """The target training rows' content per ``dann.target[i]``: a checkpoint keeps it and a resume onto
+        changed target files is refused (:func:`peftlab.trainer.state.check_input_fingerprints`)."""
+        return self.target.fingerprints
+
 
 def build_dann_objective(recipe: Any, loaded: Any, data: Any) -> DomainAdversarialObjective:
     """The DANN objective of ``recipe`` (the classification head is attached already): target rows read and

@@ -17,6 +17,9 @@ Optionally ``step_metrics()``: figures of the steps since the last train log rec
 rewards), merged into that record by :func:`train_figures`; every rank calls it at the same steps. Optionally
 ``trained_tokens(batch)``: the tokens a micro-batch trains, where its targets are not tokens (a preference run's
 targets are pairs, its tokens the answers' tokens): what the run's ``tokens_seen`` counts (:func:`trained_tokens`).
+Optionally ``fingerprints()``: ``{recipe key: {"path", "rows", "fingerprint"}}`` of data the objective reads
+besides ``data.train`` (a DANN run's target rows): kept in every checkpoint, and a resume onto other content is
+refused (:func:`peftlab.trainer.state.check_input_fingerprints`).
 
 :func:`build_objective` picks it from the recipe: :class:`CausalLMObjective` (next-token cross-entropy, the
 default), :class:`~peftlab.objectives.distillation.DistillationObjective` (``distill:``) or

@@ -39,7 +39,7 @@ from peftlab.trainer.failures import diagnose, failure_message, loading_failure_
 from peftlab.trainer.fault_injection import kill_point, trace_step
 from peftlab.trainer.guards import Guards
 from peftlab.trainer.preemption import Preemption
-from peftlab.trainer.state import EpochSampler, TrainResult, TrainState, data_fingerprint, real_tokens
+from peftlab.trainer.state import EpochSampler, RunInputs, TrainResult, TrainState, real_tokens
 
 logger = logging.getLogger(__name__)
 Batch = dict[str, torch.Tensor]
@@ -89,7 +89,7 @@ class Trainer:
         self.engine = setup.build_engine(recipe, self.loaded, self.unfrozen, self.total_steps)
         self.early_stopping = EarlyStopping.from_recipe(recipe)
         self.guards, self.preemption = Guards(recipe.guards), Preemption()
-        self.state, self.data_fingerprint = TrainState(), data_fingerprint(self.data.train)
+        self.state, self.inputs = TrainState(), RunInputs.of(self.data.train, self.objective)
         self.resumed_from: Path | None = None
         self._resume_rng: dict[str, Any] | None = None
         self._last_saved: tuple[int, Path] | None = None
@@ -97,7 +97,8 @@ class Trainer:
         self._save_due = False
         if resume_from is not None:
             resumed = resume(resume_from, recipe=recipe, model=self.model, engine=self.engine,
-                             data_fingerprint=self.data_fingerprint, n_train=len(self.data.train))
+                             data_fingerprint=self.inputs.data_fingerprint, n_train=self.inputs.n_train)
+            self.inputs.check(resumed.trainer_state, resume_from)  # + what the objective reads (DANN target rows)
             self.state, self._resume_rng = TrainState.from_json(resumed.trainer_state), resumed.rng
             self.resumed_from, self._last_saved = resume_from, (self.state.step, resume_from)
             logger.info(f"peftlab: resuming from {resume_from} (step {self.state.step}, epoch {self.state.epoch})")
@@ -154,8 +155,7 @@ class Trainer:
         return path
 
     def _checkpoint_files(self) -> dict[str, bytes]:  # rank 0 only
-        state = {**self.state.to_json(), "data_fingerprint": self.data_fingerprint, "n_train": len(self.data.train),
-                 "total_steps": self.total_steps}
+        state = {**self.state.to_json(), **self.inputs.saved(), "total_steps": self.total_steps}
         return run_files(resolved_recipe=setup.resolved_recipe(self.recipe, self.loaded).to_dict(),
                          recipe=self.recipe.to_dict(), engine_state=self.engine.state_dict(), trainer_state=state)
 

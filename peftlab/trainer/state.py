@@ -4,6 +4,7 @@ how indices become a batch (:class:`BatchBuilder`) and what a finished run retur
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,8 @@ from peftlab.data.augment import Augmenter
 from peftlab.data.build import DataBundle
 from peftlab.data.collate import collate
 from peftlab.errors import PeftlabError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -130,6 +133,58 @@ def data_fingerprint(rows) -> str:
         if row.get("label") is not None:  # classification id or regression target (float64: 2.2 != 2.7)
             h.update(np.asarray(row["label"], dtype=np.float64).tobytes())
     return h.hexdigest()[:16]
+
+
+def input_fingerprints(objective: Any) -> dict[str, dict[str, Any]]:
+    """``{recipe key: {"path", "rows", "fingerprint"}}`` of the data an objective reads besides data.train (its
+    optional ``fingerprints()``; a DANN run's target rows), kept in every checkpoint's trainer state."""
+    fingerprints = getattr(objective, "fingerprints", None)
+    return fingerprints() if fingerprints is not None else {}
+
+
+def check_input_fingerprints(saved_state: dict[str, Any], current: dict[str, dict[str, Any]], checkpoint: Path
+                             ) -> None:
+    """Refuse a resume whose objective data (see :func:`input_fingerprints`) differ from what the checkpoint was
+    trained on: PeftlabError naming the recipe key, its file and the fix. A checkpoint written before these
+    were kept cannot be checked: a warning says so."""
+    saved = saved_state.get("input_fingerprints")
+    if saved is None:
+        if current:
+            logger.warning(f"resume: {checkpoint} does not record the content of {', '.join(sorted(current))}; "
+                           "this run cannot check that those files are unchanged since it was written")
+        return
+    for key, now in sorted(current.items()):
+        then = saved.get(key) or {}
+        if then.get("fingerprint") != now["fingerprint"]:
+            raise PeftlabError(
+                f"resume: the rows of {key} ({now['path']}) differ from those the checkpoint {checkpoint} was "
+                f"trained on ({then.get('rows', 'no')} rows then, {now['rows']} now; fingerprint "
+                f"{then.get('fingerprint')} then, {now['fingerprint']} now). Restore that file as it was, or "
+                "start a fresh run (another output.dir, or no resume key)")
+
+
+@dataclass
+class RunInputs:
+    """What a run trains on, as its checkpoints record it and a resume compares: the training rows (content
+    fingerprint, count) and the data its objective reads besides them (:func:`input_fingerprints`)."""
+
+    data_fingerprint: str
+    n_train: int
+    objective: dict[str, dict[str, Any]]
+
+    @classmethod
+    def of(cls, train_rows: Any, objective: Any) -> RunInputs:
+        return cls(data_fingerprint(train_rows), len(train_rows), input_fingerprints(objective))
+
+    def saved(self) -> dict[str, Any]:
+        """The keys a checkpoint's trainer state keeps."""
+        return {"data_fingerprint": self.data_fingerprint, "n_train": self.n_train,
+                "input_fingerprints": self.objective}
+
+    def check(self, saved_state: dict[str, Any], checkpoint: Path) -> None:
+        """Refuse to resume onto changed objective data (the training rows are checked by
+        :func:`peftlab.checkpoint.resume.resume`)."""
+        check_input_fingerprints(saved_state, self.objective, checkpoint)
 
 
 def real_tokens(batch: dict[str, torch.Tensor]) -> int:
