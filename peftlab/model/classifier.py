@@ -11,22 +11,21 @@ whole text under causal attention), the FIRST token ([CLS]) for encoders (bidire
 Files: the LoRA weights are the usual PEFT ``adapter_model.safetensors``; the head is a separate
 ``classifier_head.safetensors`` (``score.weight``, ``score.bias``) with ``classifier_config.json`` (task,
 label names in id order, pooling) beside it — not PEFT's ``modules_to_save``, because the head is peftlab's
-own module, not one of the base model's. The head is registered on the model instance (never on its class).
+own module, not one of the base model's (:mod:`peftlab.model.head_files`). The head is registered on the model
+instance (never on its class).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save
 from torch import nn
 from transformers import AutoModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-from peftlab.checkpoint.atomic import atomic_write_bytes, atomic_write_text
 from peftlab.errors import PeftlabError
+from peftlab.model.head_files import load_module_files, save_module_files
 from peftlab.model.load import (
     LoadedModel,
     attach_adapters,
@@ -135,18 +134,14 @@ def head_of(model: nn.Module) -> ClassificationHead:
 def save_head(model: nn.Module, adapter_dir: Path) -> None:
     """Write the head's weights and config beside the adapter (each file atomically)."""
     head = head_of(model)
-    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-    atomic_write_bytes(Path(adapter_dir) / HEAD_FILE, save(state))
     cfg = {"task": head.task, "labels": head.labels, "pooling": head.pooling,
            "hidden_size": head.score.in_features, "num_outputs": head.score.out_features}
-    atomic_write_text(Path(adapter_dir) / CONFIG_FILE, json.dumps(cfg, indent=2) + "\n")
+    save_module_files(head, adapter_dir, weights_file=HEAD_FILE, config_file=CONFIG_FILE, config=cfg)
 
 
 def load_head(model: nn.Module, adapter_dir: Path, device: torch.device) -> ClassificationHead:
     """Rebuild the head written by :func:`save_head` and register it on ``model``."""
-    cfg = json.loads((Path(adapter_dir) / CONFIG_FILE).read_text())
-    head = ClassificationHead(cfg["hidden_size"], cfg["num_outputs"], pooling=cfg["pooling"], task=cfg["task"],
-                              labels=cfg["labels"])
-    head.load_state_dict(load_file(str(Path(adapter_dir) / HEAD_FILE)))
-    model.add_module(HEAD_ATTR, head.to(device))
-    return head
+    return load_module_files(model, adapter_dir, attr=HEAD_ATTR, weights_file=HEAD_FILE, config_file=CONFIG_FILE,
+                             device=device, build=lambda cfg: ClassificationHead(
+                                 cfg["hidden_size"], cfg["num_outputs"], pooling=cfg["pooling"], task=cfg["task"],
+                                 labels=cfg["labels"]))

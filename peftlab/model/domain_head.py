@@ -4,21 +4,20 @@ A small fp32 MLP on the SAME pooled hidden state the classification head reads (
 logit: "is this row from the target domain?"), registered on the model instance (never on its class) beside the
 classification head (:mod:`peftlab.model.classifier`). It trains in its own optimizer group at ``dann.head.lr``
 (:func:`separate_domain_head_group`). Files, beside the classifier head and NOT in the PEFT adapter file:
-``domain_head.safetensors`` (``net.0.*``, ``net.2.*``) and ``domain_head_config.json``. The gradient reversal
-between the features and this head is :mod:`peftlab.objectives.domain_adversarial`.
+``domain_head.safetensors`` (``net.0.*``, ``net.2.*``) and ``domain_head_config.json``
+(:mod:`peftlab.model.head_files`). The gradient reversal between the features and this head is
+:mod:`peftlab.objectives.domain_adversarial`.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save
 from torch import nn
 
-from peftlab.checkpoint.atomic import atomic_write_bytes, atomic_write_text
 from peftlab.errors import PeftlabError
+from peftlab.model.head_files import load_module_files, save_module_files
 
 DOMAIN_HEAD_ATTR = "peftlab_domain_head"
 DOMAIN_HEAD_FILE = "domain_head.safetensors"
@@ -69,17 +68,13 @@ def separate_domain_head_group(model: nn.Module, groups: list[dict[str, Any]], l
 def save_domain_head(model: nn.Module, adapter_dir: Path) -> None:
     """Write the domain head's weights and config beside the adapter (each file atomically)."""
     head = domain_head_of(model)
-    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-    atomic_write_bytes(Path(adapter_dir) / DOMAIN_HEAD_FILE, save(state))
     first = head.net[0]
     cfg = {"hidden_size": first.in_features, "width": first.out_features, "lr": head.lr}
-    atomic_write_text(Path(adapter_dir) / DOMAIN_CONFIG_FILE, json.dumps(cfg, indent=2) + "\n")
+    save_module_files(head, adapter_dir, weights_file=DOMAIN_HEAD_FILE, config_file=DOMAIN_CONFIG_FILE, config=cfg)
 
 
 def load_domain_head(model: nn.Module, adapter_dir: Path, device: torch.device) -> DomainHead:
     """Rebuild the head written by :func:`save_domain_head` and register it on ``model``."""
-    cfg = json.loads((Path(adapter_dir) / DOMAIN_CONFIG_FILE).read_text())
-    head = DomainHead(cfg["hidden_size"], cfg["width"], lr=cfg.get("lr"))
-    head.load_state_dict(load_file(str(Path(adapter_dir) / DOMAIN_HEAD_FILE)))
-    model.add_module(DOMAIN_HEAD_ATTR, head.to(device))
-    return head
+    return load_module_files(model, adapter_dir, attr=DOMAIN_HEAD_ATTR, weights_file=DOMAIN_HEAD_FILE,
+                             config_file=DOMAIN_CONFIG_FILE, device=device,
+                             build=lambda cfg: DomainHead(cfg["hidden_size"], cfg["width"], lr=cfg.get("lr")))
