@@ -60,7 +60,10 @@ except ImportError:  # pragma: no cover - exercised only on machines without Tri
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-_BACKENDS = ("auto", "triton", "torch")
+_BACKENDS = ("auto", "triton", "torch")  # a kernel's backend
+# the recipe key ``kernels`` and ``LoraLinear.kernel_backend``; ``off`` = no fused kernel (a recipe: the model's own
+# unfused path; a LoraLinear: its base layer alone)
+KERNEL_SETTINGS = ("auto", "triton", "torch", "off")
 
 # Elements per program of the standalone dequant kernel (512 packed bytes): big enough to amortise the
 # program's index math, small enough that 4096x14336 still gives ~57k programs to fill any GPU.
@@ -284,15 +287,28 @@ def check_triton_device(device: torch.device, what: str) -> None:
         )
 
 
+def kernel_path(setting: str, device: torch.device | str) -> bool:
+    """THE rule for a ``kernels`` setting, in one place: whether work on ``device`` takes the fused-kernel path.
+
+    ``triton``: anywhere (CPU tensors run under ``TRITON_INTERPRET=1``); ``auto``: on CUDA only; ``torch`` and
+    ``off``: the PyTorch path. Callers: every kernel's ``backend`` (:func:`use_triton`), ``LoraLinear``
+    (``fused_lora_linear`` or PEFT's forward) and the memory planner (what autograd keeps). ``device``: a
+    ``torch.device`` or its name ("cuda", "cuda:1", "cpu"). An unknown setting raises PeftlabError."""
+    if setting not in KERNEL_SETTINGS:
+        raise PeftlabError(f"kernels={setting!r} is not one of {', '.join(KERNEL_SETTINGS)}.")
+    return setting == "triton" or (setting == "auto" and torch.device(device).type == "cuda")
+
+
 def use_triton(backend: str, device: torch.device, what: str) -> bool:
-    """Dispatch rule shared by the kernels: 'auto' = Triton on CUDA, reference elsewhere."""
+    """Whether a kernel runs its Triton code: :func:`kernel_path` for the kernels' backends (they know no
+    'off'); 'triton' where Triton cannot run raises, 'auto' takes the reference where Triton is not installed."""
     _check_backend(backend)
-    if backend == "torch":
+    if not kernel_path(backend, device):
         return False
     if backend == "triton":
         check_triton_device(device, what)
         return True
-    return _HAS_TRITON and device.type == "cuda"
+    return _HAS_TRITON
 
 
 def quant_kernel_args(packed: torch.Tensor, quant_state: Any) -> dict[str, Any]:

@@ -17,8 +17,9 @@ from torch import Tensor, nn
 
 from peftlab.adapters.arithmetic import delta_weight, dora_weight_norm, lora_scaling, merged_weight
 from peftlab.errors import PeftlabError
+from peftlab.kernels.nf4 import KERNEL_SETTINGS, kernel_path
 
-KERNEL_BACKENDS = ("auto", "triton", "torch", "off")
+KERNEL_BACKENDS = KERNEL_SETTINGS
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,12 +174,13 @@ class LoraLinear(nn.Module):
             s = self.scaling if scaling is None else scaling
             return dora_weight_norm(weight, s * lora_weight).to(dtype)
 
+    def uses_fused_kernel(self, x: Tensor) -> bool:
+        """Whether a forward on ``x`` runs ``fused_lora_linear`` (:func:`peftlab.kernels.nf4.kernel_path`'s rule;
+        DoRA always takes the PyTorch path). That kernel draws its dropout keep-mask as a bool tensor."""
+        return not self.use_dora and kernel_path(self.kernel_backend, x.device)
+
     def _use_kernel(self, x: Tensor) -> Callable[..., Tensor] | None:
-        if self.use_dora or self.kernel_backend not in ("auto", "triton"):
-            return None
-        if not (self.kernel_backend == "triton" or x.is_cuda):
-            return None
-        return _fused_lora_linear()
+        return _fused_lora_linear() if self.uses_fused_kernel(x) else None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged or self.kernel_backend == "off":

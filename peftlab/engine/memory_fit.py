@@ -12,7 +12,14 @@ from typing import Any
 import torch
 
 from peftlab.engine.model_shape import model_shape
-from peftlab.engine.planner import compute_dtype, does_not_fit_message, estimate, fmt, run_device
+from peftlab.engine.planner import (
+    compute_dtype,
+    does_not_fit_message,
+    estimate,
+    fmt,
+    fused_norm_saves,
+    run_device,
+)
 from peftlab.errors import PeftlabError
 
 logger = logging.getLogger(__name__)
@@ -52,7 +59,7 @@ def out_of_memory_advice(recipe: Any, *, device: str | None = None, budget: int 
         keys.append("train.offload_activations: true (checkpointed layer inputs in pinned host memory)")
     if t.mlp_chunk_tokens is None:
         keys.append("train.mlp_chunk_tokens: 4096 (the MLP run over the sequence in chunks)")
-    if not t.fused_norm and recipe.kernels in ("auto", "triton") and (device or run_device(recipe)) == "cuda":
+    if fused_norm_saves(recipe, device or run_device(recipe)):
         keys.append("train.fused_norm: true (RMSNorm without its fp32 copy and fp32 backward)")
     if recipe.quantization.mode == "none":
         keys.append("quantization.mode: nf4 (a 4-bit base)")

@@ -162,12 +162,6 @@ class LayerActivations:
         return self.layer_input + self.attention + self.mlp
 
 
-def kernel_path(kernels: str, device: str) -> bool:
-    """Whether LoRA layers run ``fused_lora_linear`` and the fused norm its Triton kernel (the ``use_triton``
-    rule: ``auto`` on CUDA, ``triton`` anywhere); otherwise the PyTorch path."""
-    return kernels == "triton" or (kernels == "auto" and device == "cuda")
-
-
 def layer_activations(shape: ModelShape, *, elem: int, seq_len: int, attn: str, dropout: float,
                       kernel: bool = False, fused_norm: bool = False, fused_blocks: bool = False,
                       device: str = "cpu", sdpa_mask: bool = True, lean: bool = False,
@@ -176,7 +170,8 @@ def layer_activations(shape: ModelShape, *, elem: int, seq_len: int, attn: str, 
 
     Counted from what each op saves (and checked against ``saved_tensors_hooks`` in tests/engine/
     test_model_shape.py on the CPU, the kernel path under the Triton interpreter); 4-bit base matmuls save no
-    input; LoRA weights and their rank-wide activations are fp32.
+    input; LoRA weights and their rank-wide activations are fp32. ``kernel``: the recipe's ``kernels`` takes the
+    fused-kernel path on the device (:func:`peftlab.kernels.nf4.kernel_path`).
 
     * Norms: transformers' RMSNorm upcasts, so in bf16 it keeps an fp32 copy of its input (4 bytes/element);
       the fused norm (``kernel`` and ``fused_norm``) and any fp32 norm keep the input itself; + 1 fp32 per row.
@@ -263,8 +258,3 @@ def layer_activations(shape: ModelShape, *, elem: int, seq_len: int, attn: str, 
         if elem < 4 and not (kernel and fused_norm):  # fp32 copies -> the 16-bit inputs (the residual kept)
             attention -= 2 * 4 * H - H * elem
     return LayerActivations(layer_input, attention, mlp_input, mlp)
-
-
-def activation_bytes_per_token(shape: ModelShape, *, elem: int, seq_len: int, attn: str, dropout: float) -> int:
-    """Bytes autograd keeps per token for one decoder layer on the PyTorch path (see :func:`layer_activations`)."""
-    return layer_activations(shape, elem=elem, seq_len=seq_len, attn=attn, dropout=dropout).total

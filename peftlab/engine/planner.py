@@ -24,8 +24,9 @@ from typing import Any
 import torch
 
 from peftlab.checkpoint.atomic import atomic_write_text
-from peftlab.engine.model_shape import ModelShape, kernel_path, layer_activations, model_shape
+from peftlab.engine.model_shape import ModelShape, layer_activations, model_shape
 from peftlab.errors import PeftlabError
+from peftlab.kernels.nf4 import kernel_path
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -200,6 +201,15 @@ def compute_dtype(recipe: Any, device: str) -> torch.dtype:
     if recipe.model.dtype != "auto":
         return DTYPES[recipe.model.dtype]
     return torch.bfloat16 if device == "cuda" else torch.float32
+
+
+def fused_norm_saves(recipe: Any, device: str) -> bool:
+    """Whether ``train.fused_norm: true`` would lower the recipe's peak on ``device``: it is off now, the run takes
+    the fused-kernel path (elsewhere the fused norm runs transformers' own ops) and computes in 16 bits —
+    transformers' RMSNorm keeps an fp32 copy of a 16-bit input and runs its backward in fp32; in fp32 there is no
+    copy to save."""
+    return (not recipe.train.fused_norm and kernel_path(recipe.kernels, device)
+            and compute_dtype(recipe, device).itemsize < 4)
 
 
 def _components(recipe: Any, shape: ModelShape, *, device: str, elem: int, mbs: int, seq: int,
@@ -377,7 +387,7 @@ def estimate(recipe: Any, *, device_memory: int | None = None, gpus: int = 1, de
         host = offloaded_layers(recipe, device, shape) * mbs * seq * shape.hidden * elem
         est.notes.append(f"train.offload_activations: {fmt(host)} of checkpointed layer inputs in pinned host memory "
                          "(not counted above)")
-    if kernel_path(recipe.kernels, device) and not recipe.train.fused_norm and elem < 4:
+    if fused_norm_saves(recipe, device):
         fused = recipe.model_copy(deep=True)
         fused.train.fused_norm = True
         peak = sum(_components(fused, shape, device=device, elem=elem, mbs=mbs, seq=seq, baseline=baseline).values())

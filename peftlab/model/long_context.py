@@ -343,10 +343,9 @@ class LeanSaved:
         drop = getattr(module, "lora_dropout", None)
         if not (self.on and module.training and isinstance(drop, nn.Dropout) and drop.p > 0 and args):
             return
-        # fused_lora_linear draws a bool mask (the layer's rule: auto = CUDA inputs, or triton); the PyTorch path's
-        # nn.Dropout keeps its own mask, which is left alone
-        backend, x = module.kernel_backend, args[0]
-        if not module.use_dora and (backend == "triton" or (backend == "auto" and x.is_cuda)):
+        # fused_lora_linear draws a bool mask; the PyTorch path's nn.Dropout keeps its own mask, which is left alone
+        x = args[0]
+        if module.uses_fused_kernel(x):
             self.lora = (module, _rng_state(x.device), x.shape)
 
     def _lora_exit(self, module: nn.Module, args: tuple, out: Any) -> None:

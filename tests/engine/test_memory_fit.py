@@ -25,10 +25,19 @@ def fixed_baseline(monkeypatch):
 
 
 @pytest.fixture
-def messages(caplog):
-    """What peftlab logs (INFO and up) while the test runs."""
-    caplog.set_level(logging.INFO, logger="peftlab")
-    return lambda: [r.getMessage() for r in caplog.records if r.name.startswith("peftlab.")]
+def messages():
+    """What peftlab logs (INFO and up) while the test runs: a handler on the ``peftlab`` logger itself, since a
+    training run's setup_logging stops that logger propagating to the root (where caplog listens)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logger = logging.getLogger("peftlab")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield lambda: [r.getMessage() for r in records if r.name.startswith("peftlab.")]
+    logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
 def _recipe(tmp_path: Path, **sections):
@@ -105,6 +114,29 @@ def test_out_of_memory_advice(tmp_path, monkeypatch):
     monkeypatch.setattr(memory_fit, "estimate", broken)
     assert out_of_memory_advice(r, device="cpu", budget=1).startswith(
         "(the memory planner failed too: RuntimeError; run `peftlab estimate RECIPE` later). Recipe keys")
+
+
+def test_out_of_memory_advice_names_fused_norm_only_where_it_saves_memory(tmp_path):
+    """train.fused_norm saves transformers' fp32 copy of a 16-bit norm input (and its fp32 backward) on the
+    fused-kernel path: suggested for a bf16 model on CUDA (and under kernels: triton), never for an fp32 model,
+    whose norm keeps no copy, nor where the fused norm runs transformers' ops; the planner's own note agrees."""
+    key = "train.fused_norm: true (RMSNorm without its fp32 copy"
+    cases = [({"dtype": "auto"}, "auto", "cuda", True), ({"dtype": "bfloat16"}, "auto", "cuda", True),
+             ({"dtype": "float32"}, "auto", "cuda", False), ({"dtype": "float32"}, "triton", "cuda", False),
+             ({"dtype": "bfloat16"}, "torch", "cuda", False), ({"dtype": "bfloat16"}, "auto", "cpu", False),
+             ({"dtype": "bfloat16"}, "triton", "cpu", True), ({"dtype": "auto"}, "auto", "cpu", False)]
+    for model, kernels, device, saves in cases:
+        r = _recipe(tmp_path, model={**model, "gradient_checkpointing": True})
+        r.kernels = kernels
+        assert (key in out_of_memory_advice(r, device=device, budget=1)) is saves, (model, kernels, device)
+        notes = estimate(r, device=device).notes
+        assert any(n.startswith("train.fused_norm: true predicts") for n in notes) is saves, (model, kernels, device)
+        r.train.fused_norm = True
+        if kernels != "torch":  # on already: nothing to suggest
+            assert key not in out_of_memory_advice(r, device=device, budget=1)
+    fp32 = _recipe(tmp_path, model={"dtype": "float32"})
+    fused = _recipe(tmp_path, model={"dtype": "float32"}, train={"fused_norm": True})
+    assert estimate(fp32, device="cuda").total == estimate(fused, device="cuda").total  # what "saves nothing" means
 
 
 def test_a_training_run_with_auto_fit_trains_with_what_fits(tmp_path, monkeypatch, messages):

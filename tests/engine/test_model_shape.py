@@ -10,7 +10,6 @@ from helpers import tiny_recipe_dict
 
 from peftlab.engine.model_shape import (
     ModelShape,
-    activation_bytes_per_token,
     layer_activations,
     model_shape,
     quantized_bytes,
@@ -71,7 +70,7 @@ def test_activation_bytes_are_what_autograd_saves(tmp_path, attn, dropout):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(input_ids=ids, attention_mask=torch.ones_like(ids))
     measured = sum(saved.values()) / tokens
-    predicted = activation_bytes_per_token(model_shape(r), elem=4, seq_len=tokens, attn=attn, dropout=dropout)
+    predicted = layer_activations(model_shape(r), elem=4, seq_len=tokens, attn=attn, dropout=dropout).total
     assert abs(predicted - measured) <= 0.10 * measured, (predicted, measured)
 
 

@@ -22,6 +22,7 @@ from peftlab.kernels.nf4 import (
     code_book,
     dequantize_4bit,
     fp4_negative_zero_mask,
+    kernel_path,
     nf4_dequantize,
     reference_nf4_dequantize,
 )
@@ -187,3 +188,57 @@ def test_errors_name_the_problem():
         nf4_dequantize(packed, qs, backend="cuda")
     with pytest.raises(PeftlabError, match="out_dtype"):
         nf4_dequantize(packed, qs, out_dtype=torch.int8)
+
+
+# every kernels setting x device: (takes the kernel path, a kernel's use_triton — None: the kernel refuses the name)
+KERNEL_PATH_TABLE = {
+    ("auto", "cuda"): True, ("auto", "cpu"): False,
+    ("triton", "cuda"): True, ("triton", "cpu"): True,
+    ("torch", "cuda"): False, ("torch", "cpu"): False,
+    ("off", "cuda"): False, ("off", "cpu"): False,
+}
+
+
+@pytest.mark.parametrize("setting, device", list(KERNEL_PATH_TABLE))
+def test_kernel_path_is_one_rule_for_kernels_layers_and_planner(setting, device, monkeypatch):
+    """kernel_path is the one statement of "auto = Triton on CUDA only, triton = anywhere, torch/off = PyTorch":
+    the planner calls it with a device name, LoraLinear with its input's device, the kernels through use_triton."""
+    import types
+
+    from peftlab.kernels import nf4
+    from torch import nn
+
+    from peftlab.adapters.lora_layer import LoraLinear
+    from peftlab.engine import planner
+
+    expected = KERNEL_PATH_TABLE[setting, device]
+    for where in (device, f"{device}:0" if device == "cuda" else device, torch.device(device)):
+        assert kernel_path(setting, where) is expected
+    assert planner.kernel_path is kernel_path  # what the planner counts follows the same rule
+    layer = LoraLinear(nn.Linear(8, 8), r=2, lora_alpha=4, kernel_backend=setting)
+    x = types.SimpleNamespace(device=torch.device(device))  # only the input's device is read
+    assert layer.uses_fused_kernel(x) is expected
+    layer.use_dora = True
+    assert layer.uses_fused_kernel(x) is False  # DoRA: always PyTorch's
+    if setting == "off":  # a kernel has no "off": the name is refused there
+        with pytest.raises(PeftlabError, match="backend must be one of"):
+            nf4.use_triton(setting, torch.device(device), "test")
+        return
+    # a kernel runs Triton exactly where the rule says (Triton is installed; CPU tensors run in the interpreter)
+    assert nf4.use_triton(setting, torch.device(device), "test") is expected
+    monkeypatch.setattr(nf4, "_HAS_TRITON", False)  # auto falls back to the reference without Triton
+    if setting == "triton":
+        with pytest.raises(PeftlabError, match="needs the `triton` package"):
+            nf4.use_triton(setting, torch.device(device), "test")
+    else:
+        assert nf4.use_triton(setting, torch.device(device), "test") is False
+    monkeypatch.setattr(nf4, "_HAS_TRITON", True)
+    monkeypatch.setattr(nf4, "triton_is_interpreted", lambda: False)
+    if setting == "triton" and device == "cpu":  # forced on CPU tensors without the interpreter: refused
+        with pytest.raises(PeftlabError, match="needs CUDA tensors"):
+            nf4.use_triton(setting, torch.device(device), "test")
+
+
+def test_kernel_path_refuses_an_unknown_setting():
+    with pytest.raises(PeftlabError, match=r"kernels='cuda' is not one of auto, triton, torch, off"):
+        kernel_path("cuda", "cuda")
