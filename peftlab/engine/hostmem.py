@@ -127,6 +127,17 @@ def bound_host_heap(threshold: int = DEFAULT_THRESHOLD) -> bool:
     return ok
 
 
+def prepare_host_allocator(setting: str) -> None:
+    """What ``train.host_allocator`` sets up in a CPU process before its model loads: ``bounded`` fixes glibc's
+    mmap threshold (:func:`bound_host_heap`), ``auto`` requests huge pages (:func:`request_huge_pages`; the engine
+    trims the heap after each backward), ``default`` changes nothing. The memory planner's baseline probe calls
+    it the same way, so the baseline it measures is that of the allocator the run trains with."""
+    if setting == "bounded":
+        bound_host_heap()
+    elif setting == "auto":
+        request_huge_pages()
+
+
 # ---- CPU threads ----------------------------------------------------------------------------------
 #
 # torch's CPU kernels run on an OpenMP pool (torch 2.13's wheel bundles GNU libgomp). By default a libgomp

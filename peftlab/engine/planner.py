@@ -14,6 +14,7 @@ bitsandbytes baseline — measured once per environment in a fresh interpreter t
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -120,6 +121,7 @@ PROBE = r"""
 import json, os, sys
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import psutil, torch
+from peftlab.engine.hostmem import prepare_host_allocator
 from peftlab.engine.local import LocalEngine
 from peftlab.objectives.causal_lm import LossSettings, causal_lm_loss
 from peftlab.model.load import build_model
@@ -130,9 +132,7 @@ for m in mods:
     __import__(m)
 raw = json.loads(sys.argv[2])
 recipe = recipe_from_dict(raw)
-if recipe.train.host_allocator == "bounded":
-    from peftlab.engine.hostmem import bound_host_heap
-    bound_host_heap()
+prepare_host_allocator(recipe.train.host_allocator)  # as a CPU run does before it loads its model
 loaded = build_model(recipe)
 engine = LocalEngine(loaded.model, recipe.train, 2, loaded.device)
 ids = torch.randint(0, 200, (2, 16))
@@ -165,7 +165,9 @@ def _probe_baseline(recipe: Any) -> int:
            "quantization": recipe.quantization.model_dump(), "adapter": {"r": 4, "dropout": recipe.adapter.dropout},
            "data": {"train": [{"path": "unused.jsonl"}]}, "kernels": recipe.kernels,
            "train": {"device": "cpu", "optimizer": "adamw", "host_allocator": recipe.train.host_allocator}}
-    key = json.dumps([sys.executable, torch.__version__, mods, raw], sort_keys=True)
+    # the probe's own text is part of the key: a changed probe measures again instead of reusing old figures
+    probe = hashlib.sha256(PROBE.encode()).hexdigest()[:16]
+    key = json.dumps([sys.executable, torch.__version__, mods, raw, probe], sort_keys=True)
     cache = cache_root() / "estimate_baseline.json"
     try:
         known = json.loads(cache.read_text())

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -271,3 +272,42 @@ def test_estimate_names_the_fused_norm_and_what_it_predicts(tmp_path):
 
     assert f"train.fused_norm: true predicts {fmt(fused.total)}" in "\n".join(est.notes) and fused.total < est.total
     assert not any("fused_norm" in n for n in fused.notes)
+
+
+class _ProbeStopped(Exception):
+    pass
+
+
+@pytest.mark.parametrize("allocator, expected", [("auto", ["huge_pages", "build_model"]),
+                                                 ("bounded", ["bound_heap", "build_model"]),
+                                                 ("default", ["build_model"])])
+def test_baseline_probe_sets_up_the_host_allocator_as_training_does(tmp_path, monkeypatch, allocator, expected):
+    """The probe that measures the process baseline runs in a fresh interpreter; here its script runs in this one
+    (subprocess.run replaced) up to the model build: before it, train.host_allocator is set up as the trainer does
+    on the CPU — auto requests huge pages, bounded bounds the heap, default changes nothing."""
+    from peftlab.engine import hostmem, planner
+    from peftlab.model import builtin, load
+
+    calls: list[str] = []
+    monkeypatch.setattr(hostmem, "request_huge_pages", lambda: calls.append("huge_pages"))
+    monkeypatch.setattr(hostmem, "bound_host_heap", lambda: calls.append("bound_heap"))
+
+    def build_model(recipe):
+        calls.append("build_model")
+        raise _ProbeStopped
+
+    def run(args, **kw):
+        assert args[1:3] == ["-P", "-c"]
+        monkeypatch.setattr(sys, "argv", ["-c", *args[4:]])
+        script = tmp_path / "probe.py"
+        script.write_text(args[3])
+        with pytest.raises(_ProbeStopped):
+            runpy.run_path(str(script), run_name="__probe__")
+        return subprocess.CompletedProcess(args, 0, stdout="123\n", stderr="")
+
+    monkeypatch.setattr(load, "build_model", build_model)
+    monkeypatch.setattr(builtin, "cache_root", lambda: tmp_path / "cache")
+    monkeypatch.setattr(planner.subprocess, "run", run)
+    recipe = recipe_from_dict(_raw(tmp_path, train={"device": "cpu", "host_allocator": allocator}))
+    assert planner._probe_baseline(recipe) == 123
+    assert calls == expected
