@@ -168,12 +168,24 @@ class _OffloadedLayer(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x = ctx.offloader.fetch(ctx.saved).detach().requires_grad_(ctx.x_requires_grad)
-        with torch.enable_grad(), _restored_rng(x.device, ctx.rng), LeanSaved.active(ctx.offloader.lean):
-            out = ctx.run(x)
+        out = _recompute(ctx.run, x, ctx.rng, ctx.offloader.lean)
         ctx.offloader.release(ctx.saved)
         release_storage(out)
         torch.autograd.backward(out, grad_out)
         return None, None, x.grad if ctx.x_requires_grad else None, None
+
+
+def _recompute(run: Callable[[Tensor], Any], x: Tensor, rng: tuple[Tensor, Tensor | None],
+               lean: LeanSaved | None) -> Any:
+    """The layer's forward with autograd from the forward's RNG state, under ``lean``'s hooks; again while a mask packed
+    as an RNG state was not the layer's (:meth:`LeanSaved.verify_masks`: each retry keeps one more module's masks)."""
+    while True:
+        kept = dict(lean.kept) if lean is not None else {}
+        with torch.enable_grad(), _restored_rng(x.device, rng), LeanSaved.active(lean):
+            out = run(x)
+        if lean is None or lean.verify_masks():
+            return out
+        lean.kept, out = kept, None  # uncounted, and its graph freed before the next run (its masks are wrong)
 
 
 def release_storage(out: Tensor) -> None:
@@ -271,7 +283,8 @@ class LeanSaved:
 
     * a LoRA dropout keep-mask (bool, one byte per input element of each adapted layer) → the RNG state it was
       drawn from: redrawn in backward (``fused_lora_linear`` draws it with ``bernoulli_`` as the layer's first use
-      of the RNG; each replacement is checked against the real mask when made, and a mismatch keeps the mask);
+      of the RNG), compared with the real mask on the device and read once per recompute (:meth:`verify_masks`: one
+      host sync, not one per adapted layer); a mismatch keeps that module's masks and recomputes the layer;
     * an RMSNorm's output (the normed input that q/k/v — or, without MLP chunks, gate/up — keep) → the norm and its
       input, which stays alive anyway: recomputed in backward (the same op on the same input);
     * transformers' 16-bit RMSNorm's fp32 copy of its input (``x.to(float32)``, 4 bytes per element) → the
@@ -290,6 +303,8 @@ class LeanSaved:
         self.norm_input: Tensor | None = None       # the input of the norm running now
         self.norm_input_version = 0                 # its version when the norm began
         self.lora: tuple[nn.Module, tuple[Tensor, Tensor | None], torch.Size] | None = None
+        self.mask_checks: list[tuple[nn.Module, Tensor, int]] = []  # (module, differs: on the device, bytes)
+        self.keep_masks: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # modules whose masks did not redraw
         self.mask_mismatch_logged = False
         # bytes kept as a way to remake them instead, each storage once (for tests and logs)
         self.kept: dict[str, int] = {"mask": 0, "norm_output": 0, "upcast": 0}
@@ -316,7 +331,7 @@ class LeanSaved:
                 super().__init__(lean._pack, lean._unpack)
 
             def __enter__(self) -> None:
-                lean.on, lean.norm_outputs, lean._counted = True, {}, set()
+                lean.on, lean.norm_outputs, lean._counted, lean.mask_checks = True, {}, set(), []
                 super().__enter__()
 
             def __exit__(self, *exc: object) -> None:
@@ -345,7 +360,7 @@ class LeanSaved:
             return
         # fused_lora_linear draws a bool mask; the PyTorch path's nn.Dropout keeps its own mask, which is left alone
         x = args[0]
-        if module.uses_fused_kernel(x):
+        if module.uses_fused_kernel(x) and module not in self.keep_masks:
             self.lora = (module, _rng_state(x.device), x.shape)
 
     def _lora_exit(self, module: nn.Module, args: tuple, out: Any) -> None:
@@ -384,14 +399,26 @@ class LeanSaved:
         if t.numel() != shape.numel() or t.shape[-1] != shape[-1]:
             return t
         p = float(module.lora_dropout.p)
-        if not torch.equal(_redraw(t.device, rng, shape, p).reshape(t.shape), t):
-            if not self.mask_mismatch_logged:
-                logger.warning("train.offload_activations: a LoRA dropout mask could not be redrawn from its RNG "
-                               "state; the masks stay in memory (correct, more memory)")
-                self.mask_mismatch_logged = True
-            return t
-        self.kept["mask"] += t.untyped_storage().nbytes()  # one tensor per layer call
+        # compared on the device without waiting for the answer (verify_masks reads all of them at once)
+        differs = _redraw(t.device, rng, shape, p).reshape(t.shape).ne_(t).any()
+        self.mask_checks.append((module, differs, t.untyped_storage().nbytes()))  # one tensor per layer call
         return ("mask", t.device, rng, shape, p, t.shape)
+
+    def verify_masks(self) -> bool:
+        """Whether every mask this recompute packed as an RNG state is the one the layer drew (one host sync). False:
+        the modules that drew the others keep their masks from now on; recompute (that graph has wrong masks)."""
+        checks, self.mask_checks = self.mask_checks, []
+        if not checks:
+            return True
+        if not bool(torch.stack([differs for _, differs, _ in checks]).any()):  # the one sync
+            self.kept["mask"] += sum(nbytes for *_, nbytes in checks)
+            return True
+        self.keep_masks.update(module for module, differs, _ in checks if bool(differs))
+        if not self.mask_mismatch_logged:
+            logger.warning("train.offload_activations: a LoRA dropout mask could not be redrawn from its RNG state; "
+                           "that layer's masks stay in memory (correct, more memory)")
+            self.mask_mismatch_logged = True
+        return False
 
     def _unpack(self, packed: Any) -> Tensor:
         if isinstance(packed, Tensor):

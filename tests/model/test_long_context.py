@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from peftlab.adapters.lora_inject import inject_lora, lora_modules
@@ -331,3 +332,74 @@ def test_an_upcast_is_matched_to_the_very_output_it_copies():
     x, other = base.split(2)
     assert _is_cast_of(x.float(), x)
     assert not _is_cast_of(other.float(), x)
+
+
+class _HostSyncs(TorchDispatchMode):
+    """Counts the ops that make the host wait for a tensor's value (``.item()``/``bool()``, ``torch.equal``)."""
+
+    SYNCS = ("aten._local_scalar_dense", "aten.equal", "aten.is_nonzero")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += any(str(func).startswith(name + ".") for name in self.SYNCS)
+        return func(*args, **(kwargs or {}))
+
+
+def _backward_syncs(model) -> tuple[int, dict]:
+    """(host syncs during the backward pass, the LoRA gradients)."""
+    syncs, entered = _HostSyncs(), []
+    try:
+        _, grads = loss_and_grads(model, lambda: entered.append(syncs.__enter__()))
+    finally:
+        if entered:
+            syncs.__exit__(None, None, None)
+    return syncs.count, grads
+
+
+def test_lean_reads_the_mask_checks_once_per_recompute():
+    """Each adapted layer's redrawn dropout mask is compared with the real one on the device; the answers are read
+    with ONE host sync per recomputed decoder layer (on a GPU a sync per adapted layer stalls the backward 7 times
+    per layer), and the gradients are still bit-identical to keeping the masks."""
+    plain = _bf16_kernel_model(0.1)
+    plain.model.layers[0]._gradient_checkpointing_func.offloader.lean = None
+    plain_syncs, ref_grads = _backward_syncs(plain)
+    model = _bf16_kernel_model(0.1)
+    lean = model.model.layers[0]._gradient_checkpointing_func.offloader.lean
+    lean_syncs, grads = _backward_syncs(model)
+    assert lean.kept["mask"] > 0 and lean_syncs - plain_syncs == 2  # two layers recomputed, one read each
+    for name, g in grads.items():
+        assert torch.equal(g, ref_grads[name]), name
+
+
+def test_lean_keeps_the_masks_of_a_module_that_does_not_redraw_them(monkeypatch):
+    """A forward pre-hook that uses the RNG before q_proj draws its mask (so the redraw from the state LeanSaved
+    recorded is another mask): the mismatch is found after the recompute, that module keeps its masks, the layer
+    is recomputed, and loss and gradients are bit-identical to keeping every mask — in this step and the next."""
+    from peftlab.model import long_context
+
+    def consume_rng(module, args):
+        torch.rand(1)
+
+    warnings = []  # on the module's logger itself: a training run's setup_logging stops propagation to caplog
+    monkeypatch.setattr(long_context.logger, "warning", lambda msg, *a: warnings.append(msg % a))
+
+    models = [_bf16_kernel_model(0.1), _bf16_kernel_model(0.1)]
+    models[0].model.layers[0]._gradient_checkpointing_func.offloader.lean = None
+    for model in models:
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.register_forward_pre_hook(consume_rng)
+    lean = models[1].model.layers[0]._gradient_checkpointing_func.offloader.lean
+    tokens, layers, hidden, inter = 2 * 11, 2, 32, 64
+    for step in range(2):
+        ref_loss, ref_grads = loss_and_grads(models[0])
+        loss, grads = loss_and_grads(models[1])
+        assert torch.equal(loss, ref_loss)
+        for name, g in grads.items():
+            assert torch.equal(g, ref_grads[name]), (step, name)
+        # every mask but q_proj's redrawn: k, v, o, gate, up (hidden wide) and down (intermediate)
+        assert lean.kept["mask"] == (step + 1) * layers * tokens * (5 * hidden + inter)
+    assert set(lean.keep_masks) == {layer.self_attn.q_proj for layer in models[1].model.layers}
+    assert len(warnings) == 1 and "could not be redrawn" in warnings[0]
