@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,30 @@ def subprocess_env() -> dict[str, str]:
 
 def ds_config(name: str) -> str:
     return str(REPO / "recipes" / "deepspeed" / f"{name}.json")
+
+
+ZERO_STEPS = 10
+
+
+def zero_recipe_raw(data_dir: Path, out: Path, *, grad_accum: int, deepspeed: str | None = None,
+                    quant: dict | None = None, **train: Any) -> dict[str, Any]:
+    """The DeepSpeed tests' run: micro-llama (fp32 unless ``quant``), micro-batch 2, ZERO_STEPS steps, eval loss,
+    jsonl metrics. tests/engine/conftest.py's ``zero_run`` trains it once per ZeRO stage for several tests."""
+    raw = tiny_recipe_dict(data_dir, out, quantization=quant or {"mode": "none"},
+                           train={"max_steps": ZERO_STEPS, "grad_accum": grad_accum, "micro_batch_size": 2,
+                                  "eval_at_start": False, **train},
+                           output={"report_to": ["jsonl"], "plot": False}, eval={"metric": "loss"})
+    if deepspeed:
+        raw["deepspeed"] = deepspeed
+    return raw
+
+
+def torchrun_train(tmp: Path, recipe: Path, *extra: str, nproc: int = 2, **env: str) -> subprocess.CompletedProcess:
+    """`peftlab train RECIPE` on ``nproc`` local ranks under torchrun (gloo); the caller checks the exit status."""
+    cmd = [sys.executable, "-P", "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(free_port()), "-m", "peftlab.cli.main", "train", str(recipe), "--quiet", *extra]
+    return subprocess.run(cmd, cwd=tmp, env={**subprocess_env(), **env}, capture_output=True, text=True,
+                          timeout=TORCHRUN_TIMEOUT_S, check=False)
 
 
 def train_losses(out: Path) -> list[float]:

@@ -5,48 +5,26 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from helpers import (
-    TORCHRUN_TIMEOUT_S,
-    ds_config,
-    free_port,
-    make_quickstart_data,
-    subprocess_env,
-    tiny_recipe_dict,
-    train_losses,
-)
+from helpers import ZERO_STEPS, ds_config, tiny_recipe_dict, torchrun_train, train_losses, zero_recipe_raw
 
 from peftlab.errors import PeftlabError
 from peftlab.recipe.parse import recipe_from_dict
 
 pytestmark = pytest.mark.xdist_group("deepspeed")
 
-STEPS = 10
+STEPS = ZERO_STEPS
+recipe_raw = zero_recipe_raw
 
 
-def recipe_raw(data_dir: Path, out: Path, *, grad_accum: int, deepspeed: str | None = None,
-               quant: dict | None = None) -> dict:
-    raw = tiny_recipe_dict(data_dir, out, quantization=quant or {"mode": "none"},
-                           train={"max_steps": STEPS, "grad_accum": grad_accum, "micro_batch_size": 2,
-                                  "eval_at_start": False},
-                           output={"report_to": ["jsonl"], "plot": False}, eval={"metric": "loss"})
-    if deepspeed:
-        raw["deepspeed"] = deepspeed
-    return raw
-
-
-def torchrun_train(tmp: Path, raw: dict, nproc: int = 2) -> subprocess.CompletedProcess:
+def torchrun_train_ok(tmp: Path, raw: dict) -> subprocess.CompletedProcess:
     path = tmp / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw))
-    cmd = [sys.executable, "-P", "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", str(free_port()), "-m", "peftlab.cli.main", "train", str(path), "--quiet"]
-    proc = subprocess.run(cmd, cwd=tmp, env=subprocess_env(), capture_output=True, text=True,
-                          timeout=TORCHRUN_TIMEOUT_S, check=False)
+    proc = torchrun_train(tmp, path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -58,8 +36,8 @@ def adapter_tensors(out: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_quickstart_data(tmp_path_factory.mktemp("ds-data"), n_train=48, n_eval=8)
+def data_dir(zero_data):
+    return zero_data  # tests/engine/conftest.py: the data of the shared 2-process runs
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +55,8 @@ def single_run(data_dir, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
-def test_two_processes_match_single_process_step_by_step(stage, data_dir, single_run, tmp_path):
-    out = tmp_path / "out"
-    torchrun_train(tmp_path, recipe_raw(data_dir, out, grad_accum=1, deepspeed=ds_config(stage)))
+def test_two_processes_match_single_process_step_by_step(stage, zero_run, single_run):
+    out = zero_run(stage)  # recipe_raw(data_dir, out, grad_accum=1, deepspeed=ds_config(stage)) on 2 ranks
     expected, got = train_losses(single_run), train_losses(out)
     assert len(got) == len(expected) == STEPS
     torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64),
@@ -108,7 +85,7 @@ def test_qlora_under_zero3_trains_and_saves_an_adapter_peft_loads(data_dir, tmp_
     raw = recipe_raw(data_dir, out, grad_accum=1, deepspeed=ds_config("zero3"),
                      quant={"mode": "nf4", "quant_storage": "float32"})
     raw["train"]["max_steps"] = 4
-    torchrun_train(tmp_path, raw)
+    torchrun_train_ok(tmp_path, raw)
     losses = train_losses(out)
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
     tensors = adapter_tensors(out)

@@ -2,67 +2,42 @@
 after a checkpoint and resumed with `resume: auto` continues with the same per-step losses as an
 uninterrupted 2-process run (optimizer partitions, scheduler and adapter restored on every rank), the
 checkpoint's COMPLETE marker lists and hashes every file of DeepSpeed's checkpoint, and DeepSpeed's own
-zero_to_fp32 converts it without a tag (the `latest` file)."""
+zero_to_fp32 converts it without a tag (the `latest` file).
+
+The uninterrupted run is tests/engine/conftest.py's ``zero_run`` (the same recipe without checkpoints, shared with
+test_deepspeed.py): the resumed run must match it, so writing checkpoints must not change the training either."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from helpers import (
-    TORCHRUN_TIMEOUT_S,
-    ds_config,
-    free_port,
-    make_quickstart_data,
-    subprocess_env,
-    tiny_recipe_dict,
-    train_losses,
-)
+from helpers import ZERO_STEPS, ds_config, torchrun_train, train_losses, zero_recipe_raw
 
 from peftlab.checkpoint import store as ckpt
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("deepspeed")]
 
-STEPS, SAVE_EVERY, KILL_AT = 6, 2, "step-5"   # killed in step 5: resumes from the checkpoint of step 4
+STEPS, SAVE_EVERY, KILL_AT = ZERO_STEPS, 2, "step-5"   # killed in step 5: resumes from the checkpoint of step 4
 
 
 def _recipe(tmp: Path, data: Path, out: Path, stage: str) -> Path:
-    raw = tiny_recipe_dict(data, out, quantization={"mode": "none"},
-                           train={"max_steps": STEPS, "grad_accum": 1, "micro_batch_size": 2,
-                                  "save_every": SAVE_EVERY, "eval_at_start": False},
-                           eval={"metric": "loss", "max_prompts": 1, "max_new_tokens": 2},
-                           output={"report_to": ["jsonl"], "plot": False})
-    raw["deepspeed"] = ds_config(stage)
+    """zero_run's recipe, plus a checkpoint every SAVE_EVERY steps."""
+    raw = zero_recipe_raw(data, out, grad_accum=1, deepspeed=ds_config(stage), save_every=SAVE_EVERY)
     path = tmp / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
 
 
-def _torchrun(tmp: Path, recipe: Path, *extra: str, **env: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-P", "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(free_port()), "-m", "peftlab.cli.main", "train", str(recipe), "--quiet", *extra]
-    return subprocess.run(cmd, cwd=tmp, env={**subprocess_env(), **env}, capture_output=True, text=True,
-                          timeout=TORCHRUN_TIMEOUT_S, check=False)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_quickstart_data(tmp_path_factory.mktemp("ds-resume-data"), n_train=32, n_eval=2)
-
-
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
-def test_killed_zero_run_resumes_with_the_losses_of_an_uninterrupted_run(stage, data_dir, tmp_path):
-    ref = tmp_path / "ref"
-    proc = _torchrun(tmp_path, _recipe(tmp_path, data_dir, ref, stage))
-    assert proc.returncode == 0, proc.stderr[-4000:]
+def test_killed_zero_run_resumes_with_the_losses_of_an_uninterrupted_run(stage, zero_data, zero_run, tmp_path):
+    ref = zero_run(stage)
 
     out = tmp_path / "out"
-    recipe = _recipe(tmp_path, data_dir, out, stage)
-    killed = _torchrun(tmp_path, recipe, PEFTLAB_TEST_KILL_AT=KILL_AT)
+    recipe = _recipe(tmp_path, zero_data, out, stage)
+    killed = torchrun_train(tmp_path, recipe, PEFTLAB_TEST_KILL_AT=KILL_AT)
     assert killed.returncode != 0, "the kill hook did not stop the run"
     root = out / "checkpoints"
     complete, _ = ckpt.scan(root)
@@ -91,7 +66,7 @@ def test_killed_zero_run_resumes_with_the_losses_of_an_uninterrupted_run(stage, 
     for key, value in adapter.items():
         assert torch.equal(lora[key], value), key
 
-    resumed = _torchrun(tmp_path, recipe, "--set", "resume=auto")
+    resumed = torchrun_train(tmp_path, recipe, "--set", "resume=auto")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     expected, got = train_losses(ref), train_losses(out)
     assert len(got) == len(expected) == STEPS
