@@ -18,7 +18,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("fused-training")]
 
 
 def test_qlora_steps_fused_match_unfused(tmp_path):
-    data = make_quickstart_data(tmp_path / "data", n_train=48, n_eval=4)
+    # One held-out row: the final eval (through the Triton loss) still runs, but nothing here asserts on it and
+    # in the interpreter 4 rows cost ~14 s of this test's 54 s (measured serially).
+    data = make_quickstart_data(tmp_path / "data", n_train=48, n_eval=1)
     curves = {}
     for backend in ("triton", "torch"):
         raw = tiny_recipe_dict(data, tmp_path / backend, train={"max_steps": 8, "grad_accum": 1,
