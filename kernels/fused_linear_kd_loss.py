@@ -27,6 +27,7 @@ Gradients (used by the Triton row kernel; the PyTorch path takes them from autog
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -35,6 +36,7 @@ from peftlab.kernels.fused_linear_cross_entropy import (
     _HAS_TRITON,
     ROW_BLOCK_V,
     ROW_NUM_WARPS,
+    CEOptions,
     check_labels,
     check_reduction,
     chunked_loss,
@@ -42,8 +44,11 @@ from peftlab.kernels.fused_linear_cross_entropy import (
     default_chunk_rows,
     finish_reduction,
     flatten_inputs,
+    online_block,
+    online_slice,
     reduction_scale,
     resolve_backend,
+    torch_ce_online,
     torch_logits,
     triton_logits,
 )
@@ -252,6 +257,189 @@ def _triton_kd_rows(kind: int, beta: float, temperature: float, alpha: float, ig
     return row_fn
 
 
+# The online KD keeps about this many slice-sized buffers alive at once (student and teacher logits, their
+# exponentials, the gradient coefficients), so its slices are this much narrower than the CE's.
+KD_ONLINE_BUFFERS = 4
+
+
+class _OnlineSoftmax:
+    """Softmax statistics of rows whose logits arrive one vocabulary slice at a time, accumulated online as flash
+    attention does: running maximum m and sum l, and (``with_rows``) the softmax-weighted sum of head rows
+    ``Σ_j exp(z_j - m)·W_j``, rescaled by exp(m_old - m_new) whenever the maximum grows."""
+
+    def __init__(self, rows: int, hdim: int, ref: torch.Tensor, with_rows: bool):
+        self.m = torch.full((rows,), float("-inf"), device=ref.device, dtype=ref.dtype)
+        self.l = torch.zeros(rows, device=ref.device, dtype=ref.dtype)
+        self.rows = torch.zeros((rows, hdim), device=ref.device, dtype=ref.dtype) if with_rows else None
+
+    def add(self, z: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fold the slice's logits z (rows × width, head rows w) in; returns exp(z - m) and the rescale factor."""
+        m_new = torch.maximum(self.m, z.amax(1))
+        rescale = torch.exp(self.m - m_new)
+        e = torch.exp(z - m_new.unsqueeze(1))
+        self.l.mul_(rescale).add_(e.sum(1))
+        if self.rows is not None:
+            self.rows.mul_(rescale.unsqueeze(1)).addmm_(e, w)
+        self.m = m_new
+        return e, rescale
+
+    def lse(self) -> torch.Tensor:
+        return self.m + torch.log(self.l)
+
+    def expected_row(self) -> torch.Tensor:
+        """Σ_j softmax(z)_j · W_j."""
+        return self.rows / self.l.unsqueeze(1)
+
+
+def torch_kd_online(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                    scale: torch.Tensor, compute_grad: bool, *, teacher_hidden: torch.Tensor,
+                    teacher_head: torch.Tensor, teacher_bias: torch.Tensor | None, kind: int, beta: float,
+                    temperature: float, alpha: float, ignore_index: int,
+                    chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Exact KD loss (and scale·dloss/dhidden) of a frozen student head kept in 16 bits, vocabulary outer.
+
+    The online counterpart of the row chunks for ``model.frozen_16bit`` on the PyTorch path (see
+    :func:`~peftlab.kernels.fused_linear_cross_entropy.torch_ce_online`): row chunks upcast the student head
+    twice and the teacher head once per chunk, and at a 128k vocabulary a chunk is ~65 rows. Rows go in blocks
+    of ``chunk_rows`` (default ``ONLINE_ROWS``); each block reads both heads one vocabulary slice at a time:
+
+    * forward KL, one pass: with p = softmax(·/T), ``KL(p_t‖p_s) = Σ p_t·(t - s)/T - lse(t/T) + lse(s/T)``, so
+      the softmax statistics of s, s/T and t/T and the p_t-weighted sum of (t - s)/T are accumulated online, and
+      ``dloss/dh = α·(E_softmax(s)[W] - W_y) + (1-α)·T·(E_{p_s}[W] - E_{p_t}[W])`` from three (two at T = 1)
+      online sums of head rows. Four GEMMs per slice at T = 1 against the row chunks' three.
+    * reverse KL and JSD, two passes: their gradient needs the normalised distributions (and JSD's mixture m
+      has no online form), so pass 1 takes the three log-partitions and pass 2 recomputes both slices' logits,
+      adds the divergence's terms and folds ``c = α·softmax(s) + (1-α)·T·g`` into dloss/dh with one GEMM, where
+      g is ``p_s·(log p_s - log p_t)`` (reverse KL) or ``(1-β)·p_s·(log p_s - log m)`` (JSD). Their ``-K·p_s``
+      term (K the row's KL(p_s‖·), known after the last slice) takes ``E_{p_s}[W]`` accumulated beside.
+
+    ``kind`` is :func:`_kernel_kind`'s number (0 forward KL, 1 reverse KL, 2 JSD).
+    """
+    n, hdim = hidden.shape
+    v = weight.shape[0]
+    cd = compute_dtype(hidden, weight)
+    loss = torch.empty(n, device=hidden.device, dtype=cd)
+    grad_h = torch.empty((n, hdim), device=hidden.device, dtype=cd) if compute_grad else None
+    rows, _ = online_block(n, v, cd.itemsize, chunk_rows)
+    inv_t = 1.0 / temperature
+
+    def slices(h: torch.Tensor, ht: torch.Tensor, width: int):
+        """(head rows, student logits, teacher logits / T) of each vocabulary slice, heads upcast per slice."""
+        for v0 in range(0, v, width):
+            w = weight[v0:v0 + width].to(cd)
+            s = h @ w.t()
+            if bias is not None:
+                s += bias[v0:v0 + width].to(cd)
+            t = ht @ teacher_head[v0:v0 + width].to(cd).t()
+            if teacher_bias is not None:
+                t += teacher_bias[v0:v0 + width].to(cd)
+            yield v0, w, s, t.mul_(inv_t)
+
+    for start in range(0, n, rows):
+        sl = slice(start, min(start + rows, n))
+        h, ht = hidden[sl].detach().to(cd), teacher_hidden[sl].to(cd)
+        valid = labels[sl] != ignore_index
+        y = torch.where(valid, labels[sl], 0)
+        read = functools.partial(slices, h, ht, online_slice(h.shape[0], v, cd.itemsize * KD_ONLINE_BUFFERS))
+        block = _forward_kl_block if kind == 0 else _two_pass_block
+        ce, div, grad = block(read, h, y, kind=kind, beta=beta, temperature=temperature, alpha=alpha,
+                              need_grad=compute_grad)
+        loss[sl] = torch.where(valid, alpha * ce + (1.0 - alpha) * temperature**2 * div, 0.0)
+        if grad_h is not None:
+            if alpha:
+                grad.sub_(weight.index_select(0, y).to(cd), alpha=alpha)  # the CE's -W_y
+            grad_h[sl] = grad.mul_(torch.where(valid, scale[sl].to(cd), 0.0).unsqueeze(1))
+    return loss, grad_h
+
+
+def _gather_target(z: torch.Tensor, y: torch.Tensor, v0: int, z_y: torch.Tensor) -> torch.Tensor:
+    """z_y updated with the rows whose target falls in the slice starting at vocabulary row v0."""
+    here = (y >= v0) & (y < v0 + z.shape[1])
+    return torch.where(here, z.gather(1, (y - v0).clamp(0, z.shape[1] - 1).unsqueeze(1)).squeeze(1), z_y)
+
+
+def _forward_kl_block(read, h, y, *, kind, beta, temperature, alpha, need_grad):
+    """(CE, KL(p_t‖p_s), unscaled dloss/dh without the CE's -W_y) of one row block, one pass (see torch_kd_online).
+    ``read()`` yields (vocabulary start, head rows, student logits, teacher logits / T) slice by slice."""
+    del kind, beta
+    r, hdim = h.shape
+    inv_t = 1.0 / temperature
+    kd = alpha < 1.0  # the divergence has a gradient
+    s1 = _OnlineSoftmax(r, hdim, h, need_grad and (alpha > 0 or temperature == 1.0))  # softmax(s): CE, p_s at T = 1
+    st = _OnlineSoftmax(r, hdim, h, need_grad and kd) if temperature != 1.0 else s1  # p_s = softmax(s/T)
+    tt = _OnlineSoftmax(r, hdim, h, need_grad and kd)  # p_t = softmax(t/T)
+    x = torch.zeros(r, device=h.device, dtype=h.dtype)  # Σ exp(t/T - m_t)·(t - s)/T, rescaled with tt
+    s_y = torch.zeros_like(x)
+    for v0, w, s, t in read():
+        s_y = _gather_target(s, y, v0, s_y)
+        s1.add(s, w)
+        if st is not s1:
+            s.mul_(inv_t)
+            st.add(s, w)
+        e_t, rescale = tt.add(t, w)
+        x.mul_(rescale).add_((e_t * t.sub_(s)).sum(1))  # s is s/T by now
+    div = x / tt.l - tt.lse() + st.lse()
+    grad = None
+    if need_grad:
+        kd_w = (1.0 - alpha) * temperature  # (1-α)·T²·(1/T): the chain rule of s/T
+        grad = torch.zeros_like(h)
+        if s1.rows is not None:
+            grad.add_(s1.expected_row(), alpha=alpha + (kd_w if st is s1 else 0.0))
+        if st is not s1 and st.rows is not None:
+            grad.add_(st.expected_row(), alpha=kd_w)
+        if tt.rows is not None:
+            grad.sub_(tt.expected_row(), alpha=kd_w)
+    return s1.lse() - s_y, div, grad
+
+
+def _two_pass_block(read, h, y, *, kind, beta, temperature, alpha, need_grad):
+    """(CE, D, unscaled dloss/dh without the CE's -W_y) of one row block for reverse KL / JSD (see torch_kd_online)."""
+    r, hdim = h.shape
+    inv_t = 1.0 / temperature
+    s1 = _OnlineSoftmax(r, hdim, h, False)
+    st = _OnlineSoftmax(r, hdim, h, False) if temperature != 1.0 else s1
+    tt = _OnlineSoftmax(r, hdim, h, False)
+    s_y = torch.zeros(r, device=h.device, dtype=h.dtype)
+    for v0, w, s, t in read():  # pass 1: the three log-partitions and s_y
+        s_y = _gather_target(s, y, v0, s_y)
+        s1.add(s, w)
+        tt.add(t, w)
+        if st is not s1:
+            st.add(s.mul_(inv_t), w)
+    lse1, lse_st, lse_t = s1.lse(), st.lse(), tt.lse()
+    log_b, log_1mb = (math.log(beta) if beta > 0 else 0.0), (math.log1p(-beta) if beta < 1 else 0.0)
+    k_w = (1.0 - alpha) * temperature * (1.0 - beta if kind == 2 else 1.0)
+    div = torch.zeros_like(s_y)
+    k_row = torch.zeros_like(s_y)  # K = KL(p_s ‖ p_t or m)
+    grad = torch.zeros_like(h) if need_grad else None
+    e_ps = torch.zeros_like(h) if need_grad else None  # E_{p_s}[W]
+    for _v0, w, s, lt in read():  # pass 2: the divergence and the gradient, all normalised
+        q = torch.exp(s - lse1.unsqueeze(1)) if need_grad and alpha else None  # the CE's softmax
+        ls = s.mul_(inv_t).sub_(lse_st.unsqueeze(1))  # log p_s, in place of s
+        lt.sub_(lse_t.unsqueeze(1))  # log p_t
+        ps = ls.exp()
+        if kind == 1:
+            u = ls.sub_(lt)  # log p_s - log p_t
+        else:
+            pt = lt.exp()
+            log_m = torch.logaddexp(lt + log_b, ls + log_1mb)
+            div += beta * torch.where(pt > 0, pt * (lt - log_m), 0.0).sum(1)
+            u = ls.sub_(log_m)  # log p_s - log m
+        kl_s = torch.where(ps > 0, ps * u, 0.0)
+        part = kl_s.sum(1)
+        k_row += part
+        div += part if kind == 1 else (1.0 - beta) * part
+        if grad is not None:
+            e_ps.addmm_(ps, w)
+            c = kl_s.mul_(k_w)
+            if q is not None:
+                c.add_(q, alpha=alpha)
+            grad.addmm_(c, w)
+    if grad is not None:
+        grad.sub_(e_ps.mul_((k_w * k_row).unsqueeze(1)))
+    return lse1 - s_y, div, grad
+
+
 def _check_teacher(student_head: torch.Tensor, teacher_hidden: torch.Tensor, teacher_head: torch.Tensor,
                    student_hidden: torch.Tensor, teacher_bias: torch.Tensor | None) -> torch.Tensor:
     if teacher_head.dim() != 2 or teacher_head.shape[0] != student_head.shape[0]:
@@ -319,9 +507,15 @@ def fused_linear_kd_loss(
         row_fn = _torch_rows_from_autograd(
             lambda s, lab, t: _kd_rows_math(s, t, lab, kind=kind, beta=beta, temperature=temperature,
                                             alpha=alpha, ignore_index=ignore_index))
+    def online(h, weight, bias, lab, scale, compute_grad):
+        return torch_kd_online(h, weight, bias, lab, scale, compute_grad, teacher_hidden=th,
+                               teacher_head=teacher_head, teacher_bias=teacher_bias, kind=_kernel_kind(kind, beta),
+                               beta=beta, temperature=temperature, alpha=alpha, ignore_index=ignore_index,
+                               chunk_rows=chunk_size)
+
     row_weight = reduction_scale(y != ignore_index, reduction, normalizer, cd)
-    loss = chunked_loss(h2, student_head, student_bias, y, row_weight, row_fn, be, rows,
-                                     reduction, teacher_logits)
+    loss = chunked_loss(h2, student_head, student_bias, y, row_weight, row_fn, be, rows, reduction,
+                        teacher_logits, online)
     return finish_reduction(loss, reduction, labels.shape)
 
 
@@ -416,17 +610,64 @@ def topk_kd_loss(
     check_labels(y, v, ignore_index)
     rows = chunk_size or default_chunk_rows(h2.shape[0], h2.shape[1], v, gpu=h2.is_cuda)
 
-    def math_fn(s: torch.Tensor, lab: torch.Tensor, lp_c: torch.Tensor, ids_c: torch.Tensor) -> torch.Tensor:
-        valid = lab != ignore_index
-        ce = F.cross_entropy(s, lab, ignore_index=ignore_index, reduction="none")
+    def kd_part(s_ids: torch.Tensor, lab: torch.Tensor, lp_c: torch.Tensor) -> torch.Tensor:
         log_pt = F.log_softmax(lp_c / temperature, -1)
-        log_ps = F.log_softmax(s.gather(1, ids_c) / temperature, -1)
-        d = divergence(log_ps, log_pt, kind, beta)
-        return torch.where(valid, alpha * ce + (1.0 - alpha) * temperature**2 * d, 0.0)
+        d = divergence(F.log_softmax(s_ids / temperature, -1), log_pt, kind, beta)
+        return torch.where(lab != ignore_index, (1.0 - alpha) * temperature**2 * d, 0.0)
+
+    def math_fn(s: torch.Tensor, lab: torch.Tensor, lp_c: torch.Tensor, ids_c: torch.Tensor) -> torch.Tensor:
+        ce = F.cross_entropy(s, lab, ignore_index=ignore_index, reduction="none")
+        return alpha * ce + kd_part(s.gather(1, ids_c), lab, lp_c)
+
+    def online(h, weight, bias, lab, scale, compute_grad):
+        return torch_topk_kd_online(h, weight, bias, lab, scale, compute_grad, ids=ids, kd_part=lambda s_ids, sl: kd_part(
+            s_ids, lab[sl], lp[sl]), alpha=alpha, ignore_index=ignore_index, chunk_rows=chunk_size)
 
     row_weight = reduction_scale(y != ignore_index, reduction, normalizer, cd)
-    loss = chunked_loss(h2, student_head, student_bias, y, row_weight,
-                                     _torch_rows_from_autograd(math_fn), "torch", rows, reduction,
-                                     lambda sl: (lp[sl], ids[sl]))
+    loss = chunked_loss(h2, student_head, student_bias, y, row_weight, _torch_rows_from_autograd(math_fn), "torch",
+                        rows, reduction, lambda sl: (lp[sl], ids[sl]), online)
     return finish_reduction(loss, reduction, labels.shape)
+
+
+# Rows of one gather block of the top-k online path: their gathered head rows (rows × k × H) stay near 16 MB.
+TOPK_GATHER_BYTES = 16 << 20
+
+
+def torch_topk_kd_online(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                         scale: torch.Tensor, compute_grad: bool, *, ids: torch.Tensor, kd_part, alpha: float,
+                         ignore_index: int, chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Offline distillation's loss over a frozen 16-bit student head without full-vocabulary row chunks.
+
+    The loss is α·CE + KD(s at the teacher's k ids). The CE is exactly
+    :func:`~peftlab.kernels.fused_linear_cross_entropy.torch_ce_online` (vocabulary outer, each head slice upcast
+    once per row block), skipped when α = 0; the divergence needs the student's logits at k ids only, so it
+    gathers those k head rows per token (``s_ids = W[ids] · h``, rows × k × H, a few rows at a time) and folds
+    its gradient back through the same rows — k·H work per token instead of V·H. ``kd_part(s_ids, rows)`` is the
+    per-row divergence term (differentiable in s_ids, 0 at ignored rows).
+    """
+    n, hdim = hidden.shape
+    cd = compute_dtype(hidden, weight)
+    if alpha:
+        loss, grad_h = torch_ce_online(hidden, weight, bias, labels, scale * alpha, CEOptions(ignore_index=ignore_index),
+                                       compute_grad, chunk_rows)
+        loss = loss * alpha
+    else:
+        loss = torch.zeros(n, device=hidden.device, dtype=cd)
+        grad_h = torch.zeros((n, hdim), device=hidden.device, dtype=cd) if compute_grad else None
+    k = ids.shape[1]
+    step = max(1, TOPK_GATHER_BYTES // max(1, k * hdim * cd.itemsize))
+    for start in range(0, n, step):
+        sl = slice(start, min(start + step, n))
+        w_ids = weight[ids[sl].reshape(-1)].to(cd).view(-1, k, hdim)  # rows × k × H
+        h = hidden[sl].detach().to(cd)
+        with torch.enable_grad():
+            s_ids = torch.bmm(w_ids, h.unsqueeze(2)).squeeze(2).requires_grad_(compute_grad)
+            if bias is not None:
+                s_ids = s_ids + bias[ids[sl]].to(cd)
+            part = kd_part(s_ids, sl)
+            if compute_grad:
+                (g,) = torch.autograd.grad(part, s_ids, grad_outputs=scale[sl].to(part.dtype))
+                grad_h[sl] += torch.bmm(g.unsqueeze(1), w_ids).squeeze(1)
+        loss[sl] += part.detach()
+    return loss, grad_h
 

@@ -173,6 +173,79 @@ def test_topk_renormalises_both_distributions_over_the_ids():
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=5e-4)
 
 
+ONLINE_CASES = {  # kind options, temperature, alpha, reduction
+    **{f"{name}-T1": (kw, 1.0, 0.5, "sum") for name, kw in KINDS.items()},
+    **{f"{name}-T2": (kw, 2.0, 0.3, "sum") for name, kw in KINDS.items()},
+    "forward_kl-kd_only": (KINDS["forward_kl"], 1.0, 0.0, "sum"),
+    "forward_kl-ce_only": (KINDS["forward_kl"], 2.0, 1.0, "sum"),
+    "jsd_0.2-none": (KINDS["jsd_0.2"], 3.0, 0.7, "none"),
+    "forward_kl-none": (KINDS["forward_kl"], 2.0, 0.6, "none"),
+}
+
+
+def force_small_online_slices(monkeypatch):
+    """8 vocabulary slices of 16 rows: every rescaling step of the online softmax runs."""
+    ce_mod = importlib.import_module("peftlab.kernels.fused_linear_cross_entropy")
+    monkeypatch.setattr(ce_mod, "ONLINE_MIN_SLICE", 16)
+    monkeypatch.setattr(ce_mod, "ONLINE_SLICE_BYTES", 1)
+    return ce_mod
+
+
+@pytest.mark.parametrize("case", list(ONLINE_CASES))
+def test_frozen_16bit_student_head_goes_vocabulary_outer_and_matches_the_reference(case, monkeypatch):
+    """model.frozen_16bit on the CPU: frozen bf16 student and teacher heads (and biases) under fp32 hidden states
+    take the online path (torch_kd_online: forward KL in one pass, reverse KL / JSD in two), never the row chunks
+    (which upcast both heads per chunk); the loss and the hidden states' gradient equal the full-logits reference
+    over the upcast heads. chunk_size=16 makes 3 row blocks."""
+    kw, temperature, alpha, reduction = ONLINE_CASES[case]
+    ce_mod = force_small_online_slices(monkeypatch)
+    online, chunked = [], []
+    real_online, real_grads = kd_mod.torch_kd_online, ce_mod.chunk_grad_matmuls
+    monkeypatch.setattr(kd_mod, "torch_kd_online", lambda *a, **k: online.append(1) or real_online(*a, **k))
+    monkeypatch.setattr(ce_mod, "chunk_grad_matmuls", lambda *a: chunked.append(1) or real_grads(*a))
+    sh, sw, sb, th, tw, labels = make_inputs()
+    sw, sb, tw = sw.detach().bfloat16(), sb.detach().bfloat16(), tw.bfloat16()
+    tb = (torch.randn(V, generator=torch.Generator().manual_seed(5)) * 0.3).bfloat16()
+    opts = {**kw, "temperature": temperature, "alpha": alpha, "reduction": reduction}
+    up = torch.randn(BT) if reduction == "none" else torch.tensor(1.0)
+    loss = fused_linear_kd_loss(sh, sw, th, tw, labels, student_bias=sb, teacher_bias=tb, backend="torch",
+                                chunk_size=16, **opts)
+    (grad,) = grads((loss * up).sum(), sh)
+    ref = reference_linear_kd_loss(sh, sw.float(), th, tw.float(), labels, student_bias=sb.float(),
+                                   teacher_bias=tb.float(), **opts)
+    (ref_grad,) = grads((ref * up).sum(), sh)
+    assert online and not chunked
+    torch.testing.assert_close(loss, ref, atol=3e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.0])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_topk_over_a_frozen_16bit_head_is_online_and_equals_the_upcast_head(kind, alpha, monkeypatch):
+    """Offline distillation over a frozen bf16 head: the CE goes vocabulary-outer (torch_ce_online; skipped at
+    α = 0, where the loss needs no full-vocabulary logits at all) and the divergence gathers the k head rows;
+    loss and gradient equal the row-chunked path over the fp32 upcast of the same head."""
+    ce_mod = force_small_online_slices(monkeypatch)
+    monkeypatch.setattr(kd_mod, "TOPK_GATHER_BYTES", 1)  # one row per gather block
+    ce_calls, chunked = [], []
+    real_ce, real_grads = kd_mod.torch_ce_online, ce_mod.chunk_grad_matmuls
+    monkeypatch.setattr(kd_mod, "torch_ce_online", lambda *a, **k: ce_calls.append(1) or real_ce(*a, **k))
+    monkeypatch.setattr(ce_mod, "chunk_grad_matmuls", lambda *a: chunked.append(1) or real_grads(*a))
+    sh, sw, sb, th, tw, labels = make_inputs()
+    sw16, sb16 = sw.detach().bfloat16(), sb.detach().bfloat16()
+    lp, ids = F.log_softmax(th @ tw.t(), -1).topk(7, -1)
+    kw = {**KINDS[kind], "temperature": 2.0, "alpha": alpha}
+    loss = topk_kd_loss(sh, sw16, lp, ids, labels, student_bias=sb16, chunk_size=16, **kw)
+    (grad,) = grads(loss, sh)
+    assert not chunked and len(ce_calls) == (1 if alpha else 0)
+    sh32 = sh.detach().clone().requires_grad_()
+    ref = topk_kd_loss(sh32, sw16.float(), lp, ids, labels, student_bias=sb16.float(), chunk_size=16, **kw)
+    (ref_grad,) = grads(ref, sh32)
+    assert chunked  # the reference took the row chunks
+    torch.testing.assert_close(loss, ref, atol=3e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, atol=2e-6, rtol=1e-5)
+
+
 def test_user_errors():
     sh, sw, _, th, tw, labels = make_inputs()
     with pytest.raises(PeftlabError, match="kind="):
