@@ -12,6 +12,9 @@ parity on the GPU (PASS/FAIL), then ``torch.cuda.max_memory_allocated`` above th
     python bench/bench_fused_linear_cross_entropy.py              # CPU, BT = 2k, 8k
     python bench/bench_fused_linear_cross_entropy.py --gpu        # GPU parity + BT = 2k, 8k, 32k
     python bench/bench_fused_linear_cross_entropy.py --smoke      # tiny, < 20 s (used by a test)
+    python bench/bench_fused_linear_cross_entropy.py --head-dtype bfloat16 --hidden-size 768 --bt 2048
+        # model.frozen_16bit on the CPU: a bf16 head under fp32 hidden states; "fused" takes the online path
+        # (vocabulary outer), "fused_rows" the row chunks it replaced (each chunk upcasts the head twice)
 
 Results: a table on stdout and JSON lines in bench/results/fused_linear_cross_entropy.jsonl.
 Needs only torch, triton (GPU), peftlab and psutil.
@@ -36,14 +39,16 @@ IGNORE_FRACTION = 0.1  # prompt tokens masked with -100
 # ----------------------------------------------------------------------------------------------------
 # Inputs and methods (also imported by the measuring subprocesses)
 # ----------------------------------------------------------------------------------------------------
-def build_inputs(bt: int, h: int, v: int, dtype: str, device: str, seed: int = 0) -> dict[str, Any]:
-    """hidden (BT × H, requires grad), frozen head (V × H), labels; created in place (no fp32 temporaries)."""
+def build_inputs(bt: int, h: int, v: int, dtype: str, device: str, seed: int = 0,
+                 head_dtype: str | None = None) -> dict[str, Any]:
+    """hidden (BT × H, requires grad), frozen head (V × H, ``head_dtype``, default ``dtype``), labels; created in
+    place (no fp32 temporaries)."""
     import torch
 
     torch.manual_seed(seed)
     dt = getattr(torch, dtype)
     hidden = torch.empty(bt, h, dtype=dt, device=device).normal_(0, 1).requires_grad_()
-    weight = torch.empty(v, h, dtype=dt, device=device).normal_(0, 0.02)
+    weight = torch.empty(v, h, dtype=getattr(torch, head_dtype or dtype), device=device).normal_(0, 0.02)
     labels = torch.randint(0, v, (bt,), device=device)
     labels[torch.rand(bt, device=device) < IGNORE_FRACTION] = -100
     return {"hidden": hidden, "weight": weight, "labels": labels, "n_targets": int((labels != -100).sum())}
@@ -56,17 +61,27 @@ def run_method(method: str, inp: dict[str, Any]) -> float:
     hidden, weight, labels, n = inp["hidden"], inp["weight"], inp["labels"], inp["n_targets"]
     hidden.grad = None
     if method == "unfused":  # transformers' ForCausalLMLoss: logits upcast to fp32, CE summed / n
-        logits = hidden @ weight.t()
+        logits = hidden @ weight.to(hidden.dtype).t()
         logits = logits.float()
         loss = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum") / n
         del logits
     else:
         from peftlab.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 
-        backend = {"fused": "auto", "fused_triton": "triton", "fused_torch": "torch"}[method]
+        backend = rows_only(method)
         loss = fused_linear_cross_entropy(hidden, weight, labels, normalizer=n, backend=backend)
     loss.backward()
     return float(loss.detach())
+
+
+def rows_only(method: str) -> str:
+    """The backend of a fused method; ``fused_rows`` also switches the online path off (this process only), so
+    a 16-bit head takes the row chunks the online path replaced."""
+    import importlib
+
+    if method == "fused_rows":
+        importlib.import_module("peftlab.kernels.fused_linear_cross_entropy").online_applies = lambda *a: False
+    return {"fused": "auto", "fused_rows": "torch", "fused_triton": "triton", "fused_torch": "torch"}[method]
 
 
 _SNIPPET = """
@@ -75,7 +90,7 @@ sys.path.insert(0, {bench_dir!r})
 import torch
 import peftlab.kernels.fused_linear_cross_entropy, peftlab.kernels.fused_linear_kd_loss  # imports are not the loss's memory
 from {module} import build_inputs, run_method
-inp = build_inputs({bt}, {h}, {v}, {dtype!r}, "cpu")
+inp = build_inputs({bt}, {h}, {v}, {dtype!r}, "cpu", head_dtype={head_dtype!r})
 RESULT = {{}}
 if {method!r} != "inputs":
     t0 = time.perf_counter()
@@ -206,10 +221,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, one iteration, < 20 s")
     ap.add_argument("--bt", type=int, nargs="+", help="token counts (default 2048 8192; GPU adds 32768)")
     ap.add_argument("--results-dir", type=Path, default=None, help="where the JSONL goes (default bench/results)")
+    ap.add_argument("--head-dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                    help="CPU: the head's dtype under fp32 hidden states (bfloat16 = model.frozen_16bit; adds the "
+                         "row-chunked 'fused_rows' beside the online 'fused')")
+    ap.add_argument("--hidden-size", type=int, default=None, help="hidden size (default 4096; smoke 64)")
     args = ap.parse_args(argv)
     h, v = 4096, 128256
     if args.smoke:
         h, v = 64, 1000
+    h = args.hidden_size or h
     if args.gpu:
         ok = gpu_parity()
         print("GPU parity:", "PASS" if ok else "FAIL", flush=True)
@@ -222,9 +242,11 @@ def main(argv: list[str] | None = None) -> int:
         cols = ["bt", "h", "v", "dtype", "method", "peak_above_inputs_mb", "median_ms", "oom"]
     else:
         bts = args.bt or ([64] if args.smoke else [2048, 8192])
-        rows = cpu_sweep(bts, h, v, ["unfused", "fused"], "bench_fused_linear_cross_entropy", _SNIPPET,
-                         {"dtype": "float32"}, lambda bt, m: ce_need_bytes(bt, v, m))
-        cols = ["bt", "h", "v", "dtype", "method", "peak_rss_mb", "above_inputs_mb", "peak_ratio_vs_unfused",
+        methods = ["unfused", "fused"] + (["fused_rows"] if args.head_dtype not in (None, "float32") else [])
+        rows = cpu_sweep(bts, h, v, methods, "bench_fused_linear_cross_entropy", _SNIPPET,
+                         {"dtype": "float32", "head_dtype": args.head_dtype or "float32"},
+                         lambda bt, m: ce_need_bytes(bt, v, m))
+        cols = ["bt", "h", "v", "dtype", "head_dtype", "method", "peak_rss_mb", "above_inputs_mb", "peak_ratio_vs_unfused",
                 "above_inputs_ratio_vs_unfused", "time_s", "loss", "skipped"]
     print()
     common.print_table(rows, cols)

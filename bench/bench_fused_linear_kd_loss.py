@@ -8,6 +8,9 @@ GPU: parity PASS/FAIL, then max_memory_allocated above inputs and do_bench media
     python bench/bench_fused_linear_kd_loss.py            # CPU, BT = 2k
     python bench/bench_fused_linear_kd_loss.py --gpu      # GPU parity + BT = 2k, 8k
     python bench/bench_fused_linear_kd_loss.py --smoke    # tiny, < 20 s
+    python bench/bench_fused_linear_kd_loss.py --head-dtype bfloat16 --hidden-size 768 --bt 2048
+        # model.frozen_16bit on the CPU: bf16 heads under fp32 hidden states; "fused" takes the online path
+        # (torch_kd_online), "fused_rows" the row chunks it replaced
 """
 from __future__ import annotations
 
@@ -20,25 +23,28 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
 import common
-from bench_fused_linear_cross_entropy import _SNIPPET, IGNORE_FRACTION, cpu_sweep, gpu_measure
+from bench_fused_linear_cross_entropy import _SNIPPET, IGNORE_FRACTION, cpu_sweep, gpu_measure, rows_only
 
 NAME = "fused_linear_kd_loss"
 ALPHA, TEMPERATURE = 0.5, 2.0
 
 
-def build_inputs(bt: int, h: int, v: int, dtype: str, device: str, seed: int = 0) -> dict[str, Any]:
-    """Student/teacher hidden (BT × H) and heads (V × H), created in place; the teacher has the same H."""
+def build_inputs(bt: int, h: int, v: int, dtype: str, device: str, seed: int = 0,
+                 head_dtype: str | None = None) -> dict[str, Any]:
+    """Student/teacher hidden (BT × H) and heads (V × H, ``head_dtype``, default ``dtype``), created in place; the
+    teacher has the same H."""
     import torch
 
     torch.manual_seed(seed)
     dt = getattr(torch, dtype)
+    hdt = getattr(torch, head_dtype or dtype)
     labels = torch.randint(0, v, (bt,), device=device)
     labels[torch.rand(bt, device=device) < IGNORE_FRACTION] = -100
     return {
         "s_hidden": torch.empty(bt, h, dtype=dt, device=device).normal_(0, 1).requires_grad_(),
-        "s_head": torch.empty(v, h, dtype=dt, device=device).normal_(0, 0.02),
+        "s_head": torch.empty(v, h, dtype=hdt, device=device).normal_(0, 0.02),
         "t_hidden": torch.empty(bt, h, dtype=dt, device=device).normal_(0, 1),
-        "t_head": torch.empty(v, h, dtype=dt, device=device).normal_(0, 0.02),
+        "t_head": torch.empty(v, h, dtype=hdt, device=device).normal_(0, 0.02),
         "labels": labels,
         "n_targets": int((labels != -100).sum()),
     }
@@ -52,9 +58,9 @@ def run_method(method: str, inp: dict[str, Any]) -> float:
     sh, sw, th, tw, labels, n = (inp[k] for k in ("s_hidden", "s_head", "t_hidden", "t_head", "labels", "n_targets"))
     sh.grad = None
     if method == "unfused":
-        s = (sh @ sw.t()).float()
+        s = (sh @ sw.to(sh.dtype).t()).float()
         with torch.no_grad():
-            t = (th @ tw.t()).float()
+            t = (th @ tw.to(th.dtype).t()).float()
         valid = labels != -100
         ce = F.cross_entropy(s, labels, ignore_index=-100, reduction="none")
         kl = F.kl_div(F.log_softmax(s / TEMPERATURE, -1), F.log_softmax(t / TEMPERATURE, -1), reduction="none",
@@ -64,7 +70,7 @@ def run_method(method: str, inp: dict[str, Any]) -> float:
     else:
         from peftlab.kernels.fused_linear_kd_loss import fused_linear_kd_loss
 
-        backend = {"fused": "auto", "fused_triton": "triton", "fused_torch": "torch"}[method]
+        backend = rows_only(method)
         loss = fused_linear_kd_loss(sh, sw, th, tw, labels, kind="forward_kl", alpha=ALPHA,
                                     temperature=TEMPERATURE, normalizer=n, backend=backend)
     loss.backward()
@@ -113,8 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, one iteration, < 20 s")
     ap.add_argument("--bt", type=int, nargs="+", help="token counts (default 2048; GPU 2048 8192)")
     ap.add_argument("--results-dir", type=Path, default=None, help="where the JSONL goes (default bench/results)")
+    ap.add_argument("--head-dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                    help="CPU: the heads' dtype under fp32 hidden states (bfloat16 = model.frozen_16bit; adds the "
+                         "row-chunked 'fused_rows' beside the online 'fused')")
+    ap.add_argument("--hidden-size", type=int, default=None, help="hidden size (default 4096; smoke 64)")
     args = ap.parse_args(argv)
     h, v = (64, 1000) if args.smoke else (4096, 128256)
+    h = args.hidden_size or h
     if args.gpu:
         ok = gpu_parity()
         print("GPU parity:", "PASS" if ok else "FAIL", flush=True)
@@ -127,9 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         bts = args.bt or ([64] if args.smoke else [2048])
         # unfused: student + teacher logits, their log-softmaxes at T, KL terms and gradients: ~8 BT × V fp32
-        rows = cpu_sweep(bts, h, v, ["unfused", "fused"], "bench_fused_linear_kd_loss", _SNIPPET,
-                         {"dtype": "float32"}, lambda bt, m: 8 * bt * v * 4 if m == "unfused" else 0)
-        cols = ["bt", "h", "v", "dtype", "method", "peak_rss_mb", "above_inputs_mb", "peak_ratio_vs_unfused",
+        methods = ["unfused", "fused"] + (["fused_rows"] if args.head_dtype not in (None, "float32") else [])
+        rows = cpu_sweep(bts, h, v, methods, "bench_fused_linear_kd_loss", _SNIPPET,
+                         {"dtype": "float32", "head_dtype": args.head_dtype or "float32"},
+                         lambda bt, m: 8 * bt * v * 4 if m == "unfused" else 0)
+        cols = ["bt", "h", "v", "dtype", "head_dtype", "method", "peak_rss_mb", "above_inputs_mb", "peak_ratio_vs_unfused",
                 "above_inputs_ratio_vs_unfused", "time_s", "loss", "skipped"]
     print()
     common.print_table(rows, cols)
