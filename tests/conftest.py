@@ -30,6 +30,30 @@ torch.set_num_threads(1)
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Keep `--dist loadgroup` grouping under pytest >= 9.2.
+
+    pytest-xdist (3.8) groups tests by suffixing each marked item's node id with ``@<group>`` on the workers, by
+    assigning ``item._nodeid``; pytest 9.2 keeps node ids in ``item._id`` (a NodeId), so that assignment is
+    ignored and every xdist_group is silently spread over both workers: module fixtures (the resume chain of
+    tests/checkpoint/test_resume.py, ~30 s) were built once per worker, and two torchruns could overlap. This
+    hook runs after xdist's and applies the suffix where it did not take; it does nothing when xdist's own
+    suffix is there (older pytest, or a fixed xdist) or when the run is not a loadgroup worker."""
+    if not getattr(config.option, "loadgroup", False):  # set by xdist on its workers under --dist loadgroup
+        return
+    try:
+        from _pytest.nodeid import NodeId
+    except ImportError:  # pytest < 9.2: xdist's own suffix works
+        return
+    for item in items:
+        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                        for m in item.iter_markers("xdist_group")})
+        suffix = "@" + "_".join(names)
+        if names and not item.nodeid.endswith(suffix):
+            item._id = NodeId.parse(item.nodeid + suffix)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data beside the checkout; tests that need it skip cleanly when it is absent."""
