@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.errors import PeftlabError
 from peftlab.model.classifier import head_of, save_head
 from peftlab.objectives.causal_lm import final_hidden_states
 
@@ -56,23 +55,6 @@ def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, nor
     if weights is not None:
         losses = losses * weights.to(losses.dtype)
     return losses.sum() / normalizer
-
-
-def check_loss_settings(recipe: Any) -> None:
-    """Refuse ``train.loss`` settings a classification / regression loss does not apply.
-
-    ``softcap``, ``label_smoothing`` and ``z_loss`` shape a language model's vocabulary logits; the head here is a
-    freshly initialised linear layer whose cross-entropy / squared error reads none of them, so the run would
-    silently train without them. A model's own soft-cap (Gemma-2's ``final_logit_softcapping``) is NOT applied to
-    this head, as transformers' ``Gemma2ForSequenceClassification`` does not apply it to its score head: it
-    belongs to the LM head (``lm_head`` logits), which a classifier never reads."""
-    loss = recipe.train.loss
-    given = [f"train.loss.{k}={getattr(loss, k)}" for k in ("softcap", "label_smoothing", "z_loss")
-             if getattr(loss, k)]
-    if given:
-        raise PeftlabError(f"{', '.join(given)} with task: {recipe.task}: these shape a language model's token "
-                           "logits, and the classification head's loss does not apply them (the run would train "
-                           "without them). Remove them from train.loss")
 
 
 # ---- metrics -------------------------------------------------------------------------------------

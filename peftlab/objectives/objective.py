@@ -40,7 +40,7 @@ from peftlab.engine.process_group import all_reduce_sum
 from peftlab.evaluation.evaluate import evaluate
 from peftlab.model.classifier import attach_head
 from peftlab.objectives.causal_lm import LossSettings, causal_lm_loss, count_targets, loss_normalizer
-from peftlab.objectives.classification import ClassificationObjective, check_loss_settings
+from peftlab.objectives.classification import ClassificationObjective
 from peftlab.objectives.distillation import DistillationObjective, build_distill_loss
 from peftlab.objectives.domain_adversarial import build_dann_objective
 from peftlab.objectives.preference import build_preference_objective
@@ -124,7 +124,6 @@ def build_objective(recipe: Any, loaded: Any, data: Any) -> Objective:
     (:class:`peftlab.data.build.DataBundle`). A classification run gets its head attached to the model here (its
     label space comes from the data); a distillation run loads its teacher or opens its teacher cache."""
     if recipe.task != "causal_lm":
-        check_loss_settings(recipe)  # train.loss settings the head's loss would ignore
         attach_head(loaded.model, data, recipe)
         if recipe.dann is not None:  # DANN: + target rows and a domain head
             return build_dann_objective(recipe, loaded, data)

@@ -336,6 +336,14 @@ class Recipe(Section):
             elif (self.data.label_type == "class") != (self.task == "classification"):
                 raise ValueError(f"task={self.task} with data.label_type={self.data.label_type}: set "
                                  "data.label_type: auto (the task then decides)")
+            # the head's cross-entropy / squared error applies none of these: the run would train without them (a
+            # model's own final_logit_softcapping belongs to its LM head, which a classifier never reads)
+            given = [f"train.loss.{k}={getattr(self.train.loss, k)}" for k in ("softcap", "label_smoothing", "z_loss")
+                     if getattr(self.train.loss, k)]
+            if given:
+                raise ValueError(f"{', '.join(given)} with task: {self.task}: these shape a language model's token "
+                                 "logits, and the classification head's loss does not apply them (the run would "
+                                 "train without them). Remove them from train.loss")
         check_augment(self)
         check_preference(self)
         loss = self.train.loss

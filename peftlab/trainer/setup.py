@@ -39,7 +39,7 @@ from peftlab.data.augment import build_augmenter, describe
 from peftlab.data.build import DataBundle
 from peftlab.data.pipeline import build_data
 from peftlab.engine.deepspeed import ZeroEngine, join_for_deepspeed
-from peftlab.engine.hostmem import bound_host_heap, choose_cpu_threads, openmp_wait_policy, request_huge_pages
+from peftlab.engine.hostmem import choose_cpu_threads, openmp_wait_policy, prepare_host_allocator
 from peftlab.engine.interface import Engine
 from peftlab.engine.local import LocalEngine
 from peftlab.engine.memory_fit import apply_auto_fit
@@ -126,10 +126,7 @@ def load_model(recipe: Any) -> LoadedModel:
     classification / regression (its head comes with the objective, once the data's labels are known)."""
     resolve_layers(recipe)  # adapter.layers: top:k -> explicit indices
     if pick_device(recipe.train.device).type == "cpu":  # before loading (peftlab/engine/hostmem.py)
-        if recipe.train.host_allocator == "bounded":
-            bound_host_heap()  # peak host memory = live tensors
-        elif recipe.train.host_allocator == "auto":
-            request_huge_pages()  # + the engine returns the heap's free pages after each backward
+        prepare_host_allocator(recipe.train.host_allocator)  # as the planner's baseline probe does
     if recipe.task != "causal_lm":
         return build_classifier_model(recipe)
     if recipe.train.auto_fit:  # shrink micro-batch / max_seq_len to what the memory planner says fits
