@@ -7,8 +7,14 @@ within a buffer of ``shuffle_buffer`` examples, and (with packing) packs each bu
 decreasing. Every ``iter()`` restarts from the beginning with the same order (deterministic for a
 seed), so a resumed run can skip the examples it has already consumed.
 
-Mixtures interleave the datasets: each next example comes from a dataset drawn with probability
-proportional to its weight among those not yet exhausted. The eval split holds out, among the first
+Mixtures draw what the in-memory ``mixture: scale`` draws: a dataset of weight ``w`` is read
+``floor(w)`` times in full, then once more for a seeded fraction ``w - floor(w)`` of its examples, chosen
+block by block (``shuffle_buffer`` examples a block, so each block is held once) such that the first ``m``
+examples contribute ``round(w * m)`` in all: an epoch holds exactly ``round(w * n)`` examples of a dataset of
+``n``, as the in-memory build does (weight 2 = every example twice, 0.5 = half of them, 0 = none). The datasets
+are interleaved: each next example comes from a dataset drawn with probability proportional to its weight
+among those not yet drained. ``mixture: proportional`` needs every dataset's size before the first draw and is
+refused when streaming more than one dataset. The eval split holds out, among the first
 ``shuffle_buffer`` rows of each dataset (which bounds the memory they take), the rows whose seeded
 hash falls below ``eval_split``; a row's fate does not depend on what else was read, so train and
 eval never overlap. Statistics count what has been produced so far.
@@ -16,6 +22,8 @@ eval never overlap. Statistics count what has been produced so far.
 from __future__ import annotations
 
 import hashlib
+import itertools
+import math
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,6 +54,33 @@ def held_out(seed: int, dataset: int, row: int, fraction: float, window: int) ->
     return int.from_bytes(h, "big") / 2**64 < fraction
 
 
+def mixture_weights(cfg: DataConfig) -> list[float]:
+    """The ``scale`` weights a stream draws with; ``proportional`` is refused unless one dataset makes it moot."""
+    if cfg.mixture == "proportional" and len(cfg.train) > 1:
+        raise PeftlabError("data.mixture: proportional gives each dataset a share of the total row count, which "
+                           "data.streaming: true does not know before the first row is drawn; set data.mixture: "
+                           "scale (dataset weight w draws round(w * rows) rows: 2 = every row twice, 0.5 = half) "
+                           "or data.streaming: false")
+    if all(s.weight <= 0 for s in cfg.train):
+        raise PeftlabError("data.train: every dataset has weight 0; give at least one a positive weight")
+    if cfg.mixture == "proportional":  # one dataset: its whole size, whatever its weight
+        return [1.0]
+    return [s.weight for s in cfg.train]
+
+
+def extra_rows(w: float, m: int) -> int:
+    """How many of the first ``m`` examples the fractional pass of weight ``w`` draws: the in-memory
+    ``round(w * m)`` less the ``floor(w)`` full passes (steps of 0 or 1 as ``m`` grows, for a non-integer ``w``)."""
+    return round(w * m) - math.floor(w) * m
+
+
+def scale_pick(chunk: list[dict[str, Any]], w: float, start: int, rng: random.Random) -> list[dict[str, Any]]:
+    """The fractional pass's picks among examples ``start .. start + len(chunk)``, in source order: as many as
+    :func:`extra_rows` adds over that block, a seeded sample of it."""
+    k = extra_rows(w, start + len(chunk)) - extra_rows(w, start)
+    return [chunk[j] for j in sorted(rng.sample(range(len(chunk)), k))]
+
+
 class StreamingExamples:
     """Iterable of examples (or packs); see the module docstring. Has no ``len``."""
 
@@ -62,10 +97,28 @@ class StreamingExamples:
                  if not held_out(self.seed, i, it.row, frac, cfg.shuffle_buffer))
         yield from encode_items(items, encoder, cfg, i, spec, self.names[i], st, key, spec.format)
 
+    def _scaled_stream(self, i: int, st: DatasetStats) -> Iterator[dict[str, Any]]:
+        """Dataset ``i`` as the ``scale`` mixture draws it: ``floor(w)`` full passes, then the seeded fraction.
+
+        Only the first pass counts in ``st`` (the dataset's rows, tokens, ... once, as in memory); ``drawn``
+        counts every example yielded.
+        """
+        w = mixture_weights(self.cfg)[i]
+        reps = math.floor(w)
+        for p in range(reps):
+            yield from self._dataset_stream(i, st if p == 0 else DatasetStats(st.name))
+        if w == reps:
+            return
+        block, seen = self.cfg.shuffle_buffer, 0
+        stream = self._dataset_stream(i, st if reps == 0 else DatasetStats(st.name))
+        while chunk := list(itertools.islice(stream, block)):
+            yield from scale_pick(chunk, w, seen, random.Random(f"scale:{self.seed}:{i}:{seen}"))
+            seen += len(chunk)
+
     def _examples(self) -> Iterator[dict[str, Any]]:
         self.stats.datasets = [DatasetStats(n) for n in self.names[:len(self.cfg.train)]]
-        streams = {i: self._dataset_stream(i, st) for i, st in enumerate(self.stats.datasets)}
-        weights = {i: s.weight for i, s in enumerate(self.cfg.train) if s.weight > 0}
+        streams = {i: self._scaled_stream(i, st) for i, st in enumerate(self.stats.datasets)}
+        weights = {i: w for i, w in enumerate(mixture_weights(self.cfg)) if w > 0}
         rng = random.Random(f"interleave:{self.seed}")
         while weights:
             keys = sorted(weights)
@@ -106,6 +159,7 @@ class StreamingExamples:
 
 
 def build_streaming(cfg: DataConfig, tokenizer: Any, *, seed: int, base_dir: Path | None = None) -> DataBundle:
+    mixture_weights(cfg)  # a refused mixture says so before anything is read
     train_sources, eval_sources = open_sources(cfg, base_dir)
     names = unique_names([*cfg.train, *cfg.eval])
     stats = DataStats(max_seq_len=cfg.max_seq_len, packed=cfg.packing)

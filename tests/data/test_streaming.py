@@ -98,10 +98,10 @@ def test_a_mixture_interleaves_by_weight_and_drains_every_dataset(tmp_path, tok)
                      shuffle=False)
     stream = build_data(cfg, tok, seed=0, base_dir=tmp_path)
     order = [e["dataset"] for e in stream.train]
-    # weights only order the stream: every row is read once (the in-memory "scale" mixture would draw a 3 times)
-    assert Counter(order) == {0: 90, 1: 30}
+    # the in-memory "scale" counts: a is read 3 times (tests/data/test_streaming_mixture.py for fractions)
+    assert Counter(order) == {0: 270, 1: 30}
     assert 0.6 < order[:40].count(0) / 40 < 0.9
-    assert [d.drawn for d in stream.stats.datasets] == [90, 30]
+    assert [d.drawn for d in stream.stats.datasets] == [270, 30]
 
 
 def test_classification_data_cannot_stream(tmp_path, tok):
