@@ -42,6 +42,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     suffix is there (older pytest, or a fixed xdist) or when the run is not a loadgroup worker."""
     if not getattr(config.option, "loadgroup", False):  # set by xdist on its workers under --dist loadgroup
         return
+    _slow_modules_first(items)
     try:
         from _pytest.nodeid import NodeId
     except ImportError:  # pytest < 9.2: xdist's own suffix works
@@ -52,6 +53,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         suffix = "@" + "_".join(names)
         if names and not item.nodeid.endswith(suffix):
             item._id = NodeId.parse(item.nodeid + suffix)
+
+
+def _slow_modules_first(items: list[pytest.Item]) -> None:
+    """Under xdist only: the test files holding `slow` tests (tens of seconds each) first, each file's tests
+    contiguous and in their order. loadgroup hands out the groups first (most tests first), then single tests
+    in collection order; long tests last in that order (test_fused_training.py, test_quantized_load.py) could
+    leave one worker running them while the other one idles: the short ones at the end fill in instead."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)  # stable: the order within each file is kept
 
 
 @pytest.fixture(scope="session")
