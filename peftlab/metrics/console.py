@@ -11,9 +11,11 @@ tqdm (:func:`progress`), shown when INFO is.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any, TextIO
 
 LOGGER = "peftlab"
@@ -115,13 +117,30 @@ def setup_logging(level: str | int | None = None, *, out: TextIO | None = None, 
 
 
 def ensure_logging(quiet: bool = False) -> None:
-    """``setup_logging`` for library entry points (``train(recipe)``): a handler is added only when none is
-    configured yet, so the CLI's (or an application's own) configuration is kept."""
+    """``setup_logging`` for library entry points: a handler is added only when none is configured yet, so the
+    CLI's (or an application's own) configuration is kept. ``quiet`` raises the level to warnings for the rest
+    of the process; for one call use :func:`quiet_logging`, which restores it."""
     logger = logging.getLogger(LOGGER)
     if not logger.handlers:
         setup_logging("warning" if quiet else "info")
     elif quiet:
         logger.setLevel(max(logger.level, logging.WARNING))
+
+
+@contextlib.contextmanager
+def quiet_logging(quiet: bool = True) -> Iterator[None]:
+    """:func:`ensure_logging` for the duration of one call (``train(recipe, quiet=True)``): warnings only inside
+    when ``quiet``, and the ``peftlab`` logger's level as it was afterwards, so an application's later calls
+    (and its own INFO) are not silenced by an earlier quiet one. Quiet never lowers a level (``error`` stays)."""
+    ensure_logging()
+    logger = logging.getLogger(LOGGER)
+    level = logger.level
+    if quiet:
+        logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def info_enabled() -> bool:

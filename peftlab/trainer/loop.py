@@ -29,7 +29,7 @@ from peftlab.checkpoint.save import run_files, save_checkpoint
 from peftlab.checkpoint.store import latest_complete
 from peftlab.engine.process_group import all_reduce_sum
 from peftlab.errors import PeftlabError
-from peftlab.metrics.console import ensure_logging, progress
+from peftlab.metrics.console import progress, quiet_logging
 from peftlab.metrics.runlog import RunLog
 from peftlab.objectives.objective import Objective, build_objective, train_figures, trained_tokens
 from peftlab.recipe.parse import dump_recipe
@@ -69,9 +69,13 @@ def accumulate_gradients(model: torch.nn.Module, batches: list[Batch], objective
 
 class Trainer:
     def __init__(self, recipe: Any, *, quiet: bool = False):
-        """Build the run (``quiet``: warnings only; in a multi-process run only rank 0 speaks)."""
-        ensure_logging(quiet)
-        self.recipe, t = recipe, recipe.train
+        """Build the run (``quiet``: warnings only while it builds and trains, the console's level restored after
+        each; in a multi-process run only rank 0 speaks)."""
+        with quiet_logging(quiet):
+            self._build(recipe, quiet)
+
+    def _build(self, recipe: Any, quiet: bool) -> None:
+        self.recipe, t, self.quiet = recipe, recipe.train, quiet
         self.dist = setup.join(recipe)
         self.out_dir = recipe.output_dir
         self.ckpt_root = setup.prepare_output_dir(recipe, self.dist.is_main)
@@ -174,7 +178,8 @@ class Trainer:
         """Train to the end (or to a signal / early stop). A full or read-only disk and running out of memory end
         in a PeftlabError naming the cause, the fix and the checkpoint to continue from; checkpoints stay intact."""
         try:
-            return self._train()
+            with quiet_logging(self.quiet):
+                return self._train()
         except BaseException as exc:  # re-raised below unless it is one of the failures the run explains
             failure = diagnose(exc, self.out_dir)
             if failure is None:

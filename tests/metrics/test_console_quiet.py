@@ -1,0 +1,72 @@
+"""``quiet`` is per call (peftlab/metrics/console.py ``quiet_logging``, used by the Trainer): warnings only while a
+quiet run builds and trains, and the ``peftlab`` logger's level as it was afterwards, so one
+``train(recipe, quiet=True)`` does not silence the INFO of an application's later calls."""
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+
+from peftlab.metrics import console
+from peftlab.trainer import loop
+
+child = logging.getLogger("peftlab.trainer.loop")
+
+
+@pytest.fixture(autouse=True)
+def fresh_logger(monkeypatch):
+    """The peftlab logger as a fresh process has it, restored afterwards (as tests/metrics/test_console.py)."""
+    logger = logging.getLogger(console.LOGGER)
+    own = [h for h in logger.handlers if not type(h).__module__.startswith("_pytest")]
+    saved = (own, logger.level, logger.propagate)
+    logger.handlers.clear()
+    logger.setLevel(logging.NOTSET)
+    logger.propagate = True
+    for name in ("RANK", console.ALL_RANKS_ENV, console.LEVEL_ENV):
+        monkeypatch.delenv(name, raising=False)
+    yield logger
+    logger.handlers[:], logger.level, logger.propagate = saved
+
+
+def test_quiet_lasts_for_the_call_with_an_applications_handler(fresh_logger, capsys):
+    console.setup_logging("info")
+    with console.quiet_logging(True):
+        child.info("dropped")
+        child.warning("kept")
+    child.info("heard again")
+    assert capsys.readouterr() == ("heard again\n", "peftlab: warning: kept\n")
+    assert fresh_logger.level == logging.INFO
+    console.setup_logging("error")
+    with console.quiet_logging(True):  # quiet never lowers a level
+        assert fresh_logger.level == logging.ERROR
+    with console.quiet_logging(False):
+        child.info("not at error")
+    assert capsys.readouterr() == ("", "") and fresh_logger.level == logging.ERROR
+
+
+def test_a_first_quiet_call_sets_up_the_console_at_info_for_later_calls(fresh_logger, capsys):
+    with console.quiet_logging(True):
+        child.info("dropped")
+    child.info("a later call speaks")
+    assert capsys.readouterr().out == "a later call speaks\n"
+
+
+def test_the_trainer_is_quiet_while_it_builds_and_trains_and_restores_the_level(fresh_logger, monkeypatch, tmp_path):
+    console.setup_logging("info")
+    levels: list[int] = []
+
+    def join(recipe):  # the first thing a Trainer builds: stop there, after noting the level
+        levels.append(fresh_logger.level)
+        raise RuntimeError("stop building")
+
+    monkeypatch.setattr(loop.setup, "join", join)
+    with pytest.raises(RuntimeError, match="stop building"):
+        loop.Trainer(SimpleNamespace(train=None), quiet=True)
+    assert levels == [logging.WARNING] and fresh_logger.level == logging.INFO
+    trainer = object.__new__(loop.Trainer)
+    trainer.quiet, trainer.out_dir = True, tmp_path
+    trainer._train = lambda: fresh_logger.level
+    assert trainer.train() == logging.WARNING and fresh_logger.level == logging.INFO
+    trainer.quiet = False
+    assert trainer.train() == logging.INFO
