@@ -20,15 +20,15 @@ from peftlab.data.tokenize import Encoder
 from peftlab.errors import PeftlabError
 from peftlab.model.classifier import CONFIG_FILE, build_classifier_model, head_of, load_head
 from peftlab.objectives.classification import evaluate_classifier, predict_batches
-from peftlab.recipe.from_adapter import load_adapter_recipe
+from peftlab.recipe.from_adapter import ADAPTER_RECIPE_NAME, load_adapter_recipe
 
 
 def load_classifier(adapter_dir: str | Path, *, device: str | None = None, trust_remote_code: bool = False):
     """(LoadedModel with LoRA and head, recipe) from an adapter dir written by a classification run (its
     recipe read as untrusted input: remote code only with ``trust_remote_code``)."""
     d = Path(adapter_dir)
-    if not (d / CONFIG_FILE).is_file() or not (d / "peftlab_recipe.yaml").is_file():
-        raise PeftlabError(f"{d} is not a classification adapter (no {CONFIG_FILE} / peftlab_recipe.yaml); "
+    if not (d / CONFIG_FILE).is_file() or not (d / ADAPTER_RECIPE_NAME).is_file():
+        raise PeftlabError(f"{d} is not a classification adapter (no {CONFIG_FILE} / {ADAPTER_RECIPE_NAME}); "
                            "pass the adapter/ or best/ directory of a task: classification run")
     overrides = [f"train.device={device}"] if device else []
     recipe = load_adapter_recipe(d, overrides, trust_remote_code=trust_remote_code)

@@ -32,6 +32,7 @@ from peftlab.errors import PeftlabError
 from peftlab.metrics.console import progress, quiet_logging
 from peftlab.metrics.runlog import RunLog
 from peftlab.objectives.objective import Objective, build_objective, train_figures, trained_tokens
+from peftlab.recipe.from_adapter import ADAPTER_RECIPE_NAME
 from peftlab.recipe.parse import dump_recipe
 from peftlab.trainer import setup, summary
 from peftlab.trainer.early_stopping import EarlyStopping
@@ -69,8 +70,7 @@ def accumulate_gradients(model: torch.nn.Module, batches: list[Batch], objective
 
 class Trainer:
     def __init__(self, recipe: Any, *, quiet: bool = False):
-        """Build the run (``quiet``: warnings only while it builds and trains, the console's level restored after
-        each; in a multi-process run only rank 0 speaks)."""
+        """Build the run (``quiet``: warnings only while it builds and trains; only rank 0 speaks)."""
         with quiet_logging(quiet):
             self._build(recipe, quiet)
 
@@ -168,7 +168,7 @@ class Trainer:
         merge rebuild the exact model trained), the chat template, unfrozen modules, the objective's files."""
         self.engine.save_adapter(path, base_model_name_or_path=self.recipe.model.name)
         if self.dist.is_main:
-            dump_recipe(setup.resolved_recipe(self.recipe, self.loaded), path / "peftlab_recipe.yaml")
+            dump_recipe(setup.resolved_recipe(self.recipe, self.loaded), path / ADAPTER_RECIPE_NAME)
             save_chat_template(path, training_template(self.tokenizer, self.recipe.data.template))
             save_unfrozen(self.model, self.unfrozen, path)
             self.objective.save(self.model, path)
