@@ -9,6 +9,7 @@ into place survives a power loss (the data and the directory entry are both on d
     atomic_write_text(path, text)               # str, UTF-8
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))   # a library that writes to a path
     with atomic_directory(out_dir, overwrite=True) as tmp: ...     # a whole directory, renamed at the end
+    with file_lock(path.with_suffix(".lock")): ...  # one process builds a shared file, the others find it built
 
 Temporary names start with ``.`` and end with ``.tmp-<pid>`` beside the target (same filesystem, so the
 rename is atomic); they are removed when the write fails.
@@ -23,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 __all__ = ["atomic_directory", "atomic_write", "atomic_write_bytes", "atomic_write_text", "default_permissions",
-           "fsync_dir", "fsync_file", "temporary_name"]
+           "file_lock", "fsync_dir", "fsync_file", "temporary_name"]
 
 
 def temporary_name(path: Path) -> Path:
@@ -119,3 +120,20 @@ def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = False) -
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """An exclusive lock across processes on this machine (``flock`` on ``path``, created when missing), held
+    for the ``with`` block: one process builds what the others then find built."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no cross-process lock, builds may repeat
+        yield
+        return
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -15,18 +15,16 @@ admits plain containers and numbers: a tampered cache file cannot execute code.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from peftlab.checkpoint.atomic import atomic_write
+from peftlab.checkpoint.atomic import atomic_write, file_lock
 from peftlab.data.build import DataBundle
 from peftlab.data.config import DataConfig
 from peftlab.data.stats import DataStats
@@ -75,23 +73,6 @@ def _save(bundle: DataBundle, path: Path) -> None:
 
 def _load(path: Path) -> DataBundle:
     return _from_state(torch.load(path, weights_only=True), path)
-
-
-@contextlib.contextmanager
-def file_lock(path: str | os.PathLike[str]) -> Iterator[None]:
-    """An exclusive lock across processes on this machine (``flock`` on ``path``, created when missing), held
-    for the ``with`` block: one process builds what the others then find built."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: no cross-process lock, builds may repeat
-        yield
-        return
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def load_or_build(cache_dir: Path, key: str, build: Callable[[], DataBundle]) -> DataBundle:
