@@ -7,17 +7,18 @@ within a buffer of ``shuffle_buffer`` examples, and (with packing) packs each bu
 decreasing. Every ``iter()`` restarts from the beginning with the same order (deterministic for a
 seed), so a resumed run can skip the examples it has already consumed.
 
-Mixtures draw what the in-memory ``mixture: scale`` draws: a dataset of weight ``w`` is read
-``floor(w)`` times in full, then once more for a seeded fraction ``w - floor(w)`` of its examples, chosen
-block by block (``shuffle_buffer`` examples a block, so each block is held once) such that the first ``m``
-examples contribute ``round(w * m)`` in all: an epoch holds exactly ``round(w * n)`` examples of a dataset of
-``n``, as the in-memory build does (weight 2 = every example twice, 0.5 = half of them, 0 = none). The datasets
-are interleaved: each next example comes from a dataset drawn with probability proportional to its weight
-among those not yet drained. ``mixture: proportional`` needs every dataset's size before the first draw and is
-refused when streaming more than one dataset. The eval split holds out, among the first
-``shuffle_buffer`` rows of each dataset (which bounds the memory they take), the rows whose seeded
-hash falls below ``eval_split``; a row's fate does not depend on what else was read, so train and
-eval never overlap. Statistics count what has been produced so far.
+Mixtures draw what the in-memory ``mixture: scale`` draws: a dataset of weight ``w`` is read ``floor(w)``
+times in full, then once more for a fraction ``w - floor(w)`` of its examples: a seeded sample of each block of
+``shuffle_buffer`` examples (so a subsampled dataset holds one block beside the shuffle buffer), sized so that
+its first ``m`` examples contribute ``round(w * m)`` in all. An epoch thus holds exactly ``round(w * n)``
+examples of a dataset of ``n``, as the in-memory build does (weight 2 = every example twice, 0.5 = half of them,
+0 = none), the same ones on every pass. The datasets are interleaved: each next example comes from a dataset
+drawn with probability proportional to its weight among those not yet drained. ``mixture: proportional`` needs
+every dataset's size before the first draw and is refused when streaming more than one dataset.
+
+The eval split holds out, among the first ``shuffle_buffer`` rows of each dataset (which bounds the memory they
+take), the rows whose seeded hash falls below ``eval_split``; a row's fate does not depend on what else was read,
+so train and eval never overlap. Statistics count what has been produced so far.
 """
 from __future__ import annotations
 
