@@ -36,6 +36,7 @@ from peftlab.checkpoint.store import adapter_files, checkpoint_name, torch_bytes
 from peftlab.engine.interface import Engine
 from peftlab.engine.process_group import all_reduce_sum, is_main_process
 from peftlab.errors import PeftlabError
+from peftlab.recipe.from_adapter import ADAPTER_RECIPE_NAME
 
 TRAINABLE_FILE = "trainable_modules.safetensors"
 
@@ -77,7 +78,7 @@ def run_files(*, resolved_recipe: dict[str, Any], recipe: dict[str, Any], engine
     """Everything of a checkpoint but the adapter weights and the engine's own part (rank 0's view); the RNG
     states are captured now."""
     return {
-        "adapter/peftlab_recipe.yaml": yaml.safe_dump(resolved_recipe, sort_keys=False).encode(),
+        f"adapter/{ADAPTER_RECIPE_NAME}": yaml.safe_dump(resolved_recipe, sort_keys=False).encode(),
         "engine.pt": torch_bytes(engine_state),
         "rng.pt": torch_bytes(capture_rng()),
         "trainer_state.json": (json.dumps(trainer_state, indent=1) + "\n").encode(),

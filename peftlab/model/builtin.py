@@ -267,8 +267,7 @@ def resolve_builtin(model_id: str) -> Path:
     so a crash mid-build never leaves a half-written model under the final name, and a leftover directory
     without its ``peftlab_builtin.json`` (an interrupted build of an older peftlab) is replaced.
     """
-    from peftlab.checkpoint.atomic import atomic_directory
-    from peftlab.data.cache import file_lock
+    from peftlab.checkpoint.atomic import atomic_directory, file_lock
 
     name = model_id[len(BUILTIN_PREFIX):]
     if name not in BUILTIN_MODELS:

@@ -20,6 +20,7 @@ from torch import nn
 from peftlab.adapters.peft_format import load_adapter
 from peftlab.errors import PeftlabError
 from peftlab.model.load import load_base_model, load_tokenizer, pick_dtype
+from peftlab.recipe.from_adapter import ADAPTER_RECIPE_NAME
 from peftlab.recipe.schema import QuantizationConfig
 
 
@@ -74,8 +75,8 @@ def teacher_quantization(recipe: Any) -> Any:
     if t.adapter:
         path = recipe.resolve_path(t.adapter)
         stored = _adapter_config(path).get("peftlab", {}).get("quantization")
-        if not stored and (path / "peftlab_recipe.yaml").is_file():  # written beside adapters by `peftlab train`
-            stored = (yaml.safe_load((path / "peftlab_recipe.yaml").read_text()) or {}).get("quantization")
+        if not stored and (path / ADAPTER_RECIPE_NAME).is_file():  # written beside adapters by `peftlab train`
+            stored = (yaml.safe_load((path / ADAPTER_RECIPE_NAME).read_text()) or {}).get("quantization")
         if stored:
             return QuantizationConfig(**stored)
     return recipe.quantization

@@ -46,7 +46,7 @@ from peftlab.checkpoint.store import file_sha256
 from peftlab.data.collate import collate
 from peftlab.data.pipeline import build_data
 from peftlab.errors import PeftlabError
-from peftlab.metrics.console import ensure_logging
+from peftlab.metrics.console import quiet_logging
 from peftlab.model.load import load_tokenizer, pick_device, resolve_model_path
 from peftlab.objectives.causal_lm import IGNORE_INDEX, final_hidden_states, output_head, shifted_labels
 from peftlab.objectives.teacher import (
@@ -154,9 +154,13 @@ def build_teacher_cache(recipe: Any, *, force: bool = False, shard_mb: int = 256
     Returns the cache directory. An existing cache whose manifest matches the teacher, vocabulary,
     k, dtype and data is kept unless ``force``. The new cache is written beside the old one and
     renamed into place, so an interrupted build never leaves a half-written cache behind. ``quiet``: warnings
-    only (the verbosity of the ``peftlab`` logger, see :func:`peftlab.metrics.console.ensure_logging`).
+    only while it builds (:func:`peftlab.metrics.console.quiet_logging`; the console's level is restored after).
     """
-    ensure_logging(quiet)
+    with quiet_logging(quiet):
+        return _build_teacher_cache(recipe, force=force, shard_mb=shard_mb, batch_size=batch_size)
+
+
+def _build_teacher_cache(recipe: Any, *, force: bool, shard_mb: int, batch_size: int | None) -> Path:
     d = recipe.distill
     if d is None:
         raise PeftlabError("distill-cache: the recipe has no distill section")

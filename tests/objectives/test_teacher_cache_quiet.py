@@ -1,0 +1,27 @@
+"""``build_teacher_cache(quiet=True)`` (``peftlab distill-cache --quiet``) is quiet while it builds only: the
+``peftlab`` logger's level is restored afterwards, so an application's later calls still speak."""
+from __future__ import annotations
+
+import importlib
+import logging
+
+teacher_cache = importlib.import_module("peftlab.objectives.teacher_cache")
+
+
+def test_quiet_lasts_for_the_build_only(monkeypatch, tmp_path):
+    logger = logging.getLogger("peftlab")
+    handler = logging.NullHandler()
+    logger.addHandler(handler)  # an application's own console
+    old = logger.level
+    logger.setLevel(logging.INFO)
+    seen = []
+    monkeypatch.setattr(teacher_cache, "_build_teacher_cache",
+                        lambda recipe, **kw: seen.append(logger.getEffectiveLevel()) or tmp_path)
+    try:
+        assert teacher_cache.build_teacher_cache(object(), quiet=True) == tmp_path
+        assert seen == [logging.WARNING] and logger.level == logging.INFO
+        teacher_cache.build_teacher_cache(object())
+        assert seen[-1] == logging.INFO
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old)
