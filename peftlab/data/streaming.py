@@ -5,7 +5,10 @@ line by line, Parquet batch by batch, hub datasets with ``streaming=True``; a JS
 document and is parsed whole, so convert big ones to JSONL), tokenizes in chunks, shuffles
 within a buffer of ``shuffle_buffer`` examples, and (with packing) packs each buffer with best-fit
 decreasing. Every ``iter()`` restarts from the beginning with the same order (deterministic for a
-seed), so a resumed run can skip the examples it has already consumed.
+seed), so a resumed run can skip the examples it has already consumed. The trainer reads pass ``e`` with
+``iter_pass(e)``: later passes shuffle and interleave with other seeded orders (pass 0 is ``iter()``'s), as
+the in-memory sampler draws a new permutation per epoch; :meth:`StreamingExamples.fingerprint` stands for
+the content a resume must find unchanged (it cannot hash rows it has not read).
 
 Mixtures draw what the in-memory ``mixture: scale`` draws: a dataset of weight ``w`` is read ``floor(w)``
 times in full, then once more for a fraction ``w - floor(w)`` of its examples: a seeded sample of each block of
@@ -39,6 +42,7 @@ from peftlab.data.build import (
     read_records,
     unique_names,
 )
+from peftlab.data.cache import cache_key
 from peftlab.data.config import DataConfig
 from peftlab.data.packing import pack
 from peftlab.data.sources import Source
@@ -116,11 +120,11 @@ class StreamingExamples:
             yield from scale_pick(chunk, w, seen, random.Random(f"scale:{self.seed}:{i}:{seen}"))
             seen += len(chunk)
 
-    def _examples(self) -> Iterator[dict[str, Any]]:
+    def _examples(self, epoch: int) -> Iterator[dict[str, Any]]:
         self.stats.datasets = [DatasetStats(n) for n in self.names[:len(self.cfg.train)]]
         streams = {i: self._scaled_stream(i, st) for i, st in enumerate(self.stats.datasets)}
         weights = {i: w for i, w in enumerate(mixture_weights(self.cfg)) if w > 0}
-        rng = random.Random(f"interleave:{self.seed}")
+        rng = random.Random(f"interleave:{self.seed}" + (f":{epoch}" if epoch else ""))
         while weights:
             keys = sorted(weights)
             i = rng.choices(keys, [weights[k] for k in keys])[0]
@@ -131,11 +135,20 @@ class StreamingExamples:
             self.stats.datasets[i].drawn += 1
             yield ex
 
+    def fingerprint(self) -> str:
+        """What a resume compares instead of the rows: the sources' content hashes (file bytes; a hub dataset's
+        id and split), the tokenizer, every data setting and the seed — the data cache's key."""
+        return "stream-" + cache_key(self.cfg, self.tok, self.seed, [s.fingerprint() for s in self.sources])[:16]
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        rng = random.Random(f"shuffle:{self.seed}")
+        return self.iter_pass(0)
+
+    def iter_pass(self, epoch: int) -> Iterator[dict[str, Any]]:
+        """Pass ``epoch`` over the data, the same for a seed every time it is read (pass 0: ``iter()``)."""
+        rng = random.Random(f"shuffle:{self.seed}" + (f":{epoch}" if epoch else ""))
         self.stats.train_samples = self.stats.train_tokens = self.stats.packs = 0  # counts of this pass
         buf: list[dict[str, Any]] = []
-        for ex in self._examples():
+        for ex in self._examples(epoch):
             buf.append(ex)
             if len(buf) >= self.cfg.shuffle_buffer:
                 yield from self._flush(buf, rng)

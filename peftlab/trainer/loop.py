@@ -40,7 +40,7 @@ from peftlab.trainer.failures import diagnose, failure_message, loading_failure_
 from peftlab.trainer.fault_injection import kill_point, trace_step
 from peftlab.trainer.guards import Guards
 from peftlab.trainer.preemption import Preemption
-from peftlab.trainer.state import EpochSampler, RunInputs, TrainResult, TrainState, real_tokens
+from peftlab.trainer.state import RunInputs, TrainResult, TrainState, real_tokens
 
 logger = logging.getLogger(__name__)
 Batch = dict[str, torch.Tensor]
@@ -88,7 +88,7 @@ class Trainer:
         self.batch = setup.batch_builder(recipe, self.data, self.tokenizer, self.device)  # indices -> batch
         self.objective = build_objective(recipe, self.loaded, self.data)
         self.unfrozen = unfreeze_modules(self.model, recipe.adapter.unfreeze)
-        self.sampler = EpochSampler(len(self.data.train), t.micro_batch_size, t.seed)
+        self.sampler = setup.sampler(recipe, self.data)  # seeded per epoch, or stream order
         self.total_steps = setup.total_steps(recipe, self.sampler, self.dist.world_size)
         self.engine = setup.build_engine(recipe, self.loaded, self.unfrozen, self.total_steps)
         self.early_stopping = EarlyStopping.from_recipe(recipe)

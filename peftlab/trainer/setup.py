@@ -6,6 +6,7 @@
     model          base (+4-bit, +LoRA), or backbone + LoRA         load_model
     data           tokenized, cached                               load_data
     batches        indices -> batch; augment: per epoch            batch_builder
+    data order     seeded per epoch, or stream order               sampler
     schedule       optimizer steps of the run                      total_steps
     engine         local PyTorch or DeepSpeed ZeRO                  build_engine
     metrics.jsonl  continued on resume, new for a fresh run        continue_metrics
@@ -48,7 +49,7 @@ from peftlab.errors import PeftlabError
 from peftlab.model.classifier import build_classifier_model
 from peftlab.model.domain_head import separate_domain_head_group
 from peftlab.model.load import LoadedModel, build_model, count_parameters, pick_device, pick_dtype
-from peftlab.trainer.state import BatchBuilder, EpochSampler
+from peftlab.trainer.state import BatchBuilder, EpochSampler, StreamSampler, build_sampler
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ logger = logging.getLogger(__name__)
 def join(recipe: Any) -> DistInfo:
     """Join the process group of a launched run (first: the data cache and DeepSpeed need it); a no-op in a
     single process without DeepSpeed. A ``deepspeed`` recipe is checked here, before any model is loaded."""
+    check_streaming(recipe)
     if recipe.deepspeed is None:
         launched = env_dist_info().world_size
         if launched > 1:  # the local engine never averages gradients: N processes would train N diverging copies
@@ -65,6 +67,26 @@ def join(recipe: Any) -> DistInfo:
                 "Add deepspeed: recipes/deepspeed/zero1.json (or zero2.json / zero3.json), or run one process")
         return join_process_group()
     return join_for_deepspeed(recipe, pick_dtype(recipe.model.dtype, pick_device(recipe.train.device)))
+
+
+def check_streaming(recipe: Any) -> None:
+    """What ``peftlab train`` needs of a ``data.streaming`` recipe, refused before anything is loaded or written
+    (``peftlab data`` previews such recipes as they are, so this is not recipe validation)."""
+    if not recipe.data.streaming:
+        return
+    if recipe.train.max_steps is None:
+        raise PeftlabError(
+            f"data.streaming: true needs train.max_steps: a streamed data set's length is unknown until it has "
+            f"been read, so train.epochs ({recipe.train.epochs:g}) cannot be turned into optimizer steps. Set "
+            "train.max_steps (e.g. --set train.max_steps=1000; the stream starts a new pass when it runs out), or "
+            "set data.streaming: false")
+    if recipe.task != "causal_lm":
+        raise PeftlabError(f"data.streaming: true with task={recipe.task}: classification/regression rows are "
+                           "read in memory; set data.streaming: false")
+    if recipe.distill is not None and recipe.distill.mode == "offline":
+        raise PeftlabError("data.streaming: true with distill.mode: offline: the teacher cache is indexed by "
+                           "training row, and a stream has no row indices; set distill.mode: online or "
+                           "data.streaming: false")
 
 
 def prepare_output_dir(recipe: Any, is_main: bool) -> Path:
@@ -150,11 +172,20 @@ def batch_builder(recipe: Any, data: DataBundle, tokenizer: Any, device: torch.d
     return BatchBuilder(data, device, recipe.model.attn_implementation, augmenter)
 
 
-def total_steps(recipe: Any, sampler: EpochSampler, world_size: int) -> int:
-    """``train.max_steps``, else the optimizer steps of ``train.epochs`` (every rank takes its share of a step)."""
+def sampler(recipe: Any, data: DataBundle) -> EpochSampler | StreamSampler:
+    """The order of the training rows: a seeded permutation per epoch, or for ``data.streaming`` the stream's
+    own order (:func:`peftlab.trainer.state.build_sampler`)."""
+    return build_sampler(data.train, recipe.train.micro_batch_size, recipe.train.seed)
+
+
+def total_steps(recipe: Any, sampler: EpochSampler | StreamSampler, world_size: int) -> int:
+    """``train.max_steps``, else the optimizer steps of ``train.epochs`` (every rank takes its share of a step;
+    a stream has no epoch length: :func:`check_streaming` asks for max_steps)."""
     t = recipe.train
+    if t.max_steps:
+        return t.max_steps
     steps_per_epoch = math.ceil(sampler.micro_batches_per_epoch / (t.grad_accum * world_size))
-    return t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+    return max(1, math.ceil(t.epochs * steps_per_epoch))
 
 
 def build_engine(recipe: Any, loaded: LoadedModel, unfrozen: dict[str, torch.nn.Module], steps: int) -> Engine:
@@ -214,7 +245,8 @@ def log_start(recipe: Any, loaded: LoadedModel, data: DataBundle, steps: int, cp
     logger.info(f"peftlab: {r.model.name} on {loaded.device} ({loaded.dtype}), quantization={r.quantization.mode}, "
                 f"LoRA r={r.adapter.r} on {len(loaded.lora_modules)} modules: {trainable:,} trainable / "
                 f"{total:,} parameters")
-    logger.info(f"data: {len(data.train)} train rows, {len(data.eval or [])} eval rows, "
+    n_train = len(data.train) if hasattr(data.train, "__len__") else "streamed"
+    logger.info(f"data: {n_train} train rows, {len(data.eval or [])} eval rows, "
                 f"{steps} optimizer steps of {r.train.micro_batch_size}x{r.train.grad_accum}")
     if loaded.device.type == "cpu":
         threads, why = cpu_threads

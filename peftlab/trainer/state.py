@@ -1,11 +1,13 @@
-"""Where a run is: the loop position and counters (:class:`TrainState`), the data order (:class:`EpochSampler`)
-and the fingerprint of the training data — all a checkpoint needs to continue exactly where a run stopped —,
+"""Where a run is: the loop position and counters (:class:`TrainState`), the data order (:class:`EpochSampler`;
+:class:`StreamSampler` for ``data.streaming``) and the fingerprint of the training data — all a checkpoint needs to continue exactly where a run stopped —,
 how indices become a batch (:class:`BatchBuilder`) and what a finished run returns (:class:`TrainResult`)."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +93,65 @@ class EpochSampler:
         return out[rank::world_size]
 
 
+class StreamSlice(EpochSlice):
+    """A micro-batch drawn from a stream: its positions in the pass (what a trace records) and, in
+    ``examples``, the rows themselves (a stream cannot be indexed)."""
+
+    def __init__(self, start: int, examples: list[dict[str, Any]], epoch: int):
+        super().__init__(list(range(start, start + len(examples))), epoch)
+        self.examples = examples
+
+
+class StreamSampler:
+    """:class:`EpochSampler`'s interface over ``data.streaming`` examples: micro-batches in stream order (the
+    stream shuffles within its buffer), a new pass (``iter_pass(epoch)``) when one runs out.
+
+    The position is the same (epoch, index of the next micro-batch) in :class:`TrainState`: a resumed run reads
+    the pass from its start and skips the ``micro_index x micro_batch_size`` examples already consumed (every
+    micro-batch but a pass's last one is full). Every rank reads the whole stream and keeps its share of a
+    step, as with :class:`EpochSampler`.
+    """
+
+    def __init__(self, stream: Any, micro_batch_size: int):
+        self.stream, self.mbs = stream, micro_batch_size
+        self._rows: Iterator[dict[str, Any]] | None = None
+        self._at: tuple[int, int] | None = None  # the (epoch, micro_index) self._rows stands at
+
+    def _micro_batch(self, state: TrainState) -> StreamSlice | None:
+        """The micro-batch at ``state``'s position, None when that pass has ended (does not advance ``state``)."""
+        if self._at != (state.epoch, state.micro_index):  # first call, or a resume moved the position
+            self._rows = self.stream.iter_pass(state.epoch)
+            skip = state.micro_index * self.mbs
+            if skip and next(itertools.islice(self._rows, skip - 1, None), None) is None:
+                self._rows = iter(())  # the pass is shorter than the recorded position: it ended there
+        rows = list(itertools.islice(self._rows, self.mbs))
+        self._at = (state.epoch, state.micro_index + 1)
+        return StreamSlice(state.micro_index * self.mbs, rows, state.epoch) if rows else None
+
+    def next_step(self, state: TrainState, grad_accum: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+        """This rank's micro-batches of the next optimizer step (may cross into the next pass); advances ``state``."""
+        out: list[list[int]] = []
+        while len(out) < grad_accum * world_size:
+            micro = self._micro_batch(state)
+            if micro is None:
+                if state.micro_index == 0:
+                    raise PeftlabError("the streamed training set is empty after tokenisation (check data.train "
+                                       "and max_seq_len)")
+                state.epoch, state.micro_index = state.epoch + 1, 0
+                continue
+            out.append(micro)
+            state.micro_index += 1
+        return out[rank::world_size]
+
+
+def build_sampler(train_rows: Any, micro_batch_size: int, seed: int) -> EpochSampler | StreamSampler:
+    """The sampler of a run's training rows: a seeded permutation per epoch of rows in memory, stream order for
+    ``data.streaming`` (rows with no ``len``)."""
+    if hasattr(train_rows, "iter_pass"):
+        return StreamSampler(train_rows, micro_batch_size)
+    return EpochSampler(len(train_rows), micro_batch_size, seed)
+
+
 class BatchBuilder:
     """Row indices -> a collated batch on the device: ``builder(indices, split="train" | "eval")``.
 
@@ -106,7 +167,8 @@ class BatchBuilder:
 
     def examples(self, indices: list[int], split: str = "train") -> list[dict[str, Any]]:
         rows = self.data.train if split == "train" else self.data.eval
-        examples = [rows[i] for i in indices]
+        drawn = getattr(indices, "examples", None)  # a StreamSlice carries its rows
+        examples = list(drawn) if drawn is not None else [rows[i] for i in indices]
         epoch = getattr(indices, "epoch", None)
         if split == "train" and self.augmenter is not None and epoch is not None:
             examples = self.augmenter.augment(examples, list(indices), epoch)
@@ -124,7 +186,10 @@ PREFERENCE_KEYS = ("prompt_ids", "chosen_ids", "chosen_labels", "rejected_ids", 
 
 
 def data_fingerprint(rows) -> str:
-    """Content hash of the tokenized training rows: a resume onto other data is refused."""
+    """Content hash of the tokenized training rows: a resume onto other data is refused. A stream stands for
+    its rows with its own ``fingerprint()`` (sources' content, tokenizer, data settings, seed)."""
+    if hasattr(rows, "fingerprint"):
+        return rows.fingerprint()
     h = hashlib.sha256(str(len(rows)).encode())
     for row in rows:
         for key in ("input_ids", "labels", *PREFERENCE_KEYS):
@@ -169,12 +234,13 @@ class RunInputs:
     fingerprint, count) and the data its objective reads besides them (:func:`input_fingerprints`)."""
 
     data_fingerprint: str
-    n_train: int
+    n_train: int | None  # None: streamed, not counted before it is read
     objective: dict[str, dict[str, Any]]
 
     @classmethod
     def of(cls, train_rows: Any, objective: Any) -> RunInputs:
-        return cls(data_fingerprint(train_rows), len(train_rows), input_fingerprints(objective))
+        n = len(train_rows) if hasattr(train_rows, "__len__") else None
+        return cls(data_fingerprint(train_rows), n, input_fingerprints(objective))
 
     def saved(self) -> dict[str, Any]:
         """The keys a checkpoint's trainer state keeps."""
