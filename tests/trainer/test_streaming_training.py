@@ -137,3 +137,18 @@ def test_streaming_without_max_steps_is_refused_before_anything_loads(stream_dat
                                    "unknown until it has been read, so train.epochs (2) cannot be turned into "
                                    "optimizer steps. Set train.max_steps (e.g. --set train.max_steps=1000")
     assert not (tmp_path / "out").exists()  # refused before output.dir was made or the model loaded
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"task": "classification"}, ("data.streaming: true with task=classification: classification/regression rows "
+                                  "are read in memory; set data.streaming: false")),
+    ({"distill": {"teacher": "builtin:micro-llama", "mode": "offline"}},
+     ("data.streaming: true with distill.mode: offline: the teacher cache is indexed by training row, and a stream "
+      "has no row indices; set distill.mode: online or data.streaming: false")),
+])
+def test_streaming_refuses_what_needs_rows_in_memory(stream_data, tmp_path, section, message):
+    raw = {**_recipe(stream_data, tmp_path / "out"), **section}
+    with pytest.raises(PeftlabError) as e:
+        Trainer(recipe_from_dict(raw), quiet=True)
+    assert str(e.value) == message
+    assert not (tmp_path / "out").exists()
