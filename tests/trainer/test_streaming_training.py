@@ -100,6 +100,11 @@ def test_streaming_run_stopped_and_resumed_equals_uninterrupted(stream_data, tmp
     # 22 rows less those held out: fewer than 7 x 4, so the run started a second pass
     assert ref.state.epoch == 1 and done.eval_after["eval_loss"] > 0
     assert len(ref.data.eval) > 0
+    # a later pass holds the same examples in another seeded order; pass 0 is what iter() (peftlab data) reads
+    passes = [[tuple(ex["input_ids"]) for ex in rows] for rows in
+              (ref.data.train, ref.data.train.iter_pass(0), ref.data.train.iter_pass(1), ref.data.train.iter_pass(1))]
+    assert passes[0] == passes[1] and passes[2] == passes[3] and passes[1] != passes[2]
+    assert sorted(passes[1]) == sorted(passes[2]) and len(passes[1]) == ref.data.stats.train_samples
 
     first = Trainer(recipe_from_dict(_recipe(stream_data, tmp_path / "run")), quiet=True)
     _stop_after(first, 3)
