@@ -146,7 +146,7 @@ class StreamSampler:
 
 def build_sampler(train_rows: Any, micro_batch_size: int, seed: int) -> EpochSampler | StreamSampler:
     """The sampler of a run's training rows: a seeded permutation per epoch of rows in memory, stream order for
-    ``data.streaming`` (rows with no ``len``)."""
+    ``data.streaming`` (a stream: ``iter_pass``, no ``len``)."""
     if hasattr(train_rows, "iter_pass"):
         return StreamSampler(train_rows, micro_batch_size)
     return EpochSampler(len(train_rows), micro_batch_size, seed)
