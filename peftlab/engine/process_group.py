@@ -4,12 +4,15 @@ Under a launcher (``peftlab launch``, ``deepspeed``, ``torchrun``, SLURM via our
 the same trainer; the launcher exports ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``. :func:`join_process_group`
 joins the group (gloo on CPU, NCCL on GPUs), naming the ranks that never arrived instead of hanging. Everything
 else here is an identity in a single process, so the trainer calls it unconditionally. DeepSpeed adopts this
-group (:func:`peftlab.engine.deepspeed.join_for_deepspeed`); nothing here imports it.
+group (:func:`peftlab.engine.deepspeed.join_for_deepspeed`); nothing here imports it. Once joined, a rank that
+fails tells the others through the rendezvous store, and they stop with its message instead of waiting in a
+collective for the backend's timeout (:mod:`peftlab.engine.rank_failure`).
 """
 from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -17,12 +20,16 @@ from typing import Any
 
 import torch
 
+from peftlab.engine.rank_failure import FailureWatch, exception_failure
 from peftlab.errors import PeftlabError
 
 DEFAULT_JOIN_TIMEOUT_S = 300.0
 """How long a rank waits for the others to join (``PEFTLAB_JOIN_TIMEOUT``)."""
 DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0
 """Timeout of every collective once joined (``PEFTLAB_COLLECTIVE_TIMEOUT``)."""
+
+_watch: FailureWatch | None = None
+"""This process's watch for another rank's failure, while it is in a launched run's process group."""
 
 
 @dataclass(frozen=True)
@@ -84,12 +91,34 @@ def shutdown_distributed(*, synchronize: bool = True) -> None:
     """Leave the process group before the interpreter exits (after a barrier when the run succeeded).
     Left to interpreter teardown, gloo's worker threads can be destroyed while still joinable: a rank
     then aborts with "terminate called without an active exception" after a finished run (seen under
-    load in the ZeRO-3 test)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    if synchronize and torch.distributed.get_world_size() > 1:
-        torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    load in the ZeRO-3 test).
+
+    After a failure (``synchronize=False``, called while its exception is handled) the other ranks are told
+    first, so they stop with this rank's message (:mod:`.rank_failure`). When another rank had failed first and
+    this rank's error is not one peftlab explains (typically gloo's "connection closed by peer" as that rank
+    left), a PeftlabError carrying that rank's message and exit status replaces it."""
+    global _watch
+    watch, _watch = _watch, None
+    peer = None
+    if watch is not None:
+        if synchronize:
+            watch.stop()
+        else:
+            exc = sys.exc_info()[1]
+            message, code = exception_failure(exc) if exc is not None else ("stopped", 1)
+            peer = watch.announce(message, code)
+            if exc is None or isinstance(exc, PeftlabError):
+                peer = None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if synchronize and torch.distributed.get_world_size() > 1:
+            torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    if watch is not None and not synchronize:
+        watch.left()
+    if peer is not None:
+        err = PeftlabError(peer.stop_message(env_dist_info().rank))
+        err.exit_code = peer.exit_code
+        raise err
 
 
 def env_seconds(name: str, default: float) -> float:
@@ -136,12 +165,23 @@ def join_process_group(*, single_process_group: bool = False, join_timeout_s: fl
             torch.distributed.init_process_group(backend(), store=torch.distributed.HashStore(), rank=0,
                                                  world_size=1, timeout=collective_timeout())
         return info
-    store = _join_store(info, join_timeout_s or env_seconds("PEFTLAB_JOIN_TIMEOUT", DEFAULT_JOIN_TIMEOUT_S))
+    join_timeout_s = join_timeout_s or env_seconds("PEFTLAB_JOIN_TIMEOUT", DEFAULT_JOIN_TIMEOUT_S)
+    store = _join_store(info, join_timeout_s)
     if backend() == "nccl":
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
     torch.distributed.init_process_group(backend(), store=torch.distributed.PrefixStore("pg", store),
                                          rank=info.rank, world_size=info.world_size, timeout=collective_timeout())
+    global _watch
+    _watch = FailureWatch(_store_client(join_timeout_s), info.rank, info.world_size).start()
     return info
+
+
+def _store_client(timeout_s: float) -> Any:
+    """A connection of its own to the rendezvous store, for the failure watch's thread (the process group's
+    connection stays the main thread's)."""
+    return torch.distributed.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                                      int(os.environ.get("MASTER_PORT", "29500")), is_master=False,
+                                      timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
 
 
 def _join_store(info: DistInfo, join_timeout_s: float) -> Any:

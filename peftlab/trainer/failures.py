@@ -15,6 +15,7 @@ import torch
 
 from peftlab.checkpoint.store import STORAGE_ERRNOS, checkpoint_step, storage_problem
 from peftlab.engine.memory_fit import out_of_memory_advice
+from peftlab.engine.process_group import is_distributed, rank
 from peftlab.errors import PeftlabError
 
 _ALLOCATION_FAILURES = ("can't allocate memory", "cannot allocate memory", "out of memory",
@@ -83,10 +84,12 @@ def diagnose(exc: BaseException, out_dir: Path) -> Failure | None:
 
 def failure_message(failure: Failure, *, recipe: Any, step: int, last: Path | None) -> PeftlabError:
     """The message of a run that stopped with ``failure`` after ``step`` completed steps (``last``: its newest
-    complete checkpoint)."""
+    complete checkpoint). In a multi-process run it names the rank: the other ranks stop with it too
+    (:mod:`peftlab.engine.rank_failure`)."""
+    who = f"rank {rank()}: " if is_distributed() else ""
     if failure.memory is not None:
-        return PeftlabError(out_of_memory_message(recipe, failure.memory, f"after {step} completed steps") + " "
-                            + resume_hint(last))
+        return PeftlabError(who + out_of_memory_message(recipe, failure.memory, f"after {step} completed steps")
+                            + " " + resume_hint(last))
     path, errno_value, why, fix = failure.storage
-    return PeftlabError(f"training stopped after step {step}: could not write {path}: {why} (errno "
+    return PeftlabError(f"{who}training stopped after step {step}: could not write {path}: {why} (errno "
                         f"{errno.errorcode.get(errno_value, errno_value)}); {fix}. {resume_hint(last)}")

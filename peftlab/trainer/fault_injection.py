@@ -7,7 +7,10 @@ environment lookup:
   :func:`kill_point`) — mid-step, mid-checkpoint, between a checkpoint's rename and its ``COMPLETE`` marker;
 - ``PEFTLAB_TEST_TRACE=FILE``: one JSON line per optimizer step (sample ids, the exact loss as ``float.hex``),
   which a test compares between an interrupted-and-resumed run and an uninterrupted one;
-- ``PEFTLAB_TEST_STEP_DELAY=SECONDS``: sleep after every step, so a test can signal a run mid-training.
+- ``PEFTLAB_TEST_STEP_DELAY=SECONDS``: sleep after every step, so a test can signal a run mid-training;
+- ``PEFTLAB_TEST_OOM_AT=RANK:STEP``: raise ``torch.OutOfMemoryError`` on rank RANK (the launcher's ``RANK``, 0
+  in one process) once the gradients of step STEP are accumulated (at ``step-STEP-backward``), so the other
+  ranks go on into collectives that rank never joins: one rank running out of memory in a multi-process run.
 
 tests/checkpoint/test_resume.py and tests/engine/test_deepspeed_checkpoints.py drive them.
 """
@@ -19,9 +22,12 @@ import signal
 import time
 from typing import Any
 
+import torch
+
 KILL_AT_ENV = "PEFTLAB_TEST_KILL_AT"
 TRACE_ENV = "PEFTLAB_TEST_TRACE"
 STEP_DELAY_ENV = "PEFTLAB_TEST_STEP_DELAY"
+OOM_AT_ENV = "PEFTLAB_TEST_OOM_AT"
 
 
 def kill_point(point: str) -> None:
@@ -34,6 +40,13 @@ def kill_point(point: str) -> None:
     spec = os.environ.get(KILL_AT_ENV)
     if spec and point in spec.split(","):
         os.kill(os.getpid(), signal.SIGKILL)
+    oom = os.environ.get(OOM_AT_ENV)
+    if oom:
+        rank, _, step = oom.partition(":")
+        if point == f"step-{step}-backward" and rank == os.environ.get("RANK", "0"):
+            # The wording of a real CUDA allocation failure, so the run explains it as one.
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (injected by "
+                                         f"{OOM_AT_ENV}={oom})")
 
 
 def trace_step(record: dict[str, Any]) -> None:
