@@ -178,7 +178,7 @@ def resume(path: Path, *, recipe: Any, model: nn.Module, engine: Engine, data_fi
     if saved.get("data_fingerprint") != data_fingerprint:
         raise PeftlabError(
             f"resume: the tokenized training data differ from those the checkpoint {path} was trained on "
-            f"({saved.get('n_train')} rows then, {n_train} now; fingerprint "
+            f"({saved.get('n_train') or 'streamed'} rows then, {n_train or 'streamed'} now; fingerprint "
             f"{saved.get('data_fingerprint')} then, {data_fingerprint} now). Restore the files of "
             "data.train, or start a fresh run"
         )

@@ -69,6 +69,13 @@ def _as_specs(v: object) -> object:
     return v
 
 
+# refused by the recipe (and by the stream itself, should a config be changed after validation)
+PROPORTIONAL_STREAMING = (
+    "data.mixture: proportional gives each dataset a share of the total row count, which data.streaming: true "
+    "does not know before the first row is drawn; set data.mixture: scale (dataset weight w draws round(w * rows) "
+    "rows: 2 = every row twice, 0.5 = half) or data.streaming: false")
+
+
 class DataConfig(BaseModel):
     """The ``data:`` section of a recipe."""
 
@@ -117,4 +124,6 @@ class DataConfig(BaseModel):
             raise ValueError("train: no datasets given; add at least one `- path: ...`")
         if self.eval and self.eval_split > 0:
             raise ValueError("set either eval (separate datasets) or eval_split (held-out fraction), not both")
+        if self.streaming and self.mixture == "proportional" and len(self.train) > 1:
+            raise ValueError(PROPORTIONAL_STREAMING)
         return self

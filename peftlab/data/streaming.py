@@ -43,7 +43,7 @@ from peftlab.data.build import (
     unique_names,
 )
 from peftlab.data.cache import cache_key
-from peftlab.data.config import DataConfig
+from peftlab.data.config import PROPORTIONAL_STREAMING, DataConfig
 from peftlab.data.packing import pack
 from peftlab.data.sources import Source
 from peftlab.data.stats import DatasetStats, DataStats
@@ -62,10 +62,7 @@ def held_out(seed: int, dataset: int, row: int, fraction: float, window: int) ->
 def mixture_weights(cfg: DataConfig) -> list[float]:
     """The ``scale`` weights a stream draws with; ``proportional`` is refused unless one dataset makes it moot."""
     if cfg.mixture == "proportional" and len(cfg.train) > 1:
-        raise PeftlabError("data.mixture: proportional gives each dataset a share of the total row count, which "
-                           "data.streaming: true does not know before the first row is drawn; set data.mixture: "
-                           "scale (dataset weight w draws round(w * rows) rows: 2 = every row twice, 0.5 = half) "
-                           "or data.streaming: false")
+        raise PeftlabError(PROPORTIONAL_STREAMING)
     if all(s.weight <= 0 for s in cfg.train):
         raise PeftlabError("data.train: every dataset has weight 0; give at least one a positive weight")
     if cfg.mixture == "proportional":  # one dataset: its whole size, whatever its weight

@@ -164,6 +164,9 @@ def _build_teacher_cache(recipe: Any, *, force: bool, shard_mb: int, batch_size:
     d = recipe.distill
     if d is None:
         raise PeftlabError("distill-cache: the recipe has no distill section")
+    if recipe.data.streaming:
+        raise PeftlabError("distill-cache: data.streaming: true has no row indices for the cache to be keyed by; "
+                           "set data.streaming: false (or train with distill.mode: online)")
     cache_dir = default_cache_dir(recipe)
     student_tok = load_tokenizer(recipe.model.tokenizer or recipe.model.name, revision=recipe.model.revision,
                                  trust_remote_code=recipe.model.trust_remote_code)

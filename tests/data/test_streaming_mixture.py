@@ -75,10 +75,15 @@ def test_the_fraction_adds_round_w_m_over_any_prefix():
 
 
 def test_proportional_over_several_streamed_datasets_is_refused(files, tok):
-    with pytest.raises(PeftlabError, match=r"^data.mixture: proportional gives each dataset a share of the total row "
-                                           r"count, which data.streaming: true does not know .*set data.mixture: "
-                                           r"scale .* or data.streaming: false$"):
-        build_data(_cfg({"a": 1.0, "b": 3.0}, streaming=True, mixture="proportional"), tok, seed=0, base_dir=files)
+    """By the recipe (so `peftlab validate` says it), and by the stream should a config change after validation."""
+    message = (r"data.mixture: proportional gives each dataset a share of the total row count, which data.streaming: "
+               r"true does not know .*set data.mixture: scale .* or data.streaming: false")
+    with pytest.raises(ValueError, match=message):
+        _cfg({"a": 1.0, "b": 3.0}, streaming=True, mixture="proportional")
+    changed = _cfg({"a": 1.0, "b": 3.0}, streaming=True)
+    changed.mixture = "proportional"  # assignment is not re-validated
+    with pytest.raises(PeftlabError, match=f"^{message}$"):
+        build_data(changed, tok, seed=0, base_dir=files)
     one = build_data(_cfg({"b": 3.0}, streaming=True, mixture="proportional"), tok, seed=0, base_dir=files)
     assert len(list(one.train)) == 11  # one dataset: its whole size, as in memory
     with pytest.raises(PeftlabError, match="every dataset has weight 0"):

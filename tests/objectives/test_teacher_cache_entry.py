@@ -1,9 +1,14 @@
-"""``build_teacher_cache(quiet=True)`` (``peftlab distill-cache --quiet``) is quiet while it builds only: the
-``peftlab`` logger's level is restored afterwards, so an application's later calls still speak."""
+"""``build_teacher_cache`` (``peftlab distill-cache``): quiet for the build only (the ``peftlab`` logger's
+level is restored afterwards, so an application's later calls still speak); a streaming recipe is refused."""
 from __future__ import annotations
 
 import importlib
 import logging
+from types import SimpleNamespace
+
+import pytest
+
+from peftlab.errors import PeftlabError
 
 teacher_cache = importlib.import_module("peftlab.objectives.teacher_cache")
 
@@ -25,3 +30,11 @@ def test_quiet_lasts_for_the_build_only(monkeypatch, tmp_path):
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old)
+
+
+def test_a_streaming_recipe_is_refused_before_anything_loads(monkeypatch):
+    monkeypatch.setattr(teacher_cache, "load_tokenizer", lambda *a, **k: pytest.fail("loaded a tokenizer"))
+    recipe = SimpleNamespace(distill=SimpleNamespace(), data=SimpleNamespace(streaming=True))
+    with pytest.raises(PeftlabError, match=r"^distill-cache: data.streaming: true has no row indices .* set "
+                                           r"data.streaming: false \(or train with distill.mode: online\)$"):
+        teacher_cache.build_teacher_cache(recipe)
