@@ -30,6 +30,7 @@ from peftlab.engine.planner import peak_rss_bytes
 
 def worker(recipe_path: str, report: str) -> None:
     """Runs inside every rank: train, then write this rank's figures."""
+    from peftlab.engine.process_group import shutdown_distributed
     from peftlab.recipe.parse import load_recipe
     from peftlab.trainer.loop import Trainer
 
@@ -43,6 +44,7 @@ def worker(recipe_path: str, report: str) -> None:
         "steps_per_s": result.state.step / elapsed,
         "peak_rss_mib": peak_rss_bytes() / 2**20,
         "final_loss": result.losses[-1]}))
+    shutdown_distributed()  # as the CLI does: gloo's threads torn down by the interpreter can abort a finished rank
 
 
 def free_port() -> int:
