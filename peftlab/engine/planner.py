@@ -145,6 +145,9 @@ print(psutil.Process().memory_info().rss)
 """
 
 
+BASELINE_CACHE_ENTRIES = 64  # probe figures kept in estimate_baseline.json, newest last
+
+
 def _probe_baseline(recipe: Any) -> int:
     """Resident set of a fresh interpreter that has done what every ``peftlab train`` does before the
     model-size-dependent part: imported torch/transformers/bitsandbytes/peftlab (+ TensorBoard and
@@ -182,6 +185,8 @@ def _probe_baseline(recipe: Any) -> int:
                            f"failed): {out.stderr.strip()[-800:]}")
     rss = int(out.stdout.strip().splitlines()[-1])
     known[key] = rss
+    for old in list(known)[:-BASELINE_CACHE_ENTRIES]:  # the oldest go (each fresh tokenizer path adds a key)
+        del known[old]
     try:  # a cache: losing it costs one more probe, so no fsync; atomic so that racing runs never read half
         cache.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(cache, json.dumps(known), fsync=False)
