@@ -214,6 +214,7 @@ def test_dpo_run_logs_trls_metrics_resumes_exactly_and_merges(tmp_path, capsys):
     # peftlab eval on the adapter gives the run's own preference figures (not a causal-LM loss over both answers)
     from peftlab.cli.main import main
     summary = json.loads((tmp_path / "full" / "summary.json").read_text())
+    capsys.readouterr()  # the library calls above spoke (quiet is per call): stdout below is eval's alone
     assert main(["eval", str(tmp_path / "full" / "adapter")]) == 0
     by_dir = json.loads(capsys.readouterr().out)
     for key in ("eval_loss", "eval_rewards/margins", "eval_rewards/accuracies", "eval_logps/chosen"):
