@@ -64,6 +64,19 @@ def _slow_modules_first(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.path not in slow)  # stable: the order within each file is kept
 
 
+_TORCH_LINEAR = torch.nn.functional.linear
+
+
+@pytest.fixture(autouse=True)
+def _restore_functional_linear():
+    """DeepSpeed ZeRO-3 in this process (tests/engine/test_deepspeed.py builds a one-process ZeRO-3 engine) replaces
+    torch.nn.functional.linear process-wide with its memory-efficient wrapper, "until manually reset" (its own
+    words), which changes what autograd saves for every later test in the worker (the planner's exact saved-bytes
+    test then failed depending on xdist's scheduling). Put it back after every test."""
+    yield
+    torch.nn.functional.linear = _TORCH_LINEAR
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data beside the checkout; tests that need it skip cleanly when it is absent."""
