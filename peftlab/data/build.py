@@ -249,6 +249,11 @@ def mix(parts: list[list[dict[str, Any]]], specs: Sequence[DatasetSpec], cfg: Da
     return out
 
 
+def trained_tokens(example: dict[str, Any]) -> int:
+    """Tokens of one example the loss trains: labels after the shift (the first token is never predicted)."""
+    return sum(1 for x in example.get("labels", [])[1:] if x != IGNORE_INDEX)
+
+
 def draw_train(parts: list[list[dict[str, Any]]], cfg: DataConfig, stats: DataStats,
                seed: int) -> list[dict[str, Any]]:
     """The training examples of the run: each dataset's share of the mixture (its count in ``stats``), then the
@@ -336,7 +341,7 @@ def build_bundle(cfg: DataConfig, tokenizer: Any, *, seed: int, train_sources: l
     lengths = [len(e["input_ids"]) for e in train]
     stats.train_samples = len(train)
     stats.train_tokens = sum(lengths)
-    stats.train_trained_tokens = sum(sum(1 for x in e.get("labels", [])[1:] if x != IGNORE_INDEX) for e in train)
+    stats.train_trained_tokens = sum(trained_tokens(e) for e in train)
     stats.padding_waste_fixed = 1.0 - stats.train_tokens / (len(train) * cfg.max_seq_len)
     stats.padding_waste_dynamic = padding_waste(lengths, stats.padding_batch_size)
     stats.eval_samples = len(eval_examples)

@@ -40,6 +40,7 @@ from peftlab.data.build import (
     open_sources,
     pad_token_id_for,
     read_records,
+    trained_tokens,
     unique_names,
 )
 from peftlab.data.cache import cache_key
@@ -143,7 +144,8 @@ class StreamingExamples:
     def iter_pass(self, epoch: int) -> Iterator[dict[str, Any]]:
         """Pass ``epoch`` over the data, the same for a seed every time it is read (pass 0: ``iter()``)."""
         rng = random.Random(f"shuffle:{self.seed}" + (f":{epoch}" if epoch else ""))
-        self.stats.train_samples = self.stats.train_tokens = self.stats.packs = 0  # counts of this pass
+        self.stats.train_samples = self.stats.train_tokens = self.stats.train_trained_tokens = 0  # of this pass
+        self.stats.packs = 0
         buf: list[dict[str, Any]] = []
         for ex in self._examples(epoch):
             buf.append(ex)
@@ -160,6 +162,7 @@ class StreamingExamples:
                                "set data.streaming: false")
         self.stats.train_samples += len(buf)
         self.stats.train_tokens += sum(len(e["input_ids"]) for e in buf)
+        self.stats.train_trained_tokens += sum(trained_tokens(e) for e in buf)
         if self.cfg.packing:
             buf = pack(buf, self.cfg.max_seq_len)
             self.stats.packs += len(buf)
