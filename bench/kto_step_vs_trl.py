@@ -12,12 +12,14 @@ gradient difference 5.8e-5 (fp32) — one step agrees; the end-to-end difference
 """
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
 ROOT = str(Path(__file__).resolve().parents[1])
 ADAPTER = sys.argv[1] if len(sys.argv) > 1 else f"{ROOT}/runs/kto-uw1/adapter"
+WORK = tempfile.mkdtemp(prefix="kto-step-")  # TRL's output_dir and peftlab's output.dir (nothing kept)
 from datasets import Dataset
 from peft import LoraConfig, set_peft_model_state_dict
 from safetensors.torch import load_file
@@ -29,7 +31,7 @@ tok = AutoTokenizer.from_pretrained(f"{ROOT}/runs/quickstart-merged")
 if tok.pad_token is None: tok.pad_token = tok.eos_token
 base = AutoModelForCausalLM.from_pretrained(f"{ROOT}/runs/quickstart-merged", torch_dtype=torch.float32)
 ds = Dataset.from_list([{k: r[k] for k in ("prompt", "completion", "label")} for r in rows])
-cfg = KTOConfig(output_dir="/tmp/kto/os", beta=0.1, max_length=80, per_device_train_batch_size=16, report_to=[], use_cpu=True)
+cfg = KTOConfig(output_dir=f"{WORK}/trl", beta=0.1, max_length=80, per_device_train_batch_size=16, report_to=[], use_cpu=True)
 lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
 tr = KTOTrainer(model=base, args=cfg, train_dataset=ds, processing_class=tok, peft_config=lora)
 sd = load_file(f"{ADAPTER}/adapter_model.safetensors")
@@ -47,7 +49,7 @@ from peftlab.recipe.parse import load_recipe
 from peftlab.trainer.loop import Trainer
 
 rec = load_recipe(f"{ROOT}/recipes/kto-quickstart.yaml", overrides=[
-    f"adapter.init_from={ADAPTER}", "preference.undesirable_weight=1.0", "output.dir=/tmp/kto/pl", "train.max_steps=1",
+    f"adapter.init_from={ADAPTER}", "preference.undesirable_weight=1.0", f"output.dir={WORK}/peftlab", "train.max_steps=1",
     f"model.name={ROOT}/runs/quickstart-merged"])
 trainer = Trainer(rec, quiet=True)
 def key(ex):

@@ -13,22 +13,6 @@ from peftlab.metrics import console
 child = logging.getLogger("peftlab.trainer.loop")  # what a module's logging.getLogger(__name__) returns
 
 
-@pytest.fixture(autouse=True)
-def fresh_logger(monkeypatch):
-    """The peftlab logger as a fresh process has it (no handlers, propagating), restored afterwards: the CLI
-    tests configure the real one, and pytest attaches its capture handlers to loggers that do not propagate."""
-    logger = logging.getLogger(console.LOGGER)
-    own = [h for h in logger.handlers if not type(h).__module__.startswith("_pytest")]
-    saved = (own, logger.level, logger.propagate)
-    logger.handlers.clear()
-    logger.setLevel(logging.NOTSET)
-    logger.propagate = True
-    for name in ("RANK", console.ALL_RANKS_ENV, console.LEVEL_ENV):
-        monkeypatch.delenv(name, raising=False)
-    yield logger
-    logger.handlers[:], logger.level, logger.propagate = saved
-
-
 def test_info_to_stdout_warnings_and_errors_to_stderr(capsys):
     console.setup_logging()
     child.info("step 3/10 loss 1.25")

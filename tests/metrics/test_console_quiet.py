@@ -14,21 +14,6 @@ from peftlab.trainer import loop
 child = logging.getLogger("peftlab.trainer.loop")
 
 
-@pytest.fixture(autouse=True)
-def fresh_logger(monkeypatch):
-    """The peftlab logger as a fresh process has it, restored afterwards (as tests/metrics/test_console.py)."""
-    logger = logging.getLogger(console.LOGGER)
-    own = [h for h in logger.handlers if not type(h).__module__.startswith("_pytest")]
-    saved = (own, logger.level, logger.propagate)
-    logger.handlers.clear()
-    logger.setLevel(logging.NOTSET)
-    logger.propagate = True
-    for name in ("RANK", console.ALL_RANKS_ENV, console.LEVEL_ENV):
-        monkeypatch.delenv(name, raising=False)
-    yield logger
-    logger.handlers[:], logger.level, logger.propagate = saved
-
-
 def test_quiet_lasts_for_the_call_with_an_applications_handler(fresh_logger, capsys):
     console.setup_logging("info")
     with console.quiet_logging(True):
