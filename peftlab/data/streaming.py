@@ -172,6 +172,12 @@ class StreamingExamples:
         return buf
 
 
+def is_stream(rows: Any) -> bool:
+    """Whether a bundle's training rows are a ``data.streaming`` stream (no ``len``, read pass by pass with
+    ``iter_pass``, fingerprinted by its sources) rather than rows in memory: the one test the trainer asks."""
+    return isinstance(rows, StreamingExamples)
+
+
 def build_streaming(cfg: DataConfig, tokenizer: Any, *, seed: int, base_dir: Path | None = None) -> DataBundle:
     mixture_weights(cfg)  # a refused mixture says so before anything is read
     train_sources, eval_sources = open_sources(cfg, base_dir)

@@ -39,6 +39,7 @@ from peftlab.checkpoint.store import (
 from peftlab.data.augment import build_augmenter, describe
 from peftlab.data.build import DataBundle
 from peftlab.data.pipeline import build_data
+from peftlab.data.streaming import is_stream
 from peftlab.engine.deepspeed import ZeroEngine, join_for_deepspeed
 from peftlab.engine.hostmem import choose_cpu_threads, openmp_wait_policy, prepare_host_allocator
 from peftlab.engine.interface import Engine
@@ -245,7 +246,7 @@ def log_start(recipe: Any, loaded: LoadedModel, data: DataBundle, steps: int, cp
     logger.info(f"peftlab: {r.model.name} on {loaded.device} ({loaded.dtype}), quantization={r.quantization.mode}, "
                 f"LoRA r={r.adapter.r} on {len(loaded.lora_modules)} modules: {trainable:,} trainable / "
                 f"{total:,} parameters")
-    n_train = len(data.train) if hasattr(data.train, "__len__") else "streamed"
+    n_train = "streamed" if is_stream(data.train) else len(data.train)
     logger.info(f"data: {n_train} train rows, {len(data.eval or [])} eval rows, "
                 f"{steps} optimizer steps of {r.train.micro_batch_size}x{r.train.grad_accum}")
     if loaded.device.type == "cpu":

@@ -18,6 +18,7 @@ import torch
 from peftlab.data.augment import Augmenter
 from peftlab.data.build import DataBundle
 from peftlab.data.collate import collate
+from peftlab.data.streaming import is_stream
 from peftlab.errors import PeftlabError
 
 logger = logging.getLogger(__name__)
@@ -146,8 +147,8 @@ class StreamSampler:
 
 def build_sampler(train_rows: Any, micro_batch_size: int, seed: int) -> EpochSampler | StreamSampler:
     """The sampler of a run's training rows: a seeded permutation per epoch of rows in memory, stream order for
-    ``data.streaming`` (a stream: ``iter_pass``, no ``len``)."""
-    if hasattr(train_rows, "iter_pass"):
+    ``data.streaming`` (:func:`peftlab.data.streaming.is_stream`)."""
+    if is_stream(train_rows):
         return StreamSampler(train_rows, micro_batch_size)
     return EpochSampler(len(train_rows), micro_batch_size, seed)
 
@@ -188,7 +189,7 @@ PREFERENCE_KEYS = ("prompt_ids", "chosen_ids", "chosen_labels", "rejected_ids", 
 def data_fingerprint(rows) -> str:
     """Content hash of the tokenized training rows: a resume onto other data is refused. A stream stands for
     its rows with its own ``fingerprint()`` (sources' content, tokenizer, data settings, seed)."""
-    if hasattr(rows, "fingerprint"):
+    if is_stream(rows):
         return rows.fingerprint()
     h = hashlib.sha256(str(len(rows)).encode())
     for row in rows:
@@ -239,7 +240,7 @@ class RunInputs:
 
     @classmethod
     def of(cls, train_rows: Any, objective: Any) -> RunInputs:
-        n = len(train_rows) if hasattr(train_rows, "__len__") else None
+        n = None if is_stream(train_rows) else len(train_rows)
         return cls(data_fingerprint(train_rows), n, input_fingerprints(objective))
 
     def saved(self) -> dict[str, Any]:

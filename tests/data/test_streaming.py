@@ -12,7 +12,7 @@ import pytest
 
 from peftlab.data.config import DataConfig
 from peftlab.data.pipeline import build_data
-from peftlab.data.streaming import held_out
+from peftlab.data.streaming import held_out, is_stream
 from peftlab.errors import PeftlabError
 from peftlab.model.builtin import build_tokenizer
 
@@ -110,3 +110,18 @@ def test_classification_data_cannot_stream(tmp_path, tok):
     with pytest.raises(PeftlabError, match="data.streaming: classification data is not supported when streaming; "
                                            "set data.streaming: false"):
         list(stream.train)
+
+
+def test_is_stream_is_true_for_streamed_rows_only(chat, tok):
+    memory, stream = _both(chat, tok)
+    assert is_stream(stream.train)
+    assert not is_stream(memory) and not is_stream(stream.eval)
+
+    class LooksLikeAStream(list):  # rows in memory that happen to carry a stream's method names are rows
+        def iter_pass(self, epoch):
+            return iter(self)
+
+        def fingerprint(self):
+            return "not a stream"
+
+    assert not is_stream(LooksLikeAStream(memory))

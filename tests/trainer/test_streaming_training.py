@@ -3,18 +3,33 @@ rank's share of a step, and an exact resume (the consumed micro-batches skipped)
 anything loads (no ``train.max_steps``) and a resume onto changed source files."""
 from __future__ import annotations
 
+import logging
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from helpers import make_quickstart_data, short_run_recipe
 
 from peftlab.adapters.peft_format import lora_state_dict
+from peftlab.data.build import DataBundle
+from peftlab.data.config import DataConfig
+from peftlab.data.pipeline import build_data
+from peftlab.data.stats import DataStats
 from peftlab.errors import PeftlabError
+from peftlab.model.builtin import build_tokenizer
 from peftlab.recipe.parse import recipe_from_dict
 from peftlab.trainer.loop import Trainer
-from peftlab.trainer.state import StreamSampler, TrainState
+from peftlab.trainer.setup import log_start
+from peftlab.trainer.state import (
+    EpochSampler,
+    RunInputs,
+    StreamSampler,
+    TrainState,
+    build_sampler,
+    data_fingerprint,
+)
 
 
 class ListStream:
@@ -65,6 +80,43 @@ def test_stream_sampler_order_passes_ranks_and_resume():
 
     with pytest.raises(PeftlabError, match="streamed training set is empty"):
         StreamSampler(ListStream(0), 3).next_step(TrainState(), 1)
+
+
+class RowsWithStreamNames(list):
+    """Rows in memory that happen to carry a stream's method names: still rows (one test, ``is_stream``)."""
+
+    def iter_pass(self, epoch: int):
+        return iter(self)
+
+    def fingerprint(self) -> str:
+        return "not a stream"
+
+
+def _start_line(rows, caplog) -> str:
+    recipe = SimpleNamespace(model=SimpleNamespace(name="m"), quantization=SimpleNamespace(mode="none"),
+                             adapter=SimpleNamespace(r=2), train=SimpleNamespace(micro_batch_size=1, grad_accum=1))
+    loaded = SimpleNamespace(model=torch.nn.Linear(2, 2), device=torch.device("meta"), dtype=torch.float32,
+                             lora_modules=[])
+    with caplog.at_level(logging.INFO, logger="peftlab.trainer.setup"):
+        log_start(recipe, loaded, DataBundle(train=rows, eval=None, eval_prompts=[], stats=DataStats(max_seq_len=8),
+                                           dataset_names=[]), 3, (1, ""))
+    return next(r.getMessage() for r in caplog.records if r.getMessage().startswith("data: "))
+
+
+def test_one_test_says_what_is_a_stream_sampler_fingerprint_count_and_start_line(stream_data, caplog):
+    stream = build_data(DataConfig(train=["train.jsonl"], streaming=True), build_tokenizer(), seed=0,
+                        base_dir=stream_data).train
+    assert isinstance(build_sampler(stream, 2, 0), StreamSampler)
+    assert data_fingerprint(stream) == stream.fingerprint() and stream.fingerprint().startswith("stream-")
+    assert RunInputs.of(stream, None).n_train is None
+    assert _start_line(stream, caplog).startswith("data: streamed train rows")
+
+    caplog.clear()
+    rows = RowsWithStreamNames([{"input_ids": [1, 2], "labels": [1, 2]}] * 3)
+    assert isinstance(build_sampler(rows, 2, 0), EpochSampler)
+    assert data_fingerprint(rows) == data_fingerprint(list(rows)) != "not a stream"
+    assert RunInputs.of(rows, None).n_train == 3
+    assert _start_line(rows, caplog).startswith("data: 3 train rows")
 
 
 @pytest.fixture(scope="module")
