@@ -116,22 +116,19 @@ def setup_logging(level: str | int | None = None, *, out: TextIO | None = None, 
     handler.messages_to_stderr = messages_to_stderr
 
 
-def ensure_logging(quiet: bool = False) -> None:
+def ensure_logging() -> None:
     """``setup_logging`` for library entry points: a handler is added only when none is configured yet, so the
-    CLI's (or an application's own) configuration is kept. ``quiet`` raises the level to warnings for the rest
-    of the process; for one call use :func:`quiet_logging`, which restores it."""
-    logger = logging.getLogger(LOGGER)
-    if not logger.handlers:
-        setup_logging("warning" if quiet else "info")
-    elif quiet:
-        logger.setLevel(max(logger.level, logging.WARNING))
+    CLI's (or an application's own) configuration is kept. Quiet for one call: :func:`quiet_logging`."""
+    if not logging.getLogger(LOGGER).handlers:
+        setup_logging("info")
 
 
 @contextlib.contextmanager
 def quiet_logging(quiet: bool = True) -> Iterator[None]:
-    """:func:`ensure_logging` for the duration of one call (``train(recipe, quiet=True)``): warnings only inside
-    when ``quiet``, and the ``peftlab`` logger's level as it was afterwards, so an application's later calls
-    (and its own INFO) are not silenced by an earlier quiet one. Quiet never lowers a level (``error`` stays)."""
+    """:func:`ensure_logging`, then warnings only for the duration of one call when ``quiet``
+    (``train(recipe, quiet=True)``), and the ``peftlab`` logger's level as it was afterwards, so an application's
+    later calls (and its own INFO) are not silenced by an earlier quiet one. Quiet never lowers a level
+    (``error`` stays)."""
     ensure_logging()
     logger = logging.getLogger(LOGGER)
     level = logger.level

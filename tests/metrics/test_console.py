@@ -82,7 +82,7 @@ def test_set_up_twice_one_handler_and_messages_to_stderr(fresh_logger, capsys):
     assert capsys.readouterr() == ("training\n", "")
 
 
-def test_ensure_logging_keeps_an_applications_handler(fresh_logger, capsys):
+def test_ensure_logging_keeps_an_applications_handler_and_quiet_lasts_for_the_call(fresh_logger, capsys):
     records: list[str] = []
 
     class Collect(logging.Handler):
@@ -95,18 +95,21 @@ def test_ensure_logging_keeps_an_applications_handler(fresh_logger, capsys):
     assert len(fresh_logger.handlers) == 1 and fresh_logger.level == logging.INFO
     child.info("to the application")
     assert records == ["to the application"] and capsys.readouterr() == ("", "")
-    console.ensure_logging(quiet=True)  # quiet raises the level, never lowers it
-    child.info("dropped")
-    assert records == ["to the application"] and fresh_logger.level == logging.WARNING
+    with console.quiet_logging(True):  # the application's handler hears warnings only during the call
+        child.info("dropped")
+        child.warning("kept")
+    child.info("heard again")
+    assert records == ["to the application", "kept", "heard again"] and len(fresh_logger.handlers) == 1
+    assert capsys.readouterr() == ("", "")
 
 
-def test_ensure_logging_sets_up_the_console_when_nothing_is(fresh_logger, capsys):
+def test_ensure_logging_sets_up_the_console_once_when_nothing_is(fresh_logger, capsys):
     console.ensure_logging()
     child.info("library entry point")
     assert capsys.readouterr().out == "library entry point\n"
-    console.ensure_logging(quiet=True)
-    child.info("quiet now")
-    assert capsys.readouterr().out == ""
+    console.ensure_logging()  # a second entry point adds no second handler: each line once
+    child.info("said once")
+    assert capsys.readouterr().out == "said once\n"
 
 
 def test_progress_bar_shown_where_info_is(capsys, monkeypatch):
