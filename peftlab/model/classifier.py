@@ -142,6 +142,6 @@ def save_head(model: nn.Module, adapter_dir: Path) -> None:
 def load_head(model: nn.Module, adapter_dir: Path, device: torch.device) -> ClassificationHead:
     """Rebuild the head written by :func:`save_head` and register it on ``model``."""
     return load_module_files(model, adapter_dir, attr=HEAD_ATTR, weights_file=HEAD_FILE, config_file=CONFIG_FILE,
-                             device=device, build=lambda cfg: ClassificationHead(
+                             device=device, what="classification head", build=lambda cfg: ClassificationHead(
                                  cfg["hidden_size"], cfg["num_outputs"], pooling=cfg["pooling"], task=cfg["task"],
                                  labels=cfg["labels"]))

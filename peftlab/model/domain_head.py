@@ -76,5 +76,5 @@ def save_domain_head(model: nn.Module, adapter_dir: Path) -> None:
 def load_domain_head(model: nn.Module, adapter_dir: Path, device: torch.device) -> DomainHead:
     """Rebuild the head written by :func:`save_domain_head` and register it on ``model``."""
     return load_module_files(model, adapter_dir, attr=DOMAIN_HEAD_ATTR, weights_file=DOMAIN_HEAD_FILE,
-                             config_file=DOMAIN_CONFIG_FILE, device=device,
+                             config_file=DOMAIN_CONFIG_FILE, device=device, what="DANN domain head",
                              build=lambda cfg: DomainHead(cfg["hidden_size"], cfg["width"], lr=cfg.get("lr")))
