@@ -37,6 +37,12 @@ def pooled_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
+def input_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Non-padding input tokens of a classification batch (its 2D attention mask; every token without one)."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+
 def logits_of(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return head_of(model)(pooled_hidden(model, batch))
 
@@ -135,6 +141,11 @@ class ClassificationObjective:
 
     def targets(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["labels"].numel())
+
+    def trained_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """The rows' input tokens, padding left out (the run's ``tokens_seen``): the targets are rows, but every
+        real token of a row feeds the pooled state the loss trains on."""
+        return input_tokens(batch)
 
     def normalizer(self, batch: dict[str, torch.Tensor]) -> float:
         """Σ of the rows' loss weights (the row count when there are none)."""

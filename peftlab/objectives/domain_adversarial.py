@@ -40,7 +40,7 @@ from peftlab.data.collate import collate
 from peftlab.data.target_domain import TargetData, build_target_data
 from peftlab.model.classifier import head_of, save_head
 from peftlab.model.domain_head import attach_domain_head, domain_head_of, save_domain_head
-from peftlab.objectives.classification import evaluate_classifier, per_row_loss, pooled_hidden
+from peftlab.objectives.classification import evaluate_classifier, input_tokens, per_row_loss, pooled_hidden
 
 Batch = dict[str, torch.Tensor]
 
@@ -114,6 +114,12 @@ class DomainAdversarialObjective:
 
     def targets(self, batch: Batch) -> int:
         return int(batch["labels"].numel())     # source rows
+
+    def trained_tokens(self, batch: Batch) -> int:
+        """Input tokens of the source rows and of the target rows paired with them, padding left out (the run's
+        ``tokens_seen``): the target rows train the backbone too, through the reversed domain gradient. Called
+        after the step's loss, with the same step number: the pairing drawn is the one the loss used."""
+        return input_tokens(batch) + sum(len(self.target.train[i]["input_ids"]) for i in self.target_rows(batch))
 
     def normalizer(self, batch: Batch) -> float:
         """Σ of the source rows' loss weights (the row count when there are none); target rows pair with them."""
