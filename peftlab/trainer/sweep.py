@@ -32,7 +32,6 @@ retrained from scratch at the larger budget (simple and exactly reproducible; no
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import itertools
@@ -41,7 +40,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -51,7 +50,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from peftlab.checkpoint.atomic import atomic_write_text
 from peftlab.errors import PeftlabError
-from peftlab.metrics.console import LOGGER
 from peftlab.recipe.parse import apply_overrides, recipe_from_dict, set_nested
 from peftlab.trainer.early_stopping import lower_is_better, metric_key
 from peftlab.trainer.loop import Trainer
@@ -215,22 +213,10 @@ def trial_recipe(spec: SweepSpec, base: dict[str, Any], params: dict[str, Any], 
 # ---- running -------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _quiet_trial() -> Iterator[None]:
-    """A trial trains with warnings only; afterwards the console says again what it said before (a quiet
-    Trainer lowers the ``peftlab`` logger's level for good)."""
-    console = logging.getLogger(LOGGER)
-    level = console.level
-    try:
-        yield
-    finally:
-        console.setLevel(level)
-
-
 def train_trial(raw: dict[str, Any], base_dir: Path, metric: str, mode: str) -> TrialResult:
-    """Train one trial; its score is the best eval value of ``metric`` (early stopping) or the last one."""
-    with _quiet_trial():
-        result = Trainer(recipe_from_dict(raw, source="(sweep trial)", base_dir=base_dir), quiet=True).train()
+    """Train one trial, quietly (warnings only; the quiet Trainer restores the console's level after); its score
+    is the best eval value of ``metric`` (early stopping) or the last one."""
+    result = Trainer(recipe_from_dict(raw, source="(sweep trial)", base_dir=base_dir), quiet=True).train()
     key = metric_key(metric)
     if result.best is not None and result.best.get("best") is not None:
         score, best_step = float(result.best["best"]), result.best["best_step"]

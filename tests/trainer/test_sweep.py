@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -11,9 +12,10 @@ import yaml
 from helpers import make_quickstart_data, tiny_recipe_dict
 
 from peftlab.errors import PeftlabError
-from peftlab.metrics.console import ensure_logging, setup_logging
+from peftlab.metrics.console import setup_logging
 from peftlab.trainer import sweep
-from peftlab.trainer.sweep import SweepSpec, TrialResult, configurations, load_sweep, run_sweep, train_trial
+from peftlab.trainer.loop import Trainer
+from peftlab.trainer.sweep import SweepSpec, TrialResult, configurations, load_sweep, run_sweep
 
 
 def test_grid_and_seeded_random_configurations():
@@ -64,22 +66,35 @@ def test_successive_halving_keeps_the_best_half_per_rung(tmp_path, capsys):
     assert result.best.params == {"train.lr": 4e-4} and result.ranked[1].params == {"train.lr": 3e-4}
 
 
-def test_a_quiet_trial_does_not_silence_the_sweep(tmp_path, monkeypatch, capsys):
-    """Trials train quietly (warnings only); the sweep's own lines keep the console's level afterwards."""
-    class QuietTrainer:
-        def __init__(self, recipe, *, quiet):
-            ensure_logging(quiet)  # as the real Trainer: a quiet one lowers the console to warnings
+def test_trials_are_quiet_and_the_sweep_speaks_between_and_after_them(tmp_path, monkeypatch, capsys):
+    """Each trial builds and trains quietly (its INFO dropped, its warnings kept) through the real Trainer's quiet
+    path and train_trial; the sweep's own line after each trial, and the console after the sweep, are heard."""
+    said = logging.getLogger("peftlab.trainer.loop")  # what the Trainer's own messages go through
 
-        def train(self):
-            return SimpleNamespace(best=None, eval_after={"eval_loss": 1.5}, state=SimpleNamespace(step=2),
-                                   output_dir=tmp_path)
+    class ScriptedTrainer(Trainer):  # the real Trainer.__init__ / train (quiet per call), no model
+        def _build(self, recipe, quiet):
+            self.quiet, self.out_dir, self.lr = quiet, recipe.output_dir, recipe.train.lr
+            said.info("building (not heard)")
 
-    monkeypatch.setattr(sweep, "Trainer", QuietTrainer)
+        def _train(self):
+            said.info("training (not heard)")
+            said.warning(f"lr {self.lr}: a warning is heard")
+            return SimpleNamespace(best=None, eval_after={"eval_loss": self.lr * 1e3}, state=SimpleNamespace(step=2),
+                                   output_dir=self.out_dir)
+
+    monkeypatch.setattr(sweep, "Trainer", ScriptedTrainer)
+    base = tiny_recipe_dict(tmp_path, tmp_path / "o")
+    spec = SweepSpec(base=base, parameters={"train.lr": [2e-3, 1e-3]}, output=str(tmp_path / "sweep"))
     setup_logging("info")
-    result = train_trial(tiny_recipe_dict(tmp_path, tmp_path / "o"), tmp_path, "eval_loss", "min")
-    assert (result.score, result.steps) == (1.5, 2)
-    sweep.logger.info("still heard")
-    assert capsys.readouterr().out == "still heard\n"
+    capsys.readouterr()
+    result = run_sweep(spec, base, tmp_path)
+    sweep.logger.info("after the sweep")
+    out, err = capsys.readouterr()
+    assert out.splitlines() == ["trial-000 train.lr=0.002: eval_loss=2.0000 (2 steps)",
+                                "trial-001 train.lr=0.001: eval_loss=1.0000 (2 steps)", "after the sweep"]
+    assert err.splitlines() == ["peftlab: warning: lr 0.002: a warning is heard",
+                                "peftlab: warning: lr 0.001: a warning is heard"]
+    assert result.best.params == {"train.lr": 1e-3}
 
 
 @pytest.mark.slow
