@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -77,10 +78,24 @@ def cmd_distill_cache(args: argparse.Namespace) -> int:
 def cmd_launch(args: argparse.Namespace) -> int:
     """Train a recipe across nodes/processes through the deepspeed launcher (see docs/distributed.md)."""
     from peftlab.engine.launch import launch
+    from peftlab.trainer.setup import check_streaming
 
+    check_streaming(_recipe(args))  # what every process's `peftlab train` would refuse: before any starts
     return launch(args.recipe, hostfile=args.hostfile, no_ssh=args.no_ssh, node_rank=args.node_rank,
                   nproc_per_node=args.nproc_per_node, master_addr=args.master_addr, master_port=args.master_port,
                   launcher=args.launcher, preflight_timeout=args.preflight_timeout, overrides=args.set)
+
+
+def _estimated_recipe(args: argparse.Namespace) -> Recipe:
+    """The recipe ``peftlab estimate`` sizes as written, with one line (stderr: its stdout is the estimate) when
+    ``peftlab train`` would refuse it as it is (e.g. streaming without train.max_steps)."""
+    from peftlab.trainer.setup import streaming_problem
+
+    recipe = _recipe(args)
+    problem = streaming_problem(recipe)
+    if problem is not None:
+        logging.getLogger(__name__).warning(f"peftlab train will refuse this recipe as it is: {problem}")
+    return recipe
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
@@ -103,7 +118,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     if args.max_context:
         if budget is None:
             raise PeftlabError("--max-context needs a budget: --gpu-memory 24GB (or --device-memory SIZE)")
-        recipe = _recipe(args)
+        recipe = _estimated_recipe(args)
         device = args.device or run_device(recipe)
         shape = model_shape(recipe, compute_dtype(recipe, device), device=device)
         longest = max_context(recipe, budget, device=device, shape=shape)
@@ -118,7 +133,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
                   + (f" — more than the model's {positions} positions (max_position_embeddings): its whole context "
                      "fits" if beyond else ""))
         return 0 if longest else 1
-    est = estimate(_recipe(args), device_memory=budget, gpus=args.gpus, device=args.device)
+    est = estimate(_estimated_recipe(args), device_memory=budget, gpus=args.gpus, device=args.device)
     print(json.dumps(est.to_dict(), indent=2) if args.json else format_estimate(est, gpus=args.gpus))
     return 0 if est.fits else 1
 

@@ -1,5 +1,6 @@
 """Building a training run from its recipe: each component, in the order the run needs them.
 
+    refusals       what train needs beyond a valid recipe          check_streaming
     process group  (launched runs; DeepSpeed adopts it)           join
     output.dir     refused before any work when unusable           prepare_output_dir
     CPU threads, seed                                              use_cpu_threads, seed_everything
@@ -58,6 +59,8 @@ logger = logging.getLogger(__name__)
 def join(recipe: Any) -> DistInfo:
     """Join the process group of a launched run (first: the data cache and DeepSpeed need it); a no-op in a
     single process without DeepSpeed. A ``deepspeed`` recipe is checked here, before any model is loaded."""
+    # Until Trainer._build calls check_streaming itself, first of all (one line in loop.py, which this session
+    # does not own), the refusal stays here too: join is the first thing the Trainer does. A second call is free.
     check_streaming(recipe)
     if recipe.deepspeed is None:
         launched = env_dist_info().world_size
@@ -70,24 +73,31 @@ def join(recipe: Any) -> DistInfo:
     return join_for_deepspeed(recipe, pick_dtype(recipe.model.dtype, pick_device(recipe.train.device)))
 
 
-def check_streaming(recipe: Any) -> None:
-    """What ``peftlab train`` needs of a ``data.streaming`` recipe, refused before anything is loaded or written
-    (``peftlab data`` previews such recipes as they are, so this is not recipe validation)."""
+def streaming_problem(recipe: Any) -> str | None:
+    """Why ``peftlab train`` would refuse this ``data.streaming`` recipe (None: it would not). Not recipe
+    validation: ``peftlab data`` previews such recipes and ``peftlab estimate`` sizes them as they are."""
     if not recipe.data.streaming:
-        return
+        return None
     if recipe.train.max_steps is None:
-        raise PeftlabError(
-            f"data.streaming: true needs train.max_steps: a streamed data set's length is unknown until it has "
-            f"been read, so train.epochs ({recipe.train.epochs:g}) cannot be turned into optimizer steps. Set "
-            "train.max_steps (e.g. --set train.max_steps=1000; the stream starts a new pass when it runs out), or "
-            "set data.streaming: false")
+        return (f"data.streaming: true needs train.max_steps: a streamed data set's length is unknown until it has "
+                f"been read, so train.epochs ({recipe.train.epochs:g}) cannot be turned into optimizer steps. Set "
+                "train.max_steps (e.g. --set train.max_steps=1000; the stream starts a new pass when it runs out), "
+                "or set data.streaming: false")
     if recipe.task != "causal_lm":
-        raise PeftlabError(f"data.streaming: true with task={recipe.task}: classification/regression rows are "
-                           "read in memory; set data.streaming: false")
+        return (f"data.streaming: true with task={recipe.task}: classification/regression rows are read in memory; "
+                "set data.streaming: false")
     if recipe.distill is not None and recipe.distill.mode == "offline":
-        raise PeftlabError("data.streaming: true with distill.mode: offline: the teacher cache is indexed by "
-                           "training row, and a stream has no row indices; set distill.mode: online or "
-                           "data.streaming: false")
+        return ("data.streaming: true with distill.mode: offline: the teacher cache is indexed by training row, and "
+                "a stream has no row indices; set distill.mode: online or data.streaming: false")
+    return None
+
+
+def check_streaming(recipe: Any) -> None:
+    """Refuse a ``data.streaming`` recipe ``peftlab train`` cannot run (:func:`streaming_problem`): the Trainer's
+    first step, and ``peftlab launch``'s before it starts any process — nothing loaded or written yet."""
+    problem = streaming_problem(recipe)
+    if problem is not None:
+        raise PeftlabError(problem)
 
 
 def prepare_output_dir(recipe: Any, is_main: bool) -> Path:
