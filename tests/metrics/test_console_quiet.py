@@ -14,7 +14,7 @@ from peftlab.trainer import loop
 child = logging.getLogger("peftlab.trainer.loop")
 
 
-def test_quiet_lasts_for_the_call_with_an_applications_handler(fresh_logger, capsys):
+def test_quiet_lasts_for_the_call_and_never_lowers_a_level(fresh_logger, capsys):
     console.setup_logging("info")
     with console.quiet_logging(True):
         child.info("dropped")

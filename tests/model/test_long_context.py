@@ -13,6 +13,7 @@ from peftlab.model.long_context import (
     OffloadedCheckpoint,
     apply_activation_offload,
     apply_mlp_chunking,
+    release_storage,
 )
 from peftlab.objectives.causal_lm import LossSettings, causal_lm_loss
 
@@ -145,8 +146,6 @@ def test_recomputed_layer_output_is_freed_before_its_backward():
 
 
 def test_release_storage_keeps_what_autograd_saved_or_shares():
-    from peftlab.model.long_context import release_storage
-
     x = torch.randn(4, 3, requires_grad=True)
     fresh = x + 1  # AddBackward saves nothing
     release_storage(fresh)
