@@ -285,6 +285,22 @@ def _register_lora_external_params(model: nn.Module) -> None:
                 deepspeed.zero.register_external_parameter(module, p)
 
 
+def restore_functional_linear() -> None:
+    """Undo ZeRO-3's process-wide replacement of ``torch.nn.functional.linear``.
+
+    ``deepspeed.initialize`` at stage 3 (``zero_optimization.memory_efficient_linear``, on by default) swaps
+    ``torch.nn.functional.linear`` for its own autograd Function, which saves the partitioned weight itself for the
+    backward pass instead of a view of the gathered one (so the gathered weight can be freed), and leaves it there
+    "until manually reset" (its words): every later ``nn.Linear`` of the process — another run, an eval, a merge
+    in a notebook — would go through it. The run needs it; nothing after the run does. Only DeepSpeed's own
+    wrapper is replaced (by the function it kept): anything else found there is left alone."""
+    from deepspeed.runtime.zero import partition_parameters as zp
+
+    original = getattr(zp.InsertPostInitMethodToModuleSubClasses, "linear_bk", None)
+    if original is not None and torch.nn.functional.linear is zp.zero3_linear_wrap:
+        torch.nn.functional.linear = original
+
+
 # ---- the engine ---------------------------------------------------------------------------------
 
 
@@ -315,10 +331,14 @@ class ZeroEngine:
         optimizer = build_optimizer(params, t, torch.device("cpu") if offload else device)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(t.scheduler, warmup_steps(t, total_steps), total_steps))
-        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.config)
-        if self.stage == 3:
-            _register_lora_external_params(model)
+        try:
+            self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.config)
+            if self.stage == 3:
+                _register_lora_external_params(model)
+        except BaseException:
+            restore_functional_linear()  # no engine is left to close
+            raise
         self.model = self.ds.module
         self.params = params
         self._skipped_seen = 0
@@ -326,6 +346,12 @@ class ZeroEngine:
     @property
     def lr(self) -> float:
         return float(self.ds.get_lr()[0])
+
+    def close(self) -> None:
+        """The run is over (finished or failed): put back what DeepSpeed changed process-wide for it
+        (:func:`restore_functional_linear`), so later work in this process runs as if no engine had been built.
+        Safe to call more than once."""
+        restore_functional_linear()
 
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss * self.world_size, scale_wrt_gas=False)

@@ -1,0 +1,56 @@
+"""ZeRO-3 in this process (peftlab/engine/deepspeed.py): DeepSpeed replaces torch.nn.functional.linear process-wide
+for the run ("until manually reset"); closing the engine — and a failed engine build — puts the original back.
+(tests/conftest.py restores it after every test anyway: the checks are inside the test bodies.)"""
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import ds_config, tiny_recipe_dict
+from torch import nn
+
+from peftlab.engine import deepspeed as ds_engine
+from peftlab.recipe.parse import recipe_from_dict
+
+pytestmark = pytest.mark.xdist_group("deepspeed")
+
+CPU = torch.device("cpu")
+
+
+def _zero3(tmp_path, monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # one process, its own process group
+        monkeypatch.delenv(key, raising=False)
+    raw = tiny_recipe_dict(tmp_path, tmp_path / "out", quantization={"mode": "none"},
+                           train={"max_steps": 2, "grad_accum": 1, "micro_batch_size": 2})
+    raw["deepspeed"] = ds_config("zero3")
+    recipe = recipe_from_dict(raw)
+    ds_engine.join_for_deepspeed(recipe, torch.float32)
+    return recipe
+
+
+def test_closing_a_zero3_engine_restores_functional_linear(tmp_path, monkeypatch):
+    original = torch.nn.functional.linear
+    recipe = _zero3(tmp_path, monkeypatch)
+    torch.manual_seed(0)
+    engine = ds_engine.ZeroEngine(nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1)), recipe, 2, CPU,
+                                  torch.float32)
+    assert torch.nn.functional.linear is not original  # the run trains through DeepSpeed's wrapper
+    engine.backward(engine.model(torch.randn(2, 8)).pow(2).sum())
+    assert engine.step().skipped is False
+    engine.close()
+    assert torch.nn.functional.linear is original
+    engine.close()  # twice is harmless
+    assert torch.nn.functional.linear is original
+    assert engine.model(torch.randn(2, 8)).shape == (2, 1)  # the model still runs (its weights gathered by hooks)
+
+
+def test_a_failed_zero3_engine_build_restores_functional_linear(tmp_path, monkeypatch):
+    original = torch.nn.functional.linear
+    recipe = _zero3(tmp_path, monkeypatch)
+
+    def fail(model):
+        raise RuntimeError("registering external parameters failed")
+
+    monkeypatch.setattr(ds_engine, "_register_lora_external_params", fail)  # after deepspeed.initialize
+    with pytest.raises(RuntimeError, match="registering external parameters failed"):
+        ds_engine.ZeroEngine(nn.Sequential(nn.Linear(8, 1)), recipe, 2, CPU, torch.float32)
+    assert torch.nn.functional.linear is original
