@@ -13,6 +13,12 @@ that message with both rank numbers and exits the process with the failing rank'
 process blocked inside a collective; nothing else in it can). The failing rank waits (at most
 :data:`ACK_WAIT_S`) until every other rank has seen the failure, so a rank that serves the store does not take
 the message down with it. Keys carry torchrun's restart count: a restarted attempt never reads the last one's.
+
+``os._exit`` runs no ``finally`` blocks and no ``atexit`` handlers, so whatever holds buffered output (an
+experiment tracker's run, an event writer) registers a closer with :func:`close_before_stop`; the watch runs the
+registered closers before it ends the process — each in a thread of its own, all together bounded by
+:data:`CLOSE_WAIT_S`, so a closer that hangs (a tracker server that no longer answers) cannot keep a stopped rank
+alive.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +37,59 @@ POLL_S = 0.2
 """How often every rank looks for another rank's failure (one small store request)."""
 ACK_WAIT_S = 10.0
 """How long a failing rank waits for the others to have seen its failure before it leaves."""
+CLOSE_WAIT_S = 2.0
+"""How long a stopped rank gives its registered closers (:func:`close_before_stop`), all together."""
+
+_closers: dict[int, Callable[[], None]] = {}
+_closers_lock = threading.Lock()
+_next_closer = iter(range(1, 1 << 62))
+
+
+def close_before_stop(close: Callable[[], None]) -> Callable[[], None]:
+    """Have ``close`` run if the failure watch stops this process (it leaves through ``os._exit``: nothing else of
+    the process runs then). Returns the function that unregisters it — call that when the thing is closed the
+    normal way."""
+    with _closers_lock:
+        key = next(_next_closer)
+        _closers[key] = close
+
+    def unregister() -> None:
+        with _closers_lock:
+            _closers.pop(key, None)
+
+    return unregister
+
+
+def run_closers(timeout_s: float = CLOSE_WAIT_S) -> list[str]:
+    """Run every registered closer, each in a daemon thread, waiting at most ``timeout_s`` for them all; returns
+    the names of those still running then (abandoned: the process is about to end). A closer that raises is
+    logged and counts as done."""
+    with _closers_lock:
+        closers = list(_closers.values())
+        _closers.clear()
+
+    def guarded(close: Callable[[], None]) -> None:
+        try:
+            close()
+        except Exception as exc:  # noqa: BLE001 - the process is ending: say so and go on with the others
+            logger.warning(f"closing {_name(close)} before stopping failed: {exc}")
+
+    threads = [threading.Thread(target=guarded, args=(c,), name=f"peftlab-close-{_name(c)}", daemon=True)
+               for c in closers]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout_s
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    hung = [_name(c) for c, t in zip(closers, threads) if t.is_alive()]
+    if hung:
+        logger.warning(f"stopping without waiting longer than {timeout_s:g} s for: {', '.join(hung)}")
+    return hung
+
+
+def _name(close: Callable[[], None]) -> str:
+    owner = getattr(close, "__self__", None)
+    return type(owner).__name__ if owner is not None else getattr(close, "__qualname__", repr(close))
 
 
 @dataclass(frozen=True)
@@ -75,9 +135,11 @@ class FailureWatch:
     """Announce this rank's failure to the others, and stop this process when another rank announces one."""
 
     def __init__(self, store: Any, rank: int, world_size: int, *, poll_s: float = POLL_S,
-                 ack_wait_s: float = ACK_WAIT_S, exit_process: Any = os._exit) -> None:
+                 ack_wait_s: float = ACK_WAIT_S, close_wait_s: float = CLOSE_WAIT_S,
+                 exit_process: Any = os._exit) -> None:
         self.store, self.rank, self.world_size = store, rank, world_size
         self.poll_s, self.ack_wait_s, self._exit = poll_s, ack_wait_s, exit_process
+        self.close_wait_s = close_wait_s
         prefix = f"peftlab/failure/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
         self.key, self.stopped_key, self.done_key = f"{prefix}/first", f"{prefix}/stopped", f"{prefix}/done"
         self._lock = threading.Lock()
@@ -154,13 +216,20 @@ class FailureWatch:
 
     def _stop_for(self, failure: RankFailure) -> None:
         # This process is likely blocked inside a collective the failed rank never joins: only leaving the
-        # process ends that wait. What it wrote is complete (checkpoints are atomic, metrics line by line).
+        # process ends that wait. What it wrote is complete (checkpoints are atomic, metrics line by line);
+        # what registered a closer (experiment trackers) is closed first, within close_wait_s.
         logger.error(failure.stop_message(self.rank))
         _flush_logs()
+        store_gone = False
         try:
-            self.store.add(self.stopped_key, 1)
+            self.store.add(self.stopped_key, 1)  # first: the failing rank waits for it, not for the closers
+        except Exception:  # noqa: BLE001 - the failed rank's store is gone: it has left already
+            store_gone = True
+        run_closers(self.close_wait_s)
+        _flush_logs()
+        try:
             deadline = time.monotonic() + self.ack_wait_s
-            while not self.store.check([self.done_key]) and time.monotonic() < deadline:
+            while not store_gone and not self.store.check([self.done_key]) and time.monotonic() < deadline:
                 time.sleep(self.poll_s / 2)
         except Exception:  # noqa: BLE001, S110 - the failed rank's store is gone: it has left already
             pass

@@ -11,7 +11,9 @@ and one clear message says what to install. Nothing global is touched: MLflow is
 
 What each receives: the recipe flattened to ``section.key`` params, every scalar figure as
 ``<split>/<name>`` at its optimizer step, and at the end the adapter directory and metrics.jsonl as
-artifacts.
+artifacts. A rank that the failure watch stops (another rank failed: :mod:`peftlab.engine.rank_failure`) leaves
+through ``os._exit``; each tracker registers a closer for that case, which ends its run as failed (MLflow status
+``FAILED``, W&B exit code 1) instead of leaving it "running" with its last records unsent.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ import math
 import time
 from pathlib import Path
 from typing import Any
+
+from peftlab.engine.rank_failure import close_before_stop
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +70,7 @@ class MLflowTracker:
         items = [Param(k, str(v)[:500]) for k, v in flatten(params).items()]
         for i in range(0, len(items), 100):  # MLflow's batch limit is 100 params
             self.client.log_batch(self.run_id, params=items[i:i + 100])
+        self._unregister = close_before_stop(self.stopped)
 
     def log(self, step: int, split: str, figures: dict[str, Any]) -> None:
         from mlflow.entities import Metric
@@ -83,7 +88,12 @@ class MLflowTracker:
             self.client.log_artifact(self.run_id, str(path))
 
     def close(self) -> None:
+        self._unregister()
         self.client.set_terminated(self.run_id)
+
+    def stopped(self) -> None:
+        """The failure watch is ending this process: the run failed."""
+        self.client.set_terminated(self.run_id, status="FAILED")
 
 
 class WandbTracker:
@@ -95,6 +105,7 @@ class WandbTracker:
         self.wandb = wandb
         self.run = wandb.init(mode="offline", dir=str(out_dir), project=project, name=run_name,
                               config=flatten(params), reinit="create_new")
+        self._unregister = close_before_stop(self.stopped)
 
     def log(self, step: int, split: str, figures: dict[str, Any]) -> None:
         values = scalars(split, figures)
@@ -111,7 +122,12 @@ class WandbTracker:
         self.run.log_artifact(art)
 
     def close(self) -> None:
+        self._unregister()
         self.run.finish()
+
+    def stopped(self) -> None:
+        """The failure watch is ending this process: finish the run as failed (its buffered records are sent)."""
+        self.run.finish(exit_code=1)
 
 
 TRACKERS = {"mlflow": MLflowTracker, "wandb": WandbTracker}
