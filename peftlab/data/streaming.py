@@ -10,6 +10,14 @@ seed), so a resumed run can skip the examples it has already consumed. The train
 the in-memory sampler draws a new permutation per epoch; :meth:`StreamingExamples.fingerprint` stands for
 the content a resume must find unchanged (it cannot hash rows it has not read).
 
+A resumed run reads its pass from the start to where it stopped (``iter_pass(e, skip)``). Whole shuffle buffers
+before that point are skipped without tokenizing their rows when the stream knows how many examples those rows
+make: while reading, it learns per dataset a row bound below which every row made exactly one example
+(:attr:`StreamingExamples.known_rows`; a row dropped as overlength or untrainable, or split, ends it), and the
+checkpoint keeps it. Counting is then all a skipped buffer needs — the mixture's draws and the shuffle's random
+numbers depend on counts only — and rows of the buffers that are trained are tokenized when they are reached, as
+they would have been. Packed streams re-tokenize the skipped rows: how many packs a buffer makes depends on tokens.
+
 Mixtures draw what the in-memory ``mixture: scale`` draws: a dataset of weight ``w`` is read ``floor(w)``
 times in full, then once more for a fraction ``w - floor(w)`` of its examples: a seeded sample of each block of
 ``shuffle_buffer`` examples (so a subsampled dataset holds one block beside the shuffle buffer), sized so that
@@ -29,7 +37,9 @@ import hashlib
 import itertools
 import math
 import random
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,23 +94,114 @@ def scale_pick(chunk: list[dict[str, Any]], w: float, start: int, rng: random.Ra
     return [chunk[j] for j in sorted(rng.sample(range(len(chunk)), k))]
 
 
+ALL_ROWS = 1 << 32  # a known_rows bound past every row (sample ids keep a row in 32 bits)
+
+
+@dataclass
+class Skipping:
+    """Whether a pass is still in the buffers a resume skips (its records of known count are then not encoded)."""
+
+    active: bool
+
+
+class Pending:
+    """A record known to make exactly one example, not tokenized yet: a skipped buffer only counts these; a trained
+    one becomes its example (:func:`realize`), the same as reading it would have made."""
+
+    __slots__ = ("encode", "item")
+
+    def __init__(self, item: SourceRecord, encode: Callable[[Iterable[SourceRecord]], Iterator[dict[str, Any]]]):
+        self.item, self.encode = item, encode
+
+
+def realize(buf: list[dict[str, Any] | Pending]) -> list[dict[str, Any]]:
+    """``buf`` with its :class:`Pending` records tokenized: one encoder call per dataset (not one per row)."""
+    out = list(buf)
+    by_dataset: dict[Any, list[int]] = {}
+    for k, ex in enumerate(buf):
+        if isinstance(ex, Pending):
+            by_dataset.setdefault(ex.encode, []).append(k)
+    for encode, ks in by_dataset.items():
+        items = [buf[k].item for k in ks]  # type: ignore[union-attr]
+        made = list(encode(items))
+        if [ex["sample_id"] & (ALL_ROWS - 1) for ex in made] != [it.row for it in items]:
+            # unreachable while the fingerprint check keeps sources, tokenizer and settings as they were learned
+            raise PeftlabError(f"{items[0].where}: rows the stream had learned make one example each made "
+                               f"{len(made)} for {len(items)}; the data changed during the run. Start a fresh run")
+        for k, ex in zip(ks, made):
+            out[k] = ex
+    return out  # type: ignore[return-value]
+
+
 class StreamingExamples:
     """Iterable of examples (or packs); see the module docstring. Has no ``len``."""
 
     def __init__(self, cfg: DataConfig, tokenizer: Any, seed: int, sources: list[Source], names: list[str],
                  stats: DataStats):
         self.cfg, self.tok, self.seed, self.sources, self.names, self.stats = cfg, tokenizer, seed, sources, names, stats
+        # per dataset: every row below this bound (that reaches tokenization) makes exactly one example; learned
+        # while reading, kept in checkpoints, lets a resume count rows instead of tokenizing them
+        self.known_rows = [0] * len(cfg.train)
 
-    def _dataset_stream(self, i: int, st: DatasetStats) -> Iterator[dict[str, Any]]:
+    def _dataset_stream(self, i: int, st: DatasetStats, skipping: Skipping | None = None
+                        ) -> Iterator[dict[str, Any] | Pending]:
         cfg, spec = self.cfg, self.cfg.train[i]
         key = f"data.train[{i}]"
         encoder = Encoder(self.tok, template=cfg.template, train_on=cfg.train_on, system_prompt=cfg.system_prompt)
         frac = cfg.eval_split if not cfg.eval else 0.0
-        items = (it for it in read_records(self.sources[i], spec, self.names[i], cfg, st, key)
-                 if not held_out(self.seed, i, it.row, frac, cfg.shuffle_buffer))
-        yield from encode_items(items, encoder, cfg, i, spec, self.names[i], st, key, spec.format)
+        items: Iterator[SourceRecord] = (it for it in read_records(self.sources[i], spec, self.names[i], cfg, st, key)
+                                         if not held_out(self.seed, i, it.row, frac, cfg.shuffle_buffer))
 
-    def _scaled_stream(self, i: int, st: DatasetStats) -> Iterator[dict[str, Any]]:
+        def encode(records: Iterable[SourceRecord]) -> Iterator[dict[str, Any]]:
+            return encode_items(records, encoder, cfg, i, spec, self.names[i], st, key, spec.format)
+
+        while skipping is not None and skipping.active:  # checked again after every yield
+            it = next(items, None)
+            if it is None:
+                return
+            if it.row >= self.known_rows[i]:  # its count is not known: tokenize from here on
+                items = itertools.chain([it], items)
+                break
+            yield Pending(it, encode)
+        yield from self._learning(i, items, encode)
+
+    def _learning(self, i: int, items: Iterator[SourceRecord],
+                  encode: Callable[[Iterable[SourceRecord]], Iterator[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
+        """``items`` encoded, raising ``known_rows[i]`` on the way while every row read makes one example.
+
+        Every row before the first of ``items`` is below the bound already (the dataset's start, or rows a
+        skipped buffer counted). An example of row r, with each row read before it having made one, shows every
+        row below r made one; a row that made none (dropped) or a second example of the same row ends the lesson.
+        """
+        read: deque[int] = deque()  # rows handed to the encoder, not yet seen come out
+        learning = True
+
+        def tapped() -> Iterator[SourceRecord]:
+            for it in items:
+                if learning:
+                    read.append(it.row)
+                yield it
+
+        last = -1
+        for ex in encode(tapped()):
+            if learning:
+                row = ex["sample_id"] & (ALL_ROWS - 1)
+                if row == last:  # a second example of one row: the bound stays below it
+                    learning = False
+                else:
+                    front = read.popleft()  # == row, unless ``front`` made no example: the bound stops there
+                    self.known_rows[i] = max(self.known_rows[i], front)
+                    learning = front == row
+                last = row
+                if not learning:
+                    read.clear()
+            yield ex
+        if learning:  # the dataset ended: rows still waiting made no example
+            self.known_rows[i] = max(self.known_rows[i], read[0] if read else ALL_ROWS)
+            read.clear()
+
+    def _scaled_stream(self, i: int, st: DatasetStats, skipping: Skipping | None = None
+                       ) -> Iterator[dict[str, Any] | Pending]:
         """Dataset ``i`` as the ``scale`` mixture draws it: ``floor(w)`` full passes, then the seeded fraction.
 
         Only the first pass counts in ``st`` (the dataset's rows, tokens, ... once, as in memory); ``drawn``
@@ -109,18 +210,18 @@ class StreamingExamples:
         w = mixture_weights(self.cfg)[i]
         reps = math.floor(w)
         for p in range(reps):
-            yield from self._dataset_stream(i, st if p == 0 else DatasetStats(st.name))
+            yield from self._dataset_stream(i, st if p == 0 else DatasetStats(st.name), skipping)
         if w == reps:
             return
         block, seen = self.cfg.shuffle_buffer, 0
-        stream = self._dataset_stream(i, st if reps == 0 else DatasetStats(st.name))
+        stream = self._dataset_stream(i, st if reps == 0 else DatasetStats(st.name), skipping)
         while chunk := list(itertools.islice(stream, block)):
             yield from scale_pick(chunk, w, seen, random.Random(f"scale:{self.seed}:{i}:{seen}"))
             seen += len(chunk)
 
-    def _examples(self, epoch: int) -> Iterator[dict[str, Any]]:
+    def _examples(self, epoch: int, skipping: Skipping | None = None) -> Iterator[dict[str, Any] | Pending]:
         self.stats.datasets = [DatasetStats(n) for n in self.names[:len(self.cfg.train)]]
-        streams = {i: self._scaled_stream(i, st) for i, st in enumerate(self.stats.datasets)}
+        streams = {i: self._scaled_stream(i, st, skipping) for i, st in enumerate(self.stats.datasets)}
         weights = {i: w for i, w in enumerate(mixture_weights(self.cfg)) if w > 0}
         rng = random.Random(f"interleave:{self.seed}" + (f":{epoch}" if epoch else ""))
         while weights:
@@ -141,22 +242,39 @@ class StreamingExamples:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self.iter_pass(0)
 
-    def iter_pass(self, epoch: int) -> Iterator[dict[str, Any]]:
-        """Pass ``epoch`` over the data, the same for a seed every time it is read (pass 0: ``iter()``)."""
+    def iter_pass(self, epoch: int, skip: int = 0) -> Iterator[dict[str, Any]]:
+        """Pass ``epoch`` over the data, the same for a seed every time it is read (pass 0: ``iter()``), from its
+        ``skip``-th example on (a resume's consumed ones; the module docstring says which are not tokenized).
+        Its statistics count what was tokenized."""
+        whole = skip // self.cfg.shuffle_buffer if not self.cfg.packing else 0
+        return itertools.islice(self._pass(epoch, whole), skip - whole * self.cfg.shuffle_buffer, None)
+
+    def _pass(self, epoch: int, whole: int) -> Iterator[dict[str, Any]]:
+        """The pass less its first ``whole`` buffers, whose examples are drawn and shuffled (the same random
+        numbers) but neither yielded nor, where their count is known, tokenized."""
         rng = random.Random(f"shuffle:{self.seed}" + (f":{epoch}" if epoch else ""))
         self.stats.train_samples = self.stats.train_tokens = self.stats.train_trained_tokens = 0  # of this pass
         self.stats.packs = 0
-        buf: list[dict[str, Any]] = []
-        for ex in self._examples(epoch):
+        skipping = Skipping(whole > 0)
+        buf: list[dict[str, Any] | Pending] = []
+        for ex in self._examples(epoch, skipping):
             buf.append(ex)
             if len(buf) >= self.cfg.shuffle_buffer:
-                yield from self._flush(buf, rng)
+                if whole:
+                    whole -= 1
+                    skipping.active = whole > 0
+                    if self.cfg.shuffle:
+                        rng.shuffle(buf)  # the numbers a shuffle draws depend on the length, not the items
+                else:
+                    yield from self._flush(buf, rng)
                 buf = []
-        yield from self._flush(buf, rng)
+        if not whole:  # else the pass ended within the skipped part
+            yield from self._flush(buf, rng)
 
-    def _flush(self, buf: list[dict[str, Any]], rng: random.Random) -> list[dict[str, Any]]:
-        if not buf:
+    def _flush(self, pending: list[dict[str, Any] | Pending], rng: random.Random) -> list[dict[str, Any]]:
+        if not pending:
             return []
+        buf = realize(pending)
         if "label" in buf[0]:
             raise PeftlabError("data.streaming: classification data is not supported when streaming; "
                                "set data.streaming: false")

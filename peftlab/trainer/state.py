@@ -33,16 +33,19 @@ class TrainState:
     skipped_steps: int = 0        # steps with a non-finite loss or gradient (update not applied)
     nonfinite_streak: int = 0     # of those, how many in a row up to now
     recent_losses: list[float] = field(default_factory=list)  # loss-spike watchdog window (finite losses)
+    stream_rows: list[int] = field(default_factory=list)  # data.streaming: StreamingExamples.known_rows so far
     history: list[dict[str, Any]] = field(default_factory=list)
 
-    _SAVED = ("step", "epoch", "micro_index", "tokens_seen", "skipped_steps", "nonfinite_streak", "recent_losses")
+    _SAVED = ("step", "epoch", "micro_index", "tokens_seen", "skipped_steps", "nonfinite_streak", "recent_losses",
+              "stream_rows")
 
     def to_json(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self._SAVED}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TrainState:
-        return cls(**{k: d[k] for k in cls._SAVED})
+        # stream_rows came later: a checkpoint written before has none (a resume then tokenizes what it skips)
+        return cls(**{k: d[k] for k in cls._SAVED if k in d or k != "stream_rows"})
 
 
 class EpochSlice(list):
@@ -109,8 +112,9 @@ class StreamSampler:
 
     The position is the same (epoch, index of the next micro-batch) in :class:`TrainState`: a resumed run reads
     the pass from its start and skips the ``micro_index x micro_batch_size`` examples already consumed (every
-    micro-batch but a pass's last one is full). Every rank reads the whole stream and keeps its share of a
-    step, as with :class:`EpochSampler`.
+    micro-batch but a pass's last one is full) — counting, not tokenizing, the rows the stream knows make one
+    example each (``known_rows``, kept in ``TrainState.stream_rows``). Every rank reads the whole stream and keeps
+    its share of a step, as with :class:`EpochSampler`.
     """
 
     def __init__(self, stream: Any, micro_batch_size: int):
@@ -121,10 +125,9 @@ class StreamSampler:
     def _micro_batch(self, state: TrainState) -> StreamSlice | None:
         """The micro-batch at ``state``'s position, None when that pass has ended (does not advance ``state``)."""
         if self._at != (state.epoch, state.micro_index):  # first call, or a resume moved the position
-            self._rows = self.stream.iter_pass(state.epoch)
-            skip = state.micro_index * self.mbs
-            if skip and next(itertools.islice(self._rows, skip - 1, None), None) is None:
-                self._rows = iter(())  # the pass is shorter than the recorded position: it ended there
+            known = self.stream.known_rows  # what the checkpoint's run had learned, and this one since
+            known[:] = [max(a, b) for a, b in itertools.zip_longest(known, state.stream_rows, fillvalue=0)]
+            self._rows = self.stream.iter_pass(state.epoch, state.micro_index * self.mbs)  # empty if it ended there
         rows = list(itertools.islice(self._rows, self.mbs))
         self._at = (state.epoch, state.micro_index + 1)
         return StreamSlice(state.micro_index * self.mbs, rows, state.epoch) if rows else None
@@ -142,6 +145,7 @@ class StreamSampler:
                 continue
             out.append(micro)
             state.micro_index += 1
+        state.stream_rows = list(self.stream.known_rows)
         return out[rank::world_size]
 
 

@@ -17,6 +17,7 @@ from peftlab.data.build import DataBundle
 from peftlab.data.config import DataConfig
 from peftlab.data.pipeline import build_data
 from peftlab.data.stats import DataStats
+from peftlab.data.tokenize import Encoder
 from peftlab.errors import PeftlabError
 from peftlab.model.builtin import build_tokenizer
 from peftlab.recipe.parse import recipe_from_dict
@@ -36,12 +37,12 @@ class ListStream:
     """A stand-in stream: ``n`` examples per pass, tagged (pass, position), each pass in its own order."""
 
     def __init__(self, n: int):
-        self.n, self.reads = n, 0
+        self.n, self.reads, self.known_rows = n, 0, [0]
 
-    def iter_pass(self, epoch: int):
+    def iter_pass(self, epoch: int, skip: int = 0):
         self.reads += 1
         order = list(range(self.n)) if epoch % 2 == 0 else list(reversed(range(self.n)))
-        return iter([{"id": (epoch, k)} for k in order])
+        return iter([{"id": (epoch, k)} for k in order][skip:])
 
 
 def _ids(micro_batches) -> list[list[tuple[int, int]]]:
@@ -80,6 +81,13 @@ def test_stream_sampler_order_passes_ranks_and_resume():
 
     with pytest.raises(PeftlabError, match="streamed training set is empty"):
         StreamSampler(ListStream(0), 3).next_step(TrainState(), 1)
+
+    # the stream's learned row bounds travel in the state; a checkpoint written before they were kept has none
+    stream, state = ListStream(10), TrainState(stream_rows=[4])
+    StreamSampler(stream, 3).next_step(state, 1)
+    assert stream.known_rows == state.stream_rows == [4]
+    old = {k: v for k, v in TrainState(step=2).to_json().items() if k != "stream_rows"}
+    assert TrainState.from_json(old).stream_rows == [] and TrainState.from_json(old).step == 2
 
 
 class RowsWithStreamNames(list):
@@ -144,9 +152,15 @@ def _stop_after(trainer: Trainer, step: int) -> None:
     trainer.train_step = train_step
 
 
-def test_streaming_run_stopped_and_resumed_equals_uninterrupted(stream_data, tmp_path):
+def test_streaming_run_stopped_and_resumed_equals_uninterrupted(stream_data, tmp_path, monkeypatch):
+    encoded = []  # records tokenized
+    encode_batch = Encoder.encode_batch
+    monkeypatch.setattr(Encoder, "encode_batch", lambda self, records: encoded.extend(records) or encode_batch(
+        self, records))
     ref = Trainer(recipe_from_dict(_recipe(stream_data, tmp_path / "ref")), quiet=True)
+    encoded.clear()
     done = ref.train()
+    ref_encoded = len(encoded)
     assert len(done.losses) == 7 and all(torch.isfinite(torch.tensor(done.losses)))
     assert ref.inputs.n_train is None and ref.inputs.data_fingerprint.startswith("stream-")
     # 22 rows less those held out: fewer than 7 x 4, so the run started a second pass
@@ -176,8 +190,14 @@ def test_streaming_run_stopped_and_resumed_equals_uninterrupted(stream_data, tmp
 
     second = Trainer(recipe_from_dict(_recipe(stream_data, tmp_path / "run", resume="auto")), quiet=True)
     assert (second.state.step, second.state.epoch, second.state.micro_index) == (3, 0, 3)
+    # the checkpoint kept the rows the stream had learned make one example each: rows 1-7 (row 0 is held out for
+    # eval, row 8 makes none: cut to max_seq_len it has nothing left to train)
+    assert second.state.stream_rows == first.state.stream_rows == [8]
+    encoded.clear()
     resumed = second.train()
     assert stopped.losses + resumed.losses == done.losses  # bit for bit: the 3 consumed micro-batches skipped
+    # the 12 examples skipped hold one whole buffer (8: rows 1-7 and 9): its rows 1-7 were counted, not tokenized
+    assert len(encoded) == ref_encoded - 7
     assert (second.state.epoch, second.state.micro_index) == (ref.state.epoch, ref.state.micro_index)
     assert resumed.eval_after["eval_loss"] == done.eval_after["eval_loss"]
     ref_weights, weights = lora_state_dict(ref.model), lora_state_dict(second.model)
