@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import math
 import random
 from collections import deque
@@ -60,6 +61,8 @@ from peftlab.data.sources import Source
 from peftlab.data.stats import DatasetStats, DataStats
 from peftlab.data.tokenize import Encoder
 from peftlab.errors import PeftlabError
+
+logger = logging.getLogger(__name__)
 
 
 def held_out(seed: int, dataset: int, row: int, fraction: float, window: int) -> bool:
@@ -327,6 +330,10 @@ def build_streaming(cfg: DataConfig, tokenizer: Any, *, seed: int, base_dir: Pat
         eval_examples += encode_items(items, encoder, cfg, i, spec, names[i], est, f"data[{i}]", spec.format)
         eval_items += [(i, it) for it in items]
     stats.eval_samples = len(eval_examples)
+    if not cfg.eval and cfg.eval_split > 0:  # unlike in memory, where the fraction is drawn from every row
+        logger.info(f"data: eval_split {cfg.eval_split:g} with streaming holds out {len(eval_examples)} eval rows among "
+                    f"the first {cfg.shuffle_buffer} rows (data.shuffle_buffer) of each dataset only; every later row "
+                    "is trained. For an eval set drawn from the whole data, give data.eval files")
     prompts = []
     for i, it in eval_items[:cfg.eval_prompts * 4]:
         pt = encoder.prompt_text(it.record) if it.record["kind"] in ("chat", "completion") else None

@@ -5,6 +5,7 @@ seeded fraction of the first buffer that never reaches training, and a mixture i
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -80,9 +81,15 @@ def test_held_out_rows_are_seeded_order_free_and_within_the_first_buffer():
     assert not any(held_out(0, 0, row, 0.0, 1000) for row in range(1000))
 
 
-def test_eval_rows_never_reach_training(chat, tok):
-    stream = build_data(DataConfig(train=["c.jsonl"], streaming=True, eval_split=0.2, shuffle_buffer=40,
-                                   eval_prompts=3), tok, seed=0, base_dir=chat)
+def test_eval_rows_never_reach_training(chat, tok, caplog):
+    with caplog.at_level(logging.INFO, logger="peftlab.data.streaming"):
+        stream = build_data(DataConfig(train=["c.jsonl"], streaming=True, eval_split=0.2, shuffle_buffer=40,
+                                       eval_prompts=3), tok, seed=0, base_dir=chat)
+    n_eval = len(stream.eval)
+    assert caplog.messages == [  # said at start: in memory, eval_split draws from every row
+        (f"data: eval_split 0.2 with streaming holds out {n_eval} eval rows among the first 40 rows "
+        "(data.shuffle_buffer) of each dataset only; every later row is trained. For an eval set drawn from the "
+        "whole data, give data.eval files")]
     train_ids = [e["sample_id"] for e in stream.train]
     eval_ids = [e["sample_id"] for e in stream.eval]
     assert eval_ids == [r for r in range(40) if held_out(0, 0, r, 0.2, 40)] and eval_ids
