@@ -55,50 +55,62 @@ def _checkpoint_is_16bit(config: Any) -> bool:
     return str(dtype).removeprefix("torch.") in ("bfloat16", "float16")
 
 
+def model_config(name: str, revision: str | None, trust_remote_code: bool) -> Any:
+    from peftlab.model.load import resolve_model_path
+    from peftlab.model.quantized_load import load_config
+
+    path = resolve_model_path(name, revision=revision)
+    try:
+        return load_config(path, trust_remote_code=trust_remote_code)
+    except PeftlabError:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+
+
 def model_shape(recipe: Any, dtype: torch.dtype = torch.float32, *, device: str | None = None) -> ModelShape:
     """Build the recipe's model on the meta device (+ 4-bit swap, + LoRA) and count it.
 
     ``device`` (cpu / cuda; default: where the recipe trains) decides whether ``model.frozen_16bit`` applies:
     then a 16-bit checkpoint's frozen embeddings / untied head count 2 bytes per element, as the run keeps them."""
     from peftlab.model.frozen_weights import frozen_16bit_applies
-    from peftlab.model.load import resolve_model_path
+
+    config = model_config(recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code)
+    if device is None:
+        t = recipe.train.device
+        device = "cuda" if t == "cuda" or (t == "auto" and torch.cuda.is_available()) else "cpu"
+    frozen_16bit = _checkpoint_is_16bit(config) and frozen_16bit_applies(
+        enabled=recipe.model.frozen_16bit, device_type=device, dtype=dtype, unfreeze=recipe.adapter.unfreeze,
+        deepspeed=recipe.deepspeed)
+    a = recipe.adapter
+    lora = {"r": a.r, "alpha": a.alpha, "dropout": a.dropout, "target_modules": a.target_modules,
+            "use_rslora": a.rslora, "use_dora": a.dora, "layers": a.layers}
+    return count_model(config, dtype, quant=recipe.quantization, lora=lora, frozen_16bit=frozen_16bit,
+                       trust_remote_code=recipe.model.trust_remote_code)
+
+
+def count_model(config: Any, dtype: torch.dtype, *, quant: Any, lora: dict[str, Any] | None,
+                frozen_16bit: bool = False, trust_remote_code: bool = False) -> ModelShape:
+    """Build ``config``'s model on the meta device in ``dtype``, swap its linears for 4-bit ones as ``quant`` says,
+    inject LoRA with the :func:`~peftlab.adapters.lora_inject.inject_lora` arguments ``lora`` (None: no adapter)
+    and count it. ``frozen_16bit``: frozen embeddings / untied head are kept in 16 bits (2 bytes per element)."""
+    from peftlab.adapters.lora_inject import inject_lora
     from peftlab.model.quantized_load import (
         QuantSettings,
         empty_model,
         frozen_dense_weight_names,
-        load_config,
         swap_linears_for_4bit,
     )
 
-    path = resolve_model_path(recipe.model.name, revision=recipe.model.revision)
-    try:
-        config = load_config(path, trust_remote_code=recipe.model.trust_remote_code)
-    except PeftlabError:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(path, revision=recipe.model.revision,
-                                            trust_remote_code=recipe.model.trust_remote_code)
-    sixteen_bit_checkpoint = _checkpoint_is_16bit(config)  # before empty_model sets config.dtype
-    model = empty_model(config, dtype=dtype, attn_implementation="eager",
-                        trust_remote_code=recipe.model.trust_remote_code)
-    if device is None:
-        t = recipe.train.device
-        device = "cuda" if t == "cuda" or (t == "auto" and torch.cuda.is_available()) else "cpu"
-    sixteen_bit: set[str] = set()
-    if sixteen_bit_checkpoint and frozen_16bit_applies(
-            enabled=recipe.model.frozen_16bit, device_type=device, dtype=dtype, unfreeze=recipe.adapter.unfreeze,
-            deepspeed=recipe.deepspeed):
-        sixteen_bit = frozen_dense_weight_names(model)
-    q = recipe.quantization
+    model = empty_model(config, dtype=dtype, attn_implementation="eager", trust_remote_code=trust_remote_code)
+    sixteen_bit: set[str] = frozen_dense_weight_names(model) if frozen_16bit else set()
     swapped: set[str] = set()
-    if q.mode != "none":
-        swapped = set(swap_linears_for_4bit(model, QuantSettings.from_recipe(q, dtype)))
-    from peftlab.adapters.lora_inject import inject_lora
-
-    a = recipe.adapter
-    with torch.device("meta"):
-        names = inject_lora(model, r=a.r, alpha=a.alpha, dropout=a.dropout, target_modules=a.target_modules,
-                                 use_rslora=a.rslora, use_dora=a.dora, layers=a.layers)
+    if quant.mode != "none":
+        swapped = set(swap_linears_for_4bit(model, QuantSettings.from_recipe(quant, dtype)))
+    names: list[str] = []
+    if lora is not None:
+        with torch.device("meta"):
+            names = inject_lora(model, **lora)
     quantized = dense = base_bytes = largest = lora_params = 0
     seen: set[int] = set()
     for name, module in model.named_modules():
@@ -114,7 +126,7 @@ def model_shape(recipe: Any, dtype: torch.dtype = torch.float32, *, device: str 
                 n = int(module.in_features) * int(module.out_features)
                 quantized += n
                 largest = max(largest, n)
-                base_bytes += quantized_bytes(n, q.blocksize, q.double_quant)
+                base_bytes += quantized_bytes(n, quant.blocksize, quant.double_quant)
             else:
                 dense += p.numel()
                 base_bytes += p.numel() * (2 if full.lstrip(".") in sixteen_bit else dtype.itemsize)
@@ -136,8 +148,9 @@ def model_shape(recipe: Any, dtype: torch.dtype = torch.float32, *, device: str 
         intermediate=getattr(text, "intermediate_size", None) or 4 * hidden, n_heads=n_heads,
         n_kv_heads=getattr(text, "num_key_value_heads", None) or n_heads, head_dim=head_dim,
         vocab=text.vocab_size, base_weight_bytes=base_bytes, quantized_params=quantized, dense_params=dense,
-        largest_linear=largest, lora_params=lora_params, lora_modules_per_layer=per_layer, lora_r=a.r,
-        head_16bit=bool(sixteen_bit), max_positions=getattr(text, "max_position_embeddings", None))
+        largest_linear=largest, lora_params=lora_params, lora_modules_per_layer=per_layer,
+        lora_r=int(lora["r"]) if lora is not None else 0, head_16bit=bool(sixteen_bit),
+        max_positions=getattr(text, "max_position_embeddings", None))
 
 
 @dataclass(frozen=True)
