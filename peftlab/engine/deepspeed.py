@@ -37,7 +37,7 @@ from torch import nn
 from peftlab.adapters.lora_inject import lora_modules
 from peftlab.adapters.peft_format import lora_parameters, save_adapter
 from peftlab.engine.interface import StepResult
-from peftlab.engine.local import build_optimizer, lr_lambda, trainable_parameters, warmup_steps
+from peftlab.engine.local import build_optimizer, lr_schedule, trainable_parameters
 from peftlab.engine.process_group import (
     DistInfo,
     backend,
@@ -329,8 +329,7 @@ class ZeroEngine:
                       for k in ("offload_optimizer", "offload_param"))
         params = trainable_parameters(model)
         optimizer = build_optimizer(params, t, torch.device("cpu") if offload else device)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda(t.scheduler, warmup_steps(t, total_steps), total_steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(t, total_steps))
         try:
             self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.config)

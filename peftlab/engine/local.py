@@ -49,12 +49,21 @@ def build_optimizer(params: list[nn.Parameter], train: Any, device: torch.device
     return cls(params, **kw)
 
 
-def lr_lambda(kind: str, warmup: int, total: int):
-    """Multiplier of the peak lr at optimizer step ``s`` (0-based; applied after step s)."""
+def lr_lambda(kind: str, warmup: int, total: int, start: str = "update"):
+    """Multiplier of the peak lr at optimizer step ``s`` (0-based; applied after step s).
+
+    Warmup ``start`` (``train.warmup_start``): ``update`` — step s of the warmup runs at (s+1)/warmup, so the first
+    step already moves the weights; ``zero`` — s/warmup, the first step at lr 0 (Adam's moments see one gradient
+    before any update), as transformers' ``get_*_schedule_with_warmup`` and so TRL, Axolotl, Unsloth and torchtune
+    do. After the warmup both are the same schedule. The difference is one warmup step's worth of updates, enough to
+    send a sensitive run elsewhere (README, "KTO against TRL end to end")."""
+    if start not in ("update", "zero"):
+        raise ValueError(f"warmup start {start!r}: expected 'update' or 'zero'")
+    offset = 1 if start == "update" else 0
 
     def f(s: int) -> float:
         if warmup and s < warmup:
-            return (s + 1) / warmup
+            return (s + offset) / warmup
         if kind == "constant" or total <= warmup:
             return 1.0
         progress = min(1.0, (s - warmup) / max(1, total - warmup))
@@ -69,6 +78,13 @@ def warmup_steps(train: Any, total_steps: int) -> int:
     if train.warmup_steps is not None:
         return train.warmup_steps
     return math.ceil(train.warmup_ratio * total_steps)
+
+
+def lr_schedule(train: Any, total_steps: int):
+    """The recipe's lr multiplier per optimizer step (``train.scheduler``, warmup steps/ratio and start): the one
+    schedule of both engines."""
+    return lr_lambda(train.scheduler, warmup_steps(train, total_steps), total_steps,
+                     train.warmup_start)
 
 
 class LocalEngine:
@@ -86,8 +102,7 @@ class LocalEngine:
         self.params = trainable_parameters(model)
         self.optimizer = build_optimizer(param_groups if param_groups else self.params, train, device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(train.scheduler, warmup_steps(train, total_steps), total_steps)
-        )
+            self.optimizer, lr_schedule(train, total_steps))
         self.max_grad_norm = train.max_grad_norm
         # train.host_allocator: auto on the CPU — the heap's free pages go back after each micro-batch's backward
         # (peftlab/engine/hostmem.py), so one micro-batch's fragmentation is not carried into the next

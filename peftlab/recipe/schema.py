@@ -114,6 +114,10 @@ class TrainConfig(Section):
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     warmup_steps: int | None = Field(None, ge=0)
+    warmup_start: Literal["update", "zero"] = "update"
+    """``update``: warmup step s runs at lr·(s+1)/warmup, the first step already updates; ``zero``: lr·s/warmup,
+    the first step at lr 0, as transformers' schedulers (TRL, Axolotl, Unsloth, torchtune) — to follow a run of
+    theirs step for step."""
     max_grad_norm: float | None = Field(1.0, gt=0)
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -110,7 +110,7 @@ def test_local_engine_hands_the_heap_back_after_each_backward_only_for_auto(allo
     monkeypatch.setattr(local, "release_if_worthwhile", lambda: calls.append(1))
     model = nn.Linear(3, 2)
     train = SimpleNamespace(lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, optimizer="adamw",
-                            scheduler="constant", warmup_steps=0, warmup_ratio=0.0, max_grad_norm=None,
+                            scheduler="constant", warmup_steps=0, warmup_ratio=0.0, warmup_start="update", max_grad_norm=None,
                             host_allocator=allocator)
     engine = local.LocalEngine(model, train, total_steps=2, device=torch.device("cpu"))
     engine.backward(model(torch.ones(1, 3)).sum())

@@ -17,7 +17,7 @@ from peftlab.errors import PeftlabError
 def _train(**kw):
     return SimpleNamespace(**{"lr": 0.1, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,
                               "optimizer": "adamw", "scheduler": "constant", "warmup_steps": 0,
-                              "warmup_ratio": 0.0, "max_grad_norm": None, **kw})
+                              "warmup_ratio": 0.0, "warmup_start": "update", "max_grad_norm": None, **kw})
 
 
 def _model() -> nn.Module:
@@ -69,6 +69,26 @@ def test_schedules_with_warmup():
     assert lr_lambda("constant", 1, 4)(3) == 1.0
     assert warmup_steps(_train(warmup_steps=None, warmup_ratio=0.03), 100) == 3
     assert warmup_steps(_train(warmup_steps=7, warmup_ratio=0.5), 100) == 7
+
+
+def test_zero_warmup_start_is_transformers_schedule_step_for_step():
+    """warmup_start: zero follows transformers' schedulers (TRL, Axolotl, torchtune use them) at every step: the first
+    step at lr 0, the same cosine/linear afterwards; the default starts one warmup step later (no step at lr 0)."""
+    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    for kind, hf_schedule in (("cosine", get_cosine_schedule_with_warmup), ("linear", get_linear_schedule_with_warmup)):
+        opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+        hf = hf_schedule(opt, num_warmup_steps=3, num_training_steps=11)
+        ours = lr_lambda(kind, warmup=3, total=11, start="zero")
+        for s in range(11):
+            assert ours(s) == pytest.approx(hf.lr_lambdas[0](s), abs=1e-12), (kind, s)
+        assert [lr_lambda(kind, 3, 11)(s) for s in range(3)] == [1 / 3, 2 / 3, 1.0]  # default: one step earlier
+        assert lr_lambda(kind, 3, 11)(5) == ours(5)  # ... the same after the warmup
+    with pytest.raises(ValueError, match="'update' or 'zero'"):
+        lr_lambda("cosine", 3, 11, start="one")
+    engine = LocalEngine(_model(), _train(scheduler="cosine", warmup_steps=2, warmup_start="zero"), total_steps=6,
+                         device=torch.device("cpu"))
+    assert engine.lr == 0.0  # the first step of the recipe's schedule runs at lr 0
 
 
 def test_reload_applies_the_current_recipes_lr_as_the_schedule_would():
