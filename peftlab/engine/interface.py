@@ -72,3 +72,7 @@ class Engine(Protocol):
     def save_adapter(self, path: Path, *, base_model_name_or_path: str) -> None:
         """Write the adapter in the PEFT format (every rank calls it; rank 0 writes)."""
         ...
+
+    def close(self) -> None:
+        """The run is over (finished or failed): undo what the engine changed process-wide. Idempotent."""
+        ...

@@ -112,6 +112,9 @@ class LocalEngine:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    def close(self) -> None:
+        """Nothing process-wide to undo."""
+
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
         if self.release_host:

@@ -76,6 +76,7 @@ class Trainer:
 
     def _build(self, recipe: Any, quiet: bool) -> None:
         self.recipe, t, self.quiet = recipe, recipe.train, quiet
+        setup.check_streaming(recipe)  # what train refuses of a streaming recipe: before anything loads or is written
         self.dist = setup.join(recipe)
         self.out_dir = recipe.output_dir
         self.ckpt_root = setup.prepare_output_dir(recipe, self.dist.is_main)
@@ -184,8 +185,8 @@ class Trainer:
             failure = diagnose(exc, self.out_dir)
             if failure is None:
                 raise
-        # Outside the except block: the failed step's frames and tensors are released before the memory
-        # planner runs for the message.
+        finally:  # e.g. ZeRO-3's process-wide F.linear back; below, outside the except: the step's frames are freed
+            self.engine.close()
         with contextlib.suppress(Exception):
             self.log.close()
         raise failure_message(failure, recipe=self.recipe, step=self.state.step,

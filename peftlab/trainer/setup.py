@@ -59,9 +59,6 @@ logger = logging.getLogger(__name__)
 def join(recipe: Any) -> DistInfo:
     """Join the process group of a launched run (first: the data cache and DeepSpeed need it); a no-op in a
     single process without DeepSpeed. A ``deepspeed`` recipe is checked here, before any model is loaded."""
-    # Until Trainer._build calls check_streaming itself, first of all (one line in loop.py, which this session
-    # does not own), the refusal stays here too: join is the first thing the Trainer does. A second call is free.
-    check_streaming(recipe)
     if recipe.deepspeed is None:
         launched = env_dist_info().world_size
         if launched > 1:  # the local engine never averages gradients: N processes would train N diverging copies

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import ds_config, tiny_recipe_dict
+from helpers import ds_config, make_quickstart_data, tiny_recipe_dict
 from torch import nn
 
 from peftlab.engine import deepspeed as ds_engine
 from peftlab.recipe.parse import recipe_from_dict
+from peftlab.trainer.loop import train
 
 pytestmark = pytest.mark.xdist_group("deepspeed")
 
@@ -53,4 +54,25 @@ def test_a_failed_zero3_engine_build_restores_functional_linear(tmp_path, monkey
     monkeypatch.setattr(ds_engine, "_register_lora_external_params", fail)  # after deepspeed.initialize
     with pytest.raises(RuntimeError, match="registering external parameters failed"):
         ds_engine.ZeroEngine(nn.Sequential(nn.Linear(8, 1)), recipe, 2, CPU, torch.float32)
+    assert torch.nn.functional.linear is original
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_a_zero3_run_through_the_library_api_leaves_functional_linear_as_it_was(tmp_path, monkeypatch, fail):
+    """peftlab.train with ZeRO-3 in this process, finished or failed (a simulated OOM at step 1): the Trainer closes
+    its engine, so the rest of the process computes F.linear without DeepSpeed."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    if fail:
+        monkeypatch.setenv("PEFTLAB_TEST_OOM_AT", "0:1")
+    data = make_quickstart_data(tmp_path / "data", n_train=8, n_eval=2)
+    raw = tiny_recipe_dict(data, tmp_path / "out", quantization={"mode": "none"},
+                           train={"max_steps": 1, "grad_accum": 1, "micro_batch_size": 2, "eval_at_start": False})
+    raw["deepspeed"] = ds_config("zero3")
+    original = torch.nn.functional.linear
+    if fail:
+        with pytest.raises(Exception, match="(?i)memory"):
+            train(recipe_from_dict(raw), quiet=True)
+    else:
+        train(recipe_from_dict(raw), quiet=True)
     assert torch.nn.functional.linear is original
