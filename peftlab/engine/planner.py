@@ -26,6 +26,7 @@ import torch
 
 from peftlab.checkpoint.atomic import atomic_write_text
 from peftlab.engine.model_shape import ModelShape, layer_activations, model_shape
+from peftlab.engine.planner_distill import Teacher, distill_memory, distill_notes, teacher_shape
 from peftlab.errors import PeftlabError
 from peftlab.kernels.nf4 import kernel_path
 
@@ -220,7 +221,7 @@ def fused_norm_saves(recipe: Any, device: str) -> bool:
 
 
 def _components(recipe: Any, shape: ModelShape, *, device: str, elem: int, mbs: int, seq: int,
-                baseline: int) -> dict[str, int]:
+                baseline: int, teacher: Teacher | None = None) -> dict[str, int]:
     """The predicted peak, by component. The peak is the largest of three moments of a step:
 
     - the end of the forward pass: what every layer keeps (under gradient checkpointing its input; with
@@ -238,7 +239,10 @@ def _components(recipe: Any, shape: ModelShape, *, device: str, elem: int, mbs: 
       the attention mask in the compute dtype.
 
     ``activations`` is what the layers keep at the peak moment, ``loss_head`` the loss head's share (at a
-    layer's backward: the residual stream's gradient), ``temporary_buffers`` the rest."""
+    layer's backward: the residual stream's gradient), ``temporary_buffers`` the rest. With ``distill:``
+    (:mod:`peftlab.engine.planner_distill`) the KD loss (``kd_loss``) replaces the loss head's buffers, what it
+    reads of the teacher (``teacher_outputs``) is alive at the loss, the teacher's weights (``teacher_weights``)
+    throughout, and the teacher's forward (``teacher_forward``) is a fourth moment, before the student's."""
     from peftlab.kernels.fused_linear_cross_entropy import default_chunk_rows, online_block
 
     t = recipe.train
@@ -313,12 +317,19 @@ def _components(recipe: Any, shape: ModelShape, *, device: str, elem: int, mbs: 
         rows = default_chunk_rows(n_tokens, H, shape.vocab, gpu=device == "cuda")
         loss_fwd = 3 * rows * shape.vocab * 4 + n_tokens * H * 4
         loss_bwd = n_tokens * H * (4 + 4 + elem)  # saved fp32 gradient, x grad_output, cast to the compute dtype
-    moments = [  # (activations, loss_head, temporary)
-        (kept + head_inputs, loss_fwd, mask_transient),
-        (kept + head_inputs, loss_bwd, 0),
-        (kept, grad_stream, recompute + backward_temps),
+    moments = [
+        {"activations": kept + head_inputs, "loss_head": loss_fwd, "temporary_buffers": mask_transient},
+        {"activations": kept + head_inputs, "loss_head": loss_bwd, "temporary_buffers": 0},
+        {"activations": kept, "loss_head": grad_stream, "temporary_buffers": recompute + backward_temps},
     ]
-    activations, loss_head, temporary = max(moments, key=sum)
+    dm = distill_memory(recipe, shape, teacher, device=device, elem=elem, mbs=mbs, seq=seq)
+    if dm is not None:  # the KD loss in place of the loss head's buffers; the teacher's forward comes first
+        moments[0].update(loss_head=0, kd_loss=dm.kd_loss_fwd, teacher_outputs=dm.teacher_outputs)
+        moments[1].update(loss_head=0, kd_loss=dm.kd_loss_bwd)
+        moments.append({"activations": 0, "loss_head": 0, "temporary_buffers": 0,
+                        "teacher_forward": dm.teacher_forward})
+    peak = max(moments, key=lambda m: sum(m.values()))
+    temporary = peak["temporary_buffers"]
     optimizer = shape.lora_params * OPTIMIZER_BYTES_PER_PARAM[t.optimizer]
     if device == "cpu":
         # torch's foreach AdamW step allocates param-sized intermediates (after backward: never at the
@@ -330,13 +341,16 @@ def _components(recipe: Any, shape: ModelShape, *, device: str, elem: int, mbs: 
         "adapters": lora_bytes,
         "gradients": lora_bytes,
         "optimizer_state": optimizer,
-        "activations": activations,
-        "loss_head": loss_head,
+        "activations": peak["activations"],
+        "loss_head": peak["loss_head"],
         "temporary_buffers": temporary,
     }
+    if dm is not None:
+        comps.update({"teacher_weights": dm.teacher_weights, "teacher_forward": peak.get("teacher_forward", 0),
+                      "teacher_outputs": peak.get("teacher_outputs", 0), "kd_loss": peak.get("kd_loss", 0)})
     if device == "cpu":
         if t.host_allocator == "bounded":
-            work = sum(v for k, v in comps.items() if k not in ("baseline", "base_weights"))
+            work = sum(v for k, v in comps.items() if k not in ("baseline", "base_weights", "teacher_weights"))
             comps["allocator_overhead"] = int(CPU_ALLOCATOR_SLACK * work)
         else:
             factor = CPU_HEAP_RETENTION_AUTO if t.host_allocator == "auto" else CPU_HEAP_RETENTION
@@ -362,8 +376,8 @@ def _zero_table(comps: dict[str, int], gpus: int) -> dict[str, int]:
     """
     c = comps
     g = max(gpus, 1)
-    fixed = c["baseline"] + c["activations"] + c["loss_head"] + c["temporary_buffers"] + c.get("allocator_overhead", 0)
     w, a, gr, o = c["base_weights"], c["adapters"], c["gradients"], c["optimizer_state"]
+    fixed = sum(c.values()) - (w + a + gr + o)  # a distillation teacher is not sharded either
     return {
         "no_zero": fixed + w + a + gr + o,
         "zero1": fixed + w + a + gr + o // g,
@@ -386,8 +400,10 @@ def estimate(recipe: Any, *, device_memory: int | None = None, gpus: int = 1, de
         baseline = _probe_baseline(recipe) if device == "cpu" else CUDA_CONTEXT_BYTES
     mbs = micro_batch_size or recipe.train.micro_batch_size
     seq = seq_len or recipe.data.max_seq_len
-    comps = _components(recipe, shape, device=device, elem=elem, mbs=mbs, seq=seq, baseline=baseline)
+    teacher = teacher_shape(recipe, device)  # counted once: every _components call below reuses it
+    comps = _components(recipe, shape, device=device, elem=elem, mbs=mbs, seq=seq, baseline=baseline, teacher=teacher)
     est = Estimate(comps, device, mbs, seq, device_memory, _zero_table(comps, gpus))
+    est.notes += distill_notes(recipe, shape, teacher, device=device, elem=elem, mbs=mbs, seq=seq)
     if device == "cpu" and recipe.train.optimizer != "adamw":
         est.notes.append(f"train.optimizer={recipe.train.optimizer} needs CUDA; on the CPU use adamw")
     if offloaded_layers(recipe, device, shape):
@@ -397,7 +413,8 @@ def estimate(recipe: Any, *, device_memory: int | None = None, gpus: int = 1, de
     if fused_norm_saves(recipe, device):
         fused = recipe.model_copy(deep=True)
         fused.train.fused_norm = True
-        peak = sum(_components(fused, shape, device=device, elem=elem, mbs=mbs, seq=seq, baseline=baseline).values())
+        peak = sum(_components(fused, shape, device=device, elem=elem, mbs=mbs, seq=seq, baseline=baseline,
+                               teacher=teacher).values())
         est.notes.append(f"train.fused_norm: true predicts {fmt(peak)}: transformers' RMSNorm keeps an fp32 copy of "
                          "its input and runs its backward in fp32, the fused one neither")
     if recipe.train.optimizer.startswith("paged"):
@@ -405,7 +422,8 @@ def estimate(recipe: Any, *, device_memory: int | None = None, gpus: int = 1, de
                          f"{fmt(comps['optimizer_state'])} of the total is pageable")
     if device_memory is not None:
         def total(m: int, s: int) -> int:
-            return sum(_components(recipe, shape, device=device, elem=elem, mbs=m, seq=s, baseline=baseline).values())
+            return sum(_components(recipe, shape, device=device, elem=elem, mbs=m, seq=s, baseline=baseline,
+                                   teacher=teacher).values())
 
         est.max_seq_len = _largest(lambda s: total(mbs, s) <= device_memory, 1, _max_positions(recipe, shape))
         est.max_micro_batch_size = _largest(lambda m: total(m, seq) <= device_memory, 1, 4096)
@@ -424,10 +442,11 @@ def max_context(recipe: Any, device_memory: int, *, device: str | None = None, b
     shape = shape or model_shape(recipe, dtype, device=device)
     if baseline is None:
         baseline = _probe_baseline(recipe) if device == "cpu" else CUDA_CONTEXT_BYTES
+    teacher = teacher_shape(recipe, device)
 
     def fits(s: int) -> bool:
         comps = _components(recipe, shape, device=device, elem=dtype.itemsize, mbs=micro_batch_size, seq=s,
-                            baseline=baseline)
+                            baseline=baseline, teacher=teacher)
         return sum(comps.values()) <= device_memory
 
     return _largest(fits, 1, MAX_CONTEXT_SEARCHED)
