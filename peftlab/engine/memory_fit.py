@@ -63,6 +63,12 @@ def out_of_memory_advice(recipe: Any, *, device: str | None = None, budget: int 
         keys.append("train.fused_norm: true (RMSNorm without its fp32 copy and fp32 backward)")
     if recipe.quantization.mode == "none":
         keys.append("quantization.mode: nf4 (a 4-bit base)")
+    kd = recipe.distill
+    if kd is not None and kd.mode == "online":
+        if kd.teacher.quantization is not None and kd.teacher.quantization.mode == "none":
+            keys.append("distill.teacher.quantization: {mode: nf4} (a 4-bit teacher)")
+        keys.append("distill.mode: offline (`peftlab distill-cache` stores the teacher's top-k once; training then "
+                    "does not load the teacher)")
     if not t.auto_fit:
         keys.append("train.auto_fit: true (shrinks micro_batch_size, then max_seq_len, to what the planner says "
                     "fits)")

@@ -141,6 +141,16 @@ def test_estimate_prints_the_distill_terms_and_its_json_has_them(tmp_path, capsy
     assert "note: distill (online, forward_kl): teacher " in out and "KD loss (Triton row chunks of " in out
 
 
+def test_out_of_memory_advice_names_the_distill_keys(tmp_path):
+    from peftlab.engine.memory_fit import out_of_memory_advice
+
+    advice = out_of_memory_advice(_recipe(tmp_path, distill=_teacher(tmp_path)), device="cuda", budget=1)
+    assert "; distill.teacher.quantization: {mode: nf4} (a 4-bit teacher); distill.mode: offline (" in advice
+    assert "distill" not in out_of_memory_advice(_recipe(tmp_path), device="cuda", budget=1)
+    nf4 = _recipe(tmp_path, distill=_teacher(tmp_path, quant="nf4"))
+    assert "distill.teacher.quantization" not in out_of_memory_advice(nf4, device="cuda", budget=1)
+
+
 # ---- each path's working set against torch.profiler's memory timeline ------------------------------------------
 
 
