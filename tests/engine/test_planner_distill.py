@@ -247,7 +247,9 @@ def test_online_kd_prediction_within_15_percent_of_measured_peak_rss(tmp_path):
     ckpt = save_random_checkpoint(_config_dir(tmp_path, "cfg"), tmp_path / "ckpt", dtype=torch.bfloat16, seed=0)
     build_tokenizer().save_pretrained(ckpt)
     data = make_quickstart_data(tmp_path / "data", n_train=8, n_eval=2)
-    raw = tiny_recipe_dict(data, tmp_path / "out", model={"name": str(ckpt)}, adapter={"r": 8, "alpha": 16})
+    # the built-in tokenizer by its name: the baseline probe's cache key is then the plain tiny run's (no new probe)
+    raw = tiny_recipe_dict(data, tmp_path / "out", model={"name": str(ckpt), "tokenizer": "builtin:micro-llama"},
+                           adapter={"r": 8, "alpha": 16})
     raw["data"].update(max_seq_len=128, packing=True)
     raw["data"].pop("eval")
     raw["output"].update(report_to=["jsonl"], plot=False)
