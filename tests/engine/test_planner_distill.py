@@ -87,6 +87,28 @@ def test_teacher_weights_follow_its_size_dtype_and_quantization(tmp_path):
     assert bf16 - nf4 == sum(2 * n - quantized_bytes(n, q.blocksize, q.double_quant) for n in linears)
 
 
+def test_teacher_adapter_counts_in_fp32_and_a_missing_one_is_said(tmp_path):
+    """distill.teacher.adapter: its LoRA weights (fp32, as load_adapter injects them) are counted from its
+    adapter_config.json; an adapter not trained yet is left out with a note."""
+    d = _teacher(tmp_path)
+    plain = estimate(_recipe(tmp_path, distill=d), device="cuda", baseline=0)
+    adapter = tmp_path / "teacher-adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                             "target_modules": ["q_proj", "v_proj"]}))
+    d["teacher"]["adapter"] = str(adapter)
+    est = estimate(_recipe(tmp_path, distill=d), device="cuda", baseline=0)
+    kv = 2 * (H // 4)
+    lora = LAYERS * 4 * ((H + H) + (H + kv))  # A (r x in) + B (out x r) of q_proj and v_proj
+    assert est.components["teacher_weights"] - plain.components["teacher_weights"] == lora * 4
+    assert f"+ adapter {adapter}" in "\n".join(est.notes)
+    d["teacher"]["adapter"] = str(tmp_path / "not-trained-yet")
+    est = estimate(_recipe(tmp_path, distill=d), device="cuda", baseline=0)
+    assert est.components["teacher_weights"] == plain.components["teacher_weights"]
+    assert f"distill.teacher.adapter {tmp_path / 'not-trained-yet'} is not there yet: its weights are not counted" \
+        in est.notes
+
+
 def test_kd_loss_scales_with_tokens_and_vocabulary(tmp_path):
     """PyTorch row chunks (kernels: torch on a GPU, fp32 head): the working set is a fixed number of fp32
     rows x vocabulary buffers, + the student's fp32 hidden-state gradient; the Triton path 2.5 buffers."""
