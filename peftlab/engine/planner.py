@@ -325,7 +325,7 @@ def _components(recipe: Any, shape: ModelShape, *, device: str, elem: int, mbs: 
     dm = distill_memory(recipe, shape, teacher, device=device, elem=elem, mbs=mbs, seq=seq)
     if dm is not None:  # the KD loss in place of the loss head's buffers; the teacher's forward comes first
         moments[0].update(loss_head=0, kd_loss=dm.kd_loss_fwd, teacher_outputs=dm.teacher_outputs)
-        moments[1].update(loss_head=0, kd_loss=dm.kd_loss_bwd)
+        moments[1].update(loss_head=0, kd_loss=dm.kd_loss_bwd, teacher_outputs=dm.teacher_outputs_bwd)
         moments.append({"activations": 0, "loss_head": 0, "temporary_buffers": 0,
                         "teacher_forward": dm.teacher_forward})
     peak = max(moments, key=lambda m: sum(m.values()))

@@ -19,6 +19,7 @@ are read from the code (the student and teacher chunk, the bf16 gradient chunk o
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +70,7 @@ class DistillMemory:
     kd_loss_fwd: int       # the KD loss's working set while it runs (+ the student hidden-state gradient it makes)
     kd_loss_bwd: int       # its backward: the saved gradient, scaled, cast to the compute dtype
     path: str              # the loss path, in words
+    teacher_outputs_bwd: int = 0  # teacher_outputs still alive in the loss's backward (weighted rows, see below)
 
 
 def teacher_dtype(recipe: Any, device: str) -> torch.dtype:
@@ -173,7 +175,7 @@ def distill_memory(recipe: Any, shape: ModelShape, teacher: Teacher | None, *, d
             rows = default_chunk_rows(n, hs, vocab, gpu=device == "cuda")
             work, path = TOPK_CHUNK_BUFFERS * rows * vocab * 4, f"top-k, row chunks of {rows}"
             work += _heap_retention(recipe, device, work, rows * vocab * 4)
-        return DistillMemory(0, 0, cached, int(work + grad_h), bwd, path)
+        return _weighted(recipe, DistillMemory(0, 0, cached, math.ceil(work + grad_h), bwd, path), n * hs * elem)
     if teacher is None:
         raise PeftlabError("distill_memory: an online distill recipe needs the teacher's shape (teacher_shape)")
     t, te = teacher.shape, teacher.elem
@@ -202,8 +204,18 @@ def distill_memory(recipe: Any, shape: ModelShape, teacher: Teacher | None, *, d
         work, path = TORCH_KD_CHUNK_BUFFERS[kind] * rows * vocab * 4, f"PyTorch row chunks of {rows}"
         work += _heap_retention(recipe, device, work, rows * vocab * 4)
     fwd = teacher_forward_bytes(t, elem=te, mbs=mbs, seq=seq, attn=recipe.model.attn_implementation)
-    return DistillMemory(t.base_weight_bytes + t.lora_params * 4, fwd, outputs, math.ceil(work + grad_h), bwd,
-                         path)
+    dm = DistillMemory(t.base_weight_bytes + t.lora_params * 4, fwd, outputs, math.ceil(work + grad_h), bwd, path)
+    return dm if recipe.kernels == "off" else _weighted(recipe, dm, n * hs * elem)
+
+
+def _weighted(recipe: Any, dm: DistillMemory, cast: int) -> DistillMemory:
+    """Rows with loss weights other than 1 (a dataset's ``loss_weight``; per-row ``weight`` fields are not visible
+    in the recipe) make the KD loss per token (``reduction="none"``): its forward computes no gradient and its
+    backward runs the chunks again, with the teacher's outputs (or the cached top-k) kept for it."""
+    if all(spec.loss_weight == 1.0 for spec in recipe.data.train):
+        return dm
+    return dataclasses.replace(dm, kd_loss_bwd=max(dm.kd_loss_bwd, dm.kd_loss_fwd + cast),
+                               teacher_outputs_bwd=dm.teacher_outputs)
 
 
 def _size(n: float) -> str:

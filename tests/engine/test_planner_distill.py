@@ -148,6 +148,20 @@ def test_offline_counts_the_cached_top_k_and_no_teacher(tmp_path):
     assert any(n.startswith("distill (offline, top_k 64): the teacher is not loaded") for n in est.notes)
 
 
+def test_weighted_rows_keep_the_teacher_outputs_for_the_loss_backward(tmp_path):
+    """A dataset loss_weight other than 1 makes the KD loss per token: its backward runs the chunks again and the
+    teacher's hidden states live until then."""
+    r = _recipe(tmp_path, distill=_teacher(tmp_path), kernels="torch", model={"dtype": "float32"})
+    shape = count_model(json_config(r.model.name), torch.float32, quant=r.quantization, lora=None)
+    teacher = teacher_shape(r, "cuda")
+    plain = distill_memory(r, shape, teacher, device="cuda", elem=4, mbs=2, seq=128)
+    assert plain.teacher_outputs_bwd == 0 and plain.kd_loss_bwd == 256 * H * (4 + 4 + 4)
+    r.data.train[0].loss_weight = 2.0
+    weighted = distill_memory(r, shape, teacher, device="cuda", elem=4, mbs=2, seq=128)
+    assert weighted.teacher_outputs_bwd == plain.teacher_outputs == 256 * H * 2
+    assert weighted.kd_loss_bwd == plain.kd_loss_fwd + 256 * H * 4
+
+
 def test_estimate_prints_the_distill_terms_and_its_json_has_them(tmp_path, capsys):
     r = _recipe(tmp_path, distill=_teacher(tmp_path))
     path = tmp_path / "recipe.json"
