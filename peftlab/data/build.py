@@ -9,6 +9,7 @@ character spans) -> overlength (truncate | drop | split) -> mixture (sampling we
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from peftlab.data.tokenize import IGNORE_INDEX, Encoded, EncodedClass, Encoder
 from peftlab.errors import PeftlabError
 
 ENCODE_CHUNK = 512  # records per tokenizer call: big enough for the Rust batch path, small for memory
+IN_FLIGHT_PER_WORKER = 2  # num_proc > 1: chunks submitted ahead per worker (keeps workers busy, bounds memory)
 
 
 @dataclass
@@ -171,8 +173,10 @@ def encoded_chunks(items: Iterable[SourceRecord], encoder: Encoder, num_proc: in
     """(items, encodings) chunk by chunk, in input order; ``num_proc > 1`` encodes in worker processes.
 
     Workers are forked where the platform allows it (the encoder, tokenizer included, is inherited,
-    not pickled per task); results come back in order (``imap``), so the output is identical to
-    ``num_proc: 1``.
+    not pickled per task). ``items`` is read lazily, in this thread: at most ``IN_FLIGHT_PER_WORKER * num_proc``
+    chunks are being encoded at a time, the next one submitted as the oldest comes back, so a stream bigger
+    than memory stays a stream (``Pool.imap`` would not do: its feeder thread drains the whole input at once).
+    Results come back in submission order, so the output is identical to ``num_proc: 1``.
     """
     if num_proc <= 1:
         for chunk in _chunks(items, ENCODE_CHUNK):
@@ -181,10 +185,17 @@ def encoded_chunks(items: Iterable[SourceRecord], encoder: Encoder, num_proc: in
     import multiprocessing as mp
 
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    chunks = list(_chunks(items, ENCODE_CHUNK))
+    ahead = IN_FLIGHT_PER_WORKER * num_proc
     with ctx.Pool(num_proc, initializer=_init_worker, initargs=(encoder,)) as pool:
-        results = pool.imap(_encode_in_worker, [[c.record for c in chunk] for chunk in chunks])
-        yield from zip(chunks, results)
+        pending: deque[tuple[list[SourceRecord], Any]] = deque()
+        for chunk in _chunks(items, ENCODE_CHUNK):
+            pending.append((chunk, pool.apply_async(_encode_in_worker, ([c.record for c in chunk],))))
+            if len(pending) >= ahead:
+                done, result = pending.popleft()
+                yield done, result.get()
+        while pending:
+            done, result = pending.popleft()
+            yield done, result.get()
 
 
 def encode_items(items: Iterable[SourceRecord], encoder: Encoder, cfg: DataConfig, ds_index: int, spec: DatasetSpec,
