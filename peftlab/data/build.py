@@ -217,15 +217,17 @@ def encode_items(items: Iterable[SourceRecord], encoder: Encoder, cfg: DataConfi
                         continue
                     st.truncated += 1
                     ids = ids[:cfg.max_seq_len]
-                st.samples += 1
-                st.tokens += len(ids)
-                yield {"input_ids": ids, "label": enc.label, **base}
+                yield _counted({"input_ids": ids, "label": enc.label, **base}, st)
                 continue
             for ids, labels in fit_length(enc.input_ids, enc.labels, cfg, st):
-                st.samples += 1
-                st.tokens += len(ids)
-                st.trained_tokens += sum(1 for x in labels[1:] if x != IGNORE_INDEX)
-                yield {"input_ids": ids, "labels": labels, **base}
+                yield _counted({"input_ids": ids, "labels": labels, **base}, st)
+
+
+def _counted(example: dict[str, Any], st: DatasetStats) -> dict[str, Any]:
+    st.samples += 1
+    st.tokens += len(example["input_ids"])
+    st.trained_tokens += trained_tokens(example)
+    return example
 
 
 def split_eval(items: list[SourceRecord], fraction: float, rng: random.Random) -> tuple[list[SourceRecord], list[SourceRecord]]:
@@ -261,7 +263,11 @@ def mix(parts: list[list[dict[str, Any]]], specs: Sequence[DatasetSpec], cfg: Da
 
 
 def trained_tokens(example: dict[str, Any]) -> int:
-    """Tokens of one example the loss trains: labels after the shift (the first token is never predicted)."""
+    """Tokens of one example the loss trains, as the run's ``tokens_seen`` counts them: labels after the shift (the
+    first token is never predicted); a classification / regression row (one ``label``): all its input tokens, which
+    all feed the pooled state its loss trains (the objective counts a batch's non-padding input tokens)."""
+    if "label" in example:
+        return len(example["input_ids"])
     return sum(1 for x in example.get("labels", [])[1:] if x != IGNORE_INDEX)
 
 

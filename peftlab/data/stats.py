@@ -16,7 +16,7 @@ class DatasetStats:
     bad_rows: int = 0           # rows skipped by on_bad_rows: skip
     samples: int = 0            # examples produced (after overlength handling, before mixture sampling)
     tokens: int = 0
-    trained_tokens: int = 0     # labels != -100
+    trained_tokens: int = 0     # what the loss trains (build.trained_tokens): labels != -100; class rows: inputs
     truncated: int = 0
     dropped: int = 0            # over-length dropped, or nothing left to train on after truncation
     split_extra: int = 0        # extra examples created by overlength: split
