@@ -102,8 +102,7 @@ def _encode(items: list[SourceRecord], encoder: PreferenceEncoder, cfg: DataConf
                   loss_weight=float(spec.loss_weight) * float(it.record.get("weight", 1.0)))
         st.samples += 1
         st.tokens += example_length(ex)
-        st.trained_tokens += sum(sum(1 for x in ex[k] if x != IGNORE_INDEX)
-                                 for k in ("chosen_labels", "rejected_labels", "completion_labels") if k in ex)
+        st.trained_tokens += answer_tokens(ex)
         out.append(ex)
     return out
 
@@ -167,3 +166,12 @@ def _reference(tokenizer: Any, ex: dict[str, Any]) -> str:
     ids, labels = (ex["chosen_ids"], ex["chosen_labels"]) if "chosen_ids" in ex else \
         (ex["completion_ids"], ex["completion_labels"])
     return tokenizer.decode([t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX], skip_special_tokens=True)
+
+
+def answer_tokens(example: dict[str, Any]) -> int:
+    """Answer tokens of one pair (chosen + rejected) or KTO completion that the loss scores, as the run's
+    ``tokens_seen`` counts them (labels after the shift): with an empty prompt (no BOS) an answer's first token is
+    the row's first token, which nothing predicts."""
+    skip = 0 if example["prompt_ids"] else 1
+    return sum(sum(1 for x in example[k][skip:] if x != IGNORE_INDEX)
+               for k in ("chosen_labels", "rejected_labels", "completion_labels") if k in example)

@@ -63,3 +63,25 @@ def test_sft_rows_under_a_preference_recipe_are_refused_with_the_row(tmp_path, t
     b = build_data(DataConfig(train=["s.jsonl"], preference=PAIRS, on_bad_rows="skip"), tok, seed=0,
                    base_dir=tmp_path)
     assert len(b.train) == 1 and b.stats.bad_rows == 1
+
+
+@pytest.mark.parametrize("prompt", [[1, 5, 6], []])  # [] : a prompt of no tokens (a tokenizer without BOS)
+def test_answer_tokens_are_what_the_run_counts_as_tokens_seen(prompt):
+    """The data statistics' trained tokens of a pair / KTO completion equal the run's count over the rows the
+    objective builds (preference_rows -> collate -> labels after the shift), also with an empty prompt."""
+    from peftlab.data.collate import collate
+    from peftlab.data.preference_batch import preference_rows
+    from peftlab.data.preference_build import answer_tokens
+    from peftlab.objectives.causal_lm import count_targets
+    from peftlab.objectives.reference import rows as batch_rows
+
+    pair_ex = {"prompt_ids": prompt, "chosen_ids": [7, 8, 2], "chosen_labels": [7, 8, 2], "rejected_ids": [9, 2],
+               "rejected_labels": [9, 2], "sample_id": 0}
+    kto_ex = {"prompt_ids": prompt, "completion_ids": [7, 8, 2], "completion_labels": [7, 8, 2], "desirable": True,
+              "sample_id": 1}
+    # with a prompt: every answer token; without: each answer's first token is the row's first, never predicted
+    expected = {"pair": 5 if prompt else 3, "kto": 3 if prompt else 2}
+    for name, ex, scored in (("pair", pair_ex, 2), ("kto", kto_ex, 1)):  # KTO: the matched rows (KL rows: no grad)
+        rows, _ = preference_rows([ex])
+        batch = batch_rows(collate(rows, pad_token_id=0), 0, scored)
+        assert answer_tokens(ex) == count_targets(batch) == expected[name], name
