@@ -103,14 +103,18 @@ def teacher_shape(recipe: Any, device: str) -> Teacher | None:
         try:
             c = read_adapter_config(path)
         except PeftlabError:
-            notes.append(f"distill.teacher.adapter {path} is not there yet: its weights are not counted")
+            notes.append(f"distill.teacher.adapter {path} is not there yet: its weights are not counted"
+                         + ("" if t.quantization else "; the teacher's quantization is taken to be the recipe's"))
         else:
             lora = {"r": c["r"], "alpha": c["lora_alpha"], "target_modules": c["target_modules"],
                     "use_rslora": bool(c.get("use_rslora")), "use_dora": bool(c.get("use_dora")),
                     "layers": c.get("layers_to_transform"), "layers_pattern": c.get("layers_pattern"),
                     "exclude_modules": c.get("exclude_modules"), "rank_pattern": c.get("rank_pattern"),
                     "alpha_pattern": c.get("alpha_pattern")}
-    shape = count_model(config, dtype, quant=teacher_quantization(recipe), lora=lora,
+    # without its adapter (not trained yet) the quantization it records is unknown: the recipe's, as at run time
+    # teacher_quantization falls back to when nothing is recorded
+    quant = teacher_quantization(recipe) if lora is not None or not t.adapter else t.quantization or recipe.quantization
+    shape = count_model(config, dtype, quant=quant, lora=lora,
                         trust_remote_code=t.trust_remote_code)
     return Teacher(shape, dtype.itemsize, teacher_label(recipe), tuple(notes))
 

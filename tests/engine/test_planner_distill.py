@@ -107,6 +107,12 @@ def test_teacher_adapter_counts_in_fp32_and_a_missing_one_is_said(tmp_path):
     assert est.components["teacher_weights"] == plain.components["teacher_weights"]
     assert f"distill.teacher.adapter {tmp_path / 'not-trained-yet'} is not there yet: its weights are not counted" \
         in est.notes
+    del d["teacher"]["quantization"]  # its quantization would come from the adapter: the recipe's (nf4) is assumed
+    est = estimate(_recipe(tmp_path, distill=d), device="cuda", baseline=0)
+    nf4 = estimate(_recipe(tmp_path, distill=_teacher(tmp_path, quant="nf4")), device="cuda", baseline=0)
+    assert est.components["teacher_weights"] == nf4.components["teacher_weights"] < plain.components["teacher_weights"]
+    assert f"{tmp_path / 'not-trained-yet'} is not there yet: its weights are not counted; the teacher's " \
+           "quantization is taken to be the recipe's" in "\n".join(est.notes)
 
 
 def test_kd_loss_scales_with_tokens_and_vocabulary(tmp_path):
