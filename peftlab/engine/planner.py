@@ -5,7 +5,7 @@ and activations follow what autograd keeps per decoder layer in a QLoRA step
 (:mod:`peftlab.engine.model_shape`); the peak is the larger of the end of the forward pass (every layer's
 saved tensors and the loss head's buffers) and the start of the backward pass (its temporaries).
 What a run does with the figures — ``train.auto_fit``, the advice after running out of memory — is
-:mod:`peftlab.engine.memory_fit`.
+:mod:`peftlab.engine.memory_fit`; a ``distill:`` recipe's teacher and KD loss are :mod:`peftlab.engine.planner_distill`.
 
 On a GPU "device memory" is what the CUDA allocator holds plus the CUDA context; on the CPU it is the
 process's peak resident set (:func:`peak_rss_bytes`), which also holds the Python + torch + transformers +
