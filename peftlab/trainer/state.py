@@ -29,7 +29,7 @@ class TrainState:
     step: int = 0                 # optimizer steps done
     epoch: int = 0
     micro_index: int = 0          # next micro-batch within the epoch order
-    tokens_seen: int = 0          # trained tokens so far (the objective's trained_tokens; classification: rows)
+    tokens_seen: int = 0          # trained tokens so far (the objective's trained_tokens; classification: input tokens)
     skipped_steps: int = 0        # steps with a non-finite loss or gradient (update not applied)
     nonfinite_streak: int = 0     # of those, how many in a row up to now
     recent_losses: list[float] = field(default_factory=list)  # loss-spike watchdog window (finite losses)
