@@ -411,6 +411,9 @@ def _check_nonempty(items: list[SourceRecord], st: DatasetStats, name: str, spec
                        "see data.on_bad_rows: error for the first problem")
 
 
-def open_sources(cfg: DataConfig, base_dir: Path | None) -> tuple[list[Source], list[Source]]:
-    return ([Source(s, base_dir, streaming=cfg.streaming) for s in cfg.train],
-            [Source(s, base_dir, streaming=cfg.streaming) for s in cfg.eval])
+def open_sources(cfg: DataConfig, base_dir: Path | None, hash_memo: Path | None = None
+                 ) -> tuple[list[Source], list[Source]]:
+    """The train and eval sources of ``cfg``; ``hash_memo`` is where their fingerprints remember the files' digest
+    (the data cache directory; see :func:`peftlab.data.sources.hash_files`)."""
+    return ([Source(s, base_dir, streaming=cfg.streaming, hash_memo=hash_memo) for s in cfg.train],
+            [Source(s, base_dir, streaming=cfg.streaming, hash_memo=hash_memo) for s in cfg.eval])

@@ -3,7 +3,9 @@
 The key is a sha256 over: the cache format version, every ``data:`` setting (except ``num_proc``,
 which cannot change the result), the seed, each source's content hash (file bytes, not mtimes), and
 the tokenizer (its full ``tokenizer.json``, special tokens and chat template). A named template is
-part of the settings; the tokenizer's own template is part of the tokenizer.
+part of the settings; the tokenizer's own template is part of the tokenizer. The content hashes are
+remembered in the cache directory (``file-hashes.json``, :func:`peftlab.data.sources.hash_files`) and
+the files read again only when their size, mtime, ctime, inode or device changed.
 
 Who builds: under ``torch.distributed`` rank 0 builds and the others wait at a barrier; otherwise
 (several independent processes, e.g. test workers or a second run) an exclusive file lock

@@ -18,7 +18,7 @@ from peftlab.data.build import DataBundle, build_bundle, open_sources
 from peftlab.data.cache import cache_key, load_or_build
 from peftlab.data.config import DataConfig
 from peftlab.data.preference_build import build_preference_bundle
-from peftlab.data.streaming import build_streaming
+from peftlab.data.streaming import build_streaming, is_stream
 
 
 def build_data(cfg: DataConfig, tokenizer: Any, *, seed: int, cache_dir: Path | None = None,
@@ -27,11 +27,17 @@ def build_data(cfg: DataConfig, tokenizer: Any, *, seed: int, cache_dir: Path | 
 
     ``base_dir`` is what relative ``path``s are resolved against (the recipe file's directory).
     With ``cache_dir`` the tokenized result is cached under a key covering the data files' content,
-    the tokenizer and every data setting, and built once across processes.
+    the tokenizer and every data setting, and built once across processes; the files' digests are remembered
+    there too (``file-hashes.json``), so that unchanged files are not read again to compute that key (a stream's
+    fingerprint likewise).
     """
     if cfg.streaming:
-        return build_streaming(cfg, tokenizer, seed=seed, base_dir=base_dir)
-    train_sources, eval_sources = open_sources(cfg, base_dir)
+        bundle = build_streaming(cfg, tokenizer, seed=seed, base_dir=base_dir)
+        if cache_dir is not None and is_stream(bundle.train):  # its fingerprint() runs at every start: remember it
+            for source in bundle.train.sources:
+                source.hash_memo = Path(cache_dir)
+        return bundle
+    train_sources, eval_sources = open_sources(cfg, base_dir, None if cache_dir is None else Path(cache_dir))
     builder = build_bundle if cfg.preference is None else build_preference_bundle  # preference: pairs / KTO rows
 
     def build() -> DataBundle:

@@ -17,15 +17,20 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import os
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from peftlab.checkpoint.atomic import atomic_write_text, file_lock
 from peftlab.data.config import DatasetSpec
 from peftlab.errors import PeftlabError
+
+logger = logging.getLogger(__name__)
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".jsonl.gz", ".json.gz", ".csv.gz")
 _DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
@@ -82,8 +87,49 @@ def _not_utf8(err: UnicodeDecodeError, offset: int, path: Path) -> str:
 _SURROGATE = re.compile("[\udc80-\udcff]")
 
 
-def hash_files(paths: list[Path]) -> str:
-    """sha256 over the content of ``paths`` (and their names): the cache key's view of the data."""
+def hash_files(paths: list[Path], memo_dir: Path | None = None) -> str:
+    """sha256 over the content of ``paths`` (and their names): the cache key's view of the data.
+
+    With ``memo_dir`` (the data cache directory) a digest is remembered in ``memo_dir/file-hashes.json`` beside
+    the files' stat (see :func:`file_states`) and given again without reading them while none of it changed: a
+    run's start no longer reads gigabytes to find the data as it was. The digest is the same either way.
+    """
+    if memo_dir is None:
+        return _hash_contents(paths)
+    memo = Path(memo_dir) / HASH_MEMO
+    key = "\n".join(os.path.abspath(p) for p in paths)
+    started = time.time_ns()
+    before = file_states(paths)
+    known = _read_memo(memo).get(key)
+    if known is not None and known["files"] == before:
+        return known["sha256"]
+    digest = _hash_contents(paths)
+    # remembered only when the files held still while read and their timestamps are older than the window a
+    # later write could share (git's "racily clean" rule): such a write then shows as a newer mtime or ctime
+    if file_states(paths) == before and all(max(st[2], st[3]) < started - RACY_WINDOW_NS for st in before):
+        _remember(memo, key, before, digest)
+    return digest
+
+
+HASH_MEMO = "file-hashes.json"
+RACY_WINDOW_NS = 2_000_000_000  # coarser than any timestamp clock in use (FAT: 2 s, HFS+: 1 s, Linux: ~ms)
+MEMO_ENTRIES = 256              # sources remembered per cache directory (the oldest forgotten first)
+
+
+def file_states(paths: list[Path]) -> list[list[int]]:
+    """What says a file is unchanged without reading it: size, mtime and ctime (ns), inode and device.
+
+    ctime is in because no tool can set it: a rewrite that keeps the size and puts the old mtime back (``cp -p``,
+    ``rsync -t``, ``touch -r``) still moves it; the inode and device change when another file takes the path.
+    """
+    states = []
+    for p in paths:
+        st = os.stat(p)
+        states.append([st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev])
+    return states
+
+
+def _hash_contents(paths: list[Path]) -> str:
     h = hashlib.sha256()
     for p in paths:
         h.update(str(p.name).encode())
@@ -93,12 +139,48 @@ def hash_files(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
+def _read_memo(memo: Path) -> dict[str, dict[str, Any]]:
+    """The remembered digests; a missing, unreadable or damaged file, or a malformed entry, remembers nothing."""
+    try:
+        memo_data = json.loads(memo.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    entries = memo_data.get("entries") if isinstance(memo_data, dict) and memo_data.get("version") == 1 else None
+    if not isinstance(entries, dict):
+        return {}
+    return {k: e for k, e in entries.items() if isinstance(e, dict) and _valid_entry(e)}
+
+
+def _valid_entry(e: dict[str, Any]) -> bool:
+    sha, files, at = e.get("sha256"), e.get("files"), e.get("at")
+    return (isinstance(sha, str) and re.fullmatch("[0-9a-f]{64}", sha) is not None and isinstance(at, int)
+            and isinstance(files, list) and all(isinstance(f, list) and len(f) == 5
+                                                and all(type(x) is int for x in f) for f in files))
+
+
+def _remember(memo: Path, key: str, states: list[list[int]], digest: str) -> None:
+    """Add one digest to the memo: under a lock (another process of the run may add its own), written atomically.
+    A memo that cannot be written costs the next start a re-hash, nothing else: it is not an error."""
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(memo.with_name(memo.name + ".lock")):
+            entries = _read_memo(memo)
+            entries[key] = {"files": states, "sha256": digest, "at": time.time_ns()}
+            keep = sorted(entries, key=lambda k: entries[k]["at"])[-MEMO_ENTRIES:]
+            atomic_write_text(memo, json.dumps({"version": 1, "entries": {k: entries[k] for k in keep}}),
+                              fsync=False)
+    except OSError as e:
+        logger.debug(f"data: could not remember the data files' hash in {memo}: {e}")
+
+
 class Source:
     """One ``DatasetSpec`` resolved to files (or a ``datasets`` object) and iterable as rows."""
 
-    def __init__(self, spec: DatasetSpec, base_dir: Path | None = None, *, streaming: bool = False):
+    def __init__(self, spec: DatasetSpec, base_dir: Path | None = None, *, streaming: bool = False,
+                 hash_memo: Path | None = None):
         self.spec = spec
         self.streaming = streaming
+        self.hash_memo = hash_memo  # where fingerprint() remembers the files' digest (the data cache directory)
         self.files: list[Path] = []
         self.kind = "files"
         raw = os.path.expanduser(spec.path)
@@ -137,10 +219,11 @@ class Source:
             )
 
     def fingerprint(self) -> str:
-        """Content hash of the files; for hub datasets the id, split and the dataset's own fingerprint."""
+        """Content hash of the files (read only when ``hash_memo`` has no digest of them as they are now, see
+        :func:`hash_files`); for hub datasets the id and split."""
         if self.kind == "hub":
             return hashlib.sha256(f"hub:{self.spec.path}:{self.spec.split}".encode()).hexdigest()
-        return hash_files(self.files)
+        return hash_files(self.files, self.hash_memo)
 
     def __iter__(self) -> Iterator[Row]:
         if self.kind == "hub":

@@ -1,0 +1,133 @@
+"""The data files' digest is remembered in the data cache directory (``file-hashes.json``): a start reads the files
+again only when their size, mtime, ctime, inode or device changed, or when the memo is missing or damaged."""
+from __future__ import annotations
+
+import builtins
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from peftlab.data import sources
+from peftlab.data.config import DataConfig
+from peftlab.data.pipeline import build_data
+from peftlab.data.sources import HASH_MEMO, hash_files
+from peftlab.model.builtin import build_tokenizer
+
+ROWS = "".join(json.dumps({"text": f"row {k} " + "z " * (k % 4)}) + "\n" for k in range(12))
+
+
+@pytest.fixture
+def reads(monkeypatch) -> dict[str, int]:
+    """Opens of each file by peftlab.data.sources (hashing and reading rows), by name."""
+    counts: dict[str, int] = {}
+
+    def counting_open(file, *args, **kwargs):
+        name = Path(file).name
+        counts[name] = counts.get(name, 0) + 1
+        return builtins.open(file, *args, **kwargs)
+
+    monkeypatch.setattr(sources, "open", counting_open, raising=False)
+    return counts
+
+
+@pytest.fixture
+def settled(monkeypatch) -> None:
+    """Files written by the test count as settled at once (the 2 s racy window would otherwise wait for them)."""
+    monkeypatch.setattr(sources, "RACY_WINDOW_NS", 0)
+
+
+def plain_digest(path: Path) -> str:
+    return hashlib.sha256(path.name.encode() + path.read_bytes()).hexdigest()
+
+
+def test_an_unchanged_file_is_read_once(tmp_path, reads, settled):
+    data = tmp_path / "t.jsonl"
+    data.write_text(ROWS)
+    first = hash_files([data], tmp_path / "cache")
+    assert reads["t.jsonl"] == 1 and (tmp_path / "cache" / HASH_MEMO).is_file()
+    assert hash_files([data], tmp_path / "cache") == first == plain_digest(data)  # the digest it always was
+    assert reads["t.jsonl"] == 1
+
+
+def test_a_rewrite_of_the_same_size_is_read_again(tmp_path, reads, settled):
+    data = tmp_path / "t.jsonl"
+    data.write_text(ROWS)
+    before = hash_files([data], tmp_path / "cache")
+    st = data.stat()
+    data.write_text(ROWS.replace("row 1 ", "row 9 "))
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert data.stat().st_size == st.st_size
+    after = hash_files([data], tmp_path / "cache")
+    assert reads["t.jsonl"] == 2 and after != before and after == plain_digest(data)
+
+
+def test_a_rewrite_that_puts_the_old_mtime_back_is_read_again(tmp_path, reads, settled):
+    data = tmp_path / "t.jsonl"
+    data.write_text(ROWS)
+    before = hash_files([data], tmp_path / "cache")
+    st = data.stat()
+    time.sleep(0.05)  # past the kernel's timestamp tick, so the ctime the rewrite sets is a new one
+    data.write_text(ROWS.replace("row 1 ", "row 9 "))
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))  # what cp -p / rsync -t / touch -r do
+    assert (data.stat().st_size, data.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    assert data.stat().st_ctime_ns != st.st_ctime_ns
+    assert hash_files([data], tmp_path / "cache") == plain_digest(data) != before
+    assert reads["t.jsonl"] == 2
+
+
+def test_a_file_written_just_now_is_not_remembered(tmp_path, reads):
+    data = tmp_path / "t.jsonl"
+    data.write_text(ROWS)  # a write within the window could share its timestamps with the next one
+    assert hash_files([data], tmp_path / "cache") == hash_files([data], tmp_path / "cache") == plain_digest(data)
+    assert reads["t.jsonl"] == 2 and not (tmp_path / "cache" / HASH_MEMO).exists()
+
+
+@pytest.mark.parametrize("memo", [
+    b"\x00\xff not json",
+    b"[" * 100_000,
+    b"[]",
+    b'{"version": 1, "entries": []}',
+    b'{"version": 2, "entries": {}}',
+    "bad-entry",
+    "wrong-version",
+], ids=["bytes", "deep", "list", "entries-list", "version-2", "bad-entry", "wrong-version"])
+def test_a_damaged_memo_is_ignored_and_replaced(tmp_path, reads, settled, memo):
+    data = tmp_path / "t.jsonl"
+    data.write_text(ROWS)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    key = os.path.abspath(data)
+    st = data.stat()
+    states = [[st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]]
+    wrong = "0" * 64  # a digest the memo must not be trusted for: each case below is malformed somewhere
+    if memo == "bad-entry":  # the files' states right, the digest not a sha256
+        memo = json.dumps({"version": 1, "entries": {key: {"files": states, "sha256": "zz" + wrong[2:],
+                                                           "at": 1}}}).encode()
+    elif memo == "wrong-version":
+        memo = json.dumps({"version": 0, "entries": {key: {"files": states, "sha256": wrong, "at": 1}}}).encode()
+    (cache / HASH_MEMO).write_bytes(memo)
+    assert hash_files([data], cache) == plain_digest(data)
+    assert reads["t.jsonl"] == 1
+    assert hash_files([data], cache) == plain_digest(data)  # the memo was written anew and is used
+    assert reads["t.jsonl"] == 1
+
+
+def test_a_start_reads_unchanged_data_files_no_more(tmp_path, reads, settled):
+    (tmp_path / "t.jsonl").write_text(ROWS)
+    tok = build_tokenizer()
+    cfg = DataConfig(train=["t.jsonl"], max_seq_len=32)
+    first = build_data(cfg, tok, seed=0, base_dir=tmp_path, cache_dir=tmp_path / "cache")
+    assert reads["t.jsonl"] == 2  # hashed for the cache key, then read for its rows
+    again = build_data(cfg, tok, seed=0, base_dir=tmp_path, cache_dir=tmp_path / "cache")
+    assert again.from_cache and again.train == first.train
+    assert reads["t.jsonl"] == 2  # the cache key came from the memo, the rows from the cache
+    stream_cfg = cfg.model_copy(update={"streaming": True})
+    stream = build_data(stream_cfg, tok, seed=0, base_dir=tmp_path, cache_dir=tmp_path / "cache")
+    fingerprint = stream.train.fingerprint()  # what a (resumed) run compares at its start
+    assert reads["t.jsonl"] == 2
+    assert fingerprint == build_data(stream_cfg, tok, seed=0, base_dir=tmp_path).train.fingerprint()
+    assert reads["t.jsonl"] == 3  # without a cache directory: read to hash, the same digest
