@@ -4,15 +4,32 @@ Every record is one JSON object per line in ``metrics.jsonl`` ({"step", "split",
 TensorBoard gets the scalar figures under ``<split>/<name>``. The PNG is drawn from the JSONL, so it
 can be regenerated after the fact (``plot_loss_curve``); it replaces an earlier one atomically
 (:mod:`peftlab.checkpoint.atomic`). metrics.jsonl is only ever appended to.
+
+TensorBoard's event file is optional output: when the disk refuses it (full, remounted read-only, permissions),
+one warning names the file, the reason and the fix, TensorBoard is off for the rest of the run and training goes
+on — a multi-hour run is not lost to its charts. A refused write of metrics.jsonl still stops the run
+(:mod:`peftlab.trainer.failures`). The event file is written in the calling thread (:class:`EventFile`):
+torch's ``SummaryWriter`` writes from a background thread that dies with a raw traceback on a refused write and
+re-raises it at the next call, with the file name as bytes or none at all.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import itertools
 import json
+import logging
 import math
+import os
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
 from peftlab.checkpoint.atomic import atomic_write
+from peftlab.checkpoint.store import storage_problem
+
+logger = logging.getLogger(__name__)
 
 
 class RunLog:
@@ -26,11 +43,12 @@ class RunLog:
         self.out_dir = out_dir
         self.enabled = enabled
         self.path = out_dir / "metrics.jsonl"
-        self._tb = None
+        self._tb: EventFile | None = None
         if enabled and "tensorboard" in report_to:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+            try:
+                self._tb = EventFile(out_dir / "tensorboard")
+            except OSError as exc:
+                _tensorboard_off(exc, out_dir / "tensorboard", "at the start")
         self._jsonl = enabled and "jsonl" in report_to
         self._trackers: list[Any] = []
         if enabled and any(name in report_to for name in ("mlflow", "wandb")):
@@ -45,10 +63,16 @@ class RunLog:
         if self._jsonl:
             append_line(self.path, json.dumps(record))
         if self._tb is not None:
-            for k, v in figures.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                    self._tb.add_scalar(f"{split}/{k}", v, step)
-            self._tb.flush()
+            scalars = {f"{split}/{k}": float(v) for k, v in figures.items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+            try:
+                self._tb.add_scalars(step, scalars)
+            except OSError as exc:
+                tb, self._tb = self._tb, None
+                with contextlib.suppress(OSError):  # the buffered bytes fail again; the descriptor is closed anyway
+                    tb.close()
+                _tensorboard_off(exc, tb.path, f"at step {step}",
+                                 f" (TensorBoard holds the steps before {step})")
         for tracker in self._trackers:
             tracker.log(step, split, figures)
 
@@ -59,11 +83,61 @@ class RunLog:
 
     def close(self) -> None:
         if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+            tb, self._tb = self._tb, None
+            try:
+                tb.close()
+            except OSError as exc:
+                _tensorboard_off(exc, tb.path, "at the end")
         for tracker in self._trackers:
             tracker.close()
         self._trackers = []
+
+
+_event_file_ids = itertools.count()
+
+
+class EventFile:
+    """One TensorBoard event file (TFRecord-framed ``Event`` protos, the format ``SummaryWriter`` writes and
+    TensorBoard reads), written and flushed in the calling thread, so a refused write raises here as an OSError."""
+
+    def __init__(self, log_dir: Path):
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        log_dir.mkdir(parents=True, exist_ok=True)
+        # TensorBoard finds event files by this name pattern; pid and a counter keep two writers apart
+        self.path = log_dir / (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
+                               f"{os.getpid()}.{next(_event_file_ids)}")
+        self._file = open(self.path, "wb")  # noqa: SIM115 (held open for the run; closed by close())
+        self._records = RecordWriter(self._file)
+        self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def add_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        """One event holding ``scalars`` (tag -> value) at ``step``, flushed to the OS."""
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        if scalars:
+            values = [Summary.Value(tag=tag, simple_value=v) for tag, v in scalars.items()]
+            self._write(Event(wall_time=time.time(), step=step, summary=Summary(value=values)))
+
+    def _write(self, event: Any) -> None:
+        self._records.write(event.SerializeToString())
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _tensorboard_off(exc: OSError, path: Path, when: str, kept: str = "") -> None:
+    """The one warning of a run whose TensorBoard output the disk refused (the caller stops writing it)."""
+    why, fix = storage_problem(exc)
+    if exc.errno == errno.EEXIST:  # mkdir of the tensorboard folder where a file of that name is
+        fix = "a file is in the way of that directory: move it away"
+    code = errno.errorcode.get(exc.errno, exc.errno) if exc.errno else type(exc).__name__
+    logger.warning(f"TensorBoard logging is off for the rest of this run: could not write {path} {when}: {why} "
+                   f"(errno {code}); {fix}; training goes on; metrics.jsonl, checkpoints and the adapter are written "
+                   f"as before{kept}")
 
 
 def append_line(path: Path, line: str) -> None:
