@@ -7,6 +7,7 @@ the recipe), and where the run can continue from. Complete checkpoints are never
 from __future__ import annotations
 
 import errno
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,11 +42,13 @@ def output_write_error(exc: BaseException, out_dir: Path) -> tuple[str, int, str
     """(file, errno, reason, fix) when ``exc`` is the disk refusing a write of the run's output (in ``out_dir``)."""
     if not isinstance(exc, OSError) or exc.errno not in STORAGE_ERRNOS:
         return None
-    name = exc.filename
-    if name is None or not Path(name).resolve().is_relative_to(out_dir.resolve()):
+    if not isinstance(exc.filename, (str, bytes, os.PathLike)):
+        return None
+    name = os.fsdecode(exc.filename)  # some writers (TensorBoard's) name the file as bytes
+    if not Path(name).resolve().is_relative_to(out_dir.resolve()):
         return None
     why, fix = storage_problem(exc)
-    return str(name), exc.errno, why, fix
+    return name, exc.errno, why, fix
 
 
 def loading_failure_message(recipe: Any, memory: str) -> PeftlabError:

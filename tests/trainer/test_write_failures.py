@@ -1,0 +1,56 @@
+"""Refused writes of a run's output, beyond tests/trainer/test_failures.py: TensorBoard's event file refused mid-run
+(the run trains to the end with one warning), an OSError naming its file as bytes (TensorBoard's writer does), and
+metrics.jsonl refused at its very first write."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import pytest
+from disk_faults import FailingDisk
+
+from peftlab.errors import PeftlabError
+from peftlab.trainer.failures import diagnose
+
+pytestmark = pytest.mark.xdist_group("trainer")
+
+
+def test_a_refused_write_naming_its_file_as_bytes_is_explained(tmp_path):
+    path = tmp_path / "tensorboard" / "events.out.tfevents.1"
+    failure = diagnose(OSError(errno.EROFS, "Read-only file system", os.fsencode(path)), tmp_path)
+    assert failure is not None and failure.storage[:2] == (str(path), errno.EROFS)
+    assert diagnose(OSError(errno.EROFS, "Read-only file system", os.fsencode(tmp_path.parent / "x")), tmp_path) is None
+    assert diagnose(OSError(errno.EROFS, "Read-only file system", 7), tmp_path) is None  # a descriptor, not a path
+
+
+def test_tensorboard_refused_mid_run_the_run_trains_to_the_end(short_trainer, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "o"
+    trainer = []
+    disk = FailingDisk(monkeypatch, out / "tensorboard", errno.ENOSPC, when=lambda: bool(trainer) and trainer[0].state.step >= 2)
+    trainer.append(short_trainer(out, train={"max_steps": 4}, output={"report_to": ["jsonl", "tensorboard"]}))
+    capsys.readouterr()
+    result = trainer[0].train()
+    monkeypatch.undo()
+    assert disk.refused >= 1 and result.state.step == 4
+    err = capsys.readouterr().err  # quiet: warnings only
+    warnings = [line for line in err.splitlines() if line.strip()]
+    assert len(warnings) == 1 and "TensorBoard logging is off for the rest of this run" in warnings[0], err
+    assert f"could not write {out / 'tensorboard'}" in warnings[0] and "at step 2: No space left on device" in warnings[0]
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4]
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+
+
+def test_metrics_refused_at_the_first_write_stops_with_the_write_failure(short_trainer, tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    t = short_trainer(out, train={"max_steps": 2, "eval_at_start": True})
+    FailingDisk(monkeypatch, out / "metrics.jsonl", errno.EROFS).fail_now()  # remounted read-only after the checks
+    with pytest.raises(PeftlabError) as e:
+        t.train()
+    assert str(e.value) == (
+        f"training stopped after step 0: could not write {out / 'metrics.jsonl'}: Read-only file system (errno "
+        "EROFS); the filesystem is mounted read-only: remount it read-write, or choose an output.dir on a writable "
+        "disk. No checkpoint was written yet (train.save_every sets how often), so the run must start over: rerun "
+        "the same command once that is fixed")
