@@ -18,7 +18,7 @@ from peftlab.data.build import DataBundle, build_bundle, open_sources
 from peftlab.data.cache import cache_key, load_or_build
 from peftlab.data.config import DataConfig
 from peftlab.data.preference_build import build_preference_bundle
-from peftlab.data.streaming import build_streaming, is_stream
+from peftlab.data.streaming import build_streaming
 
 
 def build_data(cfg: DataConfig, tokenizer: Any, *, seed: int, cache_dir: Path | None = None,
@@ -32,11 +32,9 @@ def build_data(cfg: DataConfig, tokenizer: Any, *, seed: int, cache_dir: Path | 
     fingerprint likewise).
     """
     if cfg.streaming:
-        bundle = build_streaming(cfg, tokenizer, seed=seed, base_dir=base_dir)
-        if cache_dir is not None and is_stream(bundle.train):  # its fingerprint() runs at every start: remember it
-            for source in bundle.train.sources:
-                source.hash_memo = Path(cache_dir)
-        return bundle
+        # its fingerprint() runs at every start: the digests are remembered in the cache dir
+        return build_streaming(cfg, tokenizer, seed=seed, base_dir=base_dir,
+                               hash_memo=None if cache_dir is None else Path(cache_dir))
     train_sources, eval_sources = open_sources(cfg, base_dir, None if cache_dir is None else Path(cache_dir))
     builder = build_bundle if cfg.preference is None else build_preference_bundle  # preference: pairs / KTO rows
 

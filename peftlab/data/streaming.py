@@ -299,9 +299,11 @@ def is_stream(rows: Any) -> bool:
     return isinstance(rows, StreamingExamples)
 
 
-def build_streaming(cfg: DataConfig, tokenizer: Any, *, seed: int, base_dir: Path | None = None) -> DataBundle:
+def build_streaming(cfg: DataConfig, tokenizer: Any, *, seed: int, base_dir: Path | None = None,
+                    hash_memo: Path | None = None) -> DataBundle:
+    """``hash_memo``: where the sources' fingerprints remember the files' digests (the data cache dir)."""
     mixture_weights(cfg)  # a refused mixture says so before anything is read
-    train_sources, eval_sources = open_sources(cfg, base_dir)
+    train_sources, eval_sources = open_sources(cfg, base_dir, hash_memo)
     names = unique_names([*cfg.train, *cfg.eval])
     stats = DataStats(max_seq_len=cfg.max_seq_len, packed=cfg.packing)
     encoder = Encoder(tokenizer, template=cfg.template, train_on=cfg.train_on, system_prompt=cfg.system_prompt)
