@@ -198,7 +198,7 @@ def layer_activations(shape: ModelShape, *, elem: int, seq_len: int, attn: str, 
       output's contiguous copy when o_proj's LoRA keeps its input as it is.
     * MLP: gate, silu(gate), up (and their product when down_proj's LoRA keeps its input as is); the fused
       block keeps only gate and up.
-    * ``lean``: the recompute of an offloaded layer (``peftlab.model.long_context.LeanSaved``) keeps the kernel
+    * ``lean``: the recompute of an offloaded layer (``peftlab.model.lean_recompute.LeanSaved``) keeps the kernel
       path's dropout masks as RNG states, the norms' outputs as their inputs (recomputed) and a 16-bit norm's fp32
       copy as the 16-bit input; the MLP's own (``mlp_chunked``: its chunk checkpoints keep them as autograd
       would, per chunk).

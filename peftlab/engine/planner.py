@@ -259,7 +259,7 @@ def _components(recipe: Any, shape: ModelShape, *, device: str, elem: int, mbs: 
     mlp_tokens = n_tokens
     if t.mlp_chunk_tokens and t.mlp_chunk_tokens < seq:
         mlp_tokens = mbs * t.mlp_chunk_tokens
-    # train.offload_activations recomputes each layer keeping less (long_context.LeanSaved), on any device
+    # train.offload_activations recomputes each layer keeping less (lean_recompute.LeanSaved), on any device
     lean = bool(t.offload_activations and recipe.model.gradient_checkpointing)
     la = layer_activations(shape, elem=elem, seq_len=seq, attn=attn, dropout=recipe.adapter.dropout,
                            kernel=kernel, fused_norm=bool(t.fused_norm), fused_blocks=fused_blocks, device=device,
