@@ -6,7 +6,7 @@ A sweep file names a base recipe and the keys to vary (any dotted recipe key: ``
     recipe: quickstart.yaml            # relative to the sweep file
     method: grid                       # grid | random
     trials: 8                          # random: how many; grid: optional cap
-    metric: eval_loss                  # any eval metric (accuracy, f1_macro, exact_match, ...)
+    metric: eval_loss                  # any eval metric (accuracy, f1_macro, exact_match, ...); default below
     mode: auto                         # auto | min | max
     parameters:
       train.lr: [1.0e-4, 3.0e-4, 1.0e-3]
@@ -29,6 +29,13 @@ plus the winning values; train it again, or take ``trial-NNN/best`` / ``adapter`
 Successive halving (Jamieson & Talwalkar 2016): every configuration first trains ``min_steps``; the
 best 1/eta go on to eta x the steps, and so on up to the base ``train.max_steps``. Survivors are
 retrained from scratch at the larger budget (simple and exactly reproducible; no resume between rungs).
+
+The metric defaults to ``eval_loss``, and for a preference recipe (a ``preference:`` section: DPO, IPO, KTO, ...)
+to ``eval_rewards/accuracies``, the held-out share of pairs whose chosen answer out-scores the rejected one; a
+preference figure may be named without its ``eval_`` prefix (``rewards/accuracies``). Trials that differ in a
+``preference.*`` key (beta, method, sft_weight, ...) are not ranked by ``eval_loss`` or the rewards: those keys
+change the scale of both (a reward is beta x the log-ratio to the reference), so a larger beta would "win" with
+the same model; the sweep refuses that before anything trains.
 """
 from __future__ import annotations
 
@@ -79,7 +86,9 @@ class SweepSpec(_Spec):
     method: Literal["grid", "random"] = "grid"
     trials: int | None = Field(None, gt=0)
     seed: int = 0
-    metric: str = "eval_loss"
+    metric: str | None = None
+    """The eval metric that ranks the trials; None: eval_rewards/accuracies for a preference recipe, else eval_loss
+    (resolved by :func:`run_sweep`)."""
     mode: Literal["auto", "min", "max"] = "auto"
     parameters: dict[str, Any]
     early_stopping: EarlyStopSpec | None = None
@@ -195,19 +204,54 @@ def _set_key(raw: dict[str, Any], dotted: str, value: Any) -> None:
     set_nested(raw, dotted.split("."), value, where=f"sweep parameters.{dotted}")
 
 
-def trial_recipe(spec: SweepSpec, base: dict[str, Any], params: dict[str, Any], out_dir: Path,
-                 steps: int | None = None) -> dict[str, Any]:
+def _with_params(spec: SweepSpec, base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     raw = apply_overrides(json.loads(json.dumps(base)), spec.set)
     for k, v in params.items():
         _set_key(raw, k, v)
+    return raw
+
+
+def trial_recipe(spec: SweepSpec, base: dict[str, Any], params: dict[str, Any], out_dir: Path,
+                 steps: int | None = None) -> dict[str, Any]:
+    raw = _with_params(spec, base, params)
     _set_key(raw, "output.dir", str(out_dir))
     _set_key(raw, "output.overwrite", True)
     if steps is not None:
         _set_key(raw, "train.max_steps", steps)
     if spec.early_stopping is not None:
-        _set_key(raw, "train.early_stopping", {"metric": spec.metric, "patience": spec.early_stopping.patience,
+        _set_key(raw, "train.early_stopping", {"metric": spec.metric or "eval_loss", "patience": spec.early_stopping.patience,
                                                "min_delta": spec.early_stopping.min_delta, "mode": spec.mode})
     return raw
+
+
+# ---- the metric ------------------------------------------------------------------------------------
+
+PREFERENCE_METRIC = "eval_rewards/accuracies"
+# What the preference.* keys rescale: the loss (beta, the method, sft_weight, the weights...) and the rewards
+# (beta x the log-ratio to the reference). The reward accuracy (a sign), the log-probs and generation metrics are not.
+_SCALED_BY_PREFERENCE = ("eval_loss", "eval_rewards/chosen", "eval_rewards/rejected", "eval_rewards/margins")
+
+
+def resolve_metric(spec: SweepSpec, configs: list[dict[str, Any]], raws: list[dict[str, Any]]) -> str:
+    """The metric that ranks trials of the parameter settings ``configs`` (recipes ``raws``): the default when
+    ``spec.metric`` is unset, a preference figure's ``eval_`` prefix added; ranking trials that differ in a
+    ``preference.*`` key by a figure those keys rescale is refused (a silently wrong winner)."""
+    preference = any(raw.get("preference") is not None for raw in raws)
+    given = spec.metric or (PREFERENCE_METRIC if preference else "eval_loss")
+    metric = metric_key(given)
+    if preference and ("/" in metric or metric == "kl") and not metric.startswith("eval_"):
+        metric = "eval_" + metric  # the preference figures are logged as eval_<figure>
+    if preference and metric in _SCALED_BY_PREFERENCE:
+        varied = [k for k in spec.parameters if (k == "preference" or k.startswith("preference."))
+                  and len({json.dumps(c.get(k), sort_keys=True, default=str) for c in configs}) > 1]
+        if varied:
+            raise PeftlabError(
+                f"sweep metric {given!r}: the trials differ in {varied[0]}, which changes the scale of the preference "
+                f"loss and of its rewards (a reward is beta x the log-ratio to the reference), so their {metric} "
+                "values are not comparable and the largest beta would win with the same model; rank them by "
+                f"{PREFERENCE_METRIC} (the default for preference recipes) or eval_logps/chosen, or by a generation "
+                f"metric (eval.metric: exact_match), or keep {varied[0]} fixed and sweep other keys")
+    return given if metric == metric_key(given) else metric
 
 
 # ---- running -------------------------------------------------------------------------------------
@@ -222,8 +266,12 @@ def train_trial(raw: dict[str, Any], base_dir: Path, metric: str, mode: str) -> 
         score, best_step = float(result.best["best"]), result.best["best_step"]
     else:
         if key not in result.eval_after:
-            raise PeftlabError(f"sweep metric {metric!r} is not among the trial's eval metrics "
-                               f"({', '.join(sorted(result.eval_after))}); pick one of them")
+            known = sorted(k for k, v in result.eval_after.items() if isinstance(v, (int, float))
+                           and not isinstance(v, bool))
+            out = Path(result.output_dir)
+            raise PeftlabError(f"sweep metric {metric!r} is not among the eval metrics of {out.name} "
+                               f"({', '.join(known) or 'none'}); set the sweep's metric: to one of them (its results "
+                               f"are in {out})")
         score, best_step = float(result.eval_after[key]), result.state.step
     metrics = {k: v for k, v in result.eval_after.items() if isinstance(v, (int, float))}
     return TrialResult(score, result.state.step, metrics, best_step,
@@ -245,8 +293,9 @@ def run_sweep(spec: SweepSpec, base: dict[str, Any], base_dir: Path, *, runner: 
     """Validate every trial's recipe, train the trials (rung by rung under successive halving), rank them and
     write the results; one line per trained trial and per halving is logged."""
     out = (base_dir / spec.output) if not Path(spec.output).is_absolute() else Path(spec.output)
-    mode = spec.mode if spec.mode != "auto" else ("min" if lower_is_better(spec.metric) else "max")
     trials = [Trial(f"trial-{i:03d}", params, {}) for i, params in enumerate(configurations(spec))]
+    spec.metric = resolve_metric(spec, [t.params for t in trials], [_with_params(spec, base, t.params) for t in trials])
+    mode = spec.mode if spec.mode != "auto" else ("min" if lower_is_better(spec.metric) else "max")
     # Validate every trial's recipe first: a typo in a key fails now, with the recipe's own message.
     for t in trials:
         t.raw = trial_recipe(spec, base, t.params, out / t.name)
