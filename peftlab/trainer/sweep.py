@@ -326,7 +326,7 @@ def run_sweep(spec: SweepSpec, base: dict[str, Any], base_dir: Path, *, runner: 
             logger.info(f"successive halving: {keep} of {len(trials)} configurations go on to {budgets[rung + 1]} steps")
     ranked = _rank(trials, mode)
     best = ranked[0]
-    _write_results(out, ranked, spec, base, best)
+    _write_results(out, ranked, spec, base, best, base_dir)
     return SweepResult(trials, ranked, best, out)
 
 
@@ -361,7 +361,8 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else json.dumps(v) if isinstance(v, (list, dict)) else str(v)
 
 
-def _write_results(out: Path, ranked: list[Trial], spec: SweepSpec, base: dict[str, Any], best: Trial) -> None:
+def _write_results(out: Path, ranked: list[Trial], spec: SweepSpec, base: dict[str, Any], best: Trial,
+                   recipe_dir: Path) -> None:
     keys = list(spec.parameters)
     header = ["rank", "trial", *keys, spec.metric, "steps", "best_step", "stopped_at", "time_s", "output_dir"]
     rows = []
@@ -381,6 +382,9 @@ def _write_results(out: Path, ranked: list[Trial], spec: SweepSpec, base: dict[s
     winner["output"]["overwrite"] = base.get("output", {}).get("overwrite", False)
     atomic_write_text(out / "best_recipe.yaml",
                       f"# best of {len(ranked)} trials by {spec.metric}: {best.name} {_fmt_params(best.params)}\n"
+                      # recipes resolve relative paths against their own folder, and this one is not in it
+                      f"# relative paths below are relative to {recipe_dir} (the base recipe's folder): copy this "
+                      "file there to train it\n"
                       + yaml.safe_dump(winner, sort_keys=False))
     atomic_write_text(out / "sweep.json", json.dumps(
         {"metric": spec.metric, "best": {"trial": best.name, "params": best.params, "score": best.last.score},

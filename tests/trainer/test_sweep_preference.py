@@ -59,7 +59,12 @@ def test_a_preference_sweep_ranks_by_reward_accuracy_and_writes_the_winner(dpo_b
         ("trial-001", scores["trial-001"]), ("trial-000", scores["trial-000"])]
     summary = json.loads((result.output_dir / "sweep.json").read_text())
     assert summary["metric"] == "eval_rewards/accuracies" and summary["best"]["trial"] == "trial-001"
-    best = yaml.safe_load((result.output_dir / "best_recipe.yaml").read_text())
+    text = (result.output_dir / "best_recipe.yaml").read_text()
+    assert text.splitlines()[:2] == [
+        "# best of 2 trials by eval_rewards/accuracies: trial-001 data.train=" + json.dumps(right),
+        (f"# relative paths below are relative to {tmp_path} (the base recipe's folder): copy this file there to "
+         "train it")]
+    best = yaml.safe_load(text)
     recipe = recipe_from_dict(best, base_dir=tmp_path)
     assert recipe.data.train[0].path == right[0]["path"] and recipe.preference.beta == 0.1
     assert recipe.preference.method == "dpo" and recipe.train.max_steps == 2
