@@ -269,9 +269,12 @@ def train_trial(raw: dict[str, Any], base_dir: Path, metric: str, mode: str) -> 
             known = sorted(k for k, v in result.eval_after.items() if isinstance(v, (int, float))
                            and not isinstance(v, bool))
             out = Path(result.output_dir)
+            hint = (f"; {PREFERENCE_METRIC}, the default for preference recipes, needs held-out pairs (a KTO "
+                    "recipe reports it when data.eval holds {prompt, chosen, rejected} rows)"
+                    if metric_key(metric) == PREFERENCE_METRIC else "")
             raise PeftlabError(f"sweep metric {metric!r} is not among the eval metrics of {out.name} "
-                               f"({', '.join(known) or 'none'}); set the sweep's metric: to one of them (its results "
-                               f"are in {out})")
+                               f"({', '.join(known) or 'none'}){hint}; set the sweep's metric: to one of them (its "
+                               f"results are in {out})")
         score, best_step = float(result.eval_after[key]), result.state.step
     metrics = {k: v for k, v in result.eval_after.items() if isinstance(v, (int, float))}
     return TrialResult(score, result.state.step, metrics, best_step,
@@ -326,8 +329,20 @@ def run_sweep(spec: SweepSpec, base: dict[str, Any], base_dir: Path, *, runner: 
             logger.info(f"successive halving: {keep} of {len(trials)} configurations go on to {budgets[rung + 1]} steps")
     ranked = _rank(trials, mode)
     best = ranked[0]
+    _say_ties(ranked, spec.metric)
     _write_results(out, ranked, spec, base, best, base_dir)
     return SweepResult(trials, ranked, best, out)
+
+
+def _say_ties(ranked: list[Trial], metric: str) -> None:
+    """A winner that only won by trial order is said to be one (reward accuracies on a few held-out pairs often
+    tie at 1.0)."""
+    best = ranked[0]
+    tied = [t for t in ranked if len(t.results) == len(best.results) and t.last.score == best.last.score]
+    if len(tied) > 1:
+        logger.warning(f"{len(tied)} trials tie on {metric} at {best.last.score:.4f} ({', '.join(t.name for t in tied)}): "
+                       f"{best.name} is named best only because it ran first; to tell them apart, rank by another metric "
+                       "(the sweep's metric:) or hold out more eval data")
 
 
 def _budgets(spec: SweepSpec, full_steps: int | None) -> list[int | None]:

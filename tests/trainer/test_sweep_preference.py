@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import csv
 import json
+from types import SimpleNamespace
 
 import pytest
 import yaml
 from helpers import tiny_recipe_dict
 
 from peftlab.errors import PeftlabError
+from peftlab.metrics.console import setup_logging
 from peftlab.recipe.parse import recipe_from_dict
+from peftlab.trainer import sweep
 from peftlab.trainer.sweep import SweepSpec, TrialResult, run_sweep
 
 pytestmark = pytest.mark.xdist_group("trainer")
@@ -112,3 +115,40 @@ def test_a_metric_the_trials_do_not_report_is_named_with_those_they_do(dpo_base,
         "sweep metric 'exact_match' is not among the eval metrics of trial-000 (eval_logps/chosen, eval_logps/rejected, "
         "eval_loss, eval_rewards/accuracies, eval_rewards/chosen, eval_rewards/margins, eval_rewards/rejected); set "
         f"the sweep's metric: to one of them (its results are in {tmp_path / 'sweep' / 'trial-000'})")
+
+
+def test_a_kto_recipe_without_held_out_pairs_is_told_why_the_default_metric_is_missing(dpo_base, tmp_path,
+                                                                                      monkeypatch):
+    class Unpaired:  # what a KTO run whose eval rows are single completions reports
+        def __init__(self, recipe, quiet):
+            self.out = recipe.output_dir
+
+        def train(self):
+            return SimpleNamespace(best=None, state=SimpleNamespace(step=2), output_dir=self.out, eval_after={
+                "eval_loss": 0.69, "eval_kl": 0.0, "eval_rewards/chosen": 0.01, "samples": []})
+
+    monkeypatch.setattr(sweep, "Trainer", Unpaired)
+    kto = {**dpo_base, "preference": {"method": "kto", "beta": 0.1}}
+    spec = SweepSpec(base=kto, parameters={"train.lr": [1e-3, 3e-3]}, output=str(tmp_path / "sweep"))
+    with pytest.raises(PeftlabError) as e:
+        run_sweep(spec, kto, tmp_path)
+    assert str(e.value) == (
+        "sweep metric 'eval_rewards/accuracies' is not among the eval metrics of trial-000 (eval_kl, eval_loss, "
+        "eval_rewards/chosen); eval_rewards/accuracies, the default for preference recipes, needs held-out pairs (a "
+        "KTO recipe reports it when data.eval holds {prompt, chosen, rejected} rows); set the sweep's metric: to one "
+        f"of them (its results are in {tmp_path / 'sweep' / 'trial-000'})")
+
+
+def test_a_winner_by_trial_order_alone_is_said_to_be_one(dpo_base, tmp_path, capsys):
+    def tie(raw, base_dir, metric, mode):
+        return TrialResult(score=1.0 if raw["train"]["lr"] < 3e-3 else 0.5, steps=2, output_dir=raw["output"]["dir"])
+
+    spec = SweepSpec(base=dpo_base, parameters={"train.lr": [3e-3, 1e-3, 2e-3]}, output=str(tmp_path / "sweep"))
+    setup_logging("info")
+    capsys.readouterr()
+    result = run_sweep(spec, dpo_base, tmp_path, runner=tie)
+    assert result.best.name == "trial-001"
+    assert capsys.readouterr().err.splitlines() == [
+        ("peftlab: warning: 2 trials tie on eval_rewards/accuracies at 1.0000 (trial-001, trial-002): trial-001 is "
+         "named best only because it ran first; to tell them apart, rank by another metric (the sweep's metric:) or "
+         "hold out more eval data")]
