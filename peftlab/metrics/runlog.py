@@ -43,13 +43,13 @@ class RunLog:
         self.out_dir = out_dir
         self.enabled = enabled
         self.path = out_dir / "metrics.jsonl"
+        self._jsonl = enabled and "jsonl" in report_to
         self._tb: EventFile | None = None
         if enabled and "tensorboard" in report_to:
             try:
                 self._tb = EventFile(out_dir / "tensorboard")
             except OSError as exc:
-                _tensorboard_off(exc, out_dir / "tensorboard", "at the start")
-        self._jsonl = enabled and "jsonl" in report_to
+                self._tensorboard_off(exc, out_dir / "tensorboard", "at the start")
         self._trackers: list[Any] = []
         if enabled and any(name in report_to for name in ("mlflow", "wandb")):
             from peftlab.metrics.trackers import build_trackers
@@ -71,8 +71,7 @@ class RunLog:
                 tb, self._tb = self._tb, None
                 with contextlib.suppress(OSError):  # the buffered bytes fail again; the descriptor is closed anyway
                     tb.close()
-                _tensorboard_off(exc, tb.path, f"at step {step}",
-                                 f" (TensorBoard holds the steps before {step})")
+                self._tensorboard_off(exc, tb.path, f"at step {step}", f" (TensorBoard holds the steps before {step})")
         for tracker in self._trackers:
             tracker.log(step, split, figures)
 
@@ -87,10 +86,20 @@ class RunLog:
             try:
                 tb.close()
             except OSError as exc:
-                _tensorboard_off(exc, tb.path, "at the end")
+                self._tensorboard_off(exc, tb.path, "at the end")
         for tracker in self._trackers:
             tracker.close()
         self._trackers = []
+
+    def _tensorboard_off(self, exc: OSError, path: Path, when: str, kept: str = "") -> None:
+        """The one warning of a run whose TensorBoard output the disk refused (the caller stops writing it)."""
+        why, fix = storage_problem(exc)
+        if exc.errno == errno.EEXIST:  # mkdir of the tensorboard folder where a file of that name is
+            fix = "a file is in the way of that directory: move it away"
+        code = errno.errorcode.get(exc.errno, exc.errno) if exc.errno else type(exc).__name__
+        rest = "metrics.jsonl, checkpoints and the adapter are" if self._jsonl else "checkpoints and the adapter are"
+        logger.warning(f"TensorBoard logging is off for the rest of this run: could not write {path} {when}: {why} "
+                       f"(errno {code}); {fix}; training goes on; {rest} written as before{kept}")
 
 
 _event_file_ids = itertools.count()
@@ -110,7 +119,12 @@ class EventFile:
                                f"{os.getpid()}.{next(_event_file_ids)}")
         self._file = open(self.path, "wb")  # noqa: SIM115 (held open for the run; closed by close())
         self._records = RecordWriter(self._file)
-        self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
+        try:
+            self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
+        except OSError:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            raise
 
     def add_scalars(self, step: int, scalars: dict[str, float]) -> None:
         """One event holding ``scalars`` (tag -> value) at ``step``, flushed to the OS."""
@@ -128,16 +142,6 @@ class EventFile:
     def close(self) -> None:
         self._file.close()
 
-
-def _tensorboard_off(exc: OSError, path: Path, when: str, kept: str = "") -> None:
-    """The one warning of a run whose TensorBoard output the disk refused (the caller stops writing it)."""
-    why, fix = storage_problem(exc)
-    if exc.errno == errno.EEXIST:  # mkdir of the tensorboard folder where a file of that name is
-        fix = "a file is in the way of that directory: move it away"
-    code = errno.errorcode.get(exc.errno, exc.errno) if exc.errno else type(exc).__name__
-    logger.warning(f"TensorBoard logging is off for the rest of this run: could not write {path} {when}: {why} "
-                   f"(errno {code}); {fix}; training goes on; metrics.jsonl, checkpoints and the adapter are written "
-                   f"as before{kept}")
 
 
 def append_line(path: Path, line: str) -> None:

@@ -68,3 +68,16 @@ def test_tensorboard_that_cannot_start_is_skipped_with_one_warning(tmp_path, cap
     assert "File exists (errno EEXIST); a file is in the way of that directory: move it away; training goes on" in (
         warnings[0])
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_without_jsonl_the_warning_does_not_promise_metrics_jsonl(tmp_path, monkeypatch, caplog):
+    FailingDisk(monkeypatch, tmp_path / "tensorboard", errno.EACCES).fail_now()
+    with caplog.at_level(logging.WARNING, logger="peftlab"):
+        log = RunLog(tmp_path, ["tensorboard"])
+        log.log(1, "train", {"loss": 1.0})
+        log.close()
+    monkeypatch.undo()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "at the start: Permission denied (errno EACCES); this user may not write there" in (
+        warnings[0]) and warnings[0].endswith("training goes on; checkpoints and the adapter are written as before")
+    assert not (tmp_path / "metrics.jsonl").exists()
