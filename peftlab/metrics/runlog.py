@@ -7,7 +7,7 @@ can be regenerated after the fact (``plot_loss_curve``); it replaces an earlier 
 
 TensorBoard's event file is optional output: when the disk refuses it (full, remounted read-only, permissions),
 one warning names the file, the reason and the fix, TensorBoard is off for the rest of the run and training goes
-on — a multi-hour run is not lost to its charts. A refused write of metrics.jsonl still stops the run
+on — a multi-hour run is not lost to its charts. So is an experiment tracker (mlflow, wandb) that fails. A refused write of metrics.jsonl still stops the run
 (:mod:`peftlab.trainer.failures`). The event file is written in the calling thread (:class:`EventFile`):
 torch's ``SummaryWriter`` writes from a background thread that dies with a raw traceback on a refused write and
 re-raises it at the next call, with the file name as bytes or none at all.
@@ -72,13 +72,11 @@ class RunLog:
                 with contextlib.suppress(OSError):  # the buffered bytes fail again; the descriptor is closed anyway
                     tb.close()
                 self._tensorboard_off(exc, tb.path, f"at step {step}", f" (TensorBoard holds the steps before {step})")
-        for tracker in self._trackers:
-            tracker.log(step, split, figures)
+        self._each_tracker("log", step, split, figures, when=f"at step {step}")
 
     def log_artifact(self, path: Path, name: str) -> None:
         """Hand a file or directory (the adapter, metrics.jsonl) to the experiment trackers."""
-        for tracker in self._trackers:
-            tracker.log_artifact(path, name)
+        self._each_tracker("log_artifact", path, name, when=f"storing {path.name}")
 
     def close(self) -> None:
         if self._tb is not None:
@@ -87,9 +85,25 @@ class RunLog:
                 tb.close()
             except OSError as exc:
                 self._tensorboard_off(exc, tb.path, "at the end")
-        for tracker in self._trackers:
-            tracker.close()
+        self._each_tracker("close", when="at the end")
         self._trackers = []
+
+    def _each_tracker(self, call: str, *args: Any, when: str) -> None:
+        """``call`` on every experiment tracker. A tracker is optional output like TensorBoard: one that fails (its
+        store locked by a reader such as ``mlflow ui``, or full; a lost service) is dropped with one warning and
+        the run goes on; metrics.jsonl keeps every record."""
+        for tracker in list(self._trackers):
+            try:
+                getattr(tracker, call)(*args)
+            except Exception as exc:  # noqa: BLE001 - any library's error (MlflowException, sqlalchemy's, wandb's)
+                self._trackers.remove(tracker)
+                if call != "close":
+                    with contextlib.suppress(Exception):  # ends its run, unregisters its closer, if it still can
+                        tracker.close()
+                detail = (str(exc).strip().splitlines() or [""])[0][:300]
+                logger.warning(f"{_tracker_name(tracker)} reporting is off for the rest of this run: {call} failed "
+                               f"{when} ({type(exc).__name__}: {detail}); training goes on; {self._still_written()} "
+                               "written as before")
 
     def _tensorboard_off(self, exc: OSError, path: Path, when: str, kept: str = "") -> None:
         """The one warning of a run whose TensorBoard output the disk refused (the caller stops writing it)."""
@@ -97,9 +111,17 @@ class RunLog:
         if exc.errno == errno.EEXIST:  # mkdir of the tensorboard folder where a file of that name is
             fix = "a file is in the way of that directory: move it away"
         code = errno.errorcode.get(exc.errno, exc.errno) if exc.errno else type(exc).__name__
-        rest = "metrics.jsonl, checkpoints and the adapter are" if self._jsonl else "checkpoints and the adapter are"
         logger.warning(f"TensorBoard logging is off for the rest of this run: could not write {path} {when}: {why} "
-                       f"(errno {code}); {fix}; training goes on; {rest} written as before{kept}")
+                       f"(errno {code}); {fix}; training goes on; {self._still_written()} written as before{kept}")
+
+    def _still_written(self) -> str:
+        return "metrics.jsonl, checkpoints and the adapter are" if self._jsonl else "checkpoints and the adapter are"
+
+
+def _tracker_name(tracker: Any) -> str:
+    from peftlab.metrics.trackers import TRACKERS
+
+    return next((name for name, cls in TRACKERS.items() if isinstance(tracker, cls)), type(tracker).__name__)
 
 
 _event_file_ids = itertools.count()

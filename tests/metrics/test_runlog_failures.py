@@ -81,3 +81,37 @@ def test_without_jsonl_the_warning_does_not_promise_metrics_jsonl(tmp_path, monk
     assert len(warnings) == 1 and "at the start: Permission denied (errno EACCES); this user may not write there" in (
         warnings[0]) and warnings[0].endswith("training goes on; checkpoints and the adapter are written as before")
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_failing_experiment_tracker_is_dropped_with_one_warning_and_the_run_goes_on(tmp_path, monkeypatch, caplog):
+    from peftlab.metrics import trackers
+
+    class LockedStore(trackers.MLflowTracker):  # an MLflow store that a reader (mlflow ui) holds locked from step 2
+        def __init__(self, *args, **kwargs):
+            self.logged, self.closed = [], 0
+
+        def log(self, step, split, figures):
+            if step >= 2:
+                raise RuntimeError("(sqlite3.OperationalError) database is locked\n[SQL: INSERT INTO metrics ...]")
+            self.logged.append(step)
+
+        def log_artifact(self, path, name):
+            raise AssertionError("a dropped tracker gets nothing more")
+
+        def close(self):
+            self.closed += 1
+
+    store = LockedStore()
+    monkeypatch.setattr(trackers, "build_trackers", lambda *a, **k: [store])
+    with caplog.at_level(logging.WARNING, logger="peftlab"):
+        log = RunLog(tmp_path, ["jsonl", "mlflow"])
+        for step in (1, 2, 3):
+            log.log(step, "train", {"loss": 1.0 / step})
+        log.log_artifact(tmp_path / "metrics.jsonl", "metrics")
+        log.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == [("mlflow reporting is off for the rest of this run: log failed at step 2 (RuntimeError: "
+                        "(sqlite3.OperationalError) database is locked); training goes on; metrics.jsonl, checkpoints "
+                        "and the adapter are written as before")]
+    assert store.logged == [1] and store.closed == 1  # its run ended once, when it was dropped
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
