@@ -6,7 +6,8 @@ preference.undesirable_weight=1.0 --set output.dir=../runs/kto-uw1`) into TRL's 
 peft_config: a PeftModel handed to KTOTrainer is ignored by TRL 1.16's forward) and into peftlab's trainer, takes
 the first 16 rows of recipes/data/kto/train.jsonl (matched by content in peftlab's data), and prints both losses,
 the logged figures and the worst relative LoRA-gradient difference. 2026-12-02: loss 0.424355 both, worst relative
-gradient difference 5.8e-5 (fp32) — one step agrees; the end-to-end difference lies in the multi-step setup.
+gradient difference 5.8e-5 (fp32) — one step agrees; the end-to-end difference lay in the multi-step setup
+(found 2026-12-03: TRL trains in the file's order, with transformers' warmup; bench/kto_lockstep_vs_trl.py, README).
 
     OMP_NUM_THREADS=2 python bench/kto_step_vs_trl.py [ADAPTER_DIR]
 """

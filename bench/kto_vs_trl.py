@@ -10,12 +10,16 @@ recipes/kto-quickstart.yaml. Score the saved adapter with
     OMP_NUM_THREADS=1 python bench/kto_vs_trl.py --undesirable-weight 1.0 --out /tmp/kto-trl --seed 42
     peftlab train recipes/kto-quickstart.yaml --set preference.undesirable_weight=1.0   # peftlab's side
 
-Figures (2026-12-02) are in README.md, "Preference fine-tuning".
+    OMP_NUM_THREADS=1 python bench/kto_vs_trl.py --out /tmp/kto-trl-o1 --row-order-seed 1   # another data order
+
+Figures (2026-12-02/03) are in README.md, "KTO against TRL end to end"; bench/kto_lockstep_vs_trl.py runs both
+engines on the same batches from the same starting LoRA.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from pathlib import Path
 
@@ -27,6 +31,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--undesirable-weight", type=float, default=1.0)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--row-order-seed", type=int, default=None,
+                    help="permute the file's rows with this seed first (TRL's KTO trains in dataset order)")
+    ap.add_argument("--log-history", type=Path, default=None, help="write TRL's log history (JSON) here")
     args = ap.parse_args(argv)
 
     import torch
@@ -42,6 +49,8 @@ def main(argv: list[str] | None = None) -> None:
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
     rows = [json.loads(line) for line in (ROOT / "recipes" / "data" / "kto" / "train.jsonl").open()]
+    if args.row_order_seed is not None:
+        random.Random(args.row_order_seed).shuffle(rows)
     data = Dataset.from_list([{k: r[k] for k in ("prompt", "completion", "label")} for r in rows])
     cfg = KTOConfig(output_dir=str(args.out), beta=0.1, desirable_weight=1.0,
                     undesirable_weight=args.undesirable_weight, max_length=80, per_device_train_batch_size=16,
@@ -54,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     trainer.train()
     trainer.save_model(str(args.out / "adapter"))
     logged = [h for h in trainer.state.log_history if "logps/chosen" in h]
+    if args.log_history is not None:
+        args.log_history.write_text(json.dumps(trainer.state.log_history))
     print(json.dumps({"train_s": time.perf_counter() - t0, "last": logged[-1] if logged else None}))
 
 
