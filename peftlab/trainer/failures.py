@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from peftlab.engine.memory_fit import out_of_memory_advice
 from peftlab.engine.process_group import is_distributed, rank
 from peftlab.errors import PeftlabError
 
+# an atomic write's temporary name beside its target (peftlab.checkpoint.atomic.temporary_name): ".NAME.tmp-PID"
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp-\d+$")
 _ALLOCATION_FAILURES = ("can't allocate memory", "cannot allocate memory", "out of memory",
                         "CUBLAS_STATUS_ALLOC_FAILED")
 
@@ -44,17 +47,30 @@ def output_write_error(exc: BaseException, out_dir: Path) -> tuple[str, int, str
         return None
     if not isinstance(exc.filename, (str, bytes, os.PathLike)):
         return None
-    name = os.fsdecode(exc.filename)  # some writers (TensorBoard's) name the file as bytes
-    if not Path(name).resolve().is_relative_to(out_dir.resolve()):
+    path = Path(os.fsdecode(exc.filename))  # some writers (TensorBoard's) name the file as bytes
+    if not path.resolve().is_relative_to(out_dir.resolve()):
         return None
+    temporary = _TEMPORARY.match(path.name)  # name the file being replaced, not a temporary that is gone
     why, fix = storage_problem(exc)
-    return name, exc.errno, why, fix
+    return str(path.with_name(temporary["name"]) if temporary else path), exc.errno, why, fix
 
 
 def loading_failure_message(recipe: Any, memory: str) -> PeftlabError:
     """Running out of memory while loading the model and the data (``memory``: what the allocator said)."""
     return PeftlabError(out_of_memory_message(recipe, memory, "while loading the model and data")
                         + " Nothing was trained or written yet.")
+
+
+def setup_failure_message(failure: Failure, recipe: Any) -> PeftlabError:
+    """The message of a run that failed while it was being built, before its first step: out of memory loading the
+    model and data, or the disk refusing a write of its output after the start checks passed (a resumed run
+    rewrites metrics.jsonl to its checkpoint's step). Checkpoints are untouched."""
+    if failure.memory is not None:
+        return loading_failure_message(recipe, failure.memory)
+    path, errno_value, why, fix = failure.storage
+    return PeftlabError(f"could not write {path} before training started: {why} (errno "
+                        f"{errno.errorcode.get(errno_value, errno_value)}); {fix}. Nothing was trained; rerun the same "
+                        "command once that is fixed")
 
 
 def resume_hint(last: Path | None) -> str:

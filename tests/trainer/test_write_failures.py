@@ -1,6 +1,7 @@
 """Refused writes of a run's output, beyond tests/trainer/test_failures.py: TensorBoard's event file refused mid-run
-(the run trains to the end with one warning), an OSError naming its file as bytes (TensorBoard's writer does), and
-metrics.jsonl refused at its very first write."""
+(the run trains to the end with one warning), an OSError naming its file as bytes (TensorBoard's writer does) or by an
+atomic write's temporary name, and metrics.jsonl refused at its very first write, in a fresh run (its first log line)
+and in a resumed one (rewritten to the checkpoint's step while the run is built)."""
 from __future__ import annotations
 
 import errno
@@ -11,7 +12,7 @@ import pytest
 from disk_faults import FailingDisk
 
 from peftlab.errors import PeftlabError
-from peftlab.trainer.failures import diagnose
+from peftlab.trainer.failures import diagnose, setup_failure_message
 
 pytestmark = pytest.mark.xdist_group("trainer")
 
@@ -22,6 +23,14 @@ def test_a_refused_write_naming_its_file_as_bytes_is_explained(tmp_path):
     assert failure is not None and failure.storage[:2] == (str(path), errno.EROFS)
     assert diagnose(OSError(errno.EROFS, "Read-only file system", os.fsencode(tmp_path.parent / "x")), tmp_path) is None
     assert diagnose(OSError(errno.EROFS, "Read-only file system", 7), tmp_path) is None  # a descriptor, not a path
+
+
+def test_an_atomic_writes_temporary_is_named_by_its_target(tmp_path):
+    tmp = tmp_path / f".metrics.jsonl.tmp-{os.getpid()}"
+    assert diagnose(OSError(errno.ENOSPC, "No space left on device", str(tmp)), tmp_path).storage[0] == str(
+        tmp_path / "metrics.jsonl")
+    inside = tmp_path / "checkpoints" / ".step-0000004.tmp-9" / "adapter_model.safetensors"
+    assert diagnose(OSError(errno.ENOSPC, "No space left on device", str(inside)), tmp_path).storage[0] == str(inside)
 
 
 def test_tensorboard_refused_mid_run_the_run_trains_to_the_end(short_trainer, tmp_path, monkeypatch, capsys):
@@ -54,3 +63,18 @@ def test_metrics_refused_at_the_first_write_stops_with_the_write_failure(short_t
         "EROFS); the filesystem is mounted read-only: remount it read-write, or choose an output.dir on a writable "
         "disk. No checkpoint was written yet (train.save_every sets how often), so the run must start over: rerun "
         "the same command once that is fixed")
+
+
+def test_metrics_refused_while_a_resumed_run_is_built_names_the_file(short_trainer, tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    short_trainer(out, train={"max_steps": 2}).train()
+    for name in ("metrics.jsonl", ".metrics.jsonl"):  # the file and its atomic rewrite's temporary
+        FailingDisk(monkeypatch, out / name, errno.EROFS).fail_now()
+    with pytest.raises(OSError) as e:  # what peftlab.trainer.loop.train diagnoses while it builds the Trainer
+        short_trainer(out, train={"max_steps": 3}, resume="auto")
+    failure = diagnose(e.value, out)
+    assert failure is not None
+    assert str(setup_failure_message(failure, recipe=None)) == (
+        f"could not write {out / 'metrics.jsonl'} before training started: Read-only file system (errno EROFS); the "
+        "filesystem is mounted read-only: remount it read-write, or choose an output.dir on a writable disk. Nothing "
+        "was trained; rerun the same command once that is fixed")
