@@ -75,6 +75,10 @@ window means (TRL / peftlab):
     right value          0.19            0.16  / 0.18        0.19  / 0.20        0.20
     training time (s)                    331   / 303         214   / 270         (peftlab's includes generating 100
                                                                                   answers at each eval; load varied)
+    TRL with its own order and warmup (--order trl --schedule hf, seed 42) ends at the same place: eval_loss 1.549,
+    rewards 2.399 / -2.542, logps -4.687 / -8.723, accuracy 1.0, style 1.00, exact match 0.20 (its first windows
+    differ: 0.800 accuracy, logps/chosen -9.553 at step 10). The alignments make the steps comparable; the end
+    result does not depend on them.
 
 Conclusion: DPO (+ sft) agrees end to end. peftlab draws the same LoRA init as PEFT under the same seed (max |diff|
 0 against TRL's init_adapter), so with the aligned order and schedule the two runs start identical and stay so
