@@ -35,7 +35,9 @@ to ``eval_rewards/accuracies``, the held-out share of pairs whose chosen answer 
 preference figure may be named without its ``eval_`` prefix (``rewards/accuracies``). Trials that differ in a
 ``preference.*`` key (beta, method, sft_weight, ...) are not ranked by ``eval_loss`` or the rewards: those keys
 change the scale of both (a reward is beta x the log-ratio to the reference), so a larger beta would "win" with
-the same model; the sweep refuses that before anything trains.
+the same model; the sweep refuses that before anything trains. A winner that only ties with others on the metric
+(reward accuracies on a few held-out pairs often do, at 1.0) is named best by trial order, and a warning says so.
+``best_recipe.yaml`` keeps the base recipe's relative paths (relative to its folder, which its header names).
 """
 from __future__ import annotations
 
@@ -219,8 +221,9 @@ def trial_recipe(spec: SweepSpec, base: dict[str, Any], params: dict[str, Any], 
     if steps is not None:
         _set_key(raw, "train.max_steps", steps)
     if spec.early_stopping is not None:
-        _set_key(raw, "train.early_stopping", {"metric": spec.metric or "eval_loss", "patience": spec.early_stopping.patience,
-                                               "min_delta": spec.early_stopping.min_delta, "mode": spec.mode})
+        es = spec.early_stopping
+        _set_key(raw, "train.early_stopping", {"metric": spec.metric or "eval_loss", "patience": es.patience,
+                                               "min_delta": es.min_delta, "mode": spec.mode})
     return raw
 
 
