@@ -62,8 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_eval, messages_to_stderr=True)
 
     sp = with_set(sub.add_parser("sweep", help="grid/random search over recipe keys; ranked results + best recipe"))
-    sp.add_argument("sweep", help="SWEEP.yaml (base recipe, parameters, metric; see docs/workflows.md)")
-    sp.add_argument("--quiet", action="store_true")
+    sp.add_argument("sweep", help="SWEEP.yaml: the base recipe, the keys to vary, and the eval metric that ranks the "
+                                  "trials (default eval_loss; eval_rewards/accuracies for a preference recipe); see "
+                                  "README.md, 'Sweeps'")
+    sp.add_argument("--quiet", action="store_true", help="warnings only (the trials are always quiet)")
     sp.set_defaults(fn=cmd_sweep)
 
     sp = sub.add_parser("predict", help="batch inference of a classification/regression adapter to JSONL")
