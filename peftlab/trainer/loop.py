@@ -36,7 +36,7 @@ from peftlab.recipe.from_adapter import ADAPTER_RECIPE_NAME
 from peftlab.recipe.parse import dump_recipe
 from peftlab.trainer import setup, summary
 from peftlab.trainer.early_stopping import EarlyStopping
-from peftlab.trainer.failures import diagnose, failure_message, loading_failure_message, out_of_memory_detail
+from peftlab.trainer.failures import diagnose, failure_message, setup_failure_message
 from peftlab.trainer.fault_injection import kill_point, trace_step
 from peftlab.trainer.guards import Guards
 from peftlab.trainer.preemption import Preemption
@@ -291,10 +291,10 @@ def train(recipe: Any, *, quiet: bool = False) -> TrainResult:
     """``peftlab train``: build the run and train it (running out of memory while loading is explained too)."""
     try:
         trainer = Trainer(recipe, quiet=quiet)
-    except BaseException as exc:  # re-raised unless it is an allocation failure
-        memory = out_of_memory_detail(exc)
-        if memory is None:
+    except BaseException as exc:  # re-raised unless it is an allocation failure or a refused write of the output
+        failure = diagnose(exc, recipe.output_dir)
+        if failure is None:
             raise
     else:
         return trainer.train()
-    raise loading_failure_message(recipe, memory) from None
+    raise setup_failure_message(failure, recipe) from None

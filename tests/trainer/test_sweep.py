@@ -74,6 +74,7 @@ def test_trials_are_quiet_and_the_sweep_speaks_between_and_after_them(tmp_path, 
     class ScriptedTrainer(Trainer):  # the real Trainer.__init__ / train (quiet per call), no model
         def _build(self, recipe, quiet):
             self.quiet, self.out_dir, self.lr = quiet, recipe.output_dir, recipe.train.lr
+            self.engine = SimpleNamespace(close=lambda: None)  # train() closes its engine
             said.info("building (not heard)")
 
         def _train(self):
