@@ -76,7 +76,7 @@ def cmd_distill_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    """Train a recipe across nodes/processes through the deepspeed launcher (see docs/distributed.md)."""
+    """Train a recipe across nodes/processes through the deepspeed launcher (README, "Distributed training")."""
     from peftlab.engine.launch import launch
     from peftlab.trainer.setup import check_streaming
 

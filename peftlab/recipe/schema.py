@@ -178,7 +178,7 @@ class OutputConfig(Section):
 
 
 class CheckpointConfig(Section):
-    """Resumable checkpoints (docs/fault-tolerance.md); written every ``train.save_every`` steps."""
+    """Resumable checkpoints (README, "Fault tolerance"); written every ``train.save_every`` steps."""
 
     keep_last: int | None = Field(3, ge=1)
     """Complete checkpoints kept (oldest deleted first; the newest is never deleted). None: keep all."""
@@ -197,7 +197,7 @@ class CheckpointConfig(Section):
 
 
 class GuardsConfig(Section):
-    """Training guards: non-finite steps and loss spikes (docs/fault-tolerance.md)."""
+    """Training guards: non-finite steps and loss spikes (README, "Fault tolerance")."""
 
     max_consecutive_nonfinite: int = Field(5, ge=1)
     """Abort after this many optimizer steps in a row with a non-finite loss or gradient (each is skipped)."""
@@ -278,11 +278,11 @@ class Recipe(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     guards: GuardsConfig = GuardsConfig()
     distill: DistillConfig | None = None
-    """Distillation from a teacher model (see docs/distillation.md); None: plain fine-tuning."""
+    """Distillation from a teacher model (README, "Distillation"); None: plain fine-tuning."""
     dann: DannConfig | None = None
     """Domain-adversarial adaptation to unlabelled target-domain data (classification/regression runs)."""
     task: Literal["causal_lm", "classification", "regression"] = "causal_lm"
-    """classification / regression: LoRA + a head on {text, label} rows (docs/workflows.md)."""
+    """classification / regression: LoRA + a head on {text, label} rows (README, "Sequence classification and regression")."""
     augment: AugmentConfig | None = None
     """Training-time augmentation of the inputs, new at every epoch (peftlab.data.augment); None: off."""
     preference: PreferenceConfig | None = None
