@@ -31,6 +31,10 @@ from peftlab.data.build import DataBundle
 from peftlab.data.config import DataConfig
 from peftlab.data.stats import DataStats
 
+# The cache entry's format: bump it when what an entry holds for the same inputs changes (its rows, its fields), so
+# that older entries are missed and built again. It is part of the entry's key only: a stream's resume fingerprint
+# (:meth:`peftlab.data.streaming.StreamingExamples.fingerprint`) uses :func:`examples_key` with its own version, and
+# an in-memory run's hashes its rows, so a bump refuses no resume.
 CACHE_VERSION = 1
 
 
@@ -46,11 +50,18 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()
 
 
-def cache_key(cfg: DataConfig, tokenizer: Any, seed: int, fingerprints: list[str]) -> str:
+def examples_key(cfg: DataConfig, tokenizer: Any, seed: int, fingerprints: list[str], *, version: int) -> str:
+    """sha256 over what defines the examples — every data setting but ``num_proc``, the seed, the sources' content
+    ``fingerprints`` and the tokenizer — and ``version``: the format of what the caller keys with it."""
     settings = cfg.model_dump(mode="json", exclude={"num_proc"})
-    blob = json.dumps({"version": CACHE_VERSION, "settings": settings, "seed": seed,
+    blob = json.dumps({"version": version, "settings": settings, "seed": seed,
                        "sources": fingerprints, "tokenizer": tokenizer_fingerprint(tokenizer)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def cache_key(cfg: DataConfig, tokenizer: Any, seed: int, fingerprints: list[str]) -> str:
+    """The cache entry's key: :func:`examples_key` in the entry format :data:`CACHE_VERSION`."""
+    return examples_key(cfg, tokenizer, seed, fingerprints, version=CACHE_VERSION)
 
 
 def _to_state(bundle: DataBundle) -> dict[str, Any]:

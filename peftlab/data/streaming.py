@@ -54,7 +54,7 @@ from peftlab.data.build import (
     trained_tokens,
     unique_names,
 )
-from peftlab.data.cache import cache_key
+from peftlab.data.cache import examples_key
 from peftlab.data.config import PROPORTIONAL_STREAMING, DataConfig
 from peftlab.data.packing import pack
 from peftlab.data.sources import Source
@@ -96,6 +96,11 @@ def scale_pick(chunk: list[dict[str, Any]], w: float, start: int, rng: random.Ra
     k = extra_rows(w, start + len(chunk)) - extra_rows(w, start)
     return [chunk[j] for j in sorted(rng.sample(range(len(chunk)), k))]
 
+
+# The format of StreamingExamples.fingerprint. Checkpoints written while it was the data cache's key (with the cache
+# format, then 1) hold exactly this value, so they keep resuming; bump it only when the same sources, tokenizer,
+# settings and seed come to make other examples (a resume across that change must be refused).
+STREAM_FINGERPRINT_VERSION = 1
 
 ALL_ROWS = 1 << 32  # a known_rows bound past every row (sample ids keep a row in 32 bits)
 
@@ -239,8 +244,10 @@ class StreamingExamples:
 
     def fingerprint(self) -> str:
         """What a resume compares instead of the rows: the sources' content hashes (file bytes; a hub dataset's
-        id and split), the tokenizer, every data setting and the seed — the data cache's key."""
-        return "stream-" + cache_key(self.cfg, self.tok, self.seed, [s.fingerprint() for s in self.sources])[:16]
+        id and split), the tokenizer, every data setting and the seed (:func:`~peftlab.data.cache.examples_key` in
+        :data:`STREAM_FINGERPRINT_VERSION`) — not the data cache's format, which a stream does not use."""
+        return "stream-" + examples_key(self.cfg, self.tok, self.seed, [s.fingerprint() for s in self.sources],
+                                        version=STREAM_FINGERPRINT_VERSION)[:16]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self.iter_pass(0)
