@@ -11,15 +11,9 @@ from typing import Any
 
 import torch
 
+from peftlab.engine.estimate_report import does_not_fit_message, fmt
 from peftlab.engine.model_shape import model_shape
-from peftlab.engine.planner import (
-    compute_dtype,
-    does_not_fit_message,
-    estimate,
-    fmt,
-    fused_norm_saves,
-    run_device,
-)
+from peftlab.engine.planner import compute_dtype, estimate, fused_norm_saves, run_device
 from peftlab.errors import PeftlabError
 
 logger = logging.getLogger(__name__)

@@ -5,7 +5,8 @@ and activations follow what autograd keeps per decoder layer in a QLoRA step
 (:mod:`peftlab.engine.model_shape`); the peak is the larger of the end of the forward pass (every layer's
 saved tensors and the loss head's buffers) and the start of the backward pass (its temporaries).
 What a run does with the figures — ``train.auto_fit``, the advice after running out of memory — is
-:mod:`peftlab.engine.memory_fit`; a ``distill:`` recipe's teacher and KD loss are :mod:`peftlab.engine.planner_distill`.
+:mod:`peftlab.engine.memory_fit`; a ``distill:`` recipe's teacher and KD loss are :mod:`peftlab.engine.planner_distill`;
+the report ``peftlab estimate`` prints is :mod:`peftlab.engine.estimate_report`.
 
 On a GPU "device memory" is what the CUDA allocator holds plus the CUDA context; on the CPU it is the
 process's peak resident set (:func:`peak_rss_bytes`), which also holds the Python + torch + transformers +
@@ -16,22 +17,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import subprocess
 import sys
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from peftlab.checkpoint.atomic import atomic_write_text
+
+# format_estimate, parse_size: re-exported while peftlab/cli/training.py imports them from here
+from peftlab.engine.estimate_report import Estimate, MiB, fmt, format_estimate, parse_size  # noqa: F401
 from peftlab.engine.model_shape import ModelShape, layer_activations, model_shape
 from peftlab.engine.planner_distill import Teacher, distill_memory, distill_notes, teacher_shape
 from peftlab.errors import PeftlabError
 from peftlab.kernels.nf4 import kernel_path
 
-GiB = 1 << 30
-MiB = 1 << 20
 CUDA_CONTEXT_BYTES = 500 * MiB  # CUDA context + cuBLAS workspace outside the caching allocator (typ. 0.3-0.6 GiB)
 # Host-side working set of a CPU run beyond the live tensors the components count.
 # - train.host_allocator: bounded (peftlab/engine/hostmem.py): every tensor >= 1 MiB is its own mapping and
@@ -72,50 +72,7 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def parse_size(text: str) -> int:
-    """'24GiB', '24GB', '500MiB', '1.5T', '123456' -> bytes (GB = 10^9, GiB = 2^30)."""
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*", text, flags=re.IGNORECASE)
-    if not m:
-        raise PeftlabError(f"--device-memory {text!r}: expected a size such as 24GiB, 80GB or 16000MiB")
-    value, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
-    power = "KMGT".index(unit) + 1 if unit else 0
-    return int(value * ((1024 if binary or not unit else 1000) ** power))
-
-
-def fmt(n: float) -> str:
-    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB / 4 else f"{n / MiB:.1f} MiB"
-
-
 OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8, "paged_adamw_32bit": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}
-
-
-@dataclass
-class Estimate:
-    """Predicted peak memory of one process (rank) of a run, by component (bytes)."""
-
-    components: dict[str, int]
-    device: str
-    micro_batch_size: int
-    seq_len: int
-    budget: int | None = None
-    per_rank: dict[str, int] = field(default_factory=dict)
-    max_seq_len: int | None = None           # at the recipe's micro-batch size
-    max_micro_batch_size: int | None = None  # at the recipe's max_seq_len
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def total(self) -> int:
-        return sum(self.components.values())
-
-    @property
-    def fits(self) -> bool:
-        return self.budget is None or self.total <= self.budget
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"components": self.components, "total": self.total, "device": self.device,
-                "micro_batch_size": self.micro_batch_size, "seq_len": self.seq_len, "budget": self.budget,
-                "fits": self.fits, "per_rank": self.per_rank, "max_seq_len": self.max_seq_len,
-                "max_micro_batch_size": self.max_micro_batch_size, "notes": self.notes}
 
 
 PROBE = r"""
@@ -466,33 +423,3 @@ def _largest(ok, lo: int, hi: int) -> int | None:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
     return lo
-
-
-def does_not_fit_message(est: Estimate) -> str:
-    hints = []
-    if est.max_micro_batch_size:
-        hints.append(f"train.micro_batch_size: {est.max_micro_batch_size} (raise grad_accum to keep the batch)")
-    if est.max_seq_len:
-        hints.append(f"data.max_seq_len: {est.max_seq_len}")
-    hints.append("model.gradient_checkpointing: true, kernels: auto (fused loss), or a ZeRO config with --gpus")
-    return (f"does not fit: the run needs {fmt(est.total)} on the {est.device}, the budget is {fmt(est.budget or 0)} "
-            f"(short by {fmt(est.total - (est.budget or 0))}). Try " + "; or ".join(hints))
-
-
-def format_estimate(est: Estimate, gpus: int = 1) -> str:
-    where = "host RSS (CPU)" if est.device == "cpu" else "GPU memory"
-    lines = [f"predicted peak {where} per rank, micro_batch_size={est.micro_batch_size} seq_len={est.seq_len}:"]
-    for k, v in est.components.items():
-        lines.append(f"  {k:<20} {fmt(v):>12}")
-    lines.append(f"  {'total':<20} {fmt(est.total):>12}")
-    if est.per_rank:
-        lines.append(f"per rank with {gpus} rank(s):")
-        lines += [f"  {k:<32} {fmt(v):>12}" for k, v in est.per_rank.items()]
-    if est.budget is not None:
-        lines.append(f"budget {fmt(est.budget)}: " + ("fits" if est.fits else "DOES NOT FIT"))
-        lines.append(f"  largest seq_len at micro_batch_size={est.micro_batch_size}: {est.max_seq_len or 'none'}")
-        lines.append(f"  largest micro_batch_size at seq_len={est.seq_len}: {est.max_micro_batch_size or 'none'}")
-        if not est.fits:
-            lines.append(does_not_fit_message(est))
-    lines += [f"note: {n}" for n in est.notes]
-    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""The memory planner: breakdown, budget search, the report of `peftlab estimate`, and prediction vs measured RSS."""
+"""The memory planner: breakdown, budget search and prediction vs measured RSS (the report: test_estimate_report.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,9 +12,9 @@ import pytest
 from helpers import make_quickstart_data, tiny_recipe_dict
 
 from peftlab.cli.main import main
+from peftlab.engine.estimate_report import MiB, parse_size
 from peftlab.engine.model_shape import model_shape
-from peftlab.engine.planner import GiB, MiB, estimate, parse_size
-from peftlab.errors import PeftlabError
+from peftlab.engine.planner import estimate
 from peftlab.recipe.parse import recipe_from_dict
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,21 +57,6 @@ def test_more_tokens_more_memory_and_checkpointing_saves(tmp_path):
     assert b > 1.9 * a
     r.model.gradient_checkpointing = True
     assert estimate(r, seq_len=128, **kw).components["activations"] < b
-
-
-def test_too_small_budget_says_what_it_needs(tmp_path, capsys):
-    raw = _raw(tmp_path)
-    path = tmp_path / "recipe.json"
-    path.write_text(json.dumps(raw))  # JSON is YAML
-    assert main(["estimate", str(path), "--device-memory", "100MiB"]) == 1
-    out = capsys.readouterr().out
-    assert "does not fit: the run needs" in out and "the budget is 100.0 MiB" in out
-
-
-def test_parse_size():
-    assert parse_size("24GiB") == 24 * GiB and parse_size("80GB") == 80 * 10**9 and parse_size("512") == 512
-    with pytest.raises(PeftlabError, match="expected a size"):
-        parse_size("lots")
 
 
 @pytest.mark.slow
