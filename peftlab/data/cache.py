@@ -74,9 +74,22 @@ def _to_state(bundle: DataBundle) -> dict[str, Any]:
 
 def _from_state(state: dict[str, Any], path: Path) -> DataBundle:
     state = dict(state)
-    state["stats"] = DataStats.from_dict(state["stats"])
+    state["stats"] = _class_trained_tokens(DataStats.from_dict(state["stats"]), state.get("task", "causal_lm"))
     state.update(from_cache=True, cache_path=str(path))
     return DataBundle(**state)
+
+
+def _class_trained_tokens(stats: DataStats, task: str) -> DataStats:
+    """A classification / regression entry's trained tokens are its input tokens (every row has one ``label``:
+    :func:`peftlab.data.build.trained_tokens`), which the entry counts in ``tokens``. Entries written before that
+    rule (commit 3e8f7eb) counted 0; setting them here repairs those exactly, where bumping :data:`CACHE_VERSION`
+    would re-tokenize every cached dataset (language-modelling ones too, whose entries are right) and leave the old
+    entries on disk."""
+    if task in ("classification", "regression"):
+        for st in stats.datasets:
+            st.trained_tokens = st.tokens
+        stats.train_trained_tokens = stats.train_tokens
+    return stats
 
 
 def _save(bundle: DataBundle, path: Path) -> None:
