@@ -38,6 +38,7 @@ class ModelShape:
     lora_modules_per_layer: dict[str, int] = field(default_factory=dict)  # input width of each LoRA layer
     lora_r: int = 16
     head_16bit: bool = False        # model.frozen_16bit keeps the frozen head in 16 bits (the CE's online path)
+    head_trainable: bool = False    # adapter.unfreeze trains the output head (the loss computes its gradient)
     max_positions: int | None = None  # the config's max_position_embeddings (None: not stated)
 
 

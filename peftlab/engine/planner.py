@@ -27,6 +27,7 @@ from peftlab.checkpoint.atomic import atomic_write_text
 
 # format_estimate, parse_size: re-exported while peftlab/cli/training.py imports them from here
 from peftlab.engine.estimate_report import Estimate, MiB, fmt, format_estimate, parse_size  # noqa: F401
+from peftlab.engine.loss_head import ce_loss_head
 from peftlab.engine.model_shape import ModelShape, layer_activations, model_shape
 from peftlab.engine.planner_distill import Teacher, distill_memory, distill_notes, teacher_shape
 from peftlab.errors import PeftlabError
@@ -200,8 +201,6 @@ def _components(recipe: Any, shape: ModelShape, *, device: str, elem: int, mbs: 
     (:mod:`peftlab.engine.planner_distill`) the KD loss (``kd_loss``) replaces the loss head's buffers, what it
     reads of the teacher (``teacher_outputs``) is alive at the loss, the teacher's weights (``teacher_weights``)
     throughout, and the teacher's forward (``teacher_forward``) is a fourth moment, before the student's."""
-    from peftlab.kernels.fused_linear_cross_entropy import default_chunk_rows, online_block
-
     t = recipe.train
     n_tokens = mbs * seq
     H = shape.hidden
@@ -262,18 +261,7 @@ def _components(recipe: Any, shape: ModelShape, *, device: str, elem: int, mbs: 
     dequant = shape.largest_linear * (elem + (4 if recipe.adapter.dora else 0))
     backward_temps = dequant + hidden_grads + mask_transient
     grad_stream = n_tokens * H * elem
-    if recipe.kernels == "off":  # whole fp32 logits, their log-softmax and their gradient: alive into backward
-        loss_fwd = 3 * n_tokens * shape.vocab * 4 + (n_tokens * shape.vocab * elem if elem != 4 else 0)
-        loss_bwd = loss_fwd + n_tokens * H * elem
-    elif shape.head_16bit and device == "cpu":  # fused, online over a 16-bit head (torch_ce_online): one block's
-        # logits slice (exp'd in place), the slice of the head upcast, the hidden-state gradient made in forward
-        rows, width = online_block(n_tokens, shape.vocab, 4)
-        loss_fwd = rows * width * 4 + width * H * 4 + n_tokens * H * 4
-        loss_bwd = n_tokens * H * (4 + 4 + elem)
-    else:  # fused: one chunk of fp32 logits (+ softmax, grad) and the hidden-state gradient made in forward
-        rows = default_chunk_rows(n_tokens, H, shape.vocab, gpu=device == "cuda")
-        loss_fwd = 3 * rows * shape.vocab * 4 + n_tokens * H * 4
-        loss_bwd = n_tokens * H * (4 + 4 + elem)  # saved fp32 gradient, x grad_output, cast to the compute dtype
+    loss_fwd, loss_bwd, _ = ce_loss_head(recipe, shape, device=device, elem=elem, n_tokens=n_tokens)
     moments = [
         {"activations": kept + head_inputs, "loss_head": loss_fwd, "temporary_buffers": mask_transient},
         {"activations": kept + head_inputs, "loss_head": loss_bwd, "temporary_buffers": 0},

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from peftlab.engine.loss_head import head_online
 from peftlab.engine.model_shape import ModelShape, count_model, model_config
 from peftlab.errors import PeftlabError
 from peftlab.kernels.fused_linear_cross_entropy import default_chunk_rows, online_block, online_slice
@@ -165,12 +166,14 @@ def distill_memory(recipe: Any, shape: ModelShape, teacher: Teacher | None, *, d
     hs = shape.hidden
     grad_h = n * hs * 4  # the student hidden-state gradient, fp32, made in the loss's forward
     bwd = n * hs * (4 + 4 + elem)  # saved fp32 gradient, x grad_output, cast to the compute dtype
-    head_16bit = shape.head_16bit or elem < 4  # a student head stored below the loss's fp32 compute dtype
+    # the student head stored below the loss's fp32 compute dtype and frozen: the vocabulary-outer passes (the top-k
+    # loss always runs on PyTorch; the online KD loss where the Triton path is not taken, see below)
+    head_online_torch = head_online(shape, elem=elem, backend="torch")
     if d.mode == "offline":
         vocab = shape.vocab
         k = min(d.top_k, vocab)
         cached = n * k * (4 + 8)  # TeacherCache.lookup: fp32 log-probs, int64 ids, (B, T, k)
-        if head_16bit:  # online CE (when alpha > 0) then the gathered top-k head rows, one block at a time
+        if head_online_torch:  # online CE (when alpha > 0) then the gathered top-k head rows, one block at a time
             rows, width = online_block(n, vocab, 4)
             ce = rows * width * 4 + width * hs * 4 if d.alpha else 0
             step = min(n, max(1, TOPK_GATHER_BYTES // max(1, k * hs * 4)))
@@ -194,7 +197,7 @@ def distill_memory(recipe: Any, shape: ModelShape, teacher: Teacher | None, *, d
     elif kernel_path(recipe.kernels, device):
         rows = default_chunk_rows(n, max(hs, ht), vocab, n_heads=2, gpu=device == "cuda")
         work, path = TRITON_KD_CHUNK_BUFFERS * rows * vocab * 4, f"Triton row chunks of {rows}"
-    elif head_16bit and kind == "forward_kl":  # torch_kd_online: one row block, one vocabulary slice at a time
+    elif head_online_torch and kind == "forward_kl":  # torch_kd_online: one row block, one vocabulary slice at a time
         rows, _ = online_block(n, vocab, 4)
         width = online_slice(rows, vocab, 4 * KD_ONLINE_BUFFERS)
         one = width >= vocab  # one slice: nothing of a previous slice is alive when the next is read
