@@ -41,16 +41,17 @@ def test_the_trainer_is_quiet_while_it_builds_and_trains_and_restores_the_level(
     console.setup_logging("info")
     levels: list[int] = []
 
-    def join(recipe):  # the first thing a Trainer builds: stop there, after noting the level
+    def check_streaming(recipe):  # the first thing a Trainer builds: stop there, after noting the level
         levels.append(fresh_logger.level)
         raise RuntimeError("stop building")
 
-    monkeypatch.setattr(loop.setup, "join", join)
+    monkeypatch.setattr(loop.setup, "check_streaming", check_streaming)
     with pytest.raises(RuntimeError, match="stop building"):
         loop.Trainer(SimpleNamespace(train=None), quiet=True)
     assert levels == [logging.WARNING] and fresh_logger.level == logging.INFO
     trainer = object.__new__(loop.Trainer)
     trainer.quiet, trainer.out_dir = True, tmp_path
+    trainer.engine = SimpleNamespace(close=lambda: None)  # train() closes its engine
     trainer._train = lambda: fresh_logger.level
     assert trainer.train() == logging.WARNING and fresh_logger.level == logging.INFO
     trainer.quiet = False
