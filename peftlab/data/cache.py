@@ -13,14 +13,17 @@ serialises builders and late comers find the finished file. Files are written th
 :mod:`peftlab.checkpoint.atomic`, so a crash never leaves a half-written cache entry.
 
 The entry is saved with ``torch.save`` and read with ``torch.load(weights_only=True)``, which only
-admits plain containers and numbers: a tampered cache file cannot execute code.
+admits plain containers and numbers: a tampered cache file cannot execute code. Its rows are stored by key, as a
+few tensors (token lists as one flat tensor and their lengths): that unpickler is pure Python and read a list of
+50k Alpaca rows (Llama 3 tokenizer) in 11 s, their columns in 1 s. Entries written as a list of rows still read.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -64,16 +67,71 @@ def cache_key(cfg: DataConfig, tokenizer: Any, seed: int, fingerprints: list[str
     return examples_key(cfg, tokenizer, seed, fingerprints, version=CACHE_VERSION)
 
 
+def _column(values: list[Any]) -> dict[str, Any]:
+    """One key of every row, as ``torch.load(weights_only=True)`` reads fast: token lists as one flat int64 tensor
+    and their lengths, int / float scalars as one tensor; anything else (strings, mixed kinds) as the plain list.
+    Types are kept exactly (bool is not int, int is not float), so the rows read back equal those written."""
+    def every(kind: type) -> bool:
+        return all(type(x) is kind for x in values)
+
+    def every_list_of(kind: type) -> bool:
+        return all(type(v) is list and all(type(x) is kind for x in v) for v in values)
+
+    try:
+        for kind, dtype in ((int, torch.int64), (float, torch.float64)):
+            if every(kind):
+                return {"scalars": torch.tensor(values, dtype=dtype)}
+            if every_list_of(kind):
+                flat = torch.tensor([x for v in values for x in v], dtype=dtype)
+                if kind is int and flat.numel() and -2**31 <= int(flat.min()) and int(flat.max()) < 2**31:
+                    flat = flat.to(torch.int32)  # token ids: half the disk; tolist() gives the same ints back
+                return {"flat": flat, "lens": torch.tensor([len(v) for v in values])}
+    except (OverflowError, RuntimeError, ValueError):  # an int beyond int64 (torch says so in all three)
+        pass
+    return {"values": values}
+
+
+def _columns(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rows (dicts) -> ``{"n", "columns": {key: (rows that have it, :func:`_column`)}}``: a handful of tensors, where
+    a list of dicts costs the weights-only unpickler (pure Python) one step per number: 50k Alpaca rows (4.2M
+    tokens) took 11 s to read as rows."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    columns = {}
+    for k in keys:
+        where = [i for i, r in enumerate(rows) if k in r]
+        columns[k] = {"rows": None if len(where) == len(rows) else torch.tensor(where, dtype=torch.int64),
+                      **_column([rows[i][k] for i in where])}
+    return {"n": len(rows), "columns": columns}
+
+
+def _rows(table: dict[str, Any]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = [{} for _ in range(table["n"])]
+    for k, col in table["columns"].items():
+        where = range(table["n"]) if col["rows"] is None else col["rows"].tolist()
+        if "flat" in col:
+            flat, ends = col["flat"].tolist(), itertools.accumulate(col["lens"].tolist())
+            start = 0
+            for i, end in zip(where, ends):
+                rows[i][k], start = flat[start:end], end
+        else:
+            for i, v in zip(where, col["scalars"].tolist() if "scalars" in col else col["values"]):
+                rows[i][k] = v
+    return rows
+
+
 def _to_state(bundle: DataBundle) -> dict[str, Any]:
-    state = asdict(bundle)
+    state = {f.name: getattr(bundle, f.name) for f in fields(bundle)}
     state["stats"] = bundle.stats.to_dict()
-    state["train"] = list(bundle.train)
-    state["eval"] = list(bundle.eval) if bundle.eval is not None else None
+    state["train"] = _columns(list(bundle.train))
+    state["eval"] = _columns(list(bundle.eval)) if bundle.eval is not None else None
     return state
 
 
 def _from_state(state: dict[str, Any], path: Path) -> DataBundle:
     state = dict(state)
+    for split in ("train", "eval"):  # entries written before the columns hold a list of rows
+        if isinstance(state[split], dict):
+            state[split] = _rows(state[split])
     state["stats"] = _class_trained_tokens(DataStats.from_dict(state["stats"]), state.get("task", "causal_lm"))
     state.update(from_cache=True, cache_path=str(path))
     return DataBundle(**state)

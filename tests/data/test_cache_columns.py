@@ -1,0 +1,68 @@
+"""A cache entry keeps its rows by key, as a few tensors (the weights-only unpickler reads a list of rows one number
+at a time): the rows read back are exactly those written, types included, and entries written as a list of rows
+still read."""
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import torch
+
+from peftlab.data.build import DataBundle
+from peftlab.data.cache import load_or_build
+from peftlab.data.stats import DataStats
+
+KEY = "0123456789abcdef" * 4
+
+ROWS = [
+    {"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "sample_id": 0, "dataset": 0, "loss_weight": 1.0},
+    {"input_ids": [4], "labels": [-100], "sample_id": (1 << 32) | 7, "dataset": 1, "loss_weight": 0.5,
+     "weight": 2.0},  # a key only some rows have
+    {"input_ids": [], "labels": [], "sample_id": 2, "dataset": 0, "loss_weight": [0.5, 1.0]},  # scalar or list
+    {"input_ids": [2**40, 5], "labels": [True, 5], "sample_id": 2**70, "dataset": 0, "loss_weight": 1},  # odd kinds
+]
+CLASS = [{"input_ids": [5, 6], "label": 1, "note": "a"}, {"input_ids": [7], "label": 0, "note": None}]
+REGRESSION = [{"input_ids": [5, 6], "label": 1.5}, {"input_ids": [7], "label": -2.0}]
+
+
+def exact(rows):
+    """Rows with every value's type spelled out (1 == 1.0 == True to ``==``)."""
+    def typed(v):
+        return [typed(x) for x in v] if isinstance(v, list) else (type(v).__name__, v)
+    return [{k: typed(v) for k, v in sorted(r.items())} for r in rows]
+
+
+def bundle(train, eval_=None) -> DataBundle:
+    return DataBundle(train=train, eval=eval_, eval_prompts=[{"prompt_ids": [1, 2], "reference": "r", "dataset": "d"}],
+                      stats=DataStats(max_seq_len=8, train_samples=len(train)), dataset_names=["d"], label_map={"a": 0})
+
+
+def test_rows_read_back_exactly(tmp_path):
+    for k, (train, eval_) in enumerate([(ROWS, None), (CLASS, CLASS[:1]), (REGRESSION, REGRESSION)]):
+        written = load_or_build(tmp_path / str(k), KEY, lambda t=train, e=eval_: bundle(t, e))
+        read = load_or_build(tmp_path / str(k), KEY, lambda: (_ for _ in ()).throw(AssertionError("rebuilt")))
+        assert not written.from_cache and read.from_cache
+        assert exact(read.train) == exact(train)
+        assert (read.eval is None) if eval_ is None else exact(read.eval) == exact(eval_)
+        assert (read.eval_prompts, read.stats, read.label_map) == (written.eval_prompts, written.stats,
+                                                                   written.label_map)
+
+
+def test_the_entry_holds_tokens_as_tensors(tmp_path):
+    load_or_build(tmp_path, KEY, lambda: bundle(ROWS[:2] * 50))
+    [entry] = tmp_path.glob("data-*.pt")
+    columns = torch.load(entry, weights_only=True)["train"]["columns"]
+    ids = columns["input_ids"]
+    assert isinstance(ids["flat"], torch.Tensor) and ids["flat"].dtype == torch.int32 and ids["flat"].numel() == 200
+    assert ids["lens"].tolist() == [3, 1] * 50
+    assert isinstance(columns["sample_id"]["scalars"], torch.Tensor)
+    assert columns["weight"]["rows"].tolist() == list(range(1, 100, 2))
+
+
+def test_an_entry_written_as_a_list_of_rows_still_reads(tmp_path):
+    old = bundle(ROWS, CLASS)
+    state = asdict(old)  # the form written before the columns
+    state["stats"] = old.stats.to_dict()
+    tmp_path.mkdir(exist_ok=True)
+    torch.save(state, tmp_path / f"data-{KEY[:32]}.pt")
+    read = load_or_build(tmp_path, KEY, lambda: (_ for _ in ()).throw(AssertionError("rebuilt")))
+    assert read.from_cache and exact(read.train) == exact(ROWS) and exact(read.eval) == exact(CLASS)
