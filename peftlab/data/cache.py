@@ -15,13 +15,15 @@ serialises builders and late comers find the finished file. Files are written th
 The entry is saved with ``torch.save`` and read with ``torch.load(weights_only=True)``, which only
 admits plain containers and numbers: a tampered cache file cannot execute code. Its rows are stored by key, as a
 few tensors (token lists as one flat tensor and their lengths): that unpickler is pure Python and read a list of
-50k Alpaca rows (Llama 3 tokenizer) in 11 s, their columns in 1 s. Entries written as a list of rows still read.
+50k Alpaca rows (Llama 3 tokenizer) in 11 s, their columns in 1 s. An entry written as a list of rows is read and
+rewritten as columns (:func:`_load`).
 """
 from __future__ import annotations
 
 import hashlib
 import itertools
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
@@ -39,6 +41,8 @@ from peftlab.data.stats import DataStats
 # (:meth:`peftlab.data.streaming.StreamingExamples.fingerprint`) uses :func:`examples_key` with its own version, and
 # an in-memory run's hashes its rows, so a bump refuses no resume.
 CACHE_VERSION = 1
+
+logger = logging.getLogger(__name__)
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -155,8 +159,18 @@ def _save(bundle: DataBundle, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def _load(path: Path) -> DataBundle:
-    return _from_state(torch.load(path, weights_only=True), path)
+def _load(path: Path, upgrade: bool = True) -> DataBundle:
+    """The entry at ``path``; one written as a list of rows is rewritten as columns (with its statistics repaired),
+    so that it is slow to read once only. ``upgrade=False`` where the caller holds the entry's lock. A refused
+    rewrite (read-only or full cache directory) leaves the old entry, which still reads."""
+    state = torch.load(path, weights_only=True)
+    bundle = _from_state(state, path)
+    if upgrade and not isinstance(state["train"], dict):
+        try:
+            _save(bundle, path)
+        except OSError as exc:
+            logger.info(f"data cache: {path} is kept in its older, slower form (rewriting it failed: {exc})")
+    return bundle
 
 
 def load_or_build(cache_dir: Path, key: str, build: Callable[[], DataBundle]) -> DataBundle:
@@ -172,12 +186,12 @@ def load_or_build(cache_dir: Path, key: str, build: Callable[[], DataBundle]) ->
             _save(built, path)
             built.cache_path = str(path)
         dist.barrier()  # everyone past here sees the finished file
-        return built if built is not None else _load(path)
+        return built if built is not None else _load(path, upgrade=False)  # ranks read it at once: no rewrite
     if path.is_file():
         return _load(path)
     with file_lock(cache_dir / f"data-{key[:32]}.lock"):
         if path.is_file():  # another process built it while we waited
-            return _load(path)
+            return _load(path, upgrade=False)
         bundle = build()
         _save(bundle, path)
     bundle.cache_path = str(path)

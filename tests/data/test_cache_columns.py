@@ -1,12 +1,15 @@
 """A cache entry keeps its rows by key, as a few tensors (the weights-only unpickler reads a list of rows one number
-at a time): the rows read back are exactly those written, types included, and entries written as a list of rows
-still read."""
+at a time): the rows read back are exactly those written, types included; an entry written as a list of rows reads
+and is rewritten as columns, unless the rewrite is refused."""
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
+from peftlab.data import cache
 from peftlab.data.build import DataBundle
 from peftlab.data.cache import load_or_build
 from peftlab.data.stats import DataStats
@@ -39,7 +42,7 @@ def bundle(train, eval_=None) -> DataBundle:
 def test_rows_read_back_exactly(tmp_path):
     for k, (train, eval_) in enumerate([(ROWS, None), (CLASS, CLASS[:1]), (REGRESSION, REGRESSION)]):
         written = load_or_build(tmp_path / str(k), KEY, lambda t=train, e=eval_: bundle(t, e))
-        read = load_or_build(tmp_path / str(k), KEY, lambda: (_ for _ in ()).throw(AssertionError("rebuilt")))
+        read = load_or_build(tmp_path / str(k), KEY, never)
         assert not written.from_cache and read.from_cache
         assert exact(read.train) == exact(train)
         assert (read.eval is None) if eval_ is None else exact(read.eval) == exact(eval_)
@@ -58,11 +61,34 @@ def test_the_entry_holds_tokens_as_tensors(tmp_path):
     assert columns["weight"]["rows"].tolist() == list(range(1, 100, 2))
 
 
-def test_an_entry_written_as_a_list_of_rows_still_reads(tmp_path):
+def write_as_rows(tmp_path) -> Path:
     old = bundle(ROWS, CLASS)
     state = asdict(old)  # the form written before the columns
     state["stats"] = old.stats.to_dict()
-    tmp_path.mkdir(exist_ok=True)
     torch.save(state, tmp_path / f"data-{KEY[:32]}.pt")
-    read = load_or_build(tmp_path, KEY, lambda: (_ for _ in ()).throw(AssertionError("rebuilt")))
+    return tmp_path / f"data-{KEY[:32]}.pt"
+
+
+def never():
+    raise AssertionError("rebuilt")
+
+
+def test_an_entry_written_as_a_list_of_rows_reads_and_is_rewritten_as_columns(tmp_path):
+    entry = write_as_rows(tmp_path)
+    read = load_or_build(tmp_path, KEY, never)
     assert read.from_cache and exact(read.train) == exact(ROWS) and exact(read.eval) == exact(CLASS)
+    assert "columns" in torch.load(entry, weights_only=True)["train"]  # slow to read once only
+    again = load_or_build(tmp_path, KEY, never)
+    assert exact(again.train) == exact(ROWS) and exact(again.eval) == exact(CLASS) and again.stats == read.stats
+
+
+def test_a_refused_rewrite_leaves_the_old_entry_readable(tmp_path, monkeypatch, caplog):
+    entry = write_as_rows(tmp_path)
+
+    def full(path, write):
+        raise OSError(28, "No space left on device", str(path))
+    monkeypatch.setattr(cache, "atomic_write", full)
+    with caplog.at_level(logging.INFO, logger="peftlab.data.cache"):
+        read = load_or_build(tmp_path, KEY, never)
+    assert exact(read.train) == exact(ROWS) and isinstance(torch.load(entry, weights_only=True)["train"], list)
+    assert f"{entry} is kept in its older, slower form" in caplog.text and "No space left" in caplog.text
