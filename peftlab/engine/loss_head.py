@@ -38,23 +38,38 @@ def head_online(shape: ModelShape, *, elem: int, backend: str) -> bool:
     return online_applies(backend, hidden, head, shape.head_trainable, shape.head_trainable)
 
 
+def head_gradient_bytes(shape: ModelShape, *, elem: int, grad_accum: int) -> tuple[int, int]:
+    """(forward, backward) bytes a trained head (``adapter.unfreeze``) adds to a fused loss beyond its ``.grad``
+    (the planner's ``gradients``): its fp32 gradient, accumulated over the chunks in the forward; in the backward that
+    and its copy scaled by the upstream gradient, cast to the head's dtype below fp32. With ``grad_accum`` 1 the
+    result becomes the ``.grad`` (none exists before it: the optimizer sets it to None), so that share is not
+    counted twice; from a step's second micro-batch on the ``.grad`` of the previous ones is alive beside it."""
+    if not shape.head_trainable:
+        return 0, 0
+    vh = shape.vocab * shape.hidden
+    becomes_grad = vh * elem if grad_accum == 1 else 0
+    return 4 * vh - becomes_grad, 8 * vh + (vh * elem if elem < 4 else 0) - becomes_grad
+
+
 def ce_loss_head(recipe: Any, shape: ModelShape, *, device: str, elem: int, n_tokens: int) -> tuple[int, int, str]:
     """(bytes at the loss's forward, bytes at its backward, the path in words) of the plain cross-entropy over
     ``n_tokens`` rows. The fused paths make the fp32 hidden-state gradient in the forward; their backward holds it,
     its scaled copy and the compute-dtype result."""
     H, vocab = shape.hidden, shape.vocab
-    bwd = n_tokens * H * (4 + 4 + elem)
     if recipe.kernels == "off":  # whole fp32 logits, their log-softmax and their gradient: alive into backward
         fwd = 3 * n_tokens * vocab * 4 + (n_tokens * vocab * elem if elem != 4 else 0)
         return fwd, fwd + n_tokens * H * elem, "whole logits (kernels: off)"
+    head_fwd, head_bwd = head_gradient_bytes(shape, elem=elem, grad_accum=recipe.train.grad_accum)
+    bwd = n_tokens * H * (4 + 4 + elem) + head_bwd
     backend = loss_backend(recipe, device)
     if head_online(shape, elem=elem, backend=backend):
         # one block's logits slice (exp'd in place), the slice of the head upcast, the block's hidden states upcast
         # to fp32 (a 16-bit run), the hidden-state gradient made in forward
         rows, width = online_block(n_tokens, vocab, 4)
         fwd = rows * width * 4 + width * H * 4 + (rows * H * 4 if elem < 4 else 0) + n_tokens * H * 4
+        # (a trained head never takes this path: head_gradient_bytes is 0 here)
         return fwd, bwd, f"vocabulary-outer (torch_ce_online), {rows} rows x {width} vocabulary rows"
     rows = default_chunk_rows(n_tokens, H, vocab, gpu=device == "cuda")
     # one chunk of fp32 logits (+ softmax, grad) and the hidden-state gradient made in forward
-    fwd = 3 * rows * vocab * 4 + n_tokens * H * 4
+    fwd = 3 * rows * vocab * 4 + n_tokens * H * 4 + head_fwd
     return fwd, bwd, f"{'Triton' if backend == 'triton' else 'PyTorch'} row chunks of {rows}"

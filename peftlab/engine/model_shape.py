@@ -39,6 +39,7 @@ class ModelShape:
     lora_r: int = 16
     head_16bit: bool = False        # model.frozen_16bit keeps the frozen head in 16 bits (the CE's online path)
     head_trainable: bool = False    # adapter.unfreeze trains the output head (the loss computes its gradient)
+    unfrozen_params: int = 0        # base parameters adapter.unfreeze trains in full (in the model's dtype)
     max_positions: int | None = None  # the config's max_position_embeddings (None: not stated)
 
 
@@ -87,14 +88,19 @@ def model_shape(recipe: Any, dtype: torch.dtype = torch.float32, *, device: str 
     lora = {"r": a.r, "alpha": a.alpha, "dropout": a.dropout, "target_modules": a.target_modules,
             "use_rslora": a.rslora, "use_dora": a.dora, "layers": a.layers}
     return count_model(config, dtype, quant=recipe.quantization, lora=lora, frozen_16bit=frozen_16bit,
-                       trust_remote_code=recipe.model.trust_remote_code)
+                       trust_remote_code=recipe.model.trust_remote_code, unfreeze=recipe.adapter.unfreeze)
 
 
 def count_model(config: Any, dtype: torch.dtype, *, quant: Any, lora: dict[str, Any] | None,
-                frozen_16bit: bool = False, trust_remote_code: bool = False) -> ModelShape:
+                frozen_16bit: bool = False, trust_remote_code: bool = False,
+                unfreeze: list[str] | None = None) -> ModelShape:
     """Build ``config``'s model on the meta device in ``dtype``, swap its linears for 4-bit ones as ``quant`` says,
     inject LoRA with the :func:`~peftlab.adapters.lora_inject.inject_lora` arguments ``lora`` (None: no adapter)
-    and count it. ``frozen_16bit``: frozen embeddings / untied head are kept in 16 bits (2 bytes per element)."""
+    and count it. ``frozen_16bit``: frozen embeddings / untied head are kept in 16 bits (2 bytes per element).
+    ``unfreeze``: ``adapter.unfreeze``, resolved by the trainer's own :func:`~peftlab.adapters.freezing.
+    unfreeze_modules` (its parameters train: gradient and optimizer state; the output head's gradient is made by
+    the loss)."""
+    from peftlab.adapters.freezing import unfreeze_modules
     from peftlab.adapters.lora_inject import inject_lora
     from peftlab.model.quantized_load import (
         QuantSettings,
@@ -112,6 +118,10 @@ def count_model(config: Any, dtype: torch.dtype, *, quant: Any, lora: dict[str, 
     if lora is not None:
         with torch.device("meta"):
             names = inject_lora(model, **lora)
+    unfrozen_ids = {id(p) for m in unfreeze_modules(model, list(unfreeze or [])).values() for p in m.parameters()}
+    head = model.get_output_embeddings()
+    head_trainable = head is not None and id(getattr(head, "weight", None)) in unfrozen_ids
+    unfrozen = 0
     quantized = dense = base_bytes = largest = lora_params = 0
     seen: set[int] = set()
     for name, module in model.named_modules():
@@ -123,6 +133,8 @@ def count_model(config: Any, dtype: torch.dtype, *, quant: Any, lora: dict[str, 
             if "lora_" in full:
                 lora_params += p.numel()
                 continue
+            if id(p) in unfrozen_ids:
+                unfrozen += p.numel()
             if name.removesuffix(".base_layer") in swapped and attr == "weight":
                 n = int(module.in_features) * int(module.out_features)
                 quantized += n
@@ -151,6 +163,7 @@ def count_model(config: Any, dtype: torch.dtype, *, quant: Any, lora: dict[str, 
         vocab=text.vocab_size, base_weight_bytes=base_bytes, quantized_params=quantized, dense_params=dense,
         largest_linear=largest, lora_params=lora_params, lora_modules_per_layer=per_layer,
         lora_r=int(lora["r"]) if lora is not None else 0, head_16bit=bool(sixteen_bit),
+        head_trainable=head_trainable, unfrozen_params=unfrozen,
         max_positions=getattr(text, "max_position_embeddings", None))
 
 

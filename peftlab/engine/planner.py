@@ -76,6 +76,13 @@ def peak_rss_bytes() -> int:
 OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8, "paged_adamw_32bit": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}
 
 
+def optimizer_state_bytes(optimizer: str, elem: int) -> int:
+    """Optimizer state per trainable parameter stored in ``elem`` bytes (an ``adapter.unfreeze`` module, in the
+    model's dtype): torch's AdamW keeps its two moments in the parameter's dtype, bitsandbytes' 32-bit ones in fp32,
+    its 8-bit ones in one byte each."""
+    return 2 * elem if optimizer == "adamw" else OPTIMIZER_BYTES_PER_PARAM[optimizer]
+
+
 PROBE = r"""
 import json, os, sys
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -273,9 +280,14 @@ def _components(recipe: Any, shape: ModelShape, *, device: str, elem: int, mbs: 
         moments[1].update(loss_head=0, kd_loss=dm.kd_loss_bwd, teacher_outputs=dm.teacher_outputs_bwd)
         moments.append({"activations": 0, "loss_head": 0, "temporary_buffers": 0,
                         "teacher_forward": dm.teacher_forward})
+    unfrozen_bytes = shape.unfrozen_params * elem  # adapter.unfreeze: trained in the model's dtype
+    if device == "cpu" and unfrozen_bytes:  # foreach AdamW's step: one intermediate per unfrozen parameter (torch.
+        # profiler, CPU: a head's step peaks at its moments + one head-sized tensor), after the backward freed the rest
+        moments.append({"activations": 0, "loss_head": 0, "temporary_buffers": unfrozen_bytes})
     peak = max(moments, key=lambda m: sum(m.values()))
     temporary = peak["temporary_buffers"]
-    optimizer = shape.lora_params * OPTIMIZER_BYTES_PER_PARAM[t.optimizer]
+    optimizer = (shape.lora_params * OPTIMIZER_BYTES_PER_PARAM[t.optimizer]
+                 + shape.unfrozen_params * optimizer_state_bytes(t.optimizer, elem))
     if device == "cpu":
         # torch's foreach AdamW step allocates param-sized intermediates (after backward: never at the
         # same time as the activations, but the adapters are small) - counted on top, conservatively
@@ -284,7 +296,7 @@ def _components(recipe: Any, shape: ModelShape, *, device: str, elem: int, mbs: 
         "baseline": baseline,
         "base_weights": shape.base_weight_bytes,
         "adapters": lora_bytes,
-        "gradients": lora_bytes,
+        "gradients": lora_bytes + unfrozen_bytes,
         "optimizer_state": optimizer,
         "activations": peak["activations"],
         "loss_head": peak["loss_head"],

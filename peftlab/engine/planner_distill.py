@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from peftlab.engine.loss_head import head_online
+from peftlab.engine.loss_head import head_gradient_bytes, head_online
 from peftlab.engine.model_shape import ModelShape, count_model, model_config
 from peftlab.errors import PeftlabError
 from peftlab.kernels.fused_linear_cross_entropy import default_chunk_rows, online_block, online_slice
@@ -164,8 +164,10 @@ def distill_memory(recipe: Any, shape: ModelShape, teacher: Teacher | None, *, d
         return None
     n = mbs * seq
     hs = shape.hidden
-    grad_h = n * hs * 4  # the student hidden-state gradient, fp32, made in the loss's forward
-    bwd = n * hs * (4 + 4 + elem)  # saved fp32 gradient, x grad_output, cast to the compute dtype
+    # a trained student head's gradient (adapter.unfreeze)
+    head_fwd, head_bwd = head_gradient_bytes(shape, elem=elem, grad_accum=recipe.train.grad_accum)
+    grad_h = n * hs * 4 + head_fwd  # the student hidden-state gradient, fp32, made in the loss's forward
+    bwd = n * hs * (4 + 4 + elem) + head_bwd  # saved fp32 gradient, x grad_output, cast to the compute dtype
     # the student head stored below the loss's fp32 compute dtype and frozen: the vocabulary-outer passes (the top-k
     # loss always runs on PyTorch; the online KD loss where the Triton path is not taken, see below)
     head_online_torch = head_online(shape, elem=elem, backend="torch")

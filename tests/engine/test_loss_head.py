@@ -33,7 +33,7 @@ def _recipe(tmp_path: Path, **sections):
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     raw = {"model": {"name": str(tmp_path / "m")}, "quantization": {"mode": "none"}, "adapter": {"r": 4},
            "data": {"train": [{"path": str(tmp_path / "t.jsonl")}], "max_seq_len": N},
-           "train": {"micro_batch_size": 1, "host_allocator": "bounded"}, "output": {"dir": str(tmp_path / "out")}}
+           "train": {"micro_batch_size": 1, "grad_accum": 1, "host_allocator": "bounded"}, "output": {"dir": str(tmp_path / "out")}}
     for key, value in sections.items():
         if isinstance(value, dict):
             raw.setdefault(key, {}).update(value)
@@ -115,3 +115,51 @@ def test_fp32_cpu_run_takes_the_online_path_only_over_a_16bit_head(tmp_path):
     assert _loss_head(on, "cpu") < _loss_head(off, "cpu")
     assert ce_loss_head(on, model_shape(on, device="cpu"), device="cpu", elem=4, n_tokens=N)[2].startswith(
         "vocabulary-outer")
+
+
+def _step_peaks(r) -> tuple[int, int]:
+    """(planner, profiled): the step-dependent bytes at the peak of the recipe's second step (the first makes
+    AdamW's moments) on the CPU: the trainer's loss, LoRA, unfreeze_modules, param groups and optimizer on a
+    1-layer Llama whose 40,000 x 64 head dominates. The planner's: everything but the baseline, the weights and the
+    allocator's overhead."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from peftlab.adapters.freezing import optimizer_param_groups, unfreeze_modules
+    from peftlab.engine.local import build_optimizer
+    from peftlab.model.load import attach_adapters
+    from peftlab.objectives.causal_lm import LossSettings, causal_lm_loss
+
+    c = estimate(r, device="cpu", baseline=0).components
+    predicted = c["gradients"] + c["optimizer_state"] + c["activations"] + c["loss_head"] + c["temporary_buffers"]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(r.model.name), torch_dtype=torch.float32,
+                                             attn_implementation="sdpa")
+    attach_adapters(model, r, torch.device("cpu"))
+    unfrozen = unfreeze_modules(model, r.adapter.unfreeze)
+    opt = build_optimizer(optimizer_param_groups(model, r.adapter, r.train.lr, unfrozen), r.train, torch.device("cpu"))
+    ids = torch.randint(0, VOCAB, (1, N))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    model.train()
+
+    def step():
+        for _ in range(r.train.grad_accum):
+            causal_lm_loss(model, batch, normalizer=float(N), settings=LossSettings.from_recipe(r)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return predicted, _profiled_peak(lambda: (step(), step()))  # the moments made in the first, alive in the second
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_trained_head_adds_what_the_profiled_step_adds(tmp_path, grad_accum):
+    """adapter.unfreeze: [head] on an fp32 CPU run: its AdamW moments, alive through the step, and its fp32 gradient,
+    made by the loss in its forward (with grad_accum 1 it becomes the head's .grad; from the second micro-batch on the
+    .grad of the first is alive beside it): what unfreezing the head adds to the planner's peak against what it adds
+    to the profiled step, within 15 % (before: nothing was counted)."""
+    kw = {"model": {"dtype": "float32", "attn_implementation": "sdpa", "frozen_16bit": False},  # fp32 heads both
+          "train": {"grad_accum": grad_accum}}
+    plain_predicted, plain_measured = _step_peaks(_recipe(tmp_path, **kw))
+    predicted, measured = _step_peaks(_recipe(tmp_path, adapter={"unfreeze": ["head"]}, **kw))
+    added, measured_added = predicted - plain_predicted, measured - plain_measured
+    assert measured_added >= 2.5 * VOCAB * H * 4  # moments + gradient: the head three times over
+    assert abs(added - measured_added) <= 0.15 * measured_added, (added / MiB, measured_added / MiB)

@@ -157,3 +157,19 @@ def test_layer_activations_are_exactly_what_autograd_saves(dtype, attn, masked, 
     la = layer_activations(shape, elem=dt.itemsize, seq_len=T, attn=attn, dropout=dropout, kernel=kernel,
                            fused_norm=fused_norm, sdpa_mask=masked)
     assert la.total - la.layer_input == measured, (la, measured)  # the input is the caller's, left out above
+
+
+@pytest.mark.parametrize("unfreeze", [["head"], ["embeddings", "head"], ["embed_tokens"]])
+def test_unfrozen_modules_count_as_trainable_like_the_real_model(tmp_path, unfreeze):
+    """adapter.unfreeze: the meta model's trainable parameters (LoRA + unfrozen) equal the loaded model's after the
+    trainer's own unfreeze_modules; whether the output head trains is known (the loss then computes its gradient)."""
+    from peftlab.adapters.freezing import unfreeze_modules
+
+    r = _recipe(tmp_path, adapter={"unfreeze": unfreeze})
+    shape = model_shape(r)
+    model = build_model(r).model
+    unfreeze_modules(model, r.adapter.unfreeze)
+    assert shape.lora_params + shape.unfrozen_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert shape.unfrozen_params > 0
+    assert shape.head_trainable == model.get_output_embeddings().weight.requires_grad
+    assert model_shape(_recipe(tmp_path)).unfrozen_params == 0
