@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -307,3 +308,18 @@ def test_online_kd_prediction_within_15_percent_of_measured_peak_rss(tmp_path):
     assert est.total - distill < 0.85 * measured  # the distillation terms are what the test is about
     assert abs(est.total - measured) <= 0.15 * measured, (est.total / MiB, measured / MiB,
                                                           {k: v / MiB for k, v in est.components.items()})
+
+
+def test_trained_student_head_takes_row_chunks_and_counts_its_gradient(tmp_path):
+    """adapter.unfreeze: [head] with a 16-bit student head (kernels: torch on a GPU): the KD loss computes the head's
+    gradient, so it never takes the vocabulary-outer pass (online_applies: no gradient for the head), and its fp32
+    gradient, accumulated in the loss's forward, is in kd_loss (grad_accum 2: beside the first micro-batch's .grad)."""
+    r = _recipe(tmp_path, distill=_teacher(tmp_path), kernels="torch", train={"grad_accum": 2})
+    teacher = teacher_shape(r, "cuda")
+    shape = count_model(json_config(r.model.name), torch.bfloat16, quant=r.quantization, lora=None)
+    kw = {"device": "cuda", "elem": 2, "mbs": 2, "seq": 128}
+    frozen = distill_memory(r, shape, teacher, **kw)
+    trained = distill_memory(r, dataclasses.replace(shape, head_trainable=True), teacher, **kw)
+    assert frozen.path.startswith("vocabulary-outer") and trained.path.startswith("PyTorch row chunks")
+    rows = int(trained.path.rsplit(" ", 1)[1])
+    assert trained.kd_loss_fwd == math.ceil(8.25 * rows * VOCAB * 4 + 256 * H * 4 + 4 * VOCAB * H)
