@@ -21,10 +21,9 @@ rewritten as columns (:func:`_load`).
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from peftlab.checkpoint.atomic import atomic_write, file_lock
 from peftlab.data.build import DataBundle
 from peftlab.data.config import DataConfig
 from peftlab.data.stats import DataStats
+from peftlab.errors import PeftlabError
 
 # The cache entry's format: bump it when what an entry holds for the same inputs changes (its rows, its fields), so
 # that older entries are missed and built again. It is part of the entry's key only: a stream's resume fingerprint
@@ -108,18 +108,41 @@ def _columns(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"n": len(rows), "columns": columns}
 
 
-def _rows(table: dict[str, Any]) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = [{} for _ in range(table["n"])]
+SLICE = 1 << 20  # values of a token column turned into Python ints at a time (all at once would double the memory)
+
+
+def _split(flat: torch.Tensor, lens: list[int]) -> Iterator[list[Any]]:
+    """``flat``'s values as lists of ``lens``, converted a slice of about :data:`SLICE` values at a time."""
+    start, k = 0, 0
+    while k < len(lens):
+        j, end = k + 1, start + lens[k]
+        while j < len(lens) and end - start + lens[j] <= SLICE:
+            end, j = end + lens[j], j + 1
+        part, at = flat[start:end].tolist(), 0
+        for n in lens[k:j]:
+            yield part[at:at + n]
+            at += n
+        start, k = end, j
+
+
+def _rows(table: dict[str, Any], path: Path) -> list[dict[str, Any]]:
+    """The rows of :func:`_columns`' table (PeftlabError when its columns do not fit together: a damaged entry)."""
+    n = table["n"]
+    rows: list[dict[str, Any]] = [{} for _ in range(n)]
     for k, col in table["columns"].items():
-        where = range(table["n"]) if col["rows"] is None else col["rows"].tolist()
+        where = range(n) if col["rows"] is None else col["rows"].tolist()
         if "flat" in col:
-            flat, ends = col["flat"].tolist(), itertools.accumulate(col["lens"].tolist())
-            start = 0
-            for i, end in zip(where, ends):
-                rows[i][k], start = flat[start:end], end
+            lens = col["lens"].tolist()
+            fits = len(lens) == len(where) and sum(lens) == col["flat"].numel() and min(lens, default=0) >= 0
+            values: Iterable[Any] = _split(col["flat"], lens)
         else:
-            for i, v in zip(where, col["scalars"].tolist() if "scalars" in col else col["values"]):
-                rows[i][k] = v
+            values = col["scalars"].tolist() if "scalars" in col else col["values"]
+            fits = len(values) == len(where)
+        if not fits or not all(0 <= i < n for i in where):
+            raise PeftlabError(f"data cache: {path} is damaged (its column {k!r} does not fit its {n} rows); "
+                               "delete it and it is built again")
+        for i, v in zip(where, values):
+            rows[i][k] = v
     return rows
 
 
@@ -135,7 +158,7 @@ def _from_state(state: dict[str, Any], path: Path) -> DataBundle:
     state = dict(state)
     for split in ("train", "eval"):  # entries written before the columns hold a list of rows
         if isinstance(state[split], dict):
-            state[split] = _rows(state[split])
+            state[split] = _rows(state[split], path)
     state["stats"] = _class_trained_tokens(DataStats.from_dict(state["stats"]), state.get("task", "causal_lm"))
     state.update(from_cache=True, cache_path=str(path))
     return DataBundle(**state)

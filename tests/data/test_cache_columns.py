@@ -4,15 +4,18 @@ and is rewritten as columns, unless the rewrite is refused."""
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import asdict
 from pathlib import Path
 
+import pytest
 import torch
 
 from peftlab.data import cache
 from peftlab.data.build import DataBundle
 from peftlab.data.cache import load_or_build
 from peftlab.data.stats import DataStats
+from peftlab.errors import PeftlabError
 
 KEY = "0123456789abcdef" * 4
 
@@ -92,3 +95,21 @@ def test_a_refused_rewrite_leaves_the_old_entry_readable(tmp_path, monkeypatch, 
         read = load_or_build(tmp_path, KEY, never)
     assert exact(read.train) == exact(ROWS) and isinstance(torch.load(entry, weights_only=True)["train"], list)
     assert f"{entry} is kept in its older, slower form" in caplog.text and "No space left" in caplog.text
+
+
+def test_token_columns_are_converted_a_slice_at_a_time(tmp_path, monkeypatch):
+    rows = [{"input_ids": list(range(n)), "labels": [-100] * n} for n in (0, 2, 5, 1, 0, 3, 7, 2)]
+    monkeypatch.setattr(cache, "SLICE", 3)  # rows longer than a slice, rows that share one, empty rows
+    load_or_build(tmp_path, KEY, lambda: bundle(rows))
+    assert exact(load_or_build(tmp_path, KEY, never).train) == exact(rows)
+
+
+def test_a_damaged_entry_is_named(tmp_path):
+    load_or_build(tmp_path, KEY, lambda: bundle(ROWS))
+    [entry] = tmp_path.glob("data-*.pt")
+    state = torch.load(entry, weights_only=True)
+    state["train"]["columns"]["input_ids"]["lens"][0] += 1  # the lengths no longer add up to the tokens
+    torch.save(state, entry)
+    with pytest.raises(PeftlabError, match=re.escape(f"data cache: {entry}") + r" is damaged \(its column 'input_ids' does not fit its "
+                                           r"4 rows\); delete it and it is built again"):
+        load_or_build(tmp_path, KEY, never)
