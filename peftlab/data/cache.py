@@ -72,8 +72,8 @@ def cache_key(cfg: DataConfig, tokenizer: Any, seed: int, fingerprints: list[str
 
 
 def _column(values: list[Any]) -> dict[str, Any]:
-    """One key of every row, as ``torch.load(weights_only=True)`` reads fast: token lists as one flat int64 tensor
-    and their lengths, int / float scalars as one tensor; anything else (strings, mixed kinds) as the plain list.
+    """One key of every row, as ``torch.load(weights_only=True)`` reads fast: token lists as one flat tensor (int32
+    where every value fits) and their lengths, int / float scalars as one tensor; anything else (strings, mixed kinds) as the plain list.
     Types are kept exactly (bool is not int, int is not float), so the rows read back equal those written."""
     def every(kind: type) -> bool:
         return all(type(x) is kind for x in values)
@@ -138,7 +138,7 @@ def _rows(table: dict[str, Any], path: Path) -> list[dict[str, Any]]:
         else:
             values = col["scalars"].tolist() if "scalars" in col else col["values"]
             fits = len(values) == len(where)
-        if not fits or not all(0 <= i < n for i in where):
+        if not fits or (col["rows"] is not None and not all(0 <= i < n for i in where)):
             raise PeftlabError(f"data cache: {path} is damaged (its column {k!r} does not fit its {n} rows); "
                                "delete it and it is built again")
         for i, v in zip(where, values):
