@@ -57,6 +57,9 @@ def out_of_memory_advice(recipe: Any, *, device: str | None = None, budget: int 
         keys.append("train.fused_norm: true (RMSNorm without its fp32 copy and fp32 backward)")
     if recipe.quantization.mode == "none":
         keys.append("quantization.mode: nf4 (a 4-bit base)")
+    if recipe.adapter.unfreeze:
+        keys.append(f"adapter.unfreeze (now {recipe.adapter.unfreeze}: an unfrozen module's gradient and AdamW "
+                    "state take 3x its weights)")
     kd = recipe.distill
     if kd is not None and kd.mode == "online":
         if kd.teacher.quantization is not None and kd.teacher.quantization.mode == "none":

@@ -374,6 +374,10 @@ def estimate(recipe: Any, *, device_memory: int | None = None, gpus: int = 1, de
                                teacher=teacher).values())
         est.notes.append(f"train.fused_norm: true predicts {fmt(peak)}: transformers' RMSNorm keeps an fp32 copy of "
                          "its input and runs its backward in fp32, the fused one neither")
+    if shape.unfrozen_params:
+        est.notes.append(f"adapter.unfreeze: {shape.unfrozen_params / 1e6:.1f} M base parameters train in full; their "
+                         "gradients and optimizer state are counted above" + (
+                             " (the head's gradient is made by the loss, in fp32)" if shape.head_trainable else ""))
     if recipe.train.optimizer.startswith("paged"):
         est.notes.append("paged optimizer state can be evicted to host memory under pressure: "
                          f"{fmt(comps['optimizer_state'])} of the total is pageable")

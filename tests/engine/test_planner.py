@@ -296,3 +296,21 @@ def test_baseline_probe_sets_up_the_host_allocator_as_training_does(tmp_path, mo
     recipe = recipe_from_dict(_raw(tmp_path, train={"device": "cpu", "host_allocator": allocator}))
     assert planner._probe_baseline(recipe) == 123
     assert calls == expected
+
+
+def test_unfrozen_head_is_named_in_the_notes_and_the_advice(tmp_path):
+    """adapter.unfreeze: the estimate says how many base parameters train in full (their gradients and optimizer
+    state are in its components: tests/engine/test_loss_head.py measures them); the advice after running out of
+    memory names the key."""
+    from peftlab.engine.memory_fit import out_of_memory_advice
+
+    r = recipe_from_dict(_raw(tmp_path, adapter={"unfreeze": ["head"]}))
+    shape = model_shape(r)
+    est = estimate(r, device="cuda", baseline=0, shape=shape)
+    assert (f"adapter.unfreeze: {shape.unfrozen_params / 1e6:.1f} M base parameters train in full; their gradients "
+            "and optimizer state are counted above (the head's gradient is made by the loss, in fp32)") in est.notes
+    plain = estimate(recipe_from_dict(_raw(tmp_path)), device="cuda", baseline=0)
+    assert est.components["optimizer_state"] - plain.components["optimizer_state"] == 2 * 2 * shape.unfrozen_params
+    assert not any("adapter.unfreeze" in n for n in plain.notes)
+    assert ("adapter.unfreeze (now ['head']: an unfrozen module's gradient and AdamW state take 3x its weights)"
+            in out_of_memory_advice(r, device="cuda", budget=1))
