@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import pickle
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import fields
 from pathlib import Path
@@ -186,8 +187,16 @@ def _load(path: Path, upgrade: bool = True) -> DataBundle:
     """The entry at ``path``; one written as a list of rows is rewritten as columns (with its statistics repaired),
     so that it is slow to read once only. ``upgrade=False`` where the caller holds the entry's lock. A refused
     rewrite (read-only or full cache directory) leaves the old entry, which still reads."""
-    state = torch.load(path, weights_only=True)
-    bundle = _from_state(state, path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        bundle = _from_state(state, path)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError, KeyError,
+            OSError) as exc:  # torch's own message would suggest weights_only=False: never for a file from disk
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, pickle.UnpicklingError):
+            first = "it holds more than tensors and plain containers, or is no pickle"
+        raise PeftlabError(f"data cache: {path} is damaged or not a peftlab cache entry ({first[:200]}). Delete it "
+                           "and it is built again") from None
     if upgrade and not isinstance(state["train"], dict):
         try:
             _save(bundle, path)

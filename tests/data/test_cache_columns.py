@@ -113,3 +113,19 @@ def test_a_damaged_entry_is_named(tmp_path):
     with pytest.raises(PeftlabError, match=re.escape(f"data cache: {entry}") + r" is damaged \(its column 'input_ids' does not fit its "
                                            r"4 rows\); delete it and it is built again"):
         load_or_build(tmp_path, KEY, never)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "not an entry"])
+def test_an_unreadable_entry_is_named_with_the_fix(tmp_path, damage):
+    load_or_build(tmp_path, KEY, lambda: bundle(ROWS))
+    [entry] = tmp_path.glob("data-*.pt")
+    if damage == "truncated":
+        entry.write_bytes(entry.read_bytes()[:200])
+    elif damage == "garbage":
+        entry.write_bytes(b"not a torch file" * 8)
+    else:
+        torch.save({"rows": [1, 2]}, entry)
+    with pytest.raises(PeftlabError, match=re.escape(f"data cache: {entry} is damaged or not a peftlab cache entry (")
+                       ) as err:
+        load_or_build(tmp_path, KEY, never)
+    assert str(err.value).endswith("Delete it and it is built again") and "weights_only" not in str(err.value)
