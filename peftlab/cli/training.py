@@ -100,16 +100,9 @@ def _estimated_recipe(args: argparse.Namespace) -> Recipe:
 
 def cmd_estimate(args: argparse.Namespace) -> int:
     """Predicted peak memory of a recipe's run, by component; exit 1 when it does not fit the budget."""
+    from peftlab.engine.estimate_report import fmt, format_estimate, parse_size
     from peftlab.engine.model_shape import model_shape
-    from peftlab.engine.planner import (
-        compute_dtype,
-        estimate,
-        fmt,
-        format_estimate,
-        max_context,
-        parse_size,
-        run_device,
-    )
+    from peftlab.engine.planner import compute_dtype, estimate, max_context, run_device
     from peftlab.errors import PeftlabError
 
     if args.gpu_memory:

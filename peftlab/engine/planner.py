@@ -24,9 +24,7 @@ from typing import Any
 import torch
 
 from peftlab.checkpoint.atomic import atomic_write_text
-
-# format_estimate, parse_size: re-exported while peftlab/cli/training.py imports them from here
-from peftlab.engine.estimate_report import Estimate, MiB, fmt, format_estimate, parse_size  # noqa: F401
+from peftlab.engine.estimate_report import Estimate, MiB, fmt
 from peftlab.engine.loss_head import ce_loss_head
 from peftlab.engine.model_shape import ModelShape, layer_activations, model_shape
 from peftlab.engine.planner_distill import Teacher, distill_memory, distill_notes, teacher_shape
@@ -124,7 +122,9 @@ def _probe_baseline(recipe: Any) -> int:
 
     mods = ["tqdm.auto"]
     if "tensorboard" in recipe.output.report_to:
-        mods.append("torch.utils.tensorboard")
+        # what RunLog's EventFile imports (it writes the event file itself, not through torch's SummaryWriter)
+        mods += ["tensorboard.compat.proto.event_pb2", "tensorboard.compat.proto.summary_pb2",
+                 "tensorboard.summary.writer.record_writer"]
     if recipe.output.plot:
         mods += ["matplotlib", "matplotlib.pyplot"]
     raw = {"model": {"name": "builtin:micro-llama", "dtype": recipe.model.dtype,
