@@ -90,16 +90,15 @@ class RunLog:
 
     def _each_tracker(self, call: str, *args: Any, when: str) -> None:
         """``call`` on every experiment tracker. A tracker is optional output like TensorBoard: one that fails (its
-        store locked by a reader such as ``mlflow ui``, or full; a lost service) is dropped with one warning and
-        the run goes on; metrics.jsonl keeps every record."""
+        store locked by a reader such as ``mlflow ui``, or full; a lost service) is dropped with one warning, its
+        run ended as failed (it stops at that step), and the run goes on; metrics.jsonl keeps every record."""
         for tracker in list(self._trackers):
             try:
                 getattr(tracker, call)(*args)
             except Exception as exc:  # noqa: BLE001 - any library's error (MlflowException, sqlalchemy's, wandb's)
                 self._trackers.remove(tracker)
                 if call != "close":
-                    with contextlib.suppress(Exception):  # ends its run, unregisters its closer, if it still can
-                        tracker.close()
+                    _end_as_failed(tracker)
                 detail = (str(exc).strip().splitlines() or [""])[0][:300]
                 logger.warning(f"{_tracker_name(tracker)} reporting is off for the rest of this run: {call} failed "
                                f"{when} ({type(exc).__name__}: {detail}); training goes on; {self._still_written()} "
@@ -116,6 +115,18 @@ class RunLog:
 
     def _still_written(self) -> str:
         return "metrics.jsonl, checkpoints and the adapter are" if self._jsonl else "checkpoints and the adapter are"
+
+
+def _end_as_failed(tracker: Any) -> None:
+    """End a dropped tracker's run as failed (MLflow status ``FAILED``, W&B exit code 1), if it still can: its
+    records stop at the failure, and ``close()`` would mark the run finished as if it held the whole run."""
+    # Its closer for the failure watch (:func:`peftlab.engine.rank_failure.close_before_stop`) goes first: the run
+    # is ended here, the watch must not end it again, and a registered closer would keep the tracker alive.
+    unregister = getattr(tracker, "_unregister", None)
+    if callable(unregister):
+        unregister()
+    with contextlib.suppress(Exception):  # the store that just failed may refuse this too; the warning says why
+        tracker.stopped()
 
 
 def _tracker_name(tracker: Any) -> str:
