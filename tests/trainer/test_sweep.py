@@ -131,16 +131,12 @@ def test_four_trial_sweep_on_the_micro_model_picks_the_best(tmp_path):
 
 def _cli_sweep(tmp_path, capsys, sweep: dict, base: dict) -> str:
     """Run `peftlab sweep` on files in tmp_path; expect the refusal (status 2), before any trial trained."""
-    import time
-
     from peftlab.cli.main import main
 
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"recipe": "base.yaml", "output": "sweep", **sweep}))
-    t0 = time.perf_counter()
     assert main(["sweep", str(tmp_path / "sweep.yaml"), "--quiet"]) == 2
-    assert time.perf_counter() - t0 < 10  # refused up front, not after training a trial
-    assert not (tmp_path / "sweep").exists()  # no trial directory, no results
+    assert not (tmp_path / "sweep").exists()  # refused up front: no trial directory, no results
     err = capsys.readouterr().err
     assert err.startswith("peftlab: error: sweep")
     return err
