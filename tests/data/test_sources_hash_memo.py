@@ -8,6 +8,7 @@ import json
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -70,20 +71,38 @@ def test_a_rewrite_that_puts_the_old_mtime_back_is_read_again(tmp_path, reads, s
     data.write_text(ROWS)
     before = hash_files([data], tmp_path / "cache")
     st = data.stat()
-    time.sleep(0.05)  # past the kernel's timestamp tick, so the ctime the rewrite sets is a new one
-    data.write_text(ROWS.replace("row 1 ", "row 9 "))
-    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))  # what cp -p / rsync -t / touch -r do
+    # rewritten until the kernel's timestamp clock has ticked past the first write's ctime (its tick is the
+    # filesystem's and the kernel's, commonly 1-10 ms, up to 2 s on FAT), so the ctime the rewrite sets is a new one
+    deadline = time.monotonic() + 3.0
+    while True:
+        data.write_text(ROWS.replace("row 1 ", "row 9 "))
+        os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))  # what cp -p / rsync -t / touch -r do
+        if data.stat().st_ctime_ns != st.st_ctime_ns:
+            break
+        if time.monotonic() > deadline:
+            pytest.skip(f"the ctime of {data} did not change within 3 s of rewrites: this filesystem's timestamp "
+                        "clock is too coarse to tell a rewrite that keeps size and mtime")
+        time.sleep(0.01)
     assert (data.stat().st_size, data.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
-    assert data.stat().st_ctime_ns != st.st_ctime_ns
     assert hash_files([data], tmp_path / "cache") == plain_digest(data) != before
     assert reads["t.jsonl"] == 2
 
 
-def test_a_file_written_just_now_is_not_remembered(tmp_path, reads):
+def clock_at(monkeypatch, ns: int) -> None:
+    """peftlab.data.sources reads the time as ``ns`` (its own ``time`` only: the test's wall time does not matter)."""
+    monkeypatch.setattr(sources, "time", SimpleNamespace(time_ns=lambda: ns))
+
+
+def test_a_file_written_just_now_is_not_remembered(tmp_path, reads, monkeypatch):
     data = tmp_path / "t.jsonl"
     data.write_text(ROWS)  # a write within the window could share its timestamps with the next one
+    written = max(data.stat().st_mtime_ns, data.stat().st_ctime_ns)
+    clock_at(monkeypatch, written + sources.RACY_WINDOW_NS - 1)  # hashed just inside the window
     assert hash_files([data], tmp_path / "cache") == hash_files([data], tmp_path / "cache") == plain_digest(data)
     assert reads["t.jsonl"] == 2 and not (tmp_path / "cache" / HASH_MEMO).exists()
+    clock_at(monkeypatch, written + sources.RACY_WINDOW_NS + 1)  # once the window has passed it is remembered
+    assert hash_files([data], tmp_path / "cache") == hash_files([data], tmp_path / "cache") == plain_digest(data)
+    assert reads["t.jsonl"] == 3 and (tmp_path / "cache" / HASH_MEMO).is_file()
 
 
 @pytest.mark.parametrize("memo", [
