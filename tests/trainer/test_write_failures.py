@@ -10,9 +10,12 @@ import os
 
 import pytest
 from disk_faults import FailingDisk
+from helpers import short_run_recipe
 
 from peftlab.errors import PeftlabError
-from peftlab.trainer.failures import diagnose, setup_failure_message
+from peftlab.recipe.parse import recipe_from_dict
+from peftlab.trainer import loop
+from peftlab.trainer.failures import diagnose
 
 pytestmark = pytest.mark.xdist_group("trainer")
 
@@ -65,16 +68,17 @@ def test_metrics_refused_at_the_first_write_stops_with_the_write_failure(short_t
         "the same command once that is fixed")
 
 
-def test_metrics_refused_while_a_resumed_run_is_built_names_the_file(short_trainer, tmp_path, monkeypatch):
+def test_metrics_refused_while_a_resumed_run_is_built_names_the_file(short_trainer, short_data, tmp_path, monkeypatch):
+    """Through peftlab.trainer.loop.train (what ``peftlab train`` runs): the OSError raised while the Trainer is
+    built becomes the one message naming the file, not a traceback."""
     out = tmp_path / "o"
     short_trainer(out, train={"max_steps": 2}).train()
+    recipe = recipe_from_dict(short_run_recipe(short_data, out, train={"max_steps": 3}, resume="auto"))
     for name in ("metrics.jsonl", ".metrics.jsonl"):  # the file and its atomic rewrite's temporary
         FailingDisk(monkeypatch, out / name, errno.EROFS).fail_now()
-    with pytest.raises(OSError) as e:  # what peftlab.trainer.loop.train diagnoses while it builds the Trainer
-        short_trainer(out, train={"max_steps": 3}, resume="auto")
-    failure = diagnose(e.value, out)
-    assert failure is not None
-    assert str(setup_failure_message(failure, recipe=None)) == (
+    with pytest.raises(PeftlabError) as e:
+        loop.train(recipe, quiet=True)
+    assert str(e.value) == (
         f"could not write {out / 'metrics.jsonl'} before training started: Read-only file system (errno EROFS); the "
         "filesystem is mounted read-only: remount it read-write, or choose an output.dir on a writable disk. Nothing "
         "was trained; rerun the same command once that is fixed")
