@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,8 +177,12 @@ def encoded_chunks(items: Iterable[SourceRecord], encoder: Encoder, num_proc: in
     chunks are being encoded at a time, the next one submitted as the oldest comes back, so a stream bigger
     than memory stays a stream (``Pool.imap`` would not do: its feeder thread drains the whole input at once).
     Results come back in submission order, so the output is identical to ``num_proc: 1``.
+
+    Input known to fit one chunk (a list or other sized collection of at most ``ENCODE_CHUNK`` items, such as the
+    rows a resume's skip still holds) is encoded in this process: one chunk is one task for one worker, and starting
+    ``num_proc`` processes for it costs more than encoding it. The encoding is the same either way.
     """
-    if num_proc <= 1:
+    if num_proc <= 1 or (isinstance(items, Sized) and len(items) <= ENCODE_CHUNK):
         for chunk in _chunks(items, ENCODE_CHUNK):
             yield chunk, encoder.encode_batch([c.record for c in chunk])
         return
