@@ -18,18 +18,29 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 __all__ = ["atomic_directory", "atomic_write", "atomic_write_bytes", "atomic_write_text", "default_permissions",
-           "file_lock", "fsync_dir", "fsync_file", "temporary_name"]
+           "file_lock", "fsync_dir", "fsync_file", "target_of_temporary", "temporary_name"]
 
 
 def temporary_name(path: Path) -> Path:
     """The temporary file beside ``path`` a write goes to before the rename."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.tmp-\d+")  # what temporary_name makes, of any process
+
+
+def target_of_temporary(path: Path) -> Path | None:
+    """The file a :func:`temporary_name` stands in for (``.NAME.tmp-PID`` -> ``NAME`` beside it), else None: a
+    message about a refused write names the file being replaced, not a temporary that is gone."""
+    temporary = _TEMPORARY.fullmatch(path.name)
+    return path.with_name(temporary["name"]) if temporary else None
 
 
 def fsync_file(path: Path) -> None:

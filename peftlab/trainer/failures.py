@@ -8,20 +8,18 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from peftlab.checkpoint.atomic import target_of_temporary
 from peftlab.checkpoint.store import STORAGE_ERRNOS, checkpoint_step, storage_problem
 from peftlab.engine.memory_fit import out_of_memory_advice
 from peftlab.engine.process_group import is_distributed, rank
 from peftlab.errors import PeftlabError
 
-# an atomic write's temporary name beside its target (peftlab.checkpoint.atomic.temporary_name): ".NAME.tmp-PID"
-_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp-\d+$")
 _ALLOCATION_FAILURES = ("can't allocate memory", "cannot allocate memory", "out of memory",
                         "CUBLAS_STATUS_ALLOC_FAILED")
 
@@ -50,9 +48,8 @@ def output_write_error(exc: BaseException, out_dir: Path) -> tuple[str, int, str
     path = Path(os.fsdecode(exc.filename))  # some writers (TensorBoard's) name the file as bytes
     if not path.resolve().is_relative_to(out_dir.resolve()):
         return None
-    temporary = _TEMPORARY.match(path.name)  # name the file being replaced, not a temporary that is gone
     why, fix = storage_problem(exc)
-    return str(path.with_name(temporary["name"]) if temporary else path), exc.errno, why, fix
+    return str(target_of_temporary(path) or path), exc.errno, why, fix  # the file being replaced, not a temporary
 
 
 def loading_failure_message(recipe: Any, memory: str) -> PeftlabError:
