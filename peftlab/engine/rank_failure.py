@@ -14,9 +14,11 @@ process blocked inside a collective; nothing else in it can). The failing rank w
 :data:`ACK_WAIT_S`) until every other rank has seen the failure, so a rank that serves the store does not take
 the message down with it. Keys carry torchrun's restart count: a restarted attempt never reads the last one's.
 
-``os._exit`` runs no ``finally`` blocks and no ``atexit`` handlers, so whatever holds buffered output (an
-experiment tracker's run, an event writer) registers a closer with :func:`close_before_stop`; the watch runs the
-registered closers before it ends the process — each in a thread of its own, all together bounded by
+``os._exit`` runs no ``finally`` blocks and no ``atexit`` handlers, so whatever holds a run open or output
+buffered registers a closer with :func:`close_before_stop`: the experiment trackers do
+(:mod:`peftlab.metrics.trackers`: the run ends as failed, its buffered records sent). TensorBoard's event file and
+metrics.jsonl need none: they are written and flushed record by record (:mod:`peftlab.metrics.runlog`). The watch
+runs the registered closers before it ends the process — each in a thread of its own, all together bounded by
 :data:`CLOSE_WAIT_S`, so a closer that hangs (a tracker server that no longer answers) cannot keep a stopped rank
 alive.
 """
