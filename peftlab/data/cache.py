@@ -1,7 +1,8 @@
 """Tokenized-data cache: build once, share with every process of the run and with later runs.
 
 The key is a sha256 over: the cache format version, every ``data:`` setting (except ``num_proc``,
-which cannot change the result), the seed, each source's content hash (file bytes, not mtimes), and
+which cannot change the result; a setting added after keys were first written only when it is not at its default:
+:data:`KEYED_DATA_FIELDS`), the seed, each source's content hash (file bytes, not mtimes), and
 the tokenizer (its full ``tokenizer.json``, special tokens and chat template). A named template is
 part of the settings; the tokenizer's own template is part of the tokenizer. The content hashes are
 remembered in the cache directory (``file-hashes.json``, :func:`peftlab.data.sources.hash_files`) and
@@ -30,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
 
 from peftlab.checkpoint.atomic import atomic_write, file_lock
 from peftlab.data.build import DataBundle
@@ -58,11 +61,50 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()
 
 
+# The data settings every key has always hashed (DataConfig's and DatasetSpec's fields when keys were first written,
+# but ``num_proc``). A field added to either later is hashed only when it is set away from its default: a checkpoint
+# holds the stream fingerprint (:meth:`peftlab.data.streaming.StreamingExamples.fingerprint`), and a new setting at
+# its default must leave it — and the cache entries' keys — as they were, or every streaming resume is refused and
+# every cache entry built again although the examples are the same. Do not add a new field here.
+KEYED_DATA_FIELDS = frozenset({
+    "train", "eval", "eval_split", "template", "train_on", "max_seq_len", "packing", "overlength", "on_bad_rows",
+    "system_prompt", "max_samples", "streaming", "mixture", "shuffle", "label_type", "eval_prompts", "shuffle_buffer"})
+KEYED_DATASET_FIELDS = frozenset({"path", "format", "split", "fields", "weight", "loss_weight", "name"})
+UNKEYED_DATA_FIELDS = frozenset({"num_proc"})  # cannot change the examples
+
+
+def _keyed_settings(model: BaseModel, keyed: frozenset[str]) -> dict[str, Any]:
+    """``model``'s settings as keys hash them: the fields of ``keyed`` always, any other only away from its default
+    (fields excluded from dumps, like DataConfig.preference, not at all)."""
+    dumped = model.model_dump(mode="json")
+    fields_info = type(model).model_fields
+    out = {}
+    for name, value in dumped.items():
+        if name in keyed or name not in fields_info:
+            out[name] = value
+            continue
+        default = fields_info[name].get_default(call_default_factory=True)
+        if default is PydanticUndefined or getattr(model, name) != default:
+            out[name] = value
+    return out
+
+
+def data_settings(cfg: DataConfig) -> dict[str, Any]:
+    """The data settings :func:`examples_key` hashes (see :data:`KEYED_DATA_FIELDS`)."""
+    settings = _keyed_settings(cfg, KEYED_DATA_FIELDS)
+    for name in UNKEYED_DATA_FIELDS:
+        settings.pop(name, None)
+    for name in ("train", "eval"):
+        if name in settings:
+            settings[name] = [_keyed_settings(spec, KEYED_DATASET_FIELDS) for spec in getattr(cfg, name)]
+    return settings
+
+
 def examples_key(cfg: DataConfig, tokenizer: Any, seed: int, fingerprints: list[str], *, version: int) -> str:
-    """sha256 over what defines the examples — every data setting but ``num_proc``, the seed, the sources' content
-    ``fingerprints`` and the tokenizer — and ``version``: the format of what the caller keys with it."""
-    settings = cfg.model_dump(mode="json", exclude={"num_proc"})
-    blob = json.dumps({"version": version, "settings": settings, "seed": seed,
+    """sha256 over what defines the examples — the data settings (:func:`data_settings`: every one but
+    ``num_proc``), the seed, the sources' content ``fingerprints`` and the tokenizer — and ``version``: the format
+    of what the caller keys with it."""
+    blob = json.dumps({"version": version, "settings": data_settings(cfg), "seed": seed,
                        "sources": fingerprints, "tokenizer": tokenizer_fingerprint(tokenizer)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
