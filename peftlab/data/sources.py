@@ -106,7 +106,7 @@ def hash_files(paths: list[Path], memo_dir: Path | None = None) -> str:
     digest = _hash_contents(paths)
     # remembered only when the files held still while read and their timestamps are older than the window a
     # later write could share (git's "racily clean" rule): such a write then shows as a newer mtime or ctime
-    if file_states(paths) == before and all(max(st[2], st[3]) < started - RACY_WINDOW_NS for st in before):
+    if file_states(paths) == before and all(max(st[1], st[2]) < started - RACY_WINDOW_NS for st in before):
         _remember(memo, key, before, digest)
     return digest
 

@@ -105,6 +105,19 @@ def test_a_file_written_just_now_is_not_remembered(tmp_path, reads, monkeypatch)
     assert reads["t.jsonl"] == 3 and (tmp_path / "cache" / HASH_MEMO).is_file()
 
 
+def test_a_file_whose_mtime_is_within_the_window_is_not_remembered(tmp_path, reads, monkeypatch):
+    """The window is read from the mtime as well as the ctime: a file stamped with a recent (here: future) mtime
+    could share it with its next rewrite, so it is not remembered though its ctime is old enough."""
+    data = tmp_path / "t.jsonl"
+    data.write_text(ROWS)
+    changed = data.stat().st_ctime_ns
+    os.utime(data, ns=(changed, changed + 10 * sources.RACY_WINDOW_NS))  # mtime set ahead (touch -d, an archive)
+    changed = data.stat().st_ctime_ns  # utime moved the ctime to now
+    clock_at(monkeypatch, changed + sources.RACY_WINDOW_NS + 1)  # the ctime is outside the window, the mtime not
+    assert hash_files([data], tmp_path / "cache") == plain_digest(data)
+    assert not (tmp_path / "cache" / HASH_MEMO).exists()
+
+
 @pytest.mark.parametrize("memo", [
     b"\x00\xff not json",
     b"[" * 100_000,

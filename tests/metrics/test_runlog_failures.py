@@ -88,7 +88,10 @@ def test_a_failing_experiment_tracker_is_dropped_with_one_warning_and_the_run_go
 
     class LockedStore(trackers.MLflowTracker):  # an MLflow store that a reader (mlflow ui) holds locked from step 2
         def __init__(self, *args, **kwargs):
-            self.logged, self.closed = [], 0
+            self.logged, self.closed, self.failed = [], 0, 0
+
+        def stopped(self):
+            self.failed += 1
 
         def log(self, step, split, figures):
             if step >= 2:
@@ -113,5 +116,5 @@ def test_a_failing_experiment_tracker_is_dropped_with_one_warning_and_the_run_go
     assert warnings == [("mlflow reporting is off for the rest of this run: log failed at step 2 (RuntimeError: "
                         "(sqlite3.OperationalError) database is locked); training goes on; metrics.jsonl, checkpoints "
                         "and the adapter are written as before")]
-    assert store.logged == [1] and store.closed == 1  # its run ended once, when it was dropped
+    assert store.logged == [1] and store.closed == 0 and store.failed == 1  # its run ended once, as failed
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
