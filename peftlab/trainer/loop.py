@@ -23,7 +23,7 @@ import torch
 
 from peftlab.adapters.chat_template import save_chat_template, training_template
 from peftlab.adapters.freezing import save_unfrozen, unfreeze_modules
-from peftlab.checkpoint.resume import checkpoint_to_resume, resume
+from peftlab.checkpoint.resume import checkpoint_to_resume
 from peftlab.checkpoint.rng import restore_rng
 from peftlab.checkpoint.save import run_files, save_checkpoint
 from peftlab.checkpoint.store import latest_complete
@@ -40,7 +40,7 @@ from peftlab.trainer.failures import diagnose, failure_message, setup_failure_me
 from peftlab.trainer.fault_injection import kill_point, trace_step
 from peftlab.trainer.guards import Guards
 from peftlab.trainer.preemption import Preemption
-from peftlab.trainer.state import RunInputs, TrainResult, TrainState, real_tokens
+from peftlab.trainer.state import RunInputs, TrainResult, real_tokens
 
 logger = logging.getLogger(__name__)
 Batch = dict[str, torch.Tensor]
@@ -71,8 +71,14 @@ def accumulate_gradients(model: torch.nn.Module, batches: list[Batch], objective
 class Trainer:
     def __init__(self, recipe: Any, *, quiet: bool = False):
         """Build the run (``quiet``: warnings only while it builds and trains; only rank 0 speaks)."""
+        self.engine: Any = None
         with quiet_logging(quiet):
-            self._build(recipe, quiet)
+            try:
+                self._build(recipe, quiet)
+            except BaseException:  # a half-built run too puts back what its engine changed (ZeRO-3's F.linear)
+                if self.engine is not None:
+                    self.engine.close()
+                raise
 
     def _build(self, recipe: Any, quiet: bool) -> None:
         self.recipe, t, self.quiet = recipe, recipe.train, quiet
@@ -94,19 +100,11 @@ class Trainer:
         self.engine = setup.build_engine(recipe, self.loaded, self.unfrozen, self.total_steps)
         self.early_stopping = EarlyStopping.from_recipe(recipe)
         self.guards, self.preemption = Guards(recipe.guards), Preemption()
-        self.state, self.inputs = TrainState(), RunInputs.of(self.data.train, self.objective)
-        self.resumed_from: Path | None = None
-        self._resume_rng: dict[str, Any] | None = None
-        self._last_saved: tuple[int, Path] | None = None
+        self.inputs, self.resumed_from = RunInputs.of(self.data.train, self.objective), resume_from
+        self.state, self._resume_rng = setup.resume_state(recipe, resume_from, self.model, self.engine, self.inputs)
+        self._last_saved: tuple[int, Path] | None = (self.state.step, resume_from) if resume_from else None
         self._last_eval: tuple[int, dict[str, Any]] | None = None
         self._save_due = False
-        if resume_from is not None:
-            resumed = resume(resume_from, recipe=recipe, model=self.model, engine=self.engine,
-                             data_fingerprint=self.inputs.data_fingerprint, n_train=self.inputs.n_train)
-            self.inputs.check(resumed.trainer_state, resume_from)  # + what the objective reads (DANN target rows)
-            self.state, self._resume_rng = TrainState.from_json(resumed.trainer_state), resumed.rng
-            self.resumed_from, self._last_saved = resume_from, (self.state.step, resume_from)
-            logger.info(f"peftlab: resuming from {resume_from} (step {self.state.step}, epoch {self.state.epoch})")
         resumed_step = self.state.step if self.resumed_from is not None else None
         setup.continue_metrics(self.out_dir / "metrics.jsonl", resumed_step, self.dist.is_main)
         self.log = RunLog(self.out_dir, recipe.output.report_to if self.dist.is_main else [],
@@ -185,10 +183,11 @@ class Trainer:
             failure = diagnose(exc, self.out_dir)
             if failure is None:
                 raise
-        finally:  # e.g. ZeRO-3's process-wide F.linear back; below, outside the except: the step's frames are freed
+        finally:  # whatever happened: the trackers' runs end, ZeRO-3's process-wide F.linear goes back
+            with contextlib.suppress(Exception):
+                self.log.close()
             self.engine.close()
-        with contextlib.suppress(Exception):
-            self.log.close()
+        # outside the except: the failed step's frames are freed before the planner runs for the message
         raise failure_message(failure, recipe=self.recipe, step=self.state.step,
                               last=self._last_checkpoint()) from None
 

@@ -10,6 +10,7 @@
     data order     seeded per epoch, or stream order               sampler
     schedule       optimizer steps of the run                      total_steps
     engine         local PyTorch or DeepSpeed ZeRO                  build_engine
+    resume         a checkpoint's weights, optimizer and state      resume_state
     metrics.jsonl  continued on resume, new for a fresh run        continue_metrics
 
 The objective is :func:`peftlab.objectives.objective.build_objective`; resuming, :mod:`peftlab.checkpoint.resume`.
@@ -30,6 +31,7 @@ import torch
 
 from peftlab.adapters.freezing import optimizer_param_groups, resolve_layers
 from peftlab.checkpoint.atomic import atomic_write_text
+from peftlab.checkpoint.resume import resume
 from peftlab.checkpoint.store import (
     checkpoint_dirs,
     probe_writable,
@@ -51,7 +53,14 @@ from peftlab.errors import PeftlabError
 from peftlab.model.classifier import build_classifier_model
 from peftlab.model.domain_head import separate_domain_head_group
 from peftlab.model.load import LoadedModel, build_model, count_parameters, pick_device, pick_dtype
-from peftlab.trainer.state import BatchBuilder, EpochSampler, StreamSampler, build_sampler
+from peftlab.trainer.state import (
+    BatchBuilder,
+    EpochSampler,
+    RunInputs,
+    StreamSampler,
+    TrainState,
+    build_sampler,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +213,21 @@ def build_engine(recipe: Any, loaded: LoadedModel, unfrozen: dict[str, torch.nn.
     groups = optimizer_param_groups(loaded.model, recipe.adapter, recipe.train.lr, unfrozen)
     groups = separate_domain_head_group(loaded.model, groups, recipe.train.lr)  # dann.head.lr
     return LocalEngine(loaded.model, recipe.train, steps, loaded.device, param_groups=groups)
+
+
+def resume_state(recipe: Any, resume_from: Path | None, model: torch.nn.Module, engine: Engine,
+                 inputs: RunInputs) -> tuple[TrainState, dict[str, Any] | None]:
+    """Where the run continues: a fresh state (and no RNG state) without a checkpoint; else the checkpoint's
+    trainer state and RNG state, after :func:`~peftlab.checkpoint.resume.resume` restored the weights and optimizer
+    and checked that the data (and what the objective reads: DANN target rows) are the ones it was trained on."""
+    if resume_from is None:
+        return TrainState(), None
+    resumed = resume(resume_from, recipe=recipe, model=model, engine=engine,
+                     data_fingerprint=inputs.data_fingerprint, n_train=inputs.n_train)
+    inputs.check(resumed.trainer_state, resume_from)
+    state = TrainState.from_json(resumed.trainer_state)
+    logger.info(f"peftlab: resuming from {resume_from} (step {state.step}, epoch {state.epoch})")
+    return state, resumed.rng
 
 
 def continue_metrics(path: Path, resumed_step: int | None, is_main: bool) -> None:

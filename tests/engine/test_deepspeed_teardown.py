@@ -10,6 +10,7 @@ from torch import nn
 
 from peftlab.engine import deepspeed as ds_engine
 from peftlab.recipe.parse import recipe_from_dict
+from peftlab.trainer import setup as loop_setup
 from peftlab.trainer.loop import train
 
 pytestmark = pytest.mark.xdist_group("deepspeed")
@@ -74,5 +75,26 @@ def test_a_zero3_run_through_the_library_api_leaves_functional_linear_as_it_was(
         with pytest.raises(Exception, match="(?i)memory"):
             train(recipe_from_dict(raw), quiet=True)
     else:
+        train(recipe_from_dict(raw), quiet=True)
+    assert torch.nn.functional.linear is original
+
+
+def test_a_zero3_run_that_fails_while_it_is_built_leaves_functional_linear_as_it_was(tmp_path, monkeypatch):
+    """The engine is built, then the run's construction fails (here: continuing metrics.jsonl): the half-built
+    Trainer closes its engine before the error goes on."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    data = make_quickstart_data(tmp_path / "data", n_train=8, n_eval=2)
+    raw = tiny_recipe_dict(data, tmp_path / "out", quantization={"mode": "none"},
+                           train={"max_steps": 1, "grad_accum": 1, "micro_batch_size": 2, "eval_at_start": False})
+    raw["deepspeed"] = ds_config("zero3")
+    original = torch.nn.functional.linear
+
+    def refuse(*args, **kwargs):
+        assert torch.nn.functional.linear is not original  # the engine is built: DeepSpeed's wrapper is in
+        raise RuntimeError("metrics.jsonl cannot be continued")
+
+    monkeypatch.setattr(loop_setup, "continue_metrics", refuse)
+    with pytest.raises(RuntimeError, match="cannot be continued"):
         train(recipe_from_dict(raw), quiet=True)
     assert torch.nn.functional.linear is original

@@ -317,3 +317,23 @@ def test_the_quickstarts_first_losses_are_pinned(tmp_path):
     assert trainer.total_steps == 376  # 2 epochs of 188 steps: the quickstart's own schedule (12 warmup steps)
     losses = [trainer.train_step()["loss"] for _ in QUICKSTART_LOSSES]
     assert losses == pytest.approx(QUICKSTART_LOSSES, rel=REL_TOL)
+
+
+def test_train_closes_the_run_log_and_the_engine_whatever_stops_it():
+    """An error the run does not explain (here a RuntimeError) still ends the trackers' runs (RunLog.close: MLflow /
+    W&B, and their rank-failure closers unregistered) and closes the engine; the error itself goes on unchanged."""
+    from types import SimpleNamespace
+
+    closed: list[str] = []
+    trainer = object.__new__(Trainer)
+    trainer.quiet, trainer.out_dir = True, None
+    trainer.log = SimpleNamespace(close=lambda: closed.append("log"))
+    trainer.engine = SimpleNamespace(close=lambda: closed.append("engine"))
+
+    def fail():
+        raise RuntimeError("something peftlab does not explain")
+
+    trainer._train = fail
+    with pytest.raises(RuntimeError, match="does not explain"):
+        trainer.train()
+    assert closed == ["log", "engine"]
