@@ -62,10 +62,11 @@ def setup_failure_message(failure: Failure, recipe: Any) -> PeftlabError:
     """The message of a run that failed while it was being built, before its first step: out of memory loading the
     model and data, or the disk refusing a write of its output after the start checks passed (a resumed run
     rewrites metrics.jsonl to its checkpoint's step). Checkpoints are untouched."""
+    who = f"rank {rank()}: " if is_distributed() else ""  # as failure_message: which rank of a launched run
     if failure.memory is not None:
-        return loading_failure_message(recipe, failure.memory)
+        return PeftlabError(who + str(loading_failure_message(recipe, failure.memory)))
     path, errno_value, why, fix = failure.storage
-    return PeftlabError(f"could not write {path} before training started: {why} (errno "
+    return PeftlabError(f"{who}could not write {path} before training started: {why} (errno "
                         f"{errno.errorcode.get(errno_value, errno_value)}); {fix}. Nothing was trained; rerun the same "
                         "command once that is fixed")
 

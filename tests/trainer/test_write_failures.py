@@ -82,3 +82,21 @@ def test_metrics_refused_while_a_resumed_run_is_built_names_the_file(short_train
         f"could not write {out / 'metrics.jsonl'} before training started: Read-only file system (errno EROFS); the "
         "filesystem is mounted read-only: remount it read-write, or choose an output.dir on a writable disk. Nothing "
         "was trained; rerun the same command once that is fixed")
+
+
+def test_a_setup_failure_in_a_launched_run_names_its_rank(monkeypatch):
+    """As failure_message does for a failed step: the message of a rank that failed while its run was built says
+    which rank (the others stop with it, each naming the failed one)."""
+    import errno as errno_codes
+
+    from peftlab.trainer import failures
+
+    storage = failures.Failure(storage=("/runs/x/metrics.jsonl", errno_codes.EROFS, "read-only", "remount it"))
+    assert str(failures.setup_failure_message(storage, None)).startswith("could not write /runs/x/metrics.jsonl")
+    monkeypatch.setattr(failures, "is_distributed", lambda: True)
+    monkeypatch.setattr(failures, "rank", lambda: 3)
+    assert str(failures.setup_failure_message(storage, None)).startswith(
+        "rank 3: could not write /runs/x/metrics.jsonl before training started: read-only (errno EROFS); remount it")
+    monkeypatch.setattr(failures, "out_of_memory_message", lambda recipe, memory, when: f"out of memory {when}")
+    assert str(failures.setup_failure_message(failures.Failure(memory="CUDA out of memory"), None)) == (
+        "rank 3: out of memory while loading the model and data Nothing was trained or written yet.")
