@@ -37,9 +37,10 @@ class RunLog:
     ``enabled=False`` (ranks other than 0) writes nothing."""
 
     def __init__(self, out_dir: Path, report_to: list[str], *, enabled: bool = True,
-                 params: dict[str, Any] | None = None, run_name: str | None = None):
+                 params: dict[str, Any] | None = None, run_name: str | None = None, resumed_step: int | None = None):
         """``params`` (the recipe) and ``run_name`` go to the experiment trackers (mlflow, wandb) of
-        ``report_to``; see :mod:`peftlab.metrics.trackers`."""
+        ``report_to``; see :mod:`peftlab.metrics.trackers`. ``resumed_step``: the checkpoint's step a resumed run
+        continues from (TensorBoard then drops what the interrupted run logged after it)."""
         self.out_dir = out_dir
         self.enabled = enabled
         self.path = out_dir / "metrics.jsonl"
@@ -47,7 +48,7 @@ class RunLog:
         self._tb: EventFile | None = None
         if enabled and "tensorboard" in report_to:
             try:
-                self._tb = EventFile(out_dir / "tensorboard")
+                self._tb = EventFile(out_dir / "tensorboard", resumed_step)
             except OSError as exc:
                 self._tensorboard_off(exc, out_dir / "tensorboard", "at the start")
         self._trackers: list[Any] = []
@@ -142,8 +143,11 @@ class EventFile:
     """One TensorBoard event file (TFRecord-framed ``Event`` protos, the format ``SummaryWriter`` writes and
     TensorBoard reads), written and flushed in the calling thread, so a refused write raises here as an OSError."""
 
-    def __init__(self, log_dir: Path):
-        from tensorboard.compat.proto.event_pb2 import Event
+    def __init__(self, log_dir: Path, resumed_step: int | None = None):
+        """``resumed_step``: a resumed run's checkpoint step. The file then starts with a session START at the next
+        step, which makes TensorBoard purge the events of the interrupted run from that step on (its steps after
+        the checkpoint, which the resumed run logs again), so the curves do not overlap."""
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
         from tensorboard.summary.writer.record_writer import RecordWriter
 
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -154,6 +158,9 @@ class EventFile:
         self._records = RecordWriter(self._file)
         try:
             self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
+            if resumed_step is not None:
+                self._write(Event(wall_time=time.time(), step=resumed_step + 1,
+                                  session_log=SessionLog(status=SessionLog.START)))
         except OSError:
             with contextlib.suppress(OSError):
                 self._file.close()

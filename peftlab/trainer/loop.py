@@ -108,7 +108,7 @@ class Trainer:
         resumed_step = self.state.step if self.resumed_from is not None else None
         setup.continue_metrics(self.out_dir / "metrics.jsonl", resumed_step, self.dist.is_main)
         self.log = RunLog(self.out_dir, recipe.output.report_to if self.dist.is_main else [],
-                          params=recipe.to_dict(), run_name=self.out_dir.name)
+                          params=recipe.to_dict(), run_name=self.out_dir.name, resumed_step=resumed_step)
 
     def eval_batches(self) -> list[Batch] | None:
         if not self.data.eval:

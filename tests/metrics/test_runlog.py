@@ -49,6 +49,25 @@ def test_tensorboard_gets_the_finite_numbers(tmp_path):
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 2.5), (2, 2.0)]
 
 
+def test_a_resumed_run_replaces_what_the_interrupted_run_logged_after_its_checkpoint(tmp_path):
+    """A run interrupted at step 10 whose last checkpoint is step 5 logs steps 6.. again when resumed: TensorBoard
+    shows each step once, the resumed run's value after the checkpoint (not two overlapping curves)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = RunLog(tmp_path, ["tensorboard"])
+    for step in range(1, 11):
+        first.log(step, "train", {"loss": 10.0 - step})
+    first.close()
+    resumed = RunLog(tmp_path, ["tensorboard"], resumed_step=5)
+    for step in range(6, 9):
+        resumed.log(step, "train", {"loss": 100.0 + step})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == (
+        [(s, 10.0 - s) for s in range(1, 6)] + [(s, 100.0 + s) for s in range(6, 9)])
+
+
 def test_a_refused_append_names_the_file(tmp_path, monkeypatch):
     path = tmp_path / "metrics.jsonl"
     append_line(path, '{"a": 1}')
