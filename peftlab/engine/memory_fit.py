@@ -15,6 +15,7 @@ from peftlab.engine.estimate_report import does_not_fit_message, fmt
 from peftlab.engine.model_shape import model_shape
 from peftlab.engine.planner import compute_dtype, estimate, fused_norm_saves, run_device
 from peftlab.errors import PeftlabError
+from peftlab.objectives.teacher import teacher_quantization
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def out_of_memory_advice(recipe: Any, *, device: str | None = None, budget: int 
                     "state take 3x its weights)")
     kd = recipe.distill
     if kd is not None and kd.mode == "online":
-        if kd.teacher.quantization is not None and kd.teacher.quantization.mode == "none":
+        if teacher_quantization(recipe, missing_ok=True).mode == "none":  # its own, its adapter's or the recipe's
             keys.append("distill.teacher.quantization: {mode: nf4} (a 4-bit teacher)")
         keys.append("distill.mode: offline (`peftlab distill-cache` stores the teacher's top-k once; training then "
                     "does not load the teacher)")

@@ -112,9 +112,7 @@ def teacher_shape(recipe: Any, device: str) -> Teacher | None:
                     "layers": c.get("layers_to_transform"), "layers_pattern": c.get("layers_pattern"),
                     "exclude_modules": c.get("exclude_modules"), "rank_pattern": c.get("rank_pattern"),
                     "alpha_pattern": c.get("alpha_pattern")}
-    # without its adapter (not trained yet) the quantization it records is unknown: the recipe's, as at run time
-    # teacher_quantization falls back to when nothing is recorded
-    quant = teacher_quantization(recipe) if lora is not None or not t.adapter else t.quantization or recipe.quantization
+    quant = teacher_quantization(recipe, missing_ok=True)  # an adapter not trained yet: the recipe's (noted above)
     shape = count_model(config, dtype, quant=quant, lora=lora,
                         trust_remote_code=t.trust_remote_code)
     return Teacher(shape, dtype.itemsize, teacher_label(recipe), tuple(notes))

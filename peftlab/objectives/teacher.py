@@ -67,12 +67,14 @@ def teacher_label(recipe: Any) -> str:
     return f"{name} + adapter {t.adapter}" if t.adapter else name
 
 
-def teacher_quantization(recipe: Any) -> Any:
-    """The teacher's quantization: its own section, else what its adapter was trained on, else the recipe's."""
+def teacher_quantization(recipe: Any, *, missing_ok: bool = False) -> Any:
+    """The teacher's quantization: its own section, else what its adapter was trained on, else the recipe's.
+    ``missing_ok`` (the memory planner, its advice): an adapter not trained yet records nothing, so the recipe's —
+    as at run time once it exists and records none; without it a missing adapter is refused by name."""
     t = recipe.distill.teacher
     if t.quantization is not None:
         return t.quantization
-    if t.adapter:
+    if t.adapter and not (missing_ok and not (recipe.resolve_path(t.adapter) / "adapter_config.json").is_file()):
         path = recipe.resolve_path(t.adapter)
         stored = _adapter_config(path).get("peftlab", {}).get("quantization")
         if not stored and (path / ADAPTER_RECIPE_NAME).is_file():  # written beside adapters by `peftlab train`

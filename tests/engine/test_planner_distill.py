@@ -192,6 +192,16 @@ def test_out_of_memory_advice_names_the_distill_keys(tmp_path):
     assert "distill" not in out_of_memory_advice(_recipe(tmp_path), device="cuda", budget=1)
     nf4 = _recipe(tmp_path, distill=_teacher(tmp_path, quant="nf4"))
     assert "distill.teacher.quantization" not in out_of_memory_advice(nf4, device="cuda", budget=1)
+    # no quantization of its own: the teacher inherits the recipe's (16 bits here), and the advice still applies
+    inherits = _teacher(tmp_path)
+    del inherits["teacher"]["quantization"]
+    advice = out_of_memory_advice(_recipe(tmp_path, quantization={"mode": "none"}, distill=inherits), device="cuda",
+                                  budget=1)
+    assert "distill.teacher.quantization: {mode: nf4} (a 4-bit teacher)" in advice
+    inherits["teacher"]["adapter"] = str(tmp_path / "not-trained-yet")  # nothing recorded yet: the recipe's
+    advice = out_of_memory_advice(_recipe(tmp_path, quantization={"mode": "none"}, distill=inherits), device="cuda",
+                                  budget=1)
+    assert "distill.teacher.quantization: {mode: nf4} (a 4-bit teacher)" in advice
 
 
 # ---- each path's working set against torch.profiler's memory timeline ------------------------------------------
