@@ -248,25 +248,57 @@ def _load(path: Path, upgrade: bool = True) -> DataBundle:
 
 
 def load_or_build(cache_dir: Path, key: str, build: Callable[[], DataBundle]) -> DataBundle:
-    """The cached bundle for ``key``, building (once across processes) on a miss."""
+    """The cached bundle for ``key``, building (once across processes) on a miss.
+
+    The cache is an optimisation: in one process, a cache directory the disk refuses (full, read-only, a file in the
+    way) costs one warning and the data is built in memory; across processes the other ranks read rank 0's file, so
+    there a refused write is a :class:`PeftlabError` naming the directory. Errors of the build itself (a missing
+    data file) are not the cache's and go on as they are."""
     cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / f"data-{key[:32]}.pt"
     dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    launched = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if launched:
+            raise _cache_refused(exc, cache_dir, "the other processes need rank 0's file") from None
+        logger.warning(f"{_cache_refused(exc, cache_dir, 'the data is built in memory for this run')}")
+        return build()
+    if launched:
         built = None
         if dist.get_rank() == 0 and not path.is_file():
             built = build()
-            _save(built, path)
+            try:
+                _save(built, path)
+            except OSError as exc:
+                raise _cache_refused(exc, cache_dir, "the other processes need rank 0's file") from None
             built.cache_path = str(path)
         dist.barrier()  # everyone past here sees the finished file
         return built if built is not None else _load(path, upgrade=False)  # ranks read it at once: no rewrite
     if path.is_file():
         return _load(path)
-    with file_lock(cache_dir / f"data-{key[:32]}.lock"):
-        if path.is_file():  # another process built it while we waited
-            return _load(path, upgrade=False)
-        bundle = build()
-        _save(bundle, path)
+    stage, bundle = "lock", None
+    try:
+        with file_lock(cache_dir / f"data-{key[:32]}.lock"):
+            if path.is_file():  # another process built it while we waited
+                stage = "load"
+                return _load(path, upgrade=False)
+            stage = "build"
+            bundle = build()
+            stage = "save"
+            _save(bundle, path)
+    except OSError as exc:
+        if stage not in ("lock", "save"):
+            raise
+        logger.warning(f"{_cache_refused(exc, cache_dir, 'the data is built in memory for this run')}")
+        return bundle if bundle is not None else build()
     bundle.cache_path = str(path)
     return bundle
+
+
+def _cache_refused(exc: OSError, cache_dir: Path, then: str) -> PeftlabError:
+    """The message of a cache directory the disk refused (``then``: what happens instead)."""
+    why = exc.strerror or str(exc)
+    return PeftlabError(f"data cache: could not write in {cache_dir} ({why}): {then}; free space there or point "
+                        "PEFTLAB_DATA_CACHE at a writable disk with room (the next start tokenizes again until then)")
