@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -97,7 +98,9 @@ def hash_files(paths: list[Path], memo_dir: Path | None = None) -> str:
     if memo_dir is None:
         return _hash_contents(paths)
     memo = Path(memo_dir) / HASH_MEMO
-    key = "\n".join(os.path.abspath(p) for p in paths)
+    # per host: on a cache directory shared between nodes (NFS) inode and device numbers differ from node to node,
+    # so one entry for all would flip between them and every node would re-hash at every start
+    key = "\n".join([socket.gethostname(), *(os.path.abspath(p) for p in paths)])
     started = time.time_ns()
     before = file_states(paths)
     known = _read_memo(memo).get(key)

@@ -6,6 +6,7 @@ import builtins
 import hashlib
 import json
 import os
+import socket
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -132,7 +133,7 @@ def test_a_damaged_memo_is_ignored_and_replaced(tmp_path, reads, settled, memo):
     data.write_text(ROWS)
     cache = tmp_path / "cache"
     cache.mkdir()
-    key = os.path.abspath(data)
+    key = f"{socket.gethostname()}\n{os.path.abspath(data)}"  # the key hash_files uses: host, then the paths
     st = data.stat()
     states = [[st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]]
     wrong = "0" * 64  # a digest the memo must not be trusted for: each case below is malformed somewhere
@@ -163,3 +164,16 @@ def test_a_start_reads_unchanged_data_files_no_more(tmp_path, reads, settled):
     assert reads["t.jsonl"] == 2
     assert fingerprint == build_data(stream_cfg, tok, seed=0, base_dir=tmp_path).train.fingerprint()
     assert reads["t.jsonl"] == 3  # without a cache directory: read to hash, the same digest
+
+
+def test_each_host_remembers_its_own_digest(tmp_path, reads, settled, monkeypatch):
+    """A cache directory shared between nodes: each host keeps its entry (their inode and device numbers differ), so
+    neither re-hashes at every start, and one host's entry is never taken for another's."""
+    data = tmp_path / "t.jsonl"
+    data.write_text(ROWS)
+    for host in ("node-a", "node-b", "node-a", "node-b"):
+        monkeypatch.setattr(sources.socket, "gethostname", lambda host=host: host)
+        assert hash_files([data], tmp_path / "cache") == plain_digest(data)
+    assert reads["t.jsonl"] == 2  # once per host
+    entries = json.loads((tmp_path / "cache" / HASH_MEMO).read_text())["entries"]
+    assert sorted(k.split("\n")[0] for k in entries) == ["node-a", "node-b"]
