@@ -126,18 +126,24 @@ def ensure_logging() -> None:
 @contextlib.contextmanager
 def quiet_logging(quiet: bool = True) -> Iterator[None]:
     """:func:`ensure_logging`, then warnings only for the duration of one call when ``quiet``
-    (``train(recipe, quiet=True)``), and the ``peftlab`` logger's level as it was afterwards, so an application's
+    (``train(recipe, quiet=True)``; transformers' progress bars, e.g. "Loading weights", off for that call too), and the ``peftlab`` logger's level as it was afterwards, so an application's
     later calls (and its own INFO) are not silenced by an earlier quiet one. Quiet never lowers a level
     (``error`` stays)."""
+    from transformers.utils import logging as hf_logging
+
     ensure_logging()
     logger = logging.getLogger(LOGGER)
-    level = logger.level
+    level, bars = logger.level, quiet and hf_logging.is_progress_bar_enabled()
     if quiet:
         logger.setLevel(max(level, logging.WARNING))
+    if bars:
+        hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         logger.setLevel(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def info_enabled() -> bool:

@@ -56,3 +56,24 @@ def test_the_trainer_is_quiet_while_it_builds_and_trains_and_restores_the_level(
     assert trainer.train() == logging.WARNING and fresh_logger.level == logging.INFO
     trainer.quiet = False
     assert trainer.train() == logging.INFO
+
+
+def test_quiet_turns_transformers_progress_bars_off_for_the_call_only(fresh_logger):
+    """transformers' bars ("Loading weights") would print through a quiet call; they are off for it and back after,
+    and an application that turned them off keeps them off."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()  # HF_HUB_DISABLE_PROGRESS_BARS may have turned them off
+    hf_logging.enable_progress_bar()
+    try:
+        with console.quiet_logging(True):
+            assert not hf_logging.is_progress_bar_enabled()
+        assert hf_logging.is_progress_bar_enabled()
+        with console.quiet_logging(False):
+            assert hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        with console.quiet_logging(True):
+            assert not hf_logging.is_progress_bar_enabled()
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
