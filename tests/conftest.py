@@ -77,6 +77,24 @@ def _restore_functional_linear():
     torch.nn.functional.linear = _TORCH_LINEAR
 
 
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _restore_distributed_env():
+    """deepspeed.init_distributed (a one-process ZeRO run in this process) sets RANK, LOCAL_RANK and WORLD_SIZE in
+    os.environ and leaves them; a later test in the worker that builds a transformers/TRL Trainer then reads
+    LOCAL_RANK=0 as a launched run and asks for MASTER_ADDR (test_kto_vs_trl failed so, by xdist's scheduling).
+    Put them back as they were after every test."""
+    before = {key: os.environ.get(key) for key in DIST_ENV}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data beside the checkout; tests that need it skip cleanly when it is absent."""
