@@ -17,7 +17,8 @@ Which log-probs each loss wants (the caller builds them; TRL's conventions):
   needs the completion token counts (``chosen_lengths`` / ``rejected_lengths``): TRL 1.16 divides the
   log-ratios by them (IPO's per-token normalisation) while the logged rewards stay on the sums.
 - ``orpo_loss``: per-token *means* of the completion log-probs (TRL's ``average_log_prob=True``), and the
-  chosen completions' NLL (TRL: the token-mean cross-entropy over all chosen tokens of the batch, a scalar).
+  chosen completions' NLL (the token-mean cross-entropy over the batch's chosen ANSWER tokens, a scalar; TRL 1.16's
+  ORPOTrainer also scores the prompt tokens, which on short answers drowns the preference: bench/cpo_vs_trl.py).
 - ``simpo_loss``: per-token *means* (SimPO is length-normalised; TRL's CPO averages for ``simpo``).
 - ``kto_loss``: *sums*, plus the batch KL estimate from :func:`kto_kl_estimate` on mismatched completions.
 """
@@ -136,8 +137,8 @@ def orpo_loss(
 
     ``chosen_logps`` / ``rejected_logps`` are per-token *means* ``(B,)`` (so ``exp`` of them is a probability
     and the odds are finite); ``log_odds = (c − r) − (log(1−eᶜ) − log(1−eʳ))``. ``chosen_nll`` is the SFT term,
-    a scalar (TRL: the token-mean cross-entropy of all chosen tokens of the batch) or ``(B,)``; it is added to
-    every pair, so :attr:`PreferenceLoss.loss` equals TRL's ``nll − mean(β·logσ(log_odds))``. ``β`` is the
+    a scalar (the token-mean cross-entropy of the batch's chosen answer tokens; TRL 1.16 includes the prompt's) or
+    ``(B,)``; it is added to every pair, so :attr:`PreferenceLoss.loss` equals TRL's ``nll − mean(β·logσ(log_odds))``. ``β`` is the
     paper's λ (TRL default 0.1). Rewards: ``β·logps`` (TRL's).
     """
     _check_beta(beta)
