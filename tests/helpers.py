@@ -52,6 +52,21 @@ def tiny_recipe_dict(data_dir: Path, out_dir: Path, **sections: dict[str, Any]) 
 TORCHRUN_TIMEOUT_S = 300
 
 
+def profiled_peak(fn) -> int:
+    """Peak of the CPU tensor bytes allocated while ``fn`` runs (torch.profiler's memory events: allocations and
+    frees in time order) — what the memory planner's working-set terms are checked against."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

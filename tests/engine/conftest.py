@@ -7,11 +7,13 @@ Both modules are in the xdist group "deepspeed", so under `make test` they run i
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
-from helpers import ds_config, make_quickstart_data, torchrun_train, zero_recipe_raw
+from helpers import ds_config, free_port, make_quickstart_data, torchrun_train, zero_recipe_raw
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +39,15 @@ def zero_run(zero_data, tmp_path_factory) -> Callable[[str], Path]:
         return runs[stage]
 
     return get
+
+
+@pytest.fixture
+def store_pair():
+    """A rendezvous store served in this process and one client connection per rank (as every rank has)."""
+    port = free_port()
+    server = torch.distributed.TCPStore("127.0.0.1", port, 2, is_master=True, timeout=timedelta(seconds=10),
+                                        wait_for_workers=False)
+    clients = [torch.distributed.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=10),
+                                          wait_for_workers=False) for _ in range(2)]
+    yield clients
+    del clients, server

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import profiled_peak
 from peftlab.kernels import fused_linear_cross_entropy
 from peftlab.kernels.fused_linear_cross_entropy import default_chunk_rows, online_block
-from torch.profiler import ProfilerActivity, profile
 
 from peftlab.engine.estimate_report import MiB
 from peftlab.engine.loss_head import ce_loss_head, head_online
@@ -46,18 +46,6 @@ def _loss_head(recipe, device: str) -> int:
     return estimate(recipe, device=device, baseline=0).components["loss_head"]
 
 
-def _profiled_peak(fn) -> int:
-    """Peak of the CPU tensor bytes allocated while ``fn`` runs (allocations and frees in time order)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
-
-
 @pytest.mark.parametrize("compute, head, trains", [(torch.float32, torch.float32, False),
                                                    (torch.float32, torch.bfloat16, False),
                                                    (torch.bfloat16, torch.bfloat16, False),
@@ -88,7 +76,7 @@ def test_cpu_bf16_run_counts_the_vocabulary_outer_pass_as_measured(tmp_path):
     h = torch.randn(N, H, dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(VOCAB, H).to(torch.bfloat16)
     y = torch.randint(0, VOCAB, (N,))
-    measured = _profiled_peak(lambda: fused_linear_cross_entropy(h, w, y, normalizer=N).backward())
+    measured = profiled_peak(lambda: fused_linear_cross_entropy(h, w, y, normalizer=N).backward())
     assert abs(predicted - measured) <= 0.15 * measured, (predicted / MiB, measured / MiB)
     fwd, _, path = ce_loss_head(r, model_shape(r, torch.bfloat16, device="cpu"), device="cpu", elem=2, n_tokens=N)
     assert fwd == predicted and path.startswith("vocabulary-outer (torch_ce_online)")
@@ -147,7 +135,7 @@ def _step_peaks(r) -> tuple[int, int]:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return predicted, _profiled_peak(lambda: (step(), step()))  # the moments made in the first, alive in the second
+    return predicted, profiled_peak(lambda: (step(), step()))  # the moments made in the first, alive in the second
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])

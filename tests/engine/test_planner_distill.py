@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_quickstart_data, tiny_recipe_dict
-from torch.profiler import ProfilerActivity, profile
+from helpers import make_quickstart_data, profiled_peak, tiny_recipe_dict
 
 from peftlab.cli.main import main
 from peftlab.engine.model_shape import count_model, quantized_bytes
@@ -207,23 +206,11 @@ def test_out_of_memory_advice_names_the_distill_keys(tmp_path):
 # ---- each path's working set against torch.profiler's memory timeline ------------------------------------------
 
 
-def _profiled_peak(fn) -> int:
-    """Peak of the CPU tensor bytes allocated while ``fn`` runs (allocations and frees in time order)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
-
-
 @pytest.mark.parametrize("mode, kind, head", [("online", "forward_kl", "float32"), ("online", "reverse_kl", "float32"),
                                               ("online", "jsd", "bfloat16"), ("online", "forward_kl", "bfloat16"),
                                               ("offline", "forward_kl", "float32"),
                                               ("offline", "forward_kl", "bfloat16")])
-def test_kd_loss_working_set_matches_the_profiled_peak(tmp_path, mode, kind, head):
+def test_kd_loss_working_set_matches_theprofiled_peak(tmp_path, mode, kind, head):
     """Forward + backward of the loss on the CPU (train.host_allocator: bounded, so no heap term): the planner's
     kd_loss against the live-tensor peak, within 15 %. A bf16 student head takes torch_kd_online (forward KL) /
     the online CE + gathered top-k rows (offline); jsd keeps the row chunks."""
@@ -246,12 +233,12 @@ def test_kd_loss_working_set_matches_the_profiled_peak(tmp_path, mode, kind, hea
     else:
         lp, ids = torch.randn(n, k).log_softmax(-1), torch.randint(0, vocab, (n, k))
         run = lambda: topk_kd_loss(h, w, lp, ids, y, kind=kind, normalizer=n).backward()
-    measured = _profiled_peak(run)
+    measured = profiled_peak(run)
     assert abs(predicted - measured) <= 0.15 * measured, (predicted / MiB, measured / MiB)
 
 
 @pytest.mark.parametrize("dtype, attn", [(torch.float32, "sdpa"), (torch.bfloat16, "sdpa"), (torch.bfloat16, "eager")])
-def test_teacher_forward_transients_match_the_profiled_peak(dtype, attn):
+def test_teacher_forward_transients_match_theprofiled_peak(dtype, attn):
     """The teacher's no-grad forward over one padded micro-batch (what OnlineDistillLoss runs) against the planner's
     teacher_forward, within 15 %."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -270,7 +257,7 @@ def test_teacher_forward_transients_match_the_profiled_peak(dtype, attn):
         with torch.no_grad():
             final_hidden_states(model, {"input_ids": ids, "attention_mask": mask})
 
-    measured = _profiled_peak(run)
+    measured = profiled_peak(run)
     shape = count_model(cfg, dtype, quant=QuantizationConfig(mode="none"), lora=None)
     predicted = teacher_forward_bytes(shape, elem=dtype.itemsize, mbs=2, seq=256, attn=attn)
     assert abs(predicted - measured) <= 0.15 * measured, (predicted / MiB, measured / MiB)

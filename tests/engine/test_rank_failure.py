@@ -9,13 +9,12 @@ import logging
 import subprocess
 import threading
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from helpers import ds_config, free_port, make_quickstart_data, tiny_recipe_dict, torchrun_train
+from helpers import ds_config, make_quickstart_data, tiny_recipe_dict, torchrun_train
 
 from peftlab.engine import process_group as pg
 from peftlab.engine.rank_failure import FailureWatch, RankFailure, exception_failure
@@ -24,18 +23,6 @@ from peftlab.trainer.fault_injection import kill_point
 
 OOM = ("rank 1: out of memory after 1 completed steps (CUDA out of memory. Tried to allocate 2.00 GiB). "
        "Recipe keys that lower memory: train.micro_batch_size")
-
-
-@pytest.fixture
-def store_pair():
-    """A rendezvous store served in this process and one client connection per rank (as every rank has)."""
-    port = free_port()
-    server = torch.distributed.TCPStore("127.0.0.1", port, 2, is_master=True, timeout=timedelta(seconds=10),
-                                        wait_for_workers=False)
-    clients = [torch.distributed.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=10),
-                                          wait_for_workers=False) for _ in range(2)]
-    yield clients
-    del clients, server
 
 
 class Exits:

@@ -11,11 +11,9 @@ import sys
 import textwrap
 import threading
 import types
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import torch
 from helpers import free_port, subprocess_env
 
 from peftlab.engine.rank_failure import FailureWatch, close_before_stop, run_closers
@@ -26,17 +24,6 @@ def no_closers_left():
     """The closers are process-wide: none registered by a test outlives it."""
     yield
     run_closers(0.1)
-
-
-@pytest.fixture
-def store_pair():
-    port = free_port()
-    server = torch.distributed.TCPStore("127.0.0.1", port, 2, is_master=True, timeout=timedelta(seconds=10),
-                                        wait_for_workers=False)
-    clients = [torch.distributed.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=10),
-                                          wait_for_workers=False) for _ in range(2)]
-    yield clients
-    del clients, server
 
 
 def test_the_watch_closes_what_registered_before_it_exits_and_does_not_wait_for_a_hung_closer(store_pair, caplog):
