@@ -94,37 +94,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dpo_vs_trl import DATA, MERGED, lora_config, peftlab_recipe
+from dpo_vs_trl import DATA, MERGED, lora_config, peftlab_data, peftlab_recipe, peftlab_schedule
 
 # The README's overrides of each method (the recipe keys peftlab's side trains with).
 METHODS = {
     "simpo": {"method": "simpo", "sft_weight": 0, "beta": 2.0, "simpo_gamma": 1.0},
     "orpo": {"method": "orpo", "sft_weight": 0, "beta": 0.1},
 }
-
-
-def peftlab_data(recipe_path: Path, tokenizer) -> tuple[list[int], dict[int, dict], int]:
-    """peftlab's epoch-0 order of file rows, its built examples by file row, and the pairs it cut or dropped."""
-    from peftlab.recipe.parse import load_recipe
-    from peftlab.trainer import setup
-    from peftlab.trainer.state import build_sampler
-
-    with tempfile.TemporaryDirectory(prefix="cpo-order-") as work:
-        recipe = load_recipe(recipe_path, overrides=[f"output.dir={work}"])
-        data = setup.load_data(recipe, tokenizer)
-    sampler = build_sampler(data.train, recipe.train.micro_batch_size, recipe.train.seed)
-    order = [i for mb in sampler.epoch_order(0) for i in mb]
-    row = lambda e: int(e["sample_id"]) & 0xFFFFFFFF  # sample_id: dataset << 32 | file row
-    built = {row(data.train[i]): dict(data.train[i]) for i in range(len(data.train))}
-    over = sum(d.truncated + d.dropped for d in data.stats.datasets)
-    return [row(data.train[i]) for i in order], built, over
 
 
 def check_tokens(trl_rows, rows_in_order: list[int], built: dict[int, dict]) -> None:
@@ -183,7 +165,6 @@ def main(argv: list[str] | None = None) -> None:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from peftlab.engine.local import lr_lambda
 
     if args.method == "simpo":
         from trl.experimental.cpo import CPOTrainer as Base
@@ -211,16 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     data = Dataset.from_list([{k: rows[i][k] for k in keys} for i in order])
     eval_data = Dataset.from_list([{k: r[k] for k in keys} for r in eval_rows])
 
-    class Aligned(Base):
-        def create_scheduler(self, num_training_steps, optimizer=None):
-            if args.schedule == "hf" or self.lr_scheduler is not None:
-                return super().create_scheduler(num_training_steps, optimizer)
-            warmup = self.args.get_warmup_steps(num_training_steps)
-            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer or self.optimizer, lr_lambda(tr.get("scheduler", "cosine"), warmup, num_training_steps))
-            self._created_lr_scheduler = True
-            return self.lr_scheduler
-
+    class Aligned(peftlab_schedule(args.schedule, tr.get("scheduler", "cosine")), Base):
         def concatenated_forward(self, model, batch):
             out = super().concatenated_forward(model, batch)
             if args.method != "orpo" or args.orpo_nll == "trl":

@@ -134,20 +134,43 @@ def peftlab_recipe(seed: int) -> dict:
     return raw
 
 
-def peftlab_order(recipe_path: Path, tokenizer, work: Path) -> tuple[list[int], int]:
-    """File rows of recipes/data/preference/train.jsonl in the order peftlab's epoch 0 trains them, and the
-    number of pairs (train and eval) longer than max_seq_len."""
+def peftlab_data(recipe_path: Path, tokenizer) -> tuple[list[int], dict[int, dict], int]:
+    """File rows of the recipe's train file in the order peftlab's epoch 0 trains them, peftlab's built examples by
+    file row, and the number of pairs (train and eval) cut or dropped by peftlab's max_seq_len rule."""
     from peftlab.recipe.parse import load_recipe
     from peftlab.trainer import setup
     from peftlab.trainer.state import build_sampler
 
-    recipe = load_recipe(recipe_path, overrides=[f"output.dir={work}"])
-    data = setup.load_data(recipe, tokenizer)
+    with tempfile.TemporaryDirectory(prefix="pref-order-") as work:
+        recipe = load_recipe(recipe_path, overrides=[f"output.dir={work}"])
+        data = setup.load_data(recipe, tokenizer)
     sampler = build_sampler(data.train, recipe.train.micro_batch_size, recipe.train.seed)
     order = [i for mb in sampler.epoch_order(0) for i in mb]
-    rows = [int(data.train[i]["sample_id"]) & 0xFFFFFFFF for i in order]  # peftlab.data.build.sample_id: ds << 32 | row
-    over = sum(d.truncated + d.dropped for d in data.stats.datasets)  # cut or dropped by peftlab's rule
-    return rows, over
+    row = lambda e: int(e["sample_id"]) & 0xFFFFFFFF  # peftlab.data.build.sample_id: dataset << 32 | file row
+    built = {row(data.train[i]): dict(data.train[i]) for i in range(len(data.train))}
+    over = sum(d.truncated + d.dropped for d in data.stats.datasets)
+    return [row(data.train[i]) for i in order], built, over
+
+
+def peftlab_schedule(schedule: str, kind: str) -> type:
+    """A mixin for a TRL trainer (``class T(peftlab_schedule(...), DPOTrainer)``): ``schedule`` "peftlab" replaces
+    transformers' warmup + ``kind`` schedule with peftlab's (:func:`peftlab.engine.local.lr_lambda`, the first
+    warmup step at lr/warmup); "hf" keeps transformers' own."""
+    import torch
+
+    from peftlab.engine.local import lr_lambda
+
+    class PeftlabSchedule:
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            if schedule == "hf" or self.lr_scheduler is not None:
+                return super().create_scheduler(num_training_steps, optimizer)
+            warmup = self.args.get_warmup_steps(num_training_steps)
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer or self.optimizer, lr_lambda(kind, warmup, num_training_steps))
+            self._created_lr_scheduler = True
+            return self.lr_scheduler
+
+    return PeftlabSchedule
 
 
 def trl_config(raw: dict, out: Path, **kw):
@@ -274,7 +297,6 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOTrainer
 
-    from peftlab.engine.local import lr_lambda
 
     args.out.mkdir(parents=True, exist_ok=True)
     raw = peftlab_recipe(args.seed)
@@ -289,8 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     eval_rows = [json.loads(line) for line in (DATA / "eval.jsonl").open()]
     order, over = list(range(len(rows))), None
     if args.order == "peftlab" or args.step_check:
-        with tempfile.TemporaryDirectory(prefix="dpo-order-") as work:
-            order, over = peftlab_order(recipe_path, tok, Path(work))
+        order, _, over = peftlab_data(recipe_path, tok)
         if sorted(order) != list(range(len(rows))):
             raise SystemExit(f"peftlab trains {len(order)} of {len(rows)} rows: the orders cannot be aligned")
     if args.step_check:
@@ -300,15 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     data = Dataset.from_list([{k: rows[i][k] for k in keys} for i in order])
     eval_data = Dataset.from_list([{k: r[k] for k in keys} for r in eval_rows])
 
-    class AlignedDPOTrainer(DPOTrainer):
-        def create_scheduler(self, num_training_steps, optimizer=None):
-            if args.schedule == "hf" or self.lr_scheduler is not None:
-                return super().create_scheduler(num_training_steps, optimizer)
-            warmup = self.args.get_warmup_steps(num_training_steps)
-            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer or self.optimizer, lr_lambda(tr.get("scheduler", "cosine"), warmup, num_training_steps))
-            self._created_lr_scheduler = True
-            return self.lr_scheduler
+    class AlignedDPOTrainer(peftlab_schedule(args.schedule, tr.get("scheduler", "cosine")), DPOTrainer):
+        pass
 
     class StopAt(TrainerCallback):
         def on_step_end(self, args_, state, control, **kwargs):
