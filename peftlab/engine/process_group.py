@@ -31,6 +31,10 @@ DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0
 _watch: FailureWatch | None = None
 """This process's watch for another rank's failure, while it is in a launched run's process group."""
 
+_launcher_env_set: dict[str, str] = {}
+"""The launcher variables that joining a one-process DeepSpeed run set, and their values (:func:`restore_launcher_env`
+takes them back)."""
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -160,7 +164,8 @@ def join_process_group(*, single_process_group: bool = False, join_timeout_s: fl
     if info.world_size <= 1:
         # DeepSpeed in one process also reads the launcher's variables.
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-            os.environ.setdefault(key, value)
+            if key not in os.environ:
+                os.environ[key] = _launcher_env_set[key] = value
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             torch.distributed.init_process_group(backend(), store=torch.distributed.HashStore(), rank=0,
                                                  world_size=1, timeout=collective_timeout())
@@ -174,6 +179,18 @@ def join_process_group(*, single_process_group: bool = False, join_timeout_s: fl
     global _watch
     _watch = FailureWatch(_store_client(join_timeout_s), info.rank, info.world_size).start()
     return info
+
+
+def restore_launcher_env() -> None:
+    """Take back the launcher variables that joining a one-process DeepSpeed run set (``RANK=0``, ``LOCAL_RANK=0``,
+    ``WORLD_SIZE=1``), once the run is over. Left behind, they tell other libraries in this process that it is a
+    rank of a launched job: accelerate (under TRL's and HF's trainers) reads ``LOCAL_RANK`` and sets itself up as
+    a multi-process CPU run. Variables a launcher or the user had set are kept, and so is one changed since. The
+    private process group stays: the run's ZeRO-3 model still gathers its parameters through it."""
+    for key, value in list(_launcher_env_set.items()):
+        if os.environ.get(key) == value:
+            del os.environ[key]
+    _launcher_env_set.clear()
 
 
 def _store_client(timeout_s: float) -> Any:
