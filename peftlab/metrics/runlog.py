@@ -120,14 +120,10 @@ class RunLog:
 
 def _end_as_failed(tracker: Any) -> None:
     """End a dropped tracker's run as failed (MLflow status ``FAILED``, W&B exit code 1), if it still can: its
-    records stop at the failure, and ``close()`` would mark the run finished as if it held the whole run."""
-    # Its closer for the failure watch (:func:`peftlab.engine.rank_failure.close_before_stop`) goes first: the run
-    # is ended here, the watch must not end it again, and a registered closer would keep the tracker alive.
-    unregister = getattr(tracker, "_unregister", None)
-    if callable(unregister):
-        unregister()
+    records stop at the failure, and ``close()`` would mark the run finished as if it held the whole run. The
+    failure watch's closer for it goes too (:meth:`peftlab.metrics.trackers._WatchedRun.failed`)."""
     with contextlib.suppress(Exception):  # the store that just failed may refuse this too; the warning says why
-        tracker.stopped()
+        tracker.failed()
 
 
 def _tracker_name(tracker: Any) -> str:

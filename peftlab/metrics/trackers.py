@@ -54,7 +54,31 @@ def mlflow_tracking_uri(out_dir: Path) -> str:
     return "sqlite:///" + str((Path(out_dir) / "mlflow.db").resolve())
 
 
-class MLflowTracker:
+class _WatchedRun:
+    """What every tracker's run shares: while it is open, the failure watch holds a closer that ends it as failed
+    (:meth:`stopped`) if this process is stopped; :meth:`close` (the run finished) and :meth:`failed` (RunLog dropped
+    the tracker after an error) end it first and take that closer back, so no run is ended twice."""
+
+    def _watch(self) -> None:
+        self._unregister = close_before_stop(self.stopped)
+
+    def close(self) -> None:
+        self._unregister()
+        self.finished()
+
+    def failed(self) -> None:
+        """End the run as failed now: its records stop here, and it must not read as finished."""
+        self._unregister()
+        self.stopped()
+
+    def finished(self) -> None:  # pragma: no cover - each tracker has its own
+        raise NotImplementedError
+
+    def stopped(self) -> None:  # pragma: no cover - each tracker has its own
+        raise NotImplementedError
+
+
+class MLflowTracker(_WatchedRun):
     """One MLflow run in a local store (``<out>/mlflow.db``, artifacts in ``<out>/mlartifacts``)."""
 
     def __init__(self, out_dir: Path, params: dict[str, Any], run_name: str, experiment: str = "peftlab"):
@@ -70,7 +94,7 @@ class MLflowTracker:
         items = [Param(k, str(v)[:500]) for k, v in flatten(params).items()]
         for i in range(0, len(items), 100):  # MLflow's batch limit is 100 params
             self.client.log_batch(self.run_id, params=items[i:i + 100])
-        self._unregister = close_before_stop(self.stopped)
+        self._watch()
 
     def log(self, step: int, split: str, figures: dict[str, Any]) -> None:
         from mlflow.entities import Metric
@@ -87,8 +111,7 @@ class MLflowTracker:
         elif path.is_file():
             self.client.log_artifact(self.run_id, str(path))
 
-    def close(self) -> None:
-        self._unregister()
+    def finished(self) -> None:
         self.client.set_terminated(self.run_id)
 
     def stopped(self) -> None:
@@ -96,7 +119,7 @@ class MLflowTracker:
         self.client.set_terminated(self.run_id, status="FAILED")
 
 
-class WandbTracker:
+class WandbTracker(_WatchedRun):
     """A W&B run in offline mode under ``<out>/wandb`` (no network, no login)."""
 
     def __init__(self, out_dir: Path, params: dict[str, Any], run_name: str, project: str = "peftlab"):
@@ -105,7 +128,7 @@ class WandbTracker:
         self.wandb = wandb
         self.run = wandb.init(mode="offline", dir=str(out_dir), project=project, name=run_name,
                               config=flatten(params), reinit="create_new")
-        self._unregister = close_before_stop(self.stopped)
+        self._watch()
 
     def log(self, step: int, split: str, figures: dict[str, Any]) -> None:
         values = scalars(split, figures)
@@ -121,8 +144,7 @@ class WandbTracker:
             art.add_file(str(path))
         self.run.log_artifact(art)
 
-    def close(self) -> None:
-        self._unregister()
+    def finished(self) -> None:
         self.run.finish()
 
     def stopped(self) -> None:

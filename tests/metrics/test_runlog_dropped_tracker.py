@@ -37,7 +37,7 @@ class _Client:
 class _MLflow(trackers.MLflowTracker):
     def __init__(self, client):  # the real log/stopped/close of MLflowTracker, on a stand-in client
         self.client, self.run_id = client, "run-1"
-        self._unregister = rank_failure.close_before_stop(self.stopped)
+        self._watch()
 
 
 class _WandbRun:
@@ -57,7 +57,7 @@ class _WandbRun:
 class _Wandb(trackers.WandbTracker):
     def __init__(self, run):
         self.run = run
-        self._unregister = rank_failure.close_before_stop(self.stopped)
+        self._watch()
 
 
 def _registered(tracker) -> bool:
