@@ -368,6 +368,57 @@ class Recipe(Section):
     def output_dir(self) -> Path:
         return self.resolve_path(self.output.dir)
 
+    def with_local_paths_absolute(self) -> Recipe:
+        """A copy whose local paths are absolute, to be written to another folder (the adapter's
+        ``peftlab_recipe.yaml``, a sweep's ``best_recipe.yaml``) and still name the same files from there.
+
+        Each path-valued key is made absolute the way peftlab opens it, so the copy loads what this recipe loads:
+
+        - only ever a path on this machine, relative to the recipe's folder: ``output.dir``, ``adapter.init_from``,
+          ``deepspeed``, ``resume`` (not ``auto``), ``distill.cache_dir``, ``distill.teacher.adapter`` — made
+          absolute even when missing (an output folder does not exist yet; kept relative, it would move with the
+          copy);
+        - a file/folder relative to the recipe's folder, or a hub dataset id: the ``path`` of every ``data.train``,
+          ``data.eval``, ``dann.target`` and ``dann.target_eval`` source — absolute when it exists there;
+        - a hub id, ``builtin:<name>`` or a local model/tokenizer directory, which the loaders open as written (a
+          relative directory: from the working directory): ``model.name``, ``model.tokenizer``,
+          ``distill.teacher.name``, ``distill.teacher.tokenizer`` — absolute when such a directory exists.
+
+        Hub ids and missing paths stay as written. ``checkpoint.dir`` is relative to ``output.dir`` by definition
+        and stays so. ``tests/trainer/test_recipe_rebase.py`` checks every string key of the schema is one of these
+        or named there as not a path, so a path key added later cannot be left out silently.
+        """
+        copy = self.model_copy(deep=True)
+        d = copy.distill
+
+        def local(p: str) -> str:
+            return str(self.resolve_path(p).resolve())
+
+        def recipe_relative(p: str) -> str:
+            found = self.resolve_path(p)
+            return str(found.resolve()) if found.exists() else p
+
+        def as_loaded(p: str) -> str:
+            found = Path(p).expanduser()
+            return str(found.resolve()) if not p.startswith("builtin:") and found.exists() else p
+
+        rules = [(copy.output, "dir", local), (copy.adapter, "init_from", local), (copy, "deepspeed", local),
+                 (copy.model, "name", as_loaded), (copy.model, "tokenizer", as_loaded)]
+        if copy.resume != "auto":
+            rules.append((copy, "resume", local))
+        if d is not None:
+            rules += [(d, "cache_dir", local), (d.teacher, "adapter", local), (d.teacher, "name", as_loaded),
+                      (d.teacher, "tokenizer", as_loaded)]
+        sources = [*copy.data.train, *copy.data.eval]
+        if copy.dann is not None:
+            sources += [*copy.dann.target, *copy.dann.target_eval]
+        rules += [(spec, "path", recipe_relative) for spec in sources]
+        for owner, key, absolute in rules:
+            value = getattr(owner, key)
+            if value is not None and absolute(value) != value:
+                setattr(owner, key, absolute(value))
+        return copy
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 

@@ -252,21 +252,11 @@ def continue_metrics(path: Path, resumed_step: int | None, is_main: bool) -> Non
 def resolved_recipe(recipe: Any, loaded: LoadedModel) -> Any:
     """The recipe with ``auto`` choices replaced by what this run used (the compute dtype), for the
     adapter's ``peftlab_recipe.yaml``: merge/eval/generate on another machine then rebuild exactly
-    the base training saw (e.g. NF4 scales quantised from a bf16 load on a GPU)."""
-    resolved = recipe.model_copy(deep=True)
+    the base training saw (e.g. NF4 scales quantised from a bf16 load on a GPU). Its local paths are
+    absolute (:meth:`~peftlab.recipe.schema.Recipe.with_local_paths_absolute`): the copy lives in the
+    adapter's folder, not the recipe's."""
+    resolved = recipe.with_local_paths_absolute()  # the copy lives elsewhere: its paths must not move with it
     resolved.model.dtype = str(loaded.dtype).replace("torch.", "")
-    # Relative paths were relative to the recipe file; the copy lives elsewhere, so make local ones
-    # absolute (hub ids and missing paths stay as written).
-    dann = [*resolved.dann.target, *resolved.dann.target_eval] if resolved.dann is not None else []
-    for spec in [*resolved.data.train, *resolved.data.eval, *dann]:
-        local = recipe.resolve_path(spec.path)
-        if local.exists():
-            spec.path = str(local.resolve())
-    resolved.output.dir = str(recipe.output_dir.resolve())
-    if resolved.adapter.init_from:
-        resolved.adapter.init_from = str(recipe.resolve_path(resolved.adapter.init_from).resolve())
-    if resolved.deepspeed:
-        resolved.deepspeed = str(recipe.resolve_path(resolved.deepspeed).resolve())
     return resolved
 
 
