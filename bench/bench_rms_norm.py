@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_jsonl, median_time_ms, run_op_bench
+from common import measure_op, run_op_bench
 from peftlab.kernels import rms_norm
 from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
@@ -67,19 +67,8 @@ def _one_shape(args: argparse.Namespace, device: str, dtype: torch.dtype, iters:
             y, dx = step()
             max_diff = max(float((y.detach().float() - y_ref.detach().float()).abs().max()),
                            float((dx.float() - xr.grad.float()).abs().max()))
-            peak = None
-            if args.gpu:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                step()
-                peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-            ms = median_time_ms(step, warmup=0 if args.smoke else 2, iters=iters)
-            row = {"tokens": n, "hidden": d, "norm": family, "dtype": str(dtype).removeprefix("torch."),
-                   "method": method, "backend": "triton" if (args.gpu and method == "peftlab") else "torch",
-                   "fwd_bwd_ms": ms, "peak_MiB": peak, "max_abs_diff": max_diff}
-            rows.append(row)
-            append_jsonl("bench_rms_norm", row, results_dir=args.results_dir)
+            rows.append(measure_op("bench_rms_norm", args, step, iters, method, {
+                "tokens": n, "hidden": d, "norm": family, "dtype": str(dtype).removeprefix("torch.")}, max_diff))
     return rows
 
 
@@ -87,6 +76,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return run_op_bench(__doc__, _one_shape, smoke_shape=(64, 96), shapes_cpu=SHAPES_CPU, shapes_gpu=SHAPES_GPU,
                         columns=["tokens", "hidden", "norm", "dtype", "method", "backend", "fwd_bwd_ms", "peak_MiB",
                        "max_abs_diff"], argv=argv)
+
 
 if __name__ == "__main__":
     main()

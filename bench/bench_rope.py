@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_jsonl, median_time_ms, run_op_bench
+from common import measure_op, run_op_bench
 from peftlab.kernels import apply_rope_
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
@@ -72,20 +72,9 @@ def _one_shape(args: argparse.Namespace, device: str, dtype: torch.dtype, iters:
         out = step()
         ref = ref or out
         max_diff = max(float((a.float() - r.float()).abs().max()) for a, r in zip(out, ref, strict=True))
-        peak = None
-        if args.gpu:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            step()
-            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-        ms = median_time_ms(step, warmup=0 if args.smoke else 2, iters=iters)
-        row = {"batch": b, "tokens": t, "heads": f"{hq}/{hk}", "head_dim": d,
-               "dtype": str(dtype).removeprefix("torch."), "method": method,
-               "backend": "triton" if (args.gpu and method == "peftlab") else "torch", "fwd_bwd_ms": ms,
-               "peak_MiB": peak, "max_abs_diff": max_diff}
-        rows.append(row)
-        append_jsonl("bench_rope", row, results_dir=args.results_dir)
+        rows.append(measure_op("bench_rope", args, step, iters, method, {
+            "batch": b, "tokens": t, "heads": f"{hq}/{hk}", "head_dim": d,
+            "dtype": str(dtype).removeprefix("torch.")}, max_diff))
     return rows
 
 
@@ -93,6 +82,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return run_op_bench(__doc__, _one_shape, smoke_shape=(1, 16, 4, 2, 16), shapes_cpu=SHAPES_CPU, shapes_gpu=SHAPES_GPU,
                         columns=["batch", "tokens", "heads", "head_dim", "dtype", "method", "backend", "fwd_bwd_ms",
                        "peak_MiB", "max_abs_diff"], argv=argv)
+
 
 if __name__ == "__main__":
     main()

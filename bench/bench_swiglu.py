@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_jsonl, median_time_ms, run_op_bench
+from common import measure_op, run_op_bench
 from peftlab.kernels import swiglu
 from transformers.activations import ACT2FN
 
@@ -55,19 +55,8 @@ def _one_shape(args: argparse.Namespace, device: str, dtype: torch.dtype, iters:
         out = step()
         ref = ref or out
         max_diff = max(float((a.float() - r.float()).abs().max()) for a, r in zip(out, ref, strict=True))
-        peak = None
-        if args.gpu:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            step()
-            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-        ms = median_time_ms(step, warmup=0 if args.smoke else 2, iters=iters)
-        row = {"tokens": n, "intermediate": width, "dtype": str(dtype).removeprefix("torch."), "method": method,
-               "backend": "triton" if (args.gpu and method == "peftlab") else "torch", "fwd_bwd_ms": ms,
-               "peak_MiB": peak, "max_abs_diff": max_diff}
-        rows.append(row)
-        append_jsonl("bench_swiglu", row, results_dir=args.results_dir)
+        rows.append(measure_op("bench_swiglu", args, step, iters, method, {
+            "tokens": n, "intermediate": width, "dtype": str(dtype).removeprefix("torch.")}, max_diff))
     return rows
 
 
@@ -75,6 +64,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return run_op_bench(__doc__, _one_shape, smoke_shape=(16, 40), shapes_cpu=SHAPES_CPU, shapes_gpu=SHAPES_GPU,
                         columns=["tokens", "intermediate", "dtype", "method", "backend", "fwd_bwd_ms", "peak_MiB",
                        "max_abs_diff"], argv=argv)
+
 
 if __name__ == "__main__":
     main()

@@ -186,6 +186,27 @@ def _fmt(v: Any) -> str:
     return "" if v is None else str(v)
 
 
+def measure_op(name: str, args: argparse.Namespace, step: Callable[[], Any], iters: int, method: str,
+               shape: dict[str, Any], max_diff: float) -> dict[str, Any]:
+    """One row of an op benchmark: ``step`` (one forward+backward) timed, its peak allocation above what was live
+    before it (MiB, on the GPU), which backend ran (Triton for peftlab under ``--gpu``); appended to ``name``'s
+    JSON lines."""
+    import torch
+
+    peak = None
+    if args.gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    ms = median_time_ms(step, warmup=0 if args.smoke else 2, iters=iters)
+    row = {**shape, "method": method, "backend": "triton" if (args.gpu and method == "peftlab") else "torch",
+           "fwd_bwd_ms": ms, "peak_MiB": peak, "max_abs_diff": max_diff}
+    append_jsonl(name, row, results_dir=args.results_dir)
+    return row
+
+
 def run_op_bench(doc: str | None, one_shape: Callable[..., list[dict[str, Any]]], *, smoke_shape: tuple,
                  shapes_cpu: list[tuple], shapes_gpu: list[tuple], columns: list[str],
                  argv: list[str] | None = None) -> list[dict[str, Any]]:
