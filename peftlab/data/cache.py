@@ -17,14 +17,28 @@ The entry is saved with ``torch.save`` and read with ``torch.load(weights_only=T
 admits plain containers and numbers: a tampered cache file cannot execute code. Its rows are stored by key, as a
 few tensors (token lists as one flat tensor and their lengths): that unpickler is pure Python and read a list of
 50k Alpaca rows (Llama 3 tokenizer) in 11 s, their columns in 1 s. An entry written as a list of rows is read and
-rewritten as columns (:func:`_load`).
+rewritten as columns (:func:`_load`) by whoever reads it and may write: a single process, or rank 0 of a launched run
+(the other ranks only read: N ranks rewriting one file is N times the work for the same bytes). The rewrite is an
+atomic rename, so a process still reading the old file is unaffected.
+
+Size cap (``data.cache_max_gb``, None by default: nothing is removed): an entry's mtime is its last use — set when it
+is written and on every hit (explicitly, as filesystem atimes are often ``noatime`` / ``relatime``) — and after
+writing a new entry the writer removes the least recently used others until the entries fit (:func:`evict`). Only
+files named as this cache names its entries (:data:`ENTRY`) count and are removed: the file-hash memo, the locks and
+anything else in the directory are left alone. The entry just written and those this process has read or written
+are never removed; another process that finds its entry removed between seeing and reading it builds it again.
+Removing and rewriting entries happens under one directory lock (:data:`DIR_LOCK`); a refused removal (read-only
+directory, permissions) is a warning, never a failed run.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import os
 import pickle
+import re
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import fields
 from pathlib import Path
@@ -70,7 +84,7 @@ KEYED_DATA_FIELDS = frozenset({
     "train", "eval", "eval_split", "template", "train_on", "max_seq_len", "packing", "overlength", "on_bad_rows",
     "system_prompt", "max_samples", "streaming", "mixture", "shuffle", "label_type", "eval_prompts", "shuffle_buffer"})
 KEYED_DATASET_FIELDS = frozenset({"path", "format", "split", "fields", "weight", "loss_weight", "name"})
-UNKEYED_DATA_FIELDS = frozenset({"num_proc"})  # cannot change the examples
+UNKEYED_DATA_FIELDS = frozenset({"num_proc", "cache_max_gb"})  # cannot change the examples
 
 
 def _keyed_settings(model: BaseModel, keyed: frozenset[str]) -> dict[str, Any]:
@@ -227,11 +241,15 @@ def _save(bundle: DataBundle, path: Path) -> None:
 
 def _load(path: Path, upgrade: bool = True) -> DataBundle:
     """The entry at ``path``; one written as a list of rows is rewritten as columns (with its statistics repaired),
-    so that it is slow to read once only. ``upgrade=False`` where the caller holds the entry's lock. A refused
-    rewrite (read-only or full cache directory) leaves the old entry, which still reads."""
+    so that it is slow to read once only. ``upgrade=False`` for the ranks of a launched run but rank 0, which only
+    read. The rewrite holds :data:`DIR_LOCK` and happens only while the entry is still there (an eviction meanwhile
+    is not undone); a refused rewrite (read-only or full cache directory) leaves the old entry, which still reads.
+    FileNotFoundError (the entry was removed since it was seen) goes on as it is: the caller builds it again."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         bundle = _from_state(state, path)
+    except FileNotFoundError:
+        raise
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError, KeyError,
             OSError) as exc:  # torch's own message would suggest weights_only=False: never for a file from disk
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -241,19 +259,23 @@ def _load(path: Path, upgrade: bool = True) -> DataBundle:
                            "and it is built again") from None
     if upgrade and not isinstance(state["train"], dict):
         try:
-            _save(bundle, path)
+            with file_lock(path.parent / DIR_LOCK):
+                if path.is_file():
+                    _save(bundle, path)
         except OSError as exc:
             logger.info(f"data cache: {path} is kept in its older, slower form (rewriting it failed: {exc})")
     return bundle
 
 
-def load_or_build(cache_dir: Path, key: str, build: Callable[[], DataBundle]) -> DataBundle:
+def load_or_build(cache_dir: Path, key: str, build: Callable[[], DataBundle], *,
+                  max_gb: float | None = None) -> DataBundle:
     """The cached bundle for ``key``, building (once across processes) on a miss.
 
     The cache is an optimisation: in one process, a cache directory the disk refuses (full, read-only, a file in the
     way) costs one warning and the data is built in memory; across processes the other ranks read rank 0's file, so
     there a refused write is a :class:`PeftlabError` naming the directory. Errors of the build itself (a missing
-    data file) are not the cache's and go on as they are."""
+    data file) are not the cache's and go on as they are. A hit records the entry's use (its mtime); a new entry is
+    followed by :func:`evict` with ``max_gb`` (``data.cache_max_gb``), by the process that wrote it."""
     cache_dir = Path(cache_dir)
     path = cache_dir / f"data-{key[:32]}.pt"
     dist = torch.distributed
@@ -266,28 +288,50 @@ def load_or_build(cache_dir: Path, key: str, build: Callable[[], DataBundle]) ->
         logger.warning(f"{_cache_refused(exc, cache_dir, 'the data is built in memory for this run')}")
         return build()
     if launched:
-        built = None
-        if dist.get_rank() == 0 and not path.is_file():
+        built, rank0 = None, dist.get_rank() == 0
+        if rank0 and not path.is_file():
             built = build()
             try:
                 _save(built, path)
             except OSError as exc:
                 raise _cache_refused(exc, cache_dir, "the other processes need rank 0's file") from None
             built.cache_path = str(path)
+            _using(path)
+            evict(cache_dir, path, max_gb)  # the others wait at the barrier; they only read the new entry
+        elif rank0:
+            try:
+                _touch(path, max_gb)
+            except FileNotFoundError:  # removed just now: the load below says so
+                pass
         dist.barrier()  # everyone past here sees the finished file
-        return built if built is not None else _load(path, upgrade=False)  # ranks read it at once: no rewrite
+        if built is not None:
+            return built
+        try:
+            bundle = _load(path, upgrade=rank0)  # the others read it at once: rank 0 alone rewrites an old entry
+        except FileNotFoundError:
+            raise PeftlabError(f"data cache: {path} was removed while this run started (another run sharing the "
+                               "cache directory evicted it: data.cache_max_gb); start again and it is built") from None
+        _using(path)
+        return bundle
     if path.is_file():
-        return _load(path)
+        bundle = _hit(path, max_gb)
+        if bundle is not None:
+            return bundle
     stage, bundle = "lock", None
     try:
         with file_lock(cache_dir / f"data-{key[:32]}.lock"):
             if path.is_file():  # another process built it while we waited
                 stage = "load"
-                return _load(path, upgrade=False)
+                bundle = _hit(path, max_gb)
+                if bundle is not None:
+                    return bundle
             stage = "build"
             bundle = build()
             stage = "save"
             _save(bundle, path)
+            _using(path)
+            stage = "evict"
+            evict(cache_dir, path, max_gb)  # under the builder's lock; refusals are its own warning
     except OSError as exc:
         if stage not in ("lock", "save"):
             raise
@@ -295,6 +339,122 @@ def load_or_build(cache_dir: Path, key: str, build: Callable[[], DataBundle]) ->
         return bundle if bundle is not None else build()
     bundle.cache_path = str(path)
     return bundle
+
+
+# The entries load_or_build writes (data-<first 32 hex digits of the key>.pt): the only files eviction counts and
+# removes. Its temporaries (.data-….pt.tmp-PID), locks, file-hashes.json and any other tool's files never match.
+ENTRY = re.compile(r"data-[0-9a-f]{32}\.pt")
+DIR_LOCK = "data-cache.lock"  # held to remove or rewrite entries (per-key locks only serialise one key's builders)
+GB = 10**9  # data.cache_max_gb's unit, as disk sizes are sold and `df -H` shows them
+
+_in_use: set[Path] = set()  # entries this process read or wrote: its data, never evicted by it
+_warned: set[tuple[str, Path]] = set()  # (what, cache directory): warnings given once per process
+
+
+def _using(path: Path) -> None:
+    _in_use.add(path.resolve())
+
+
+def _warn_once(what: str, cache_dir: Path, message: str) -> None:
+    if (what, cache_dir.resolve()) not in _warned:
+        _warned.add((what, cache_dir.resolve()))
+        logger.warning(message)
+
+
+def _touch(path: Path, max_gb: float | None) -> None:
+    """Record a use of the entry at ``path``: its mtime, the order :func:`evict` removes entries in. Refused (an
+    entry of another user, a read-only directory): one warning where a cap is set, as eviction will take it for
+    older than it is; nothing otherwise. FileNotFoundError goes on: the entry was removed meanwhile."""
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if max_gb is not None:
+            _warn_once("touch", path.parent, f"data cache: could not record the use of {path} ({exc.strerror or exc})"
+                       f"; with data.cache_max_gb set, eviction takes entries read here for older than they are")
+
+
+def _hit(path: Path, max_gb: float | None) -> DataBundle | None:
+    """The entry at ``path``, its use recorded; None when it was removed since it was seen (build it again)."""
+    try:
+        _touch(path, max_gb)
+        bundle = _load(path)
+    except FileNotFoundError:
+        return None
+    _using(path)
+    return bundle
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
+
+
+def _size(n: int) -> str:
+    return f"{n / GB:.2f} GB" if n >= GB else f"{n / 10**6:.1f} MB" if n >= 10**6 else f"{n} bytes"
+
+
+def entries(cache_dir: Path) -> list[tuple[int, str, int]]:
+    """The cache's entries in ``cache_dir`` (regular files named as :data:`ENTRY`) as ``(mtime_ns, name, size)``,
+    least recently used first."""
+    out = []
+    for name in os.listdir(cache_dir):
+        if ENTRY.fullmatch(name):
+            try:
+                st = os.lstat(cache_dir / name)
+            except FileNotFoundError:  # removed meanwhile
+                continue
+            if stat.S_ISREG(st.st_mode):
+                out.append((st.st_mtime_ns, name, st.st_size))
+    return sorted(out)
+
+
+def evict(cache_dir: Path, new: Path, max_gb: float | None) -> list[str]:
+    """Remove the least recently used entries of ``cache_dir`` until its entries take at most ``max_gb`` GB
+    (None: no cap), never ``new`` (just written) nor one this process uses; the names removed. One info line names
+    them and the space freed. When what is kept exceeds the cap alone, one warning (per directory and process).
+    Runs under :data:`DIR_LOCK`; a refusal (read-only directory, permissions) is a warning, not an error."""
+    if max_gb is None:
+        return []
+    cap, removed, freed, total, refused = int(max_gb * GB), [], 0, 0, False
+    keep = {new.resolve(), *_in_use}
+    try:
+        with file_lock(cache_dir / DIR_LOCK):
+            listed = entries(cache_dir)
+            total = sum(size for _, _, size in listed)
+            for _, name, size in listed:
+                if total <= cap:
+                    break
+                victim = cache_dir / name
+                if victim.resolve() in keep:
+                    continue
+                try:
+                    victim.unlink()
+                except FileNotFoundError:  # removed by someone else
+                    total -= size
+                    continue
+                removed.append(name)
+                freed += size
+                total -= size
+    except OSError as exc:
+        refused = True
+        _warn_once("evict", cache_dir, f"data cache: could not remove old entries of {cache_dir} to keep it under "
+                   f"data.cache_max_gb={max_gb:g} ({exc.strerror or exc}); the run goes on, the directory keeps "
+                   f"{_size(total)} of entries; make it writable or free space there yourself")
+    if removed:
+        shown = ", ".join(removed[:8]) + (f" and {len(removed) - 8} more" if len(removed) > 8 else "")
+        logger.info(f"data cache: removed {len(removed)} least recently used entr{'y' if len(removed) == 1 else 'ies'}"
+                    f" of {cache_dir} ({shown}), freeing {_size(freed)}, to keep it under data.cache_max_gb="
+                    f"{max_gb:g}")
+    if total > cap and not refused:
+        what = (f"the entry just written, {new.name} ({_size(total)}), is" if total == _file_size(new) else
+                f"the entries this run uses take {_size(total)},")
+        _warn_once("over", cache_dir, f"data cache: in {cache_dir} {what} more than data.cache_max_gb={max_gb:g} "
+                   "alone: kept, and every other entry removed; raise data.cache_max_gb to keep more than that")
+    return removed
 
 
 def _cache_refused(exc: OSError, cache_dir: Path, then: str) -> PeftlabError:

@@ -104,6 +104,13 @@ class DataConfig(BaseModel):
     label_type: Literal["auto", "class", "regression"] = "auto"
     eval_prompts: int = Field(32, ge=0)  # how many held-out prompts to keep for generation eval
     shuffle_buffer: int = Field(10_000, ge=1)  # streaming: rows held for shuffling and packing
+    # The tokenized-data cache directory's size cap, in GB (10**9 bytes) of its entries (data-<key>.pt; nothing else
+    # there counts or is removed): after writing a new entry, a run removes the least recently used others until the
+    # rest fits (peftlab.data.cache). None, the default, removes nothing, as the HF datasets cache and Axolotl's
+    # dataset_prepared_path do: an entry can be hours of tokenization, a sweep reuses each trial's, and the default
+    # cache lives in output.dir (it goes with it); set a cap for a shared PEFTLAB_DATA_CACHE or a long sweep. It cannot
+    # change the tokens, so it is not part of the cache key (cache.UNKEYED_DATA_FIELDS).
+    cache_max_gb: float | None = Field(None, ge=0.0)
     # Set from the recipe's preference: section (not a data key): {"mode": "pairs" | "unpaired", "max_prompt_len"}
     # reads the files as preference data (peftlab.data.preference_build); part of the data cache key.
     preference: dict[str, Any] | None = Field(None, exclude=True)
