@@ -15,9 +15,20 @@ from typing import Any
 
 from peftlab.errors import PeftlabError
 
-# Metrics where lower is better (mode: auto); every other metric (accuracy, f1, exact_match, ...) is
-# higher-is-better.
+# Which way is better, for ``mode: auto`` (train.early_stopping, the sweep). A metric is looked up without its
+# ``eval_`` / ``target_`` (DANN's target-domain figures) prefix. Lower: losses (any ``*_loss``: ORPO's nll_loss too),
+# perplexity and the regression errors.
 LOWER_IS_BETTER = ("loss", "perplexity", "mse", "mae", "rmse")
+# Higher: scores of answers and labels; of the preference figures (peftlab.objectives.preference) only those the
+# objective itself pushes up on held-out pairs: the reward accuracy and margin (DPO's loss is -log sigmoid(margin)),
+# ORPO's log-odds figures (its term is -log sigmoid(log odds)) and the chosen answers' log-likelihood (a held-out
+# NLL of the answers to keep, with the sign flipped).
+HIGHER_IS_BETTER = ("accuracy", "precision", "recall", "f1_macro", "f1_micro", "exact_match", "token_f1", "r2",
+                    "rewards/accuracies", "rewards/margins", "log_odds_ratio", "log_odds_chosen", "logps/chosen")
+# Everything else has no direction auto can defend, and auto refuses it (set mode: min or max): rewards/chosen and
+# rewards/rejected (DPO often lowers both while the margin grows), logps/rejected (lower means the rejected answers
+# lost likelihood, or the model degenerated), kl (KTO: distance from the reference, not quality), domain_accuracy
+# (DANN wants it at chance), counts (eval_tokens, eval_samples), the DANN lambda, and any name peftlab does not emit.
 ALIASES = {"loss": "eval_loss", "ppl": "perplexity", "f1": "f1_macro"}
 
 
@@ -26,9 +37,22 @@ def metric_key(name: str) -> str:
     return ALIASES.get(name, name)
 
 
-def lower_is_better(name: str) -> bool:
+def auto_mode(name: str) -> str | None:
+    """``min`` or ``max``: which way ``mode: auto`` takes the metric ``name``; None when the better direction is not
+    known (see HIGHER_IS_BETTER above), so the caller asks for ``mode: min`` or ``mode: max``."""
     key = metric_key(name)
-    return any(key == k or key.endswith("_" + k) or key.startswith(k + "_") for k in LOWER_IS_BETTER)
+    base = key.removeprefix("eval_").removeprefix("target_")
+    if any(key == k or key.endswith("_" + k) or key.startswith(k + "_") for k in LOWER_IS_BETTER):
+        return "min"
+    return "max" if base in HIGHER_IS_BETTER else None
+
+
+class MissingMetric(PeftlabError):
+    """The metric early stopping watches is not among an eval's results (``known``: the numeric ones that are)."""
+
+    def __init__(self, message: str, *, metric: str, known: list[str]):
+        super().__init__(message)
+        self.metric, self.known = metric, known
 
 
 @dataclass
@@ -55,7 +79,12 @@ class EarlyStopping:
     def __post_init__(self) -> None:
         self.metric = metric_key(self.metric)
         if self.mode == "auto":
-            self.mode = "min" if lower_is_better(self.metric) else "max"
+            mode = auto_mode(self.metric)
+            if mode is None:
+                raise PeftlabError(
+                    f"train.early_stopping.metric {self.metric!r}: mode auto does not know whether lower or higher "
+                    "is better for it; set train.early_stopping.mode: min or train.early_stopping.mode: max")
+            self.mode = mode
         if self.mode not in ("min", "max"):
             raise PeftlabError(f"early stopping mode {self.mode!r}: expected auto, min or max")
 
@@ -69,10 +98,10 @@ class EarlyStopping:
     def value_of(self, metrics: dict[str, Any]) -> float:
         if self.metric not in metrics:
             known = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
-            raise PeftlabError(
+            raise MissingMetric(
                 f"train.early_stopping.metric: {self.metric!r} is not among this run's eval metrics "
-                f"({', '.join(known) or 'none — is there eval data?'}); pick one of them"
-            )
+                f"({', '.join(known) or 'none — is there eval data?'}); pick one of them", metric=self.metric,
+                known=known)
         return float(metrics[self.metric])
 
     def is_better(self, value: float, than: float | None) -> bool:

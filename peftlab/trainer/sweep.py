@@ -24,7 +24,7 @@ metric) are refused before anything trains or is written. Each trial trains into
 ``<output>/trial-NNN/``; its score is the best value of ``metric`` over its evals (with early
 stopping) or its final eval. The results are ranked into
 ``results.csv`` and ``results.md`` and the winner is written as ``best_recipe.yaml`` (the base recipe
-plus the winning values; train it again, or take ``trial-NNN/best`` / ``adapter``).
+plus the winning values, local paths absolute; train it again, or take ``trial-NNN/best`` / ``adapter``).
 
 Successive halving (Jamieson & Talwalkar 2016): every configuration first trains ``min_steps``; the
 best 1/eta go on to eta x the steps, and so on up to the base ``train.max_steps``. Survivors are
@@ -37,7 +37,16 @@ preference figure may be named without its ``eval_`` prefix (``rewards/accuracie
 change the scale of both (a reward is beta x the log-ratio to the reference), so a larger beta would "win" with
 the same model; the sweep refuses that before anything trains. A winner that only ties with others on the metric
 (reward accuracies on a few held-out pairs often do, at 1.0) is named best by trial order, and a warning says so.
-``best_recipe.yaml`` keeps the base recipe's relative paths (relative to its folder, which its header names).
+``best_recipe.yaml`` trains from wherever it lies (``peftlab train <output>/best_recipe.yaml``): the base recipe's
+local paths are written absolute, as they resolved from its folder (:func:`best_recipe`), and its ``output.dir`` is
+the base recipe's, not a trial's.
+
+``mode: auto`` ranks losses, perplexity and errors lower-is-better and accuracy, F1, exact match, r2, the reward
+accuracy and margin and ``eval_logps/chosen`` higher-is-better (:func:`peftlab.trainer.early_stopping.auto_mode`); a
+metric with no defensible direction (``eval_rewards/chosen``, ``eval_rewards/rejected``, ``eval_logps/rejected``,
+``eval_kl``, ``domain_accuracy``, a name peftlab does not know) is refused before anything trains: set ``mode: min``
+or ``mode: max``. When the sweep's ``early_stopping:`` watches a metric a trial does not report, the message names
+the sweep's ``metric:`` (the key to change), not the trial recipe's ``train.early_stopping.metric``.
 """
 from __future__ import annotations
 
@@ -60,7 +69,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from peftlab.checkpoint.atomic import atomic_write_text
 from peftlab.errors import PeftlabError
 from peftlab.recipe.parse import apply_overrides, recipe_from_dict, set_nested
-from peftlab.trainer.early_stopping import lower_is_better, metric_key
+from peftlab.trainer.early_stopping import MissingMetric, auto_mode, metric_key
 from peftlab.trainer.loop import Trainer
 
 logger = logging.getLogger(__name__)
@@ -262,26 +271,39 @@ def resolve_metric(spec: SweepSpec, configs: list[dict[str, Any]], raws: list[di
 
 def train_trial(raw: dict[str, Any], base_dir: Path, metric: str, mode: str) -> TrialResult:
     """Train one trial, quietly (warnings only; the quiet Trainer restores the console's level after); its score
-    is the best eval value of ``metric`` (early stopping) or the last one."""
-    result = Trainer(recipe_from_dict(raw, source="(sweep trial)", base_dir=base_dir), quiet=True).train()
+    is the best eval value of ``metric`` (early stopping on it) or the last one."""
     key = metric_key(metric)
-    if result.best is not None and result.best.get("best") is not None:
-        score, best_step = float(result.best["best"]), result.best["best_step"]
-    else:
+    recipe = recipe_from_dict(raw, source="(sweep trial)", base_dir=base_dir)
+    trainer = Trainer(recipe, quiet=True)
+    try:
+        result = trainer.train()
+    except MissingMetric as exc:
+        if exc.metric != key:  # the base recipe's own train.early_stopping: its message names that key
+            raise
+        # the sweep set train.early_stopping on its metric: the key to change is the sweep's, not the recipe's
+        raise _metric_missing(metric, exc.known, recipe.output_dir,
+                              ", which the sweep's early_stopping: watches at every eval") from None
+    best = result.best or {}
+    if best.get("best") is not None and best.get("metric") == key and best.get("mode") == mode:
+        score, best_step = float(best["best"]), best["best_step"]
+    else:  # no early stopping, or the base recipe's own on another metric: the last eval ranks the trial
         if key not in result.eval_after:
             known = sorted(k for k, v in result.eval_after.items() if isinstance(v, (int, float))
                            and not isinstance(v, bool))
-            out = Path(result.output_dir)
-            hint = (f"; {PREFERENCE_METRIC}, the default for preference recipes, needs held-out pairs (a KTO "
-                    "recipe reports it when data.eval holds {prompt, chosen, rejected} rows)"
-                    if metric_key(metric) == PREFERENCE_METRIC else "")
-            raise PeftlabError(f"sweep metric {metric!r} is not among the eval metrics of {out.name} "
-                               f"({', '.join(known) or 'none'}){hint}; set the sweep's metric: to one of them (its "
-                               f"results are in {out})")
+            raise _metric_missing(metric, known, Path(result.output_dir))
         score, best_step = float(result.eval_after[key]), result.state.step
     metrics = {k: v for k, v in result.eval_after.items() if isinstance(v, (int, float))}
     return TrialResult(score, result.state.step, metrics, best_step,
                        result.best.get("stopped_at") if result.best else None, str(result.output_dir))
+
+
+def _metric_missing(metric: str, known: list[str], out: Path, watched: str = "") -> PeftlabError:
+    """The sweep's metric is not among a trial's eval metrics (``known``); ``out``: the trial's output folder."""
+    hint = (f"; {PREFERENCE_METRIC}, the default for preference recipes, needs held-out pairs (a KTO recipe reports "
+            "it when data.eval holds {prompt, chosen, rejected} rows)" if metric_key(metric) == PREFERENCE_METRIC else "")
+    return PeftlabError(f"sweep metric {metric!r} is not among the eval metrics of {out.name} "
+                        f"({', '.join(known) or 'none'}){watched}{hint}; set the sweep's metric: to one of them (its "
+                        f"results are in {out})")
 
 
 Runner = Callable[[dict[str, Any], Path, str, str], TrialResult]
@@ -301,7 +323,12 @@ def run_sweep(spec: SweepSpec, base: dict[str, Any], base_dir: Path, *, runner: 
     out = (base_dir / spec.output) if not Path(spec.output).is_absolute() else Path(spec.output)
     trials = [Trial(f"trial-{i:03d}", params, {}) for i, params in enumerate(configurations(spec))]
     spec.metric = resolve_metric(spec, [t.params for t in trials], [_with_params(spec, base, t.params) for t in trials])
-    mode = spec.mode if spec.mode != "auto" else ("min" if lower_is_better(spec.metric) else "max")
+    mode = spec.mode if spec.mode != "auto" else auto_mode(spec.metric)
+    if mode is None:
+        raise PeftlabError(
+            f"sweep metric {spec.metric!r}: mode auto does not know whether lower or higher is better for it (auto "
+            "knows losses, perplexity and errors: lower; accuracy, F1, exact match, r2, the reward accuracy and "
+            "margin, eval_logps/chosen: higher); set the sweep's mode: min or mode: max")
     # Validate every trial's recipe first: a typo in a key fails now, with the recipe's own message.
     for t in trials:
         t.raw = trial_recipe(spec, base, t.params, out / t.name)
@@ -396,19 +423,43 @@ def _write_results(out: Path, ranked: list[Trial], spec: SweepSpec, base: dict[s
     md = ["| " + " | ".join(header[:-1]) + " |", "|" + "---|" * (len(header) - 1)]
     md += ["| " + " | ".join(_fmt(c) if isinstance(c, float) else str(c) for c in row[:-1]) + " |" for row in rows]
     atomic_write_text(out / "results.md", "\n".join(md) + "\n")
-    winner = trial_recipe(spec, base, best.params, Path(base.get("output", {}).get("dir", "runs/peftlab")))
-    winner["output"]["overwrite"] = base.get("output", {}).get("overwrite", False)
     atomic_write_text(out / "best_recipe.yaml",
                       f"# best of {len(ranked)} trials by {spec.metric}: {best.name} {_fmt_params(best.params)}\n"
-                      # recipes resolve relative paths against their own folder, and this one is not in it
-                      f"# relative paths below are relative to {recipe_dir} (the base recipe's folder): copy this "
-                      "file there to train it\n"
-                      + yaml.safe_dump(winner, sort_keys=False))
+                      f"# the base recipe with the winning values; local paths are absolute (resolved from {recipe_dir}), "
+                      "so `peftlab train` runs this file from any folder\n"
+                      + yaml.safe_dump(best_recipe(spec, base, best.params, recipe_dir), sort_keys=False))
     atomic_write_text(out / "sweep.json", json.dumps(
         {"metric": spec.metric, "best": {"trial": best.name, "params": best.params, "score": best.last.score},
          "trials": [{"trial": t.name, "params": t.params,
                      "rungs": [{"steps": s, "score": r.score, "metrics": r.metrics} for s, r in t.results]}
                     for t in ranked]}, indent=2, default=str))
+
+
+def best_recipe(spec: SweepSpec, base: dict[str, Any], params: dict[str, Any], recipe_dir: Path) -> dict[str, Any]:
+    """The recipe of the winning ``params`` for ``best_recipe.yaml``: the base recipe with the sweep's ``set:``, the
+    winning values and its early stopping, training into the base recipe's own ``output.dir`` (with its
+    ``output.overwrite``). Written beside the results, not in the base recipe's folder ``recipe_dir``, so its local
+    paths are made absolute (:meth:`~peftlab.recipe.schema.Recipe.with_local_paths_absolute`). Only the keys that
+    differ from peftlab's defaults are written, and the swept keys always, so it reads as a recipe a person wrote."""
+    raw = trial_recipe(spec, base, params, Path(base.get("output", {}).get("dir", "runs/peftlab")))
+    raw["output"]["overwrite"] = base.get("output", {}).get("overwrite", False)
+    recipe = recipe_from_dict(raw, source="(sweep best recipe)", base_dir=recipe_dir).with_local_paths_absolute()
+    written = recipe.model_dump(mode="json", exclude_defaults=True)
+    every = recipe.to_dict()
+    for dotted in params:  # a winning value equal to the default is still written: it is the answer
+        keys = dotted.split(".")
+        value = every
+        for k in keys:
+            value = value.get(k) if isinstance(value, dict) else None
+        if value is not None:
+            set_nested(written, keys, value, where=f"sweep parameters.{dotted}")
+    return _in_order(written, every)
+
+
+def _in_order(d: dict[str, Any], like: dict[str, Any]) -> dict[str, Any]:
+    """``d`` with its keys (and its sections' keys) in the order of ``like``'s, i.e. the schema's."""
+    return {k: _in_order(d[k], like[k]) if isinstance(d[k], dict) and isinstance(like[k], dict) else d[k]
+            for k in sorted(d, key=lambda k: list(like).index(k) if k in like else len(like))}
 
 
 def format_table(result: SweepResult) -> str:

@@ -65,8 +65,8 @@ def test_a_preference_sweep_ranks_by_reward_accuracy_and_writes_the_winner(dpo_b
     text = (result.output_dir / "best_recipe.yaml").read_text()
     assert text.splitlines()[:2] == [
         "# best of 2 trials by eval_rewards/accuracies: trial-001 data.train=" + json.dumps(right),
-        (f"# relative paths below are relative to {tmp_path} (the base recipe's folder): copy this file there to "
-         "train it")]
+        (f"# the base recipe with the winning values; local paths are absolute (resolved from {tmp_path}), so "
+         "`peftlab train` runs this file from any folder")]
     best = yaml.safe_load(text)
     recipe = recipe_from_dict(best, base_dir=tmp_path)
     assert recipe.data.train[0].path == right[0]["path"] and recipe.preference.beta == 0.1
