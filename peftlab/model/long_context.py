@@ -66,6 +66,31 @@ class _Saved:
         self.done = False
 
 
+def _pinned_empty(nbytes: int) -> Tensor:
+    """A pinned (page-locked) host buffer of ``nbytes`` bytes (a function of its own: the CUDA branch's tests on a
+    machine without CUDA give plain host memory here)."""
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+
+def _record_stream(t: Tensor, stream: Any) -> None:
+    t.record_stream(stream)
+
+
+def empty_host_cache() -> None:
+    """Give the pinned host memory torch's caching host allocator keeps after its tensors are freed back to the OS.
+
+    That allocator rounds every pinned buffer up to a power of two and never frees one on its own: a context search
+    that grows the offloaded inputs 4k -> 8k -> ... -> 128k tokens would hold every size it passed (about 64 GiB for
+    an 8B model) on top of the buffers in use. ``torch.accelerator.empty_host_cache`` (torch >= 2.12), else
+    ``torch._C._host_emptyCache`` (torch 2.5-2.11); nothing without CUDA."""
+    if not torch.cuda.is_available():
+        return
+    fn = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None) or getattr(
+        torch._C, "_host_emptyCache", None)
+    if fn is not None:
+        fn()
+
+
 class ActivationOffloader:
     """Host buffers of one model's checkpointed layer inputs, in forward order (shared by its layers).
 
@@ -82,6 +107,11 @@ class ActivationOffloader:
         self._stream: Any = None
         self.lean: LeanSaved | None = None  # what the recompute keeps less of (apply_activation_offload sets it)
 
+    @staticmethod
+    def uses_streams(device: torch.device) -> bool:
+        """Whether inputs on ``device`` go to pinned host buffers through a side stream (CUDA) or stay as they are."""
+        return device.type == "cuda"
+
     def _side_stream(self, device: torch.device):
         if self._stream is None:
             self._stream = torch.cuda.Stream(device=device)
@@ -89,11 +119,25 @@ class ActivationOffloader:
 
     def _pinned(self, slot: int, numel: int, dtype: torch.dtype) -> Tensor:
         while len(self.pool) <= slot:
-            self.pool.append(torch.empty(0, dtype=torch.uint8, pin_memory=True))
+            self.pool.append(_pinned_empty(0))
         nbytes = numel * dtype.itemsize
         if self.pool[slot].numel() < nbytes:
-            self.pool[slot] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            # the caching host allocator pins a power of two anyway: asking for it lets a longer batch up to that size
+            # reuse the buffer; the old one goes first, so its block can serve another slot's request
+            self.pool[slot] = _pinned_empty(0)
+            self.pool[slot] = _pinned_empty(1 << (nbytes - 1).bit_length())
         return self.pool[slot][:nbytes].view(dtype)
+
+    def release_host_buffers(self) -> int:
+        """Drop the pinned buffers no pending input uses (between steps of different lengths); returns their bytes.
+        :func:`empty_host_cache` then gives them back to the OS."""
+        used = {s.slot for s in self.pending}
+        freed = 0
+        for slot, buf in enumerate(self.pool):
+            if slot not in used:
+                freed += buf.numel()
+                self.pool[slot] = _pinned_empty(0)
+        return freed
 
     @property
     def pending(self) -> list[_Saved]:
@@ -105,7 +149,7 @@ class ActivationOffloader:
         saved.shape, saved.dtype, saved.device = x.shape, x.dtype, x.device
         used = {s.slot for s in self.pending}
         saved.slot = next(i for i in range(len(used) + 1) if i not in used)
-        if x.device.type != "cuda":
+        if not self.uses_streams(x.device):
             saved.host = x.detach()
         else:
             stream = self._side_stream(x.device)
@@ -115,7 +159,7 @@ class ActivationOffloader:
                 host.copy_(x.detach().reshape(-1), non_blocking=True)
                 saved.offloaded = torch.cuda.Event()
                 saved.offloaded.record(stream)
-            x.record_stream(stream)  # its memory is not reused before the copy has read it
+            _record_stream(x, stream)  # its memory is not reused before the copy has read it
             saved.host = host
         self._pending.append(weakref.ref(saved))
         return saved
@@ -123,7 +167,7 @@ class ActivationOffloader:
     def _start_fetch(self, saved: _Saved) -> None:
         if saved.device_copy is not None or saved.done:
             return
-        if saved.device.type != "cuda":
+        if not self.uses_streams(saved.device):
             saved.device_copy = saved.host
             return
         stream = self._side_stream(saved.device)
@@ -137,10 +181,10 @@ class ActivationOffloader:
         """The layer input back on its device (waited for), with the previous layer's input prefetched."""
         self._start_fetch(saved)
         x = saved.device_copy
-        if saved.device.type == "cuda":
+        if self.uses_streams(saved.device):
             current = torch.cuda.current_stream(saved.device)
             current.wait_event(saved.fetched)
-            x.record_stream(current)  # allocated on the side stream, used and freed on the compute stream
+            _record_stream(x, current)  # allocated on the side stream, used and freed on the compute stream
         pending = self.pending
         i = next((k for k, s in enumerate(pending) if s is saved), None)
         if i:
@@ -232,6 +276,24 @@ class OffloadedCheckpoint:
 
         out = _OffloadedLayer.apply(hidden_states_of, self.offloader, args[0], self.anchor)
         return (out,) + (None,) * (tuple_out[0] - 1) if tuple_out else out
+
+
+def offloaders(model: nn.Module) -> list[ActivationOffloader]:
+    """The activation offloaders of ``model``'s decoder layers (one per :func:`apply_activation_offload`)."""
+    found: dict[int, ActivationOffloader] = {}
+    for layer in decoder_layers(model):
+        fn = getattr(layer, "_gradient_checkpointing_func", None)
+        if isinstance(fn, OffloadedCheckpoint):
+            found[id(fn.offloader)] = fn.offloader
+    return list(found.values())
+
+
+def release_host_buffers(model: nn.Module) -> int:
+    """Drop the idle pinned buffers of ``model``'s offloaded layer inputs and give the host allocator's cache back
+    to the OS (before a batch of another length, or once training ends); returns the bytes dropped."""
+    freed = sum(off.release_host_buffers() for off in offloaders(model))
+    empty_host_cache()
+    return freed
 
 
 def apply_activation_offload(model: nn.Module) -> int:
