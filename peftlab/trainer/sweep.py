@@ -458,7 +458,7 @@ def best_recipe(spec: SweepSpec, base: dict[str, Any], params: dict[str, Any], r
 
 def _in_order(d: dict[str, Any], like: dict[str, Any]) -> dict[str, Any]:
     """``d`` with its keys (and its sections' keys) in the order of ``like``'s, i.e. the schema's."""
-    return {k: _in_order(d[k], like[k]) if isinstance(d[k], dict) and isinstance(like[k], dict) else d[k]
+    return {k: _in_order(d[k], like[k]) if isinstance(d[k], dict) and isinstance(like.get(k), dict) else d[k]
             for k in sorted(d, key=lambda k: list(like).index(k) if k in like else len(like))}
 
 
