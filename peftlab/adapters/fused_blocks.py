@@ -116,10 +116,15 @@ def _modeling(module: nn.Module) -> types.ModuleType:
     return sys.modules[type(module).__module__]
 
 
+def _uses_rope_kernel(q: Tensor) -> bool:
+    """Whether q/k are rotated by peftlab's in-place RoPE kernel: on CUDA (the CPU tests of that branch say True)."""
+    return q.is_cuda
+
+
 def _rotate(attn: nn.Module, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     """peftlab's in-place RoPE kernel on CUDA (no rotated copies of q and k); on the CPU the model's own rotation,
     which is faster there (bench/bench_rope.py: 13.9 vs 19.8 ms at 512 tokens)."""
-    if q.is_cuda:
+    if _uses_rope_kernel(q):
         return apply_rope_(q, k, cos, sin)
     return _modeling(attn).apply_rotary_pos_emb(q, k, cos, sin)
 
