@@ -167,6 +167,24 @@ def count_model(config: Any, dtype: torch.dtype, *, quant: Any, lora: dict[str, 
         max_positions=getattr(text, "max_position_embeddings", None))
 
 
+def kernels_run_triton(setting: str, device: str) -> bool:
+    """Whether the fused kernels run their Triton code in a run on ``device`` with ``kernels: setting`` — what the
+    planner counts as "the kernel path" for what autograd keeps and for the losses' paths.
+
+    :func:`peftlab.kernels.nf4.kernel_path` decides which entry points a run calls (``fused_lora_linear``, the fused
+    RMSNorm, the fused blocks, the fused losses' Triton backend), but each kernel then asks
+    :func:`peftlab.kernels.nf4.use_triton`: with ``kernels: auto`` on CUDA where Triton cannot be imported it runs
+    its PyTorch reference (``reference_lora_linear`` keeps what PEFT's LoRA keeps, ``reference_rms_norm`` is
+    transformers' op sequence, the losses resolve ``auto`` to their PyTorch paths). The planner runs in the
+    environment it plans for, like its CPU baseline probe, so Triton missing here is Triton missing at run time.
+    ``kernels: triton`` is counted as asked (a run without Triton refuses it)."""
+    from peftlab.kernels.nf4 import kernel_path, use_triton
+
+    if not kernel_path(setting, device):
+        return False
+    return setting == "triton" or use_triton(setting, torch.device(device), "the memory planner")
+
+
 @dataclass(frozen=True)
 class LayerActivations:
     """Bytes per token that one decoder layer keeps for backward, split by what the recipe can bound.

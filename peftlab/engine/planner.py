@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import subprocess
 import sys
 from typing import Any
@@ -26,7 +27,7 @@ import torch
 from peftlab.checkpoint.atomic import atomic_write_text
 from peftlab.engine.estimate_report import Estimate, MiB, fmt
 from peftlab.engine.loss_head import ce_loss_head
-from peftlab.engine.model_shape import ModelShape, layer_activations, model_shape
+from peftlab.engine.model_shape import ModelShape, kernels_run_triton, layer_activations, model_shape
 from peftlab.engine.planner_distill import Teacher, distill_memory, distill_notes, teacher_shape
 from peftlab.errors import PeftlabError
 from peftlab.kernels.nf4 import kernel_path
@@ -177,16 +178,17 @@ def compute_dtype(recipe: Any, device: str) -> torch.dtype:
 
 
 def fused_norm_saves(recipe: Any, device: str) -> bool:
-    """Whether ``train.fused_norm: true`` would lower the recipe's peak on ``device``: it is off now, the run takes
-    the fused-kernel path (elsewhere the fused norm runs transformers' own ops) and computes in 16 bits —
+    """Whether ``train.fused_norm: true`` would lower the recipe's peak on ``device``: it is off now, the run's
+    kernels run their Triton code (elsewhere — the CPU, or CUDA without Triton installed — the fused norm runs
+    transformers' own ops: :func:`~peftlab.engine.model_shape.kernels_run_triton`) and it computes in 16 bits —
     transformers' RMSNorm keeps an fp32 copy of a 16-bit input and runs its backward in fp32; in fp32 there is no
     copy to save."""
-    return (not recipe.train.fused_norm and kernel_path(recipe.kernels, device)
+    return (not recipe.train.fused_norm and kernels_run_triton(recipe.kernels, device)
             and compute_dtype(recipe, device).itemsize < 4)
 
 
 def _components(recipe: Any, shape: ModelShape, *, device: str, elem: int, mbs: int, seq: int,
-                baseline: int, teacher: Teacher | None = None) -> dict[str, int]:
+                baseline: int, teacher: Teacher | None = None, grad_accum: int | None = None) -> dict[str, int]:
     """The predicted peak, by component. The peak is the largest of three moments of a step:
 
     - the end of the forward pass: what every layer keeps (under gradient checkpointing its input; with
@@ -207,14 +209,27 @@ def _components(recipe: Any, shape: ModelShape, *, device: str, elem: int, mbs: 
     layer's backward: the residual stream's gradient), ``temporary_buffers`` the rest. With ``distill:``
     (:mod:`peftlab.engine.planner_distill`) the KD loss (``kd_loss``) replaces the loss head's buffers, what it
     reads of the teacher (``teacher_outputs``) is alive at the loss, the teacher's weights (``teacher_weights``)
-    throughout, and the teacher's forward (``teacher_forward``) is a fourth moment, before the student's."""
+    throughout, and the teacher's forward (``teacher_forward``) is a fourth moment, before the student's.
+
+    ``gradients`` is what the trainable parameters' ``.grad`` hold at the peak moment (the LoRA weights' fp32,
+    an ``adapter.unfreeze`` module's in the model's dtype). The optimizer sets them to None after every step
+    (``zero_grad(set_to_none=True)``), so with ``grad_accum`` 1 (the recipe's unless given: ``train.auto_fit``
+    raises it when it lowers the micro-batch) none exists during the forward pass and the loss — but the ones the
+    loss makes itself (a trained head: :func:`~peftlab.engine.loss_head.head_gradient_bytes` counts that share
+    here) — and during the backward those of the layers already done (counted whole: the peak layer is the last
+    one); from a step's second micro-batch on all are alive throughout (measured: tests/engine/
+    test_planner_terms.py). DeepSpeed keeps its gradient buffers for the whole run."""
     t = recipe.train
     n_tokens = mbs * seq
     H = shape.hidden
     lora_bytes = shape.lora_params * 4  # adapters train in fp32 whatever the base dtype
     attn = recipe.model.attn_implementation
-    kernel = kernel_path(recipe.kernels, device)
-    fused_blocks = bool(t.fused_blocks) and kernel and recipe.adapter.dropout == 0
+    # the block Functions run wherever the kernel path is taken (their GEMMs in torch without Triton); per-module
+    # LoRA layers and the fused norm keep what the kernels keep only where the Triton code runs
+    fused_blocks = bool(t.fused_blocks) and kernel_path(recipe.kernels, device) and recipe.adapter.dropout == 0
+    triton = kernels_run_triton(recipe.kernels, device)
+    kernel = triton or fused_blocks
+    fused_norm = bool(t.fused_norm) and triton
     # CPU SDPA with peftlab's boolean padding / packing mask takes torch's flash kernel (torch >= 2.3;
     # checked with torch._fused_sdp_choice): like CUDA SDPA it keeps no attention probabilities
     # train.mlp_chunk_tokens: the MLP's own activations (la.mlp per token) exist for one chunk of positions at a
@@ -225,7 +240,7 @@ def _components(recipe: Any, shape: ModelShape, *, device: str, elem: int, mbs: 
     # train.offload_activations recomputes each layer keeping less (lean_recompute.LeanSaved), on any device
     lean = bool(t.offload_activations and recipe.model.gradient_checkpointing)
     la = layer_activations(shape, elem=elem, seq_len=seq, attn=attn, dropout=recipe.adapter.dropout,
-                           kernel=kernel, fused_norm=bool(t.fused_norm), fused_blocks=fused_blocks, device=device,
+                           kernel=kernel, fused_norm=fused_norm, fused_blocks=fused_blocks, device=device,
                            sdpa_mask=True,  # peftlab's batches carry a mask (see `mask` below)
                            lean=lean, mlp_chunked=mlp_tokens < n_tokens)
     whole = (la.layer_input + la.attention) * n_tokens
@@ -249,7 +264,7 @@ def _components(recipe: Any, shape: ModelShape, *, device: str, elem: int, mbs: 
     head_inputs = 2 * n_tokens * H * elem
     widest = max(shape.intermediate, H)
     hidden_grads = 4 * n_tokens * H * elem
-    if elem < 4 and not (kernel and t.fused_norm):
+    if elem < 4 and not fused_norm:
         # transformers' RMSNorm backward in 16 bits runs in fp32: 20 bytes per element beyond its saved fp32 copy
         # and incoming gradient at its peak, its result included (CPU, torch 2.13: the memory timeline of
         # torch.profiler over one bf16 LlamaRMSNorm backward), + the incoming gradient
@@ -269,21 +284,27 @@ def _components(recipe: Any, shape: ModelShape, *, device: str, elem: int, mbs: 
     backward_temps = dequant + hidden_grads + mask_transient
     grad_stream = n_tokens * H * elem
     loss_fwd, loss_bwd, _ = ce_loss_head(recipe, shape, device=device, elem=elem, n_tokens=n_tokens)
+    unfrozen_bytes = shape.unfrozen_params * elem  # adapter.unfreeze: trained in the model's dtype
+    grads = lora_bytes + unfrozen_bytes
+    accumulating = (grad_accum or t.grad_accum) > 1 or bool(recipe.deepspeed)
+    # grad_accum 1: no .grad before the loss but a trained head's, which the loss makes (its share of unfrozen_bytes)
+    grads_fwd = grads if accumulating else (shape.vocab * shape.hidden * elem if shape.head_trainable else 0)
     moments = [
-        {"activations": kept + head_inputs, "loss_head": loss_fwd, "temporary_buffers": mask_transient},
-        {"activations": kept + head_inputs, "loss_head": loss_bwd, "temporary_buffers": 0},
-        {"activations": kept, "loss_head": grad_stream, "temporary_buffers": recompute + backward_temps},
+        {"activations": kept + head_inputs, "loss_head": loss_fwd, "temporary_buffers": mask_transient,
+         "gradients": grads_fwd},
+        {"activations": kept + head_inputs, "loss_head": loss_bwd, "temporary_buffers": 0, "gradients": grads_fwd},
+        {"activations": kept, "loss_head": grad_stream, "temporary_buffers": recompute + backward_temps,
+         "gradients": grads},
     ]
     dm = distill_memory(recipe, shape, teacher, device=device, elem=elem, mbs=mbs, seq=seq)
     if dm is not None:  # the KD loss in place of the loss head's buffers; the teacher's forward comes first
         moments[0].update(loss_head=0, kd_loss=dm.kd_loss_fwd, teacher_outputs=dm.teacher_outputs)
         moments[1].update(loss_head=0, kd_loss=dm.kd_loss_bwd, teacher_outputs=dm.teacher_outputs_bwd)
         moments.append({"activations": 0, "loss_head": 0, "temporary_buffers": 0,
-                        "teacher_forward": dm.teacher_forward})
-    unfrozen_bytes = shape.unfrozen_params * elem  # adapter.unfreeze: trained in the model's dtype
+                        "teacher_forward": dm.teacher_forward, "gradients": grads if accumulating else 0})
     if device == "cpu" and unfrozen_bytes:  # foreach AdamW's step: one intermediate per unfrozen parameter (torch.
         # profiler, CPU: a head's step peaks at its moments + one head-sized tensor), after the backward freed the rest
-        moments.append({"activations": 0, "loss_head": 0, "temporary_buffers": unfrozen_bytes})
+        moments.append({"activations": 0, "loss_head": 0, "temporary_buffers": unfrozen_bytes, "gradients": grads})
     peak = max(moments, key=lambda m: sum(m.values()))
     temporary = peak["temporary_buffers"]
     optimizer = (shape.lora_params * OPTIMIZER_BYTES_PER_PARAM[t.optimizer]
@@ -296,7 +317,7 @@ def _components(recipe: Any, shape: ModelShape, *, device: str, elem: int, mbs: 
         "baseline": baseline,
         "base_weights": shape.base_weight_bytes,
         "adapters": lora_bytes,
-        "gradients": lora_bytes + unfrozen_bytes,
+        "gradients": peak["gradients"],
         "optimizer_state": optimizer,
         "activations": peak["activations"],
         "loss_head": peak["loss_head"],
@@ -367,6 +388,9 @@ def estimate(recipe: Any, *, device_memory: int | None = None, gpus: int = 1, de
         host = offloaded_layers(recipe, device, shape) * mbs * seq * shape.hidden * elem
         est.notes.append(f"train.offload_activations: {fmt(host)} of checkpointed layer inputs in pinned host memory "
                          "(not counted above)")
+    if kernel_path(recipe.kernels, device) and not kernels_run_triton(recipe.kernels, device):
+        est.notes.append("kernels: auto without Triton installed: the fused kernels and losses run their PyTorch "
+                         "references, counted as such (install triton for the kernels' smaller working set)")
     if fused_norm_saves(recipe, device):
         fused = recipe.model_copy(deep=True)
         fused.train.fused_norm = True
@@ -382,12 +406,15 @@ def estimate(recipe: Any, *, device_memory: int | None = None, gpus: int = 1, de
         est.notes.append("paged optimizer state can be evicted to host memory under pressure: "
                          f"{fmt(comps['optimizer_state'])} of the total is pageable")
     if device_memory is not None:
-        def total(m: int, s: int) -> int:
+        def total(m: int, s: int, accum: int | None = None) -> int:
             return sum(_components(recipe, shape, device=device, elem=elem, mbs=m, seq=s, baseline=baseline,
-                                   teacher=teacher).values())
+                                   teacher=teacher, grad_accum=accum).values())
+
+        def keeping_the_batch(m: int) -> int:  # the grad_accum train.auto_fit sets with micro-batch m
+            return max(1, math.ceil(mbs * recipe.train.grad_accum / m))
 
         est.max_seq_len = _largest(lambda s: total(mbs, s) <= device_memory, 1, _max_positions(recipe, shape))
-        est.max_micro_batch_size = _largest(lambda m: total(m, seq) <= device_memory, 1, 4096)
+        est.max_micro_batch_size = _largest(lambda m: total(m, seq, keeping_the_batch(m)) <= device_memory, 1, 4096)
     return est
 
 

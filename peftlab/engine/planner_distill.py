@@ -4,7 +4,7 @@ Online (:class:`~peftlab.objectives.distillation.OnlineDistillLoss`), per micro-
 states are made first, under ``no_grad`` (its layers' transients exist one layer at a time, before the student's
 forward), and kept until the KD loss has run; the loss then reads both heads
 (:func:`~peftlab.kernels.fused_linear_kd_loss`) on one of four paths — Triton row chunks (``kernels`` takes the
-kernel path), PyTorch row chunks, the PyTorch vocabulary-outer pass (forward KL over a student head stored in 16
+kernel path and Triton is installed: :func:`~peftlab.engine.model_shape.kernels_run_triton`), PyTorch row chunks, the PyTorch vocabulary-outer pass (forward KL over a student head stored in 16
 bits: ``torch_kd_online``), or whole fp32 logits (``kernels: off``). Offline
 (:class:`~peftlab.objectives.distillation.OfflineDistillLoss`): the batch's cached top-k log-probabilities (fp32)
 and ids (int64) are read before the student's forward and kept until the loss has run
@@ -27,11 +27,10 @@ from typing import Any
 import torch
 
 from peftlab.engine.loss_head import head_gradient_bytes, head_online
-from peftlab.engine.model_shape import ModelShape, count_model, model_config
+from peftlab.engine.model_shape import ModelShape, count_model, kernels_run_triton, model_config
 from peftlab.errors import PeftlabError
 from peftlab.kernels.fused_linear_cross_entropy import default_chunk_rows, online_block, online_slice
 from peftlab.kernels.fused_linear_kd_loss import KD_ONLINE_BUFFERS, TOPK_GATHER_BYTES
-from peftlab.kernels.nf4 import kernel_path
 
 # Live fp32 (rows × vocabulary) buffers of one row chunk at the peak of the PyTorch KD loss (student and teacher
 # logits, autograd's softmax / log-softmax / divergence temporaries and their gradients), by divergence; measured
@@ -194,7 +193,7 @@ def distill_memory(recipe: Any, shape: ModelShape, teacher: Teacher | None, *, d
         work, path = TORCH_KD_CHUNK_BUFFERS[kind] * n * vocab * 4, "whole logits (kernels: off)"
         work += _heap_retention(recipe, device, work, n * vocab * 4)
         bwd = int(work) + n * hs * elem
-    elif kernel_path(recipe.kernels, device):
+    elif kernels_run_triton(recipe.kernels, device):  # else the loss resolves 'auto' to PyTorch
         rows = default_chunk_rows(n, max(hs, ht), vocab, n_heads=2, gpu=device == "cuda")
         work, path = TRITON_KD_CHUNK_BUFFERS * rows * vocab * 4, f"Triton row chunks of {rows}"
     elif head_online_torch and kind == "forward_kl":  # torch_kd_online: one row block, one vocabulary slice at a time
