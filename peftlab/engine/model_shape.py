@@ -41,6 +41,7 @@ class ModelShape:
     head_trainable: bool = False    # adapter.unfreeze trains the output head (the loss computes its gradient)
     unfrozen_params: int = 0        # base parameters adapter.unfreeze trains in full (in the model's dtype)
     max_positions: int | None = None  # the config's max_position_embeddings (None: not stated)
+    logit_softcap: float | None = None  # the config's final_logit_softcapping (Gemma-2): the fused loss applies it
 
 
 def quantized_bytes(n: int, blocksize: int, double_quant: bool) -> int:
@@ -164,7 +165,8 @@ def count_model(config: Any, dtype: torch.dtype, *, quant: Any, lora: dict[str, 
         largest_linear=largest, lora_params=lora_params, lora_modules_per_layer=per_layer,
         lora_r=int(lora["r"]) if lora is not None else 0, head_16bit=bool(sixteen_bit),
         head_trainable=head_trainable, unfrozen_params=unfrozen,
-        max_positions=getattr(text, "max_position_embeddings", None))
+        max_positions=getattr(text, "max_position_embeddings", None),
+        logit_softcap=getattr(text, "final_logit_softcapping", None))
 
 
 def kernels_run_triton(setting: str, device: str) -> bool:

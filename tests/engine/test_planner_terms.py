@@ -119,17 +119,23 @@ def test_triton_row_chunks_peak_at_one_chunk_and_its_16bit_gradient(head_dtype, 
     assert low <= peak <= low + 0.1 * chunk, peak / chunk
 
 
-@pytest.mark.xfail(strict=True, reason="peftlab/engine/loss_head.py ce_loss_head counts 3 fp32 chunks on the row "
-                   "path (`3 * rows * vocab * 4`); measured 2 (3 with a soft-cap) on the PyTorch path, 1 / 1.5 on "
-                   "Triton. Not this helper's file: remove this mark when loss_head.py counts what is measured.")
-@pytest.mark.parametrize("n, vocab, hidden", CE_SHAPES)
-def test_planner_loss_head_term_is_the_measured_row_chunk_peak(tmp_path, n, vocab, hidden):
-    """The planner's loss-head term for an fp32 CPU run (an fp32 head: the row chunks) against the profiled peak
-    of the same loss over the same shape, within the per-row slack of the measurement."""
-    r = _recipe(tmp_path, _config(tmp_path, hidden=hidden, vocab=vocab), tokens=n)
+# loss_head.py (not the planner's files) counts 3 chunks: these cases fail until it counts what is measured
+LOSS_HEAD_3_CHUNKS = pytest.mark.xfail(
+    strict=True, reason="peftlab/engine/loss_head.py ce_loss_head counts 3 fp32 chunks on the row path "
+    "(`3 * rows * vocab * 4`); measured 2 (3 with a soft-cap) on the PyTorch path, 1 / 1.5 on Triton. Not this "
+    "helper's file: remove this mark when loss_head.py counts what is measured.")
+
+
+@pytest.mark.parametrize("n, vocab, hidden, softcap", [pytest.param(*shape, None, marks=LOSS_HEAD_3_CHUNKS)
+                                                     for shape in CE_SHAPES] + [(256, 40000, 64, 30.0)])
+def test_planner_loss_head_term_is_the_measured_row_chunk_peak(tmp_path, n, vocab, hidden, softcap):
+    """The planner's loss-head term for an fp32 CPU run (an fp32 head: the row chunks; train.loss.softcap: the third
+    chunk) against the profiled peak of the same loss over the same shape, within the per-row slack of the
+    measurement."""
+    r = _recipe(tmp_path, _config(tmp_path, hidden=hidden, vocab=vocab), tokens=n, train={"loss": {"softcap": softcap}})
     fwd, bwd, path = ce_loss_head(r, model_shape(r, torch.float32, device="cpu"), device="cpu", elem=4, n_tokens=n)
     assert path.startswith("PyTorch row chunks")
-    peak, rows = _row_chunk_peak(n, vocab, hidden)
+    peak, rows = _row_chunk_peak(n, vocab, hidden, **({"softcap": softcap} if softcap else {}))
     assert abs(max(fwd, bwd) - peak) <= 64 * (n + rows), (max(fwd, bwd) / (rows * vocab * 4), peak / (rows * vocab * 4))
 
 
