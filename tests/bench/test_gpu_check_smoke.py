@@ -59,3 +59,125 @@ def test_the_architecture_is_llama_3_1_8b():
                 "num_key_value_heads", "vocab_size", "rope_theta", "rms_norm_eps", "max_position_embeddings"):
         assert gc.LLAMA_31_8B[key] == real[key], key
     assert gc.LLAMA_31_8B["rope_scaling"] == real["rope_scaling"]
+
+
+def test_bf16_parity_passes_normwise_where_only_the_rounding_order_differs():
+    """bf16 sums of ±20-sized terms near zero differ by rounding order alone (the GPU's dequant + cuBLAS path rounds
+    x·Wᵀ before adding the LoRA term): elementwise allclose fails, the normwise bound passes; a real bug does not."""
+    import torch
+
+    gc = _gpu_check()
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(4000, generator=g) * 8
+    lora = -base + torch.randn(4000, generator=g) * 3  # sums near zero next to ±20-sized terms
+    ref = (base + lora).to(torch.bfloat16)  # one rounding of the exact sum
+    fused = (base.to(torch.bfloat16) + lora.to(torch.bfloat16)).to(torch.bfloat16)  # the base rounded first
+    row = gc.compare([fused], [ref], False, "bfloat16")
+    assert not row["elementwise"] and row["status"] == "ok (normwise)" and row["rel_l2_err"] < 1e-2
+    missing_lora = base.to(torch.bfloat16)
+    assert gc.compare([missing_lora], [ref], False, "bfloat16")["status"] == "MISMATCH"
+    off_by_one_row = torch.roll(ref, 1)
+    assert gc.compare([off_by_one_row], [ref], False, "bfloat16")["status"] == "MISMATCH"
+    # fp32 stays elementwise at the tests' tolerances, and bit-exact checks stay bit-exact
+    assert gc.compare([fused.float()], [ref.float()], False, "float32")["status"] == "MISMATCH"
+    assert gc.compare([ref], [ref.clone()], True, "bfloat16")["status"] == "ok"
+    assert gc.compare([fused], [ref], True, "bfloat16")["status"] == "MISMATCH"
+
+
+class _Model:
+    def __init__(self) -> None:
+        self.zeroed = 0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.zeroed += 1
+
+    def modules(self):
+        return iter(())
+
+
+def test_context_search_takes_cuda_oom_errors_as_a_fit_and_stops_at_other_errors():
+    """Under the cap an out-of-memory can come as a RuntimeError (cuBLAS workspace, pinned host buffer): it is an
+    "oom" try. Any other failure ends the search with the error and keeps what fitted; the doubling's last try is the
+    model's max_position_embeddings."""
+    from types import SimpleNamespace
+
+    import torch
+
+    gc = _gpu_check()
+    gc._import_peftlab()
+    config = SimpleNamespace(vocab_size=11, max_position_embeddings=48)
+
+    def side(fail):
+        def step(batch):
+            fail(batch["input_ids"].shape[1])
+            return 1.0
+        return {"model": _Model(), "step": step}
+
+    def oom_above(n, exc):
+        def fail(seq):
+            if seq > n:
+                raise exc
+        return fail
+
+    cpu = torch.device("cpu")
+    res = gc.longest_context(side(oom_above(100, RuntimeError("CUDA error: out of memory"))), config, cpu,
+                             gc.Budget(60), False, start=4, granularity=4)
+    assert res["longest_tokens"] == 48 and res["first_failure"] is None and res["error"] is None
+    assert [s for s, _, _ in res["tries"]] == [4, 8, 16, 32, 48]  # clamped to the model's positions
+    res = gc.longest_context(side(oom_above(20, torch.OutOfMemoryError("cap"))), config, cpu, gc.Budget(60), False,
+                             start=4, granularity=4)
+    assert (res["longest_tokens"], res["first_failure"], res["error"]) == (20, 24, None)
+    res = gc.longest_context(side(oom_above(20, ValueError("a bug"))), config, cpu, gc.Budget(60), False, start=4,
+                             granularity=4)
+    assert res["longest_tokens"] == 16 and res["tries"][-1] == (32, "error", 0.0)
+    assert res["error"].startswith("error: ValueError: a bug (at 32 tokens)")
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("gpu_check")
+def test_a_failing_stage_or_side_does_not_cost_the_others(tmp_path, capsys, monkeypatch):
+    """One side whose step fails, a dequant that fails and a long-context peftlab side that cannot be built: each is
+    reported, every other figure is still measured, the context falls back to peftlab without offload, the ratio
+    table is printed, and the exit code says something failed."""
+    gc = _gpu_check()
+    sys.path.insert(0, str(REPO / "bench"))
+    real_peft, real_peftlab = gc.peft_side, gc.peftlab_side
+
+    def peft_side(*a, **kw):
+        side = real_peft(*a, **kw)
+        step = side["step"]
+
+        def failing(batch):
+            if batch["input_ids"].shape[1] == 64:
+                raise RuntimeError("peer broke at 64")
+            return step(batch)
+        return {**side, "step": failing}
+
+    def peftlab_side(*a, long_context=False, **kw):
+        if long_context:
+            raise RuntimeError("offload broke")
+        return real_peftlab(*a, **kw)
+
+    def dequant_speed(*a):
+        raise RuntimeError("dequant broke")
+
+    monkeypatch.setattr(gc, "peft_side", peft_side)
+    monkeypatch.setattr(gc, "peftlab_side", peftlab_side)
+    monkeypatch.setattr(gc, "dequant_speed", dequant_speed)
+    rc = gc.main(["--smoke", "--results-dir", str(tmp_path), "--skip", "parity"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "== ratios" in out and "FAILED: 4 problems" in out, out
+    records = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
+    (dq,) = [r for r in records if r["stage"] == "dequant"]
+    assert dq["status"] == "error: RuntimeError: dequant broke"
+    steps = {(r["side"], r["tokens"]): r for r in records if r["stage"] == "step"}
+    assert steps[("peft", 64)]["status"].startswith("error: RuntimeError: peer broke at 64")
+    assert all("median_s" in steps[k] for k in (("peftlab", 32), ("peftlab", 64), ("peft", 32)))
+    context = {r["side"]: r for r in records if r["stage"] == "context"}
+    assert context["peftlab"]["error"].startswith("error: RuntimeError: offload broke")
+    # the peer's step stage failure is at 64 tokens: its context search stops there with the error too
+    assert context["peft"]["longest_tokens"] == 32 and context["peft"]["error"]
+    assert context["peftlab (no offload)"]["longest_tokens"] == 192
+    ratios = {(r["metric"], r["vs"]) for r in records if r["stage"] == "ratio"}
+    assert ("step tokens/s @ 32", "peft") in ratios and ("step tokens/s @ 64", "peft") not in ratios
+    assert ("longest context under 24 GiB", "peft (peftlab (no offload))") in ratios
