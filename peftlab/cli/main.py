@@ -118,7 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_estimate, messages_to_stderr=True)
 
     sp = with_set(sub.add_parser("quickstart", help="train the built-in tiny model on the shipped task"))
-    sp.add_argument("--recipe", default=None)
+    sp.add_argument("--recipe", default=None, help="train this recipe instead (its data in <its folder>/data/quickstart)")
+    sp.add_argument("--dir", default=None, help="work here: DIR/recipes/quickstart.yaml (copied from the shipped one), "
+                    "its data in DIR/recipes/data/quickstart, the run in DIR/runs/quickstart (default: the repository "
+                    "in a source checkout, else the current directory)")
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(fn=cmd_quickstart)
 

@@ -14,8 +14,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # the recipe imports pydantic and the data package (torch): commands import what they run
     from peftlab.recipe.schema import Recipe
 
-QUICKSTART_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"
-
 
 def _recipe(args: argparse.Namespace) -> Recipe:
     from peftlab.recipe.parse import load_recipe
@@ -38,16 +36,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    """Generate the quickstart data (if missing) and train recipes/quickstart.yaml."""
+    """Generate the quickstart data (if missing) and train the quickstart recipe: the shipped one, in place in a
+    source checkout, else a copy in ``--dir`` (default: here) (:func:`peftlab.recipe.shipped.quickstart_recipe`)."""
     from peftlab.recipe.parse import load_recipe
+    from peftlab.recipe.shipped import quickstart_recipe
+    from peftlab.recipes import make_quickstart_data
     from peftlab.trainer.loop import train
 
-    recipe_path = Path(args.recipe) if args.recipe else QUICKSTART_RECIPE
+    recipe_path = Path(args.recipe) if args.recipe else quickstart_recipe(args.dir)
     data_dir = recipe_path.parent / "data" / "quickstart"
     if not (data_dir / "train.jsonl").is_file():
-        sys.path.insert(0, str(recipe_path.parent))
-        import make_quickstart_data  # recipes/make_quickstart_data.py
-
         make_quickstart_data.main(["--out", str(data_dir)])
     train(load_recipe(recipe_path, overrides=args.set))
     return 0

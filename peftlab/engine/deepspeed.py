@@ -49,6 +49,7 @@ from peftlab.engine.process_group import (
     world_size,
 )
 from peftlab.errors import PeftlabError
+from peftlab.recipe.shipped import shipped_deepspeed_config, shipped_deepspeed_configs
 
 DEEPSPEED_TAG = "engine"
 """The tag (sub-directory) of DeepSpeed's checkpoint inside a peftlab checkpoint's ``deepspeed/``."""
@@ -80,12 +81,22 @@ def _conflict(path: str, key: str, value: Any, recipe_key: str, recipe_value: An
     )
 
 
-def read_deepspeed_json(recipe: Any) -> tuple[Path, dict[str, Any]]:
+def deepspeed_json_path(recipe: Any) -> Path:
+    """The DeepSpeed config file of ``recipe.deepspeed``: a path (relative to the recipe's folder), or the bare name
+    of a shipped config (``zero2``, ``zero3-offload``, ...) when no file of that name is there."""
     path = recipe.resolve_path(recipe.deepspeed)
     if not path.is_file():
-        shipped = Path(__file__).resolve().parents[2] / "recipes" / "deepspeed"
+        shipped = shipped_deepspeed_config(recipe.deepspeed)
+        if shipped is not None:
+            return shipped
         raise PeftlabError(f"deepspeed: {recipe.deepspeed}: no such file (resolved to {path}); point it at a "
-                           f"DeepSpeed JSON config, e.g. one of {shipped}/zero{{1,2,2-offload,3,3-offload}}.json")
+                           "DeepSpeed JSON config, or name one of those shipped with peftlab: "
+                           f"{', '.join(shipped_deepspeed_configs())} (e.g. deepspeed: zero2)")
+    return path
+
+
+def read_deepspeed_json(recipe: Any) -> tuple[Path, dict[str, Any]]:
+    path = deepspeed_json_path(recipe)
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as exc:

@@ -146,7 +146,7 @@ def launch(recipe: str, *, hostfile: str, no_ssh: bool = False, node_rank: int |
     r = load_recipe(recipe, overrides=overrides)  # a broken recipe fails here, on every node, at once
     if r.deepspeed is None:
         raise PeftlabError(f"{recipe}: the recipe has no 'deepspeed' key; add e.g. 'deepspeed: "
-                           "recipes/deepspeed/zero2.json' (ZeRO-2) to train across processes")
+                           "zero2' (the shipped ZeRO-2 config) to train across processes")
     hosts = read_hostfile(hostfile)
     check_hosts_resolve(hosts, hostfile)
     if nproc_per_node is not None and nproc_per_node <= 0:

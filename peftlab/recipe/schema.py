@@ -21,6 +21,7 @@ from peftlab.data.config import DataConfig
 from peftlab.recipe.augmentation import AugmentConfig, check_augment
 from peftlab.recipe.dann import DannConfig, check_dann_combination
 from peftlab.recipe.preference_config import PreferenceConfig, check_preference
+from peftlab.recipe.shipped import shipped_deepspeed_config, shipped_deepspeed_configs
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -97,7 +98,7 @@ class EarlyStoppingConfig(Section):
     min_delta: float = Field(0.0, ge=0.0)
     """An eval improves only when it beats the best by more than this."""
     mode: Literal["auto", "min", "max"] = "auto"
-    """auto: min for losses/perplexity/mse, max for scores."""
+    """auto: min for losses/perplexity/errors, max for scores; refused for a metric without a known direction."""
 
 
 class TrainConfig(Section):
@@ -294,8 +295,9 @@ class Recipe(Section):
     @field_validator("deepspeed")
     @classmethod
     def _deepspeed_is_json(cls, v: str | None) -> str | None:
-        if v is not None and not v.endswith(".json"):
-            raise ValueError("expected the path of a DeepSpeed JSON config, e.g. recipes/deepspeed/zero2.json")
+        if v is not None and not v.endswith(".json") and shipped_deepspeed_config(v) is None:
+            raise ValueError("expected the path of a DeepSpeed JSON config, or the name of one shipped with peftlab: "
+                             f"{', '.join(shipped_deepspeed_configs())} (e.g. deepspeed: zero2)")
         return v
 
     @model_validator(mode="after")
@@ -375,7 +377,7 @@ class Recipe(Section):
         Each path-valued key is made absolute the way peftlab opens it, so the copy loads what this recipe loads:
 
         - only ever a path on this machine, relative to the recipe's folder: ``output.dir``, ``adapter.init_from``,
-          ``deepspeed``, ``resume`` (not ``auto``), ``distill.cache_dir``, ``distill.teacher.adapter`` — made
+          ``deepspeed`` (not the bare name of a shipped config), ``resume`` (not ``auto``), ``distill.cache_dir``, ``distill.teacher.adapter`` — made
           absolute even when missing (an output folder does not exist yet; kept relative, it would move with the
           copy);
         - a file/folder relative to the recipe's folder, or a hub dataset id: the ``path`` of every ``data.train``,
@@ -402,7 +404,10 @@ class Recipe(Section):
             found = Path(p).expanduser()
             return str(found.resolve()) if not p.startswith("builtin:") and found.exists() else p
 
-        rules = [(copy.output, "dir", local), (copy.adapter, "init_from", local), (copy, "deepspeed", local),
+        def deepspeed(p: str) -> str:  # a shipped config's bare name stays a name where no such file is
+            return p if shipped_deepspeed_config(p) and not self.resolve_path(p).is_file() else local(p)
+
+        rules = [(copy.output, "dir", local), (copy.adapter, "init_from", local), (copy, "deepspeed", deepspeed),
                  (copy.model, "name", as_loaded), (copy.model, "tokenizer", as_loaded)]
         if copy.resume != "auto":
             rules.append((copy, "resume", local))

@@ -27,7 +27,7 @@ from peftlab.checkpoint.resume import checkpoint_to_resume
 from peftlab.checkpoint.rng import restore_rng
 from peftlab.checkpoint.save import run_files, save_checkpoint
 from peftlab.checkpoint.store import latest_complete
-from peftlab.engine.process_group import all_reduce_sum, restore_launcher_env
+from peftlab.engine.process_group import all_reduce_sum
 from peftlab.errors import PeftlabError
 from peftlab.metrics.console import progress, quiet_logging
 from peftlab.metrics.runlog import RunLog
@@ -76,17 +76,8 @@ class Trainer:
             try:
                 self._build(recipe, quiet)
             except BaseException:  # a half-built run too puts back what its engine and joining changed
-                self._close_engine()
+                setup.leave(self.engine)
                 raise
-
-    def _close_engine(self) -> None:
-        """Put back what the run changed process-wide: ZeRO-3's ``F.linear`` (the engine's close) and the launcher
-        variables a one-process DeepSpeed run set when it joined (:func:`restore_launcher_env`)."""
-        try:
-            if self.engine is not None:
-                self.engine.close()
-        finally:
-            restore_launcher_env()
 
     def _build(self, recipe: Any, quiet: bool) -> None:
         self.recipe, t, self.quiet = recipe, recipe.train, quiet
@@ -194,7 +185,7 @@ class Trainer:
         finally:  # whatever happened: the trackers' runs end, what the run changed process-wide goes back
             with contextlib.suppress(Exception):
                 self.log.close()
-            self._close_engine()
+            setup.leave(self.engine)
         # outside the except: the failed step's frames are freed before the planner runs for the message
         raise failure_message(failure, recipe=self.recipe, step=self.state.step,
                               last=self._last_checkpoint()) from None

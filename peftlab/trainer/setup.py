@@ -48,7 +48,7 @@ from peftlab.engine.hostmem import choose_cpu_threads, openmp_wait_policy, prepa
 from peftlab.engine.interface import Engine
 from peftlab.engine.local import LocalEngine
 from peftlab.engine.memory_fit import apply_auto_fit
-from peftlab.engine.process_group import DistInfo, env_dist_info, join_process_group
+from peftlab.engine.process_group import DistInfo, env_dist_info, join_process_group, restore_launcher_env
 from peftlab.errors import PeftlabError
 from peftlab.model.classifier import build_classifier_model
 from peftlab.model.domain_head import separate_domain_head_group
@@ -74,9 +74,21 @@ def join(recipe: Any) -> DistInfo:
             raise PeftlabError(
                 f"this run was launched as {launched} processes (WORLD_SIZE={launched}) but the recipe has no "
                 "deepspeed key: peftlab trains across processes through DeepSpeed, which averages the gradients. "
-                "Add deepspeed: recipes/deepspeed/zero1.json (or zero2.json / zero3.json), or run one process")
+                "Add deepspeed: zero1 (or zero2 / zero3: the shipped configs, or a DeepSpeed JSON of yours), or run one "
+                "process")
         return join_process_group()
     return join_for_deepspeed(recipe, pick_dtype(recipe.model.dtype, pick_device(recipe.train.device)))
+
+
+def leave(engine: Any) -> None:
+    """Put back what the run changed process-wide, whether it finished, failed or failed while it was built: ZeRO-3's
+    ``F.linear`` (the engine's close) and the launcher variables a one-process DeepSpeed run set when it joined
+    (:func:`restore_launcher_env`)."""
+    try:
+        if engine is not None:
+            engine.close()
+    finally:
+        restore_launcher_env()
 
 
 def streaming_problem(recipe: Any) -> str | None:
