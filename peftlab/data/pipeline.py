@@ -45,4 +45,4 @@ def build_data(cfg: DataConfig, tokenizer: Any, *, seed: int, cache_dir: Path | 
         return build()
     preference = [json.dumps(cfg.preference, sort_keys=True)] if cfg.preference is not None else []
     key = cache_key(cfg, tokenizer, seed, [s.fingerprint() for s in [*train_sources, *eval_sources]] + preference)
-    return load_or_build(Path(cache_dir), key, build)
+    return load_or_build(Path(cache_dir), key, build, max_gb=cfg.cache_max_gb)

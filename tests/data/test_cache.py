@@ -44,7 +44,7 @@ CHANGES = {
     "template": "chatml", "train_on": "all", "max_seq_len": 32, "packing": True, "overlength": "drop",
     "on_bad_rows": "skip", "system_prompt": "S", "max_samples": 5, "eval_split": 0.25, "mixture": "proportional",
     "shuffle": False, "label_type": "class", "eval_prompts": 3, "shuffle_buffer": 7, "streaming": None,
-    "train": None, "eval": None, "num_proc": None,
+    "train": None, "eval": None, "num_proc": None, "cache_max_gb": None,
     "preference": None,  # set from the recipe's preference: section; its own cache entry is tested with pair data in
 }                        # tests/data/test_preference_build.py (pairs vs KTO rows of one file)
 

@@ -213,3 +213,21 @@ def test_a_run_with_a_cap_reads_the_entry_of_a_run_without(tmp_path):
     again = build_data(cfg.model_copy(update={"cache_max_gb": 1.0}), tok, seed=0, cache_dir=tmp_path / "cache",
                        base_dir=tmp_path)
     assert not first.from_cache and again.from_cache and again.cache_path == first.cache_path
+
+
+def test_the_recipe_cap_reaches_the_cache_through_build_data(tmp_path, caplog):
+    """data.cache_max_gb as a recipe sets it: a second data set built under a cap of one entry removes the first
+    (an earlier run's: not in use by this one)."""
+    rows = [{"messages": [{"role": "user", "content": f"q{k}"}, {"role": "assistant", "content": "a" * (k + 1)}]}
+            for k in range(6)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok, cfg = build_tokenizer(), DataConfig(train=["chat.jsonl"], max_seq_len=64)
+    first = build_data(cfg, tok, seed=0, cache_dir=tmp_path / "cache", base_dir=tmp_path)
+    cache._in_use.clear()  # a later run
+    first_path = Path(first.cache_path)
+    one_entry_gb = first_path.stat().st_size * 1.5 / 1e9
+    with caplog.at_level(logging.INFO, logger="peftlab"):
+        second = build_data(cfg.model_copy(update={"max_seq_len": 32, "cache_max_gb": one_entry_gb}), tok, seed=0,
+                            cache_dir=tmp_path / "cache", base_dir=tmp_path)
+    assert Path(second.cache_path).is_file() and not first_path.exists()
+    assert any(first_path.name in r.getMessage() for r in caplog.records)

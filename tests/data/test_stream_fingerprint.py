@@ -32,7 +32,7 @@ def stream(tmp_path, tok, rows: str = ROWS, **kw) -> StreamingExamples:
 
 def written_before(s: StreamingExamples) -> str:
     """The fingerprint as checkpoints written before this change hold it: the data cache's key of cache format 1."""
-    blob = json.dumps({"version": 1, "settings": s.cfg.model_dump(mode="json", exclude={"num_proc"}), "seed": s.seed,
+    blob = json.dumps({"version": 1, "settings": s.cfg.model_dump(mode="json", include=cache.KEYED_DATA_FIELDS), "seed": s.seed,
                        "sources": [src.fingerprint() for src in s.sources],
                        "tokenizer": cache.tokenizer_fingerprint(s.tok)}, sort_keys=True)
     return "stream-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
