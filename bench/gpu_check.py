@@ -463,10 +463,16 @@ def _sync(device) -> None:
 
 
 def one_step(side, batch, device) -> tuple[float, float, int]:
-    """(seconds, loss, step peak bytes above what was allocated before) of one forward + backward."""
+    """(seconds, loss, step peak bytes above what was allocated before) of one forward + backward.
+
+    The block Functions' shared dequant buffer is dropped first: allocated inside the step, it counts in the step's
+    peak as bitsandbytes' per-call dequant temporaries count in the peers' (kept from the previous step, it would
+    count as model memory)."""
     import torch
+    from peftlab.kernels.fused_lora_block import BUFFERS
 
     side["model"].zero_grad(set_to_none=True)
+    BUFFERS.clear()
     _sync(device)
     before = 0
     if device.type == "cuda":
@@ -553,9 +559,12 @@ def longest_context(side, config, device, budget: Budget, smoke: bool, start: in
     last: tuple[int, float] | None = None  # (tokens, seconds) of the last step that fitted
     limit = int(config.max_position_embeddings)
     error: str | None = None
+    interrupted = False
 
     def fits(seq: int) -> bool | None:
-        nonlocal last, error
+        nonlocal last, error, interrupted
+        if interrupted:
+            return None
         if last is not None and last[1] * (seq / last[0]) ** 1.5 > budget.left():
             return None  # the predicted time of this try (attention makes it super-linear) is not left
         if seq > max((s for s, _, _ in tried), default=0):
@@ -567,14 +576,16 @@ def longest_context(side, config, device, budget: Budget, smoke: bool, start: in
             if smoke and seq > SMOKE_CAP_TOKENS:
                 raise torch.OutOfMemoryError(f"simulated cap of {SMOKE_CAP_TOKENS} tokens (--smoke)")
             seconds, _, _ = one_step(side, _batch(config.vocab_size, seq, device), device)
+        except KeyboardInterrupt:  # the hard stop: what fitted so far is still reported (the caller re-raises)
+            interrupted = True
         except Exception as exc:  # noqa: BLE001 - out of memory is this try's answer; anything else ends the search
             if not _is_oom(exc):
                 error = f"{_error(exc)} (at {seq} tokens)"
         # released outside the except block: the exception's frames hold the failed step's tensors until then
         side["model"].zero_grad(set_to_none=True)
         _release_memory()
-        if error is not None:
-            tried.append((seq, "error", 0.0))
+        if error is not None or interrupted:
+            tried.append((seq, "error" if error is not None else "interrupted", 0.0))
             return None
         if seconds is None:
             tried.append((seq, "oom", 0.0))
@@ -615,7 +626,7 @@ def longest_context(side, config, device, budget: Budget, smoke: bool, start: in
             break
         good, bad = (mid, bad) if ok else (good, mid)
     release_host_buffers(side["model"])
-    return {"longest_tokens": good, "first_failure": bad, "tries": tried, "error": error,
+    return {"longest_tokens": good, "first_failure": bad, "tries": tried, "error": error, "interrupted": interrupted,
             "resolution": granularity if bad is not None and bad - good <= granularity else None}
 
 
@@ -811,7 +822,7 @@ def context_stage(sides, config, device, budget: Budget, smoke: bool, emit, prob
                 sides[name] = make()
             except Exception as exc:  # noqa: BLE001
                 res = {"longest_tokens": 0, "first_failure": None, "tries": [], "error": _error(exc),
-                       "resolution": None}
+                       "interrupted": False, "resolution": None}
         if res is None:
             peer = not name.startswith("peftlab")
             # peers: start at 4k with 1k resolution (HF fits ~6k on 24 GB); peftlab from 32k, 4k resolution
@@ -835,6 +846,8 @@ def context_stage(sides, config, device, budget: Budget, smoke: bool, emit, prob
         emit([row])
         print(f"   {name}: longest {res['longest_tokens']} tokens (first failure {res['first_failure']}), "
               f"tries {[(s, o) for s, o, _ in res['tries']]}{'; ' + res['error'] if res['error'] else ''}")
+        if res.get("interrupted"):
+            raise KeyboardInterrupt
     for other in list(sides):
         sides.pop(other)
     _release_memory()

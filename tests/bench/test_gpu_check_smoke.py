@@ -131,6 +131,10 @@ def test_context_search_takes_cuda_oom_errors_as_a_fit_and_stops_at_other_errors
                              granularity=4)
     assert res["longest_tokens"] == 16 and res["tries"][-1] == (32, "error", 0.0)
     assert res["error"].startswith("error: ValueError: a bug (at 32 tokens)")
+    # the hard stop (timeout's SIGINT) mid-search: what fitted is returned, marked, for the caller to record first
+    res = gc.longest_context(side(oom_above(20, KeyboardInterrupt())), config, cpu, gc.Budget(60), False, start=4,
+                             granularity=4)
+    assert res["interrupted"] and res["longest_tokens"] == 16 and res["tries"][-1] == (32, "interrupted", 0.0)
 
 
 @pytest.mark.slow
