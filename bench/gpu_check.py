@@ -559,10 +559,11 @@ def longest_context(side, config, device, budget: Budget, smoke: bool, start: in
     last: tuple[int, float] | None = None  # (tokens, seconds) of the last step that fitted
     limit = int(config.max_position_embeddings)
     error: str | None = None
+    first_oom: str | None = None  # the first out-of-memory message: the device's allocator, or a host (pinned) buffer?
     interrupted = False
 
     def fits(seq: int) -> bool | None:
-        nonlocal last, error, interrupted
+        nonlocal last, error, interrupted, first_oom
         if interrupted:
             return None
         if last is not None and last[1] * (seq / last[0]) ** 1.5 > budget.left():
@@ -581,6 +582,8 @@ def longest_context(side, config, device, budget: Budget, smoke: bool, start: in
         except Exception as exc:  # noqa: BLE001 - out of memory is this try's answer; anything else ends the search
             if not _is_oom(exc):
                 error = f"{_error(exc)} (at {seq} tokens)"
+            elif first_oom is None:
+                first_oom = f"{type(exc).__name__} at {seq} tokens: {exc}"[:300]
         # released outside the except block: the exception's frames hold the failed step's tensors until then
         side["model"].zero_grad(set_to_none=True)
         _release_memory()
@@ -627,6 +630,7 @@ def longest_context(side, config, device, budget: Budget, smoke: bool, start: in
         good, bad = (mid, bad) if ok else (good, mid)
     release_host_buffers(side["model"])
     return {"longest_tokens": good, "first_failure": bad, "tries": tried, "error": error, "interrupted": interrupted,
+            "first_oom": first_oom,
             "resolution": granularity if bad is not None and bad - good <= granularity else None}
 
 
@@ -840,12 +844,14 @@ def context_stage(sides, config, device, budget: Budget, smoke: bool, emit, prob
         row = {"stage": "context", "side": name, "simulated": smoke, **res}
         if res["error"]:
             problems.append({"stage": "context", "side": name, "status": res["error"]})
-            if name == "peftlab" and not res["longest_tokens"]:
-                plan.append(("peftlab (no offload)", lambda: peftlab_side(config, device, smoke)))
+        if name == "peftlab" and not res["longest_tokens"] and not res.get("interrupted"):
+            # broken, or nothing fits (a pinned host buffer the machine refuses reads as out of memory too)
+            plan.append(("peftlab (no offload)", lambda: peftlab_side(config, device, smoke)))
         rows.append(row)
         emit([row])
         print(f"   {name}: longest {res['longest_tokens']} tokens (first failure {res['first_failure']}), "
-              f"tries {[(s, o) for s, o, _ in res['tries']]}{'; ' + res['error'] if res['error'] else ''}")
+              f"tries {[(s, o) for s, o, _ in res['tries']]}{'; ' + res['error'] if res['error'] else ''}"
+              f"{'; first out of memory: ' + res['first_oom'] if res.get('first_oom') else ''}")
         if res.get("interrupted"):
             raise KeyboardInterrupt
     for other in list(sides):

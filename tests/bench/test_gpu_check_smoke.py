@@ -185,3 +185,34 @@ def test_a_failing_stage_or_side_does_not_cost_the_others(tmp_path, capsys, monk
     ratios = {(r["metric"], r["vs"]) for r in records if r["stage"] == "ratio"}
     assert ("step tokens/s @ 32", "peft") in ratios and ("step tokens/s @ 64", "peft") not in ratios
     assert ("longest context under 24 GiB", "peft (peftlab (no offload))") in ratios
+
+
+def test_a_long_context_side_that_fits_nothing_falls_back_to_peftlab_without_offload(monkeypatch):
+    """A pinned host buffer the machine refuses reads as out of memory at every length: the long-context side fits
+    nothing, its first out-of-memory message is kept, and peftlab without the long-context keys gets the budget."""
+    from types import SimpleNamespace
+
+    import torch
+
+    gc = _gpu_check()
+    gc._import_peftlab()
+    config = SimpleNamespace(vocab_size=11, max_position_embeddings=131072)
+
+    def peftlab_side(config, device, smoke, fused_blocks=True, long_context=False):
+        def step(batch):
+            if long_context:
+                raise RuntimeError("CUDA error: out of memory (cudaHostAlloc)")
+            if batch["input_ids"].shape[1] > 70000:
+                raise torch.OutOfMemoryError("cap")
+            return 1.0
+        return {"model": _Model(), "step": step}
+
+    monkeypatch.setattr(gc, "peftlab_side", peftlab_side)
+    rows, problems = [], []
+    out = gc.context_stage({}, config, torch.device("cpu"), gc.Budget(60), False, rows.extend, problems)
+    assert out == rows and [r["side"] for r in rows] == ["peftlab", "peftlab (no offload)"] and problems == []
+    lc, plain = rows
+    assert lc["longest_tokens"] == 0 and [s for s, _, _ in lc["tries"]] == [32768, 16384, 8192, 4096]
+    assert lc["first_oom"] == "RuntimeError at 32768 tokens: CUDA error: out of memory (cudaHostAlloc)"
+    # doubling from 32k to the model's 131072 positions, then bisecting to 4k
+    assert (plain["longest_tokens"], plain["first_failure"], plain["resolution"]) == (69632, 73728, 4096)
