@@ -91,6 +91,21 @@ def _level(value: str | int | None) -> int:
     return level
 
 
+BNB_CPU_OPS_LOGGER = "bitsandbytes.backends.cpu.ops"
+
+
+class _HubKernelNotice(logging.Filter):
+    """bitsandbytes (0.49+) warns when it is imported on a CPU with AVX512-BF16 that it could not fetch a 4-bit CPU
+    matmul from the hub (``Failed to load CPU gemm_4bit_forward from kernels-community ... pip install kernels``).
+    peftlab never fetches code from a model hub at run time, and bitsandbytes' own fallback computes the same result,
+    so that line only sends users the wrong way: it is shown at DEBUG (``PEFTLAB_LOG_LEVEL=debug``), not as a warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING and str(record.msg).startswith("Failed to load CPU gemm_4bit_forward"):
+            return logging.getLogger(LOGGER).isEnabledFor(logging.DEBUG)
+        return True
+
+
 def _console_handler() -> _SplitHandler | None:
     return next((h for h in logging.getLogger(LOGGER).handlers if getattr(h, _HANDLER_ATTR, False)), None)
 
@@ -113,6 +128,7 @@ def setup_logging(level: str | int | None = None, *, out: TextIO | None = None, 
         handler.addFilter(RankZeroFilter())
         logger.addHandler(handler)
         logger.propagate = False
+        logging.getLogger(BNB_CPU_OPS_LOGGER).addFilter(_HubKernelNotice())
     handler.messages_to_stderr = messages_to_stderr
 
 
