@@ -33,6 +33,7 @@ Prints one table of ratios (peftlab over each peer) and appends JSON lines to be
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import importlib
@@ -417,6 +418,43 @@ def peftlab_side(config, device, smoke: bool, fused_blocks: bool = True, long_co
     return {"model": model, "step": step, "fallbacks": fallbacks, "lora_names": sorted(lora)}
 
 
+_MISSING = object()
+
+
+def take_back_module_patches(module, apply: Callable[[], Any]) -> dict[str, Any]:
+    """Run ``apply`` and undo what it set on ``module`` at once; returns those attributes (for :func:`module_patched`).
+
+    Liger's instance patch also rebinds module-level names of transformers' modeling file for every model
+    (``modeling_llama.apply_rotary_pos_emb = liger_rotary_pos_emb``, ``LlamaRMSNorm``, ``LlamaMLP``): left in place,
+    the HF PEFT and peftlab per-module sides would run Liger's RoPE from then on, and the baseline would not be HF's.
+    """
+    before = dict(vars(module))
+    apply()
+    patched = {k: v for k, v in vars(module).items() if before.get(k, _MISSING) is not v}
+    for k in patched:
+        if k in before:
+            setattr(module, k, before[k])
+        else:
+            delattr(module, k)
+    return patched
+
+
+@contextlib.contextmanager
+def module_patched(module, attrs: dict[str, Any]):
+    """``attrs`` set on ``module`` inside the block (the Liger side's step), the module's own values after it."""
+    before = {k: vars(module).get(k, _MISSING) for k in attrs}
+    for k, v in attrs.items():
+        setattr(module, k, v)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is _MISSING:
+                delattr(module, k)
+            else:
+                setattr(module, k, v)
+
+
 def peft_side(config, device, liger: bool = False):
     from peft import LoraConfig, get_peft_model
     from torch import nn
@@ -424,10 +462,11 @@ def peft_side(config, device, liger: bool = False):
     model = base_model(config, device)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
+    modeling, patched = sys.modules[type(model).__module__], {}
     if liger:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
-        _apply_liger_kernel_to_instance(model=model)
+        patched = take_back_module_patches(modeling, lambda: _apply_liger_kernel_to_instance(model=model))
     model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
                                              target_modules="all-linear"))
     # the same LoRA values as peftlab's side: module names match once PEFT's prefix and adapter name are dropped
@@ -438,11 +477,12 @@ def peft_side(config, device, liger: bool = False):
     model.train()
 
     def step(batch) -> float:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-        out.loss.backward()
+        with module_patched(modeling, patched):  # Liger's module-level kernels for this side's step (and recompute)
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+            out.loss.backward()
         return float(out.loss.detach())
 
-    return {"model": model, "step": step, "fallbacks": {}, "lora_names": sorted(lora)}
+    return {"model": model, "step": step, "fallbacks": {}, "lora_names": sorted(lora), "liger_patched": sorted(patched)}
 
 
 def _batch(vocab: int, seq: int, device):

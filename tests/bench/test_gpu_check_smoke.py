@@ -216,3 +216,25 @@ def test_a_long_context_side_that_fits_nothing_falls_back_to_peftlab_without_off
     assert lc["first_oom"] == "RuntimeError at 32768 tokens: CUDA error: out of memory (cudaHostAlloc)"
     # doubling from 32k to the model's 131072 positions, then bisecting to 4k
     assert (plain["longest_tokens"], plain["first_failure"], plain["resolution"]) == (69632, 73728, 4096)
+
+
+def test_liger_module_level_patches_apply_to_the_liger_side_only():
+    """Liger rebinds names of transformers' modeling module for every model (RoPE, RMSNorm, MLP classes): they are
+    taken back at once and set only while the Liger side steps, so the HF and per-module sides stay HF's."""
+    import types
+
+    gc = _gpu_check()
+    modeling = types.ModuleType("modeling_fake")
+    modeling.apply_rotary_pos_emb = hf_rope = object()
+
+    def liger_apply():
+        modeling.apply_rotary_pos_emb = "liger rope"
+        modeling.LigerOnly = "new name"
+
+    patched = gc.take_back_module_patches(modeling, liger_apply)
+    assert patched == {"apply_rotary_pos_emb": "liger rope", "LigerOnly": "new name"}
+    assert modeling.apply_rotary_pos_emb is hf_rope and not hasattr(modeling, "LigerOnly")
+    with pytest.raises(RuntimeError), gc.module_patched(modeling, patched):
+        assert modeling.apply_rotary_pos_emb == "liger rope" and modeling.LigerOnly == "new name"
+        raise RuntimeError("a failing step restores the module too")
+    assert modeling.apply_rotary_pos_emb is hf_rope and not hasattr(modeling, "LigerOnly")
