@@ -288,20 +288,33 @@ def _write(out: Path, tensors: dict[str, Tensor], config: dict[str, Any], source
     write_adapter(out, tensors, config)
     provenance["adapters"] = [str(s.path) for s in sources]
     atomic_write_text(out / PROVENANCE_NAME, json.dumps(provenance, indent=2) + "\n")
-    # The training recipe tells `peftlab merge` how the base was quantised; it carries over when every
-    # input that has one agrees on the base model and its quantisation.
-    recipes = [s.path / ADAPTER_RECIPE_NAME for s in sources if (s.path / ADAPTER_RECIPE_NAME).is_file()]
-    if recipes and len(recipes) == len(sources):
-        import yaml
-
-        keys = [(r.get("model", {}).get("name"), r.get("model", {}).get("dtype"), r.get("quantization"))
-                for r in (yaml.safe_load(p.read_text()) or {} for p in recipes)]
-        if all(k == keys[0] for k in keys):
-            atomic_write(out / ADAPTER_RECIPE_NAME, lambda tmp: shutil.copy2(recipes[0], tmp))
+    recipe = common_recipe([s.path / ADAPTER_RECIPE_NAME for s in sources])
+    if recipe is not None:
+        atomic_write(out / ADAPTER_RECIPE_NAME, lambda tmp: shutil.copy2(recipe, tmp))
     # The chat template carries over when every input was trained with the same one.
     templates = {read_chat_template(s.path) for s in sources}
     if len(templates) == 1:
         save_chat_template(out, templates.pop())
+
+
+def common_recipe(recipes: list[Path]) -> Path | None:
+    """The training recipe (``peftlab_recipe.yaml``) a combination carries over, or None: it tells ``peftlab merge``
+    how the base was quantised, so it carries over only when every input has one and all agree on the base model,
+    its dtype and its quantisation. A base named by a local directory is compared as that directory (an adapter's
+    recipe names it absolute since 2026-12, relative to the working directory before), hub ids and builtins as written."""
+    if not recipes or not all(p.is_file() for p in recipes):
+        return None
+    import yaml
+
+    def base(raw: dict[str, Any]) -> tuple[Any, ...]:
+        model = raw.get("model") or {}
+        name = model.get("name")
+        if isinstance(name, str) and not name.startswith("builtin:") and Path(name).expanduser().is_dir():
+            name = str(Path(name).expanduser().resolve())
+        return name, model.get("dtype"), raw.get("quantization")
+
+    keys = [base(yaml.safe_load(p.read_text()) or {}) for p in recipes]
+    return recipes[0] if all(k == keys[0] for k in keys) else None
 
 
 # --------------------------------------------------------------------------------------------------
