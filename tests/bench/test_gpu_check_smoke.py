@@ -238,3 +238,18 @@ def test_liger_module_level_patches_apply_to_the_liger_side_only():
         assert modeling.apply_rotary_pos_emb == "liger rope" and modeling.LigerOnly == "new name"
         raise RuntimeError("a failing step restores the module too")
     assert modeling.apply_rotary_pos_emb is hf_rope and not hasattr(modeling, "LigerOnly")
+
+
+def test_the_shell_wrapper_checks_the_packages_and_passes_the_options_on(tmp_path):
+    """bench/gpu_check.sh as the operator runs it (its package check, the import preflight that prints the versions,
+    the options passed through); the stages are skipped here, the smoke test above runs them."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHON"] = sys.executable
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--smoke", "--skip",
+                           "parity,dequant,step,context", "--results-dir", str(tmp_path)],
+                          check=False, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "gpu_check.sh: torch " in proc.stdout and "pydantic " in proc.stdout and "gpu_check: ok" in proc.stdout
