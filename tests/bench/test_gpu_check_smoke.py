@@ -240,6 +240,7 @@ def test_liger_module_level_patches_apply_to_the_liger_side_only():
     assert modeling.apply_rotary_pos_emb is hf_rope and not hasattr(modeling, "LigerOnly")
 
 
+@pytest.mark.slow
 def test_the_shell_wrapper_checks_the_packages_and_passes_the_options_on(tmp_path):
     """bench/gpu_check.sh as the operator runs it (its package check, the import preflight that prints the versions,
     the options passed through); the stages are skipped here, the smoke test above runs them."""

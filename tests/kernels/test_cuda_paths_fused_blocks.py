@@ -50,6 +50,7 @@ def loss_and_grads(model, backend: str):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("long_context", [False, True], ids=["checkpointed", "offload+mlp_chunks"])
 def test_the_gpu_configuration_gives_the_per_module_loss_and_gradients(monkeypatch, long_context):
     ref_model = tiny("torch")
