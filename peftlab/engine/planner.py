@@ -224,9 +224,13 @@ def _components(recipe: Any, shape: ModelShape, *, device: str, elem: int, mbs: 
     H = shape.hidden
     lora_bytes = shape.lora_params * 4  # adapters train in fp32 whatever the base dtype
     attn = recipe.model.attn_implementation
-    # the block Functions run wherever the kernel path is taken (their GEMMs in torch without Triton); per-module
-    # LoRA layers and the fused norm keep what the kernels keep only where the Triton code runs
-    fused_blocks = bool(t.fused_blocks) and kernel_path(recipe.kernels, device) and recipe.adapter.dropout == 0
+    # train.fused_blocks: the block Functions run on any device, their GEMMs in torch where Triton does not run,
+    # keeping the same tensors (measured: tests/engine/test_planner_terms.py) — but on the CPU bitsandbytes repacks a
+    # 4-bit weight for its CPU kernel after an eval forward (AVX512-BF16 CPUs), which sends the calls to the
+    # per-module path: a 4-bit CPU run is counted that way, the larger. Per-module LoRA layers and the fused norm
+    # keep what the kernels keep only where the Triton code runs.
+    fused_blocks = (bool(t.fused_blocks) and recipe.adapter.dropout == 0 and recipe.kernels != "off"
+                    and not (device == "cpu" and recipe.quantization.mode != "none"))
     triton = kernels_run_triton(recipe.kernels, device)
     kernel = triton or fused_blocks
     fused_norm = bool(t.fused_norm) and triton

@@ -336,3 +336,72 @@ def test_cuda_without_triton_counts_the_pytorch_cross_entropy(tmp_path, no_trito
     r = _cuda_recipe(tmp_path)
     path = ce_loss_head(r, model_shape(r, torch.bfloat16, device="cuda"), device="cuda", elem=2, n_tokens=1024)[2]
     assert not path.startswith("Triton")
+
+
+def _block_saved_bytes_per_token(dtype: torch.dtype, backend: str, fused_blocks: bool) -> float:
+    """What autograd saves per token in one Llama decoder layer (LoRA r=4 on every linear, SDPA with a causal mask),
+    with ``train.fused_blocks``' block Functions or the per-module path, on the CPU with LoRA's ``backend`` — every
+    storage counted once, the parameters, cos/sin and the layer's input left out (as
+    tests/engine/test_model_shape.py counts)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peftlab.adapters.fused_blocks import apply_fused_blocks
+    from peftlab.adapters.lora_inject import inject_lora
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    model = LlamaForCausalLM(cfg).to(dtype)
+    model.requires_grad_(False)
+    inject_lora(model, r=4, alpha=8, dropout=0.0, kernel_backend=backend)
+    if fused_blocks:
+        assert apply_fused_blocks(model) == {}  # nothing left on the per-module path
+    model.train()
+    T = 16
+    x = torch.randn(1, T, 64, dtype=dtype, requires_grad=True)
+    cos, sin = model.model.rotary_emb(x, torch.arange(T)[None])
+    mask = torch.ones(T, T, dtype=torch.bool).tril()[None, None]
+    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), cos, sin, x]}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in skip:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.model.layers[0](x, attention_mask=mask, position_embeddings=(cos, sin), position_ids=torch.arange(T)[None])
+    return sum(saved.values()) / T
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_blocks_keep_the_same_tensors_without_triton(dtype):
+    """The block Functions of train.fused_blocks save the same tensors whether their GEMMs run in Triton (here the
+    interpreter) or in torch (kernels: torch, or auto where Triton does not run: the CPU, CUDA without Triton) —
+    so the planner counts blocks wherever they run — and less than the per-module path."""
+    triton_saved = _block_saved_bytes_per_token(dtype, "triton", True)
+    assert _block_saved_bytes_per_token(dtype, "torch", True) == triton_saved
+    assert _block_saved_bytes_per_token(dtype, "auto", True) == triton_saved
+    assert _block_saved_bytes_per_token(dtype, "torch", False) > triton_saved
+
+
+def test_cpu_fused_blocks_are_counted_as_the_blocks_that_run(tmp_path):
+    """train.fused_blocks on a CPU run without a 4-bit base (kernels: auto takes no Triton there, the blocks still
+    run): the planner's activations are lower than without it by what the blocks save less, measured per layer and
+    token (before: the blocks were counted only on the kernel path, i.e. not at all on the CPU); with an NF4 base
+    on the CPU (bitsandbytes may repack it for its CPU kernel, the per-module path) it counts the per-module path."""
+    model = _config(tmp_path, hidden=64, vocab=300, inter=160, layers=1)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "num_key_value_heads": 2}))
+
+    def activations(blocks: bool, quant: str = "none") -> int:
+        r = _recipe(tmp_path, model, tokens=16, adapter={"r": 4, "alpha": 8, "dropout": 0.0,
+                                                         "target_modules": "all-linear"},
+                    model={"gradient_checkpointing": False}, train={"fused_blocks": blocks},
+                    quantization={"mode": quant})
+        return estimate(r, device="cpu", baseline=0).components["activations"]
+
+    measured = _block_saved_bytes_per_token(torch.float32, "torch", False) - _block_saved_bytes_per_token(
+        torch.float32, "auto", True)
+    assert activations(False) - activations(True) == 16 * measured
+    assert activations(False, "nf4") == activations(True, "nf4")
