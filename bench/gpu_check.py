@@ -836,13 +836,30 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if bad or interrupted else 0
 
 
+@contextlib.contextmanager
+def memory_cap(device, gib: float):
+    """The caching allocator of ``device`` limited to ``gib`` GiB inside the block (the whole card after it); nothing
+    on the CPU. torch wants a device index here: ``torch.device("cuda")`` (no index) is refused with a ValueError."""
+    import torch
+
+    if device.type != "cuda":
+        yield
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total), index)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, index)
+
+
 def context_stage(sides, config, device, budget: Budget, smoke: bool, emit, problems) -> list[dict[str, Any]]:
     """Per side alone on the device under the cap: the peers first (HF stops early: its full logits), reusing their
     step-stage models; then peftlab with the long-context keys (offloaded layer inputs, the MLP in chunks) and
     whatever the budget has left. Should that side fail for another reason than memory before fitting anything, the
     rest of the budget goes to peftlab without the long-context keys ("peftlab (no offload)"), so the run still has
     a peftlab figure. The per-module side is left out (its context is peftlab's without the blocks)."""
-    import torch
 
     rows: list[dict[str, Any]] = []
     cap = f"{CAP_GIB:g} GiB cap" if not smoke else f"SIMULATED cap of {SMOKE_CAP_TOKENS} tokens"
@@ -873,14 +890,8 @@ def context_stage(sides, config, device, budget: Budget, smoke: bool, emit, prob
             start, gran = (32, 32) if smoke else ((4096, 1024) if peer else (32768, 4096))
             # a peer gets 90 s at most (it fails early); peftlab, last, everything that is left
             side_budget = Budget(min(90.0, budget.left() / 2)) if peer else budget
-            if device.type == "cuda":
-                torch.cuda.set_per_process_memory_fraction(
-                    min(1.0, CAP_GIB * 2**30 / torch.cuda.get_device_properties(device).total_memory), device)
-            try:
+            with memory_cap(device, CAP_GIB):
                 res = longest_context(sides[name], config, device, side_budget, smoke, start, gran)
-            finally:
-                if device.type == "cuda":
-                    torch.cuda.set_per_process_memory_fraction(1.0, device)
         row = {"stage": "context", "side": name, "simulated": smoke, **res}
         if res["error"]:
             problems.append({"stage": "context", "side": name, "status": res["error"]})

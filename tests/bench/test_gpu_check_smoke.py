@@ -254,3 +254,31 @@ def test_the_shell_wrapper_checks_the_packages_and_passes_the_options_on(tmp_pat
                           check=False, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "gpu_check.sh: torch " in proc.stdout and "pydantic " in proc.stdout and "gpu_check: ok" in proc.stdout
+
+
+def test_the_memory_cap_names_a_device_index_and_is_lifted_after_a_failure(monkeypatch):
+    """torch.cuda.set_per_process_memory_fraction refuses torch.device("cuda") (no index) with a ValueError, which
+    would have ended the context stage on the GPU; the cap names the index, is 24 GiB of the card, and is lifted
+    when the search inside fails."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch.cuda._utils import _get_device_index
+
+    gc = _gpu_check()
+    calls = []
+
+    def set_fraction(fraction, device=None):
+        calls.append((round(fraction, 4), _get_device_index(device)))  # torch's own check of the argument
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: SimpleNamespace(total_memory=143771 * 2**20) if i == 0 else None)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", set_fraction)
+    with pytest.raises(RuntimeError), gc.memory_cap(torch.device("cuda"), 24.0):
+        assert calls == [(round(24 * 1024 / 143771, 4), 0)]
+        raise RuntimeError("a failed search")
+    assert calls[-1] == (1.0, 0)
+    with gc.memory_cap(torch.device("cpu"), 24.0):
+        pass
+    assert len(calls) == 2
