@@ -14,16 +14,16 @@ from typing import Any
 
 import torch
 
-from peftlab.engine.model_shape import ModelShape
+from peftlab.engine.model_shape import ModelShape, kernels_run_triton
 from peftlab.kernels.fused_linear_cross_entropy import default_chunk_rows, online_applies, online_block
-from peftlab.kernels.nf4 import kernel_path
 
 ELEM_DTYPES = {2: torch.bfloat16, 4: torch.float32, 8: torch.float64}  # a compute dtype by its size (fp16: as bf16)
 
 
 def loss_backend(recipe: Any, device: str) -> str:
-    """``triton`` or ``torch``: the backend the fused losses resolve the recipe's ``kernels`` to on ``device``."""
-    return "triton" if kernel_path(recipe.kernels, device) else "torch"
+    """``triton`` or ``torch``: the backend the fused losses resolve the recipe's ``kernels`` to on ``device``
+    (``auto`` on CUDA without Triton installed: ``torch``, :func:`~peftlab.engine.model_shape.kernels_run_triton`)."""
+    return "triton" if kernels_run_triton(recipe.kernels, device) else "torch"
 
 
 def head_online(shape: ModelShape, *, elem: int, backend: str) -> bool:
@@ -70,6 +70,12 @@ def ce_loss_head(recipe: Any, shape: ModelShape, *, device: str, elem: int, n_to
         # (a trained head never takes this path: head_gradient_bytes is 0 here)
         return fwd, bwd, f"vocabulary-outer (torch_ce_online), {rows} rows x {width} vocabulary rows"
     rows = default_chunk_rows(n_tokens, H, vocab, gpu=device == "cuda")
-    # one chunk of fp32 logits (+ softmax, grad) and the hidden-state gradient made in forward
-    fwd = 3 * rows * vocab * 4 + n_tokens * H * 4 + head_fwd
+    chunk = rows * vocab * 4  # one chunk of fp32 logits
+    if backend == "triton":  # the row kernel makes the gradient in place; a 16-bit head's GEMMs read a 16-bit copy
+        logits = chunk + (rows * vocab * 2 if shape.head_16bit or elem < 4 else 0)
+    else:  # the logits (their gradient in place) and logsumexp's temporary; a soft-cap keeps tanh(z / c) as well
+        softcap = recipe.train.loss.softcap is not None or shape.logit_softcap is not None
+        logits = (3 if softcap else 2) * chunk
+    # measured with torch.profiler (tests/engine/test_planner_terms.py), + the hidden-state gradient made in forward
+    fwd = logits + n_tokens * H * 4 + head_fwd
     return fwd, bwd, f"{'Triton' if backend == 'triton' else 'PyTorch'} row chunks of {rows}"

@@ -119,15 +119,7 @@ def test_triton_row_chunks_peak_at_one_chunk_and_its_16bit_gradient(head_dtype, 
     assert low <= peak <= low + 0.1 * chunk, peak / chunk
 
 
-# loss_head.py (not the planner's files) counts 3 chunks: these cases fail until it counts what is measured
-LOSS_HEAD_3_CHUNKS = pytest.mark.xfail(
-    strict=True, reason="peftlab/engine/loss_head.py ce_loss_head counts 3 fp32 chunks on the row path "
-    "(`3 * rows * vocab * 4`); measured 2 (3 with a soft-cap) on the PyTorch path, 1 / 1.5 on Triton. Not this "
-    "helper's file: remove this mark when loss_head.py counts what is measured.")
-
-
-@pytest.mark.parametrize("n, vocab, hidden, softcap", [pytest.param(*shape, None, marks=LOSS_HEAD_3_CHUNKS)
-                                                     for shape in CE_SHAPES] + [(256, 40000, 64, 30.0)])
+@pytest.mark.parametrize("n, vocab, hidden, softcap", [(*shape, None) for shape in CE_SHAPES] + [(256, 40000, 64, 30.0)])
 def test_planner_loss_head_term_is_the_measured_row_chunk_peak(tmp_path, n, vocab, hidden, softcap):
     """The planner's loss-head term for an fp32 CPU run (an fp32 head: the row chunks; train.loss.softcap: the third
     chunk) against the profiled peak of the same loss over the same shape, within the per-row slack of the
@@ -329,9 +321,6 @@ def test_cuda_without_triton_counts_the_pytorch_kd_loss(tmp_path, monkeypatch):
     assert path().startswith("PyTorch row chunks")
 
 
-@pytest.mark.xfail(strict=True, reason="peftlab/engine/loss_head.py loss_backend() is kernel_path(): Triton on any "
-                   "CUDA run; without Triton the CE resolves auto to PyTorch (a frozen 16-bit head: the vocabulary-"
-                   "outer pass). Not this helper's file: remove this mark when loss_backend uses kernels_run_triton.")
 def test_cuda_without_triton_counts_the_pytorch_cross_entropy(tmp_path, no_triton):
     r = _cuda_recipe(tmp_path)
     path = ce_loss_head(r, model_shape(r, torch.bfloat16, device="cuda"), device="cuda", elem=2, n_tokens=1024)[2]
