@@ -42,8 +42,16 @@ def tiny_recipe_dict(data_dir: Path, out_dir: Path, **sections: dict[str, Any]) 
         "eval": {"metric": "loss", "max_prompts": 4, "max_new_tokens": 4},
         "output": {"dir": str(out_dir), "report_to": ["jsonl", "tensorboard"]},
     }
+    return with_sections(raw, sections)
+
+
+def with_sections(raw: dict[str, Any], sections: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with each of ``sections`` merged into its section (a dict) or set (a top-level value); returned."""
     for key, value in sections.items():
-        raw.setdefault(key, {}).update(value)
+        if isinstance(value, dict):
+            raw.setdefault(key, {}).update(value)
+        else:
+            raw[key] = value
     return raw
 
 

@@ -43,11 +43,7 @@ def never():
     raise AssertionError("rebuilt")
 
 
-@pytest.fixture(autouse=True)
-def fresh_process(monkeypatch):
-    """Each test is a run of its own: no entry in use, no warning given yet."""
-    monkeypatch.setattr(cache, "_in_use", set())
-    monkeypatch.setattr(cache, "_warned", set())
+pytestmark = pytest.mark.usefixtures("fresh_cache_process")  # tests/data/conftest.py
 
 
 def written_earlier(cache_dir: Path, ages: dict[str, int]) -> int:

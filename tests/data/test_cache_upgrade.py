@@ -49,10 +49,7 @@ def never():
     raise AssertionError("rebuilt")
 
 
-@pytest.fixture(autouse=True)
-def fresh_process(monkeypatch):
-    monkeypatch.setattr(cache, "_in_use", set())
-    monkeypatch.setattr(cache, "_warned", set())
+pytestmark = pytest.mark.usefixtures("fresh_cache_process")  # tests/data/conftest.py
 
 
 def test_an_entry_found_after_waiting_on_the_lock_is_rewritten_by_the_lock_holder(tmp_path, monkeypatch):

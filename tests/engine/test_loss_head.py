@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import profiled_peak
+from helpers import profiled_peak, with_sections
 from peftlab.kernels import fused_linear_cross_entropy
 from peftlab.kernels.fused_linear_cross_entropy import default_chunk_rows, online_block
 
@@ -34,11 +34,7 @@ def _recipe(tmp_path: Path, **sections):
     raw = {"model": {"name": str(tmp_path / "m")}, "quantization": {"mode": "none"}, "adapter": {"r": 4},
            "data": {"train": [{"path": str(tmp_path / "t.jsonl")}], "max_seq_len": N},
            "train": {"micro_batch_size": 1, "grad_accum": 1, "host_allocator": "bounded"}, "output": {"dir": str(tmp_path / "out")}}
-    for key, value in sections.items():
-        if isinstance(value, dict):
-            raw.setdefault(key, {}).update(value)
-        else:
-            raw[key] = value
+    with_sections(raw, sections)
     return recipe_from_dict(raw)
 
 

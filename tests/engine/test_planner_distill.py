@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_quickstart_data, profiled_peak, tiny_recipe_dict
+from helpers import make_quickstart_data, profiled_peak, tiny_recipe_dict, with_sections
 
 from peftlab.cli.main import main
 from peftlab.engine.model_shape import count_model, quantized_bytes
@@ -40,11 +40,7 @@ def _recipe(tmp_path: Path, *, distill: dict | None = None, **sections):
            "adapter": {"r": 8, "alpha": 16}, "data": {"train": [{"path": str(tmp_path / "t.jsonl")}],
                                                       "max_seq_len": 128},
            "train": {"micro_batch_size": 2}, "output": {"dir": str(tmp_path / "out")}}
-    for key, value in sections.items():
-        if isinstance(value, dict):
-            raw.setdefault(key, {}).update(value)
-        else:
-            raw[key] = value
+    with_sections(raw, sections)
     if distill is not None:
         raw["distill"] = distill
     return recipe_from_dict(raw)
