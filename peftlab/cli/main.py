@@ -1,8 +1,8 @@
-"""The ``peftlab`` command line: train | eval | generate | data | quickstart | predict | sweep |
+"""The ``peftlab`` command line: train | eval | generate | data | quickstart | recipes | predict | sweep |
 distill-cache | estimate | merge | export | launch.
 
 This module is the parser and ``main``; the commands are in ``training`` (a training recipe: train,
-quickstart, sweep, distill-cache, launch, estimate, data), ``inference`` (an adapter put to use: eval, generate,
+quickstart, recipes, sweep, distill-cache, launch, estimate, data), ``inference`` (an adapter put to use: eval, generate,
 predict) and ``export`` (merge, export). A command prints what it produces; messages go through logging
 (``--quiet`` and ``PEFTLAB_LOG_LEVEL`` set how much is said). User errors
 (:class:`~peftlab.errors.PeftlabError`) are printed as one clear message and exit with status 2; no
@@ -23,6 +23,7 @@ from peftlab.cli.training import (
     cmd_estimate,
     cmd_launch,
     cmd_quickstart,
+    cmd_recipes,
     cmd_sweep,
     cmd_train,
 )
@@ -124,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "in a source checkout, else the current directory)")
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(fn=cmd_quickstart)
+
+    sp = sub.add_parser("recipes", help="list the shipped recipes, or copy some to edit and train")
+    sp.add_argument("names", nargs="*", metavar="NAME", help="copy these into DIR/recipes/ with their data scripts")
+    sp.add_argument("--dir", default=None, help="where to copy them (default: the current directory)")
+    sp.set_defaults(fn=cmd_recipes, messages_to_stderr=True)
 
     sp = with_set(sub.add_parser("merge", help="merge an adapter into its base, or combine adapters into one"))
     sp.add_argument("--adapter", help="adapter dir to merge into its base model")

@@ -51,6 +51,22 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recipes(args: argparse.Namespace) -> int:
+    """List the shipped recipes, or copy the named ones (and their data scripts) into ``--dir``/recipes/."""
+    from peftlab.recipe.shipped import copy_recipes, shipped_recipes
+
+    if not args.names:
+        recipes = shipped_recipes()
+        width = max(map(len, recipes))
+        for name, what in recipes.items():
+            print(f"{name:<{width}}  {what}")
+        print("copy one to edit and train it: peftlab recipes NAME [--dir DIR]")
+        return 0
+    for path in copy_recipes(args.names, args.dir):
+        print(path)
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Train every trial of a sweep; print the ranked table and where the best recipe is."""
     from peftlab.trainer.sweep import format_table, load_sweep, run_sweep

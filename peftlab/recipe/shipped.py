@@ -9,6 +9,11 @@ the same layout; a copy already there is the user's (perhaps edited) and is used
 
 A recipe's ``deepspeed:`` may name a shipped DeepSpeed config by its bare name (``zero2``, ``zero3-offload``, ...)
 when no file of that name is next to the recipe (:func:`shipped_deepspeed_config`).
+
+``peftlab recipes`` lists the shipped recipes (:func:`shipped_recipes`); ``peftlab recipes NAME ... [--dir DIR]``
+copies them into ``DIR/recipes/`` with the scripts that generate their data (:func:`copy_recipes`), so the commands
+in their header comments (``python recipes/make_classify_data.py``, ``peftlab train recipes/...``) run from ``DIR``
+as from a checkout. A file already there is never overwritten.
 """
 from __future__ import annotations
 
@@ -16,6 +21,10 @@ import logging
 import shutil
 from importlib import resources
 from pathlib import Path
+
+import yaml
+
+from peftlab.errors import PeftlabError
 
 logger = logging.getLogger(__name__)
 
@@ -67,3 +76,46 @@ def quickstart_recipe(work_dir: str | Path | None) -> Path:
     shutil.copyfile(shipped, target)
     logger.info(f"quickstart: wrote {target} (the shipped quickstart recipe; edit it and run again)")
     return target
+
+
+def shipped_recipes() -> dict[str, str]:
+    """The shipped recipes by name (the file's stem) -> what each is (the first sentence of its header comment, cut
+    at 100 characters)."""
+    out = {}
+    for path in sorted(shipped_dir().glob("*.yaml")):
+        header = []
+        for line in path.read_text().splitlines():
+            if not line.startswith("#") or not line.lstrip("#").strip():
+                break
+            header.append(line.lstrip("#").strip())
+        first = " ".join(header).split(". ")[0].rstrip(".")
+        out[path.stem] = first if len(first) <= 100 else first[:first.rfind(" ", 0, 99)] + " …"
+    return out
+
+
+def copy_recipes(names: list[str], work_dir: str | Path | None) -> list[Path]:
+    """Copy the shipped recipes ``names`` (a sweep's base recipe with it) and the data-generating scripts into
+    ``<work_dir or .>/recipes/``; a file already there is kept (it may be the user's edit). Returns the recipes'
+    paths there. An unknown name is refused with the list of shipped ones."""
+    known = shipped_recipes()
+    unknown = [n for n in names if n.removesuffix(".yaml") not in known]
+    if unknown:
+        raise PeftlabError(f"no shipped recipe named {', '.join(unknown)}; the shipped recipes are: "
+                           f"{', '.join(known)} (peftlab recipes lists them)")
+    wanted = [n.removesuffix(".yaml") for n in names]
+    for name in list(wanted):  # a sweep names its base recipe (relative to the sweep file)
+        base = (yaml.safe_load((shipped_dir() / f"{name}.yaml").read_text()) or {}).get("recipe")
+        if isinstance(base, str) and Path(base).stem in known and Path(base).stem not in wanted:
+            wanted.append(Path(base).stem)
+    src = shipped_dir()
+    dest = Path(work_dir if work_dir is not None else ".") / "recipes"
+    dest.mkdir(parents=True, exist_ok=True)
+    files = [src / f"{name}.yaml" for name in wanted] + sorted(p for p in src.glob("*.py") if p.name != "__init__.py")
+    for path in files:
+        target = dest / path.name
+        if target.exists():
+            logger.info(f"recipes: kept {target} (already there)")
+        else:
+            shutil.copyfile(path, target)
+            logger.info(f"recipes: wrote {target}")
+    return [dest / f"{name}.yaml" for name in wanted]

@@ -16,7 +16,7 @@ from peftlab.cli import main as cli
 from peftlab.errors import PeftlabError
 
 COMMANDS = ["train", "eval", "sweep", "predict", "generate", "data", "distill-cache", "estimate", "quickstart",
-            "merge", "export", "launch"]
+            "recipes", "merge", "export", "launch"]
 log = logging.getLogger("peftlab.cli.test")
 
 

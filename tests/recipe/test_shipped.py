@@ -102,3 +102,34 @@ def test_quickstart_from_an_installed_wheel_works_in_the_current_directory(tmp_p
     assert (work / "recipes" / "quickstart.yaml").read_bytes() == (REPO / "recipes" / "quickstart.yaml").read_bytes()
     assert len((work / "recipes" / "data" / "quickstart" / "train.jsonl").read_text().splitlines()) == 3000
     assert (work / "runs" / "quickstart" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_peftlab_recipes_lists_every_shipped_recipe(capsys):
+    from peftlab.cli.main import main
+
+    assert main(["recipes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
+    assert [line.split()[0] for line in lines[:-1]] == names
+    assert "quickstart              The quickstart: QLoRA on the built-in tiny model, on a generated task with " \
+           "checkable answers" in lines
+    assert all(len(line) <= 24 + 100 for line in lines[:-1])
+
+
+def test_peftlab_recipes_copies_a_sweep_with_its_base_and_the_data_scripts(tmp_path, capsys):
+    from peftlab.cli.main import main
+
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "classify-quickstart.yaml").write_text("# mine\n")  # the user's: kept
+    assert main(["recipes", "sweep-quickstart", "--dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.split() == [str(tmp_path / "recipes" / "sweep-quickstart.yaml"),
+                                               str(tmp_path / "recipes" / "classify-quickstart.yaml")]
+    copied = sorted(p.name for p in (tmp_path / "recipes").iterdir())
+    scripts = sorted(p.name for p in (REPO / "recipes").glob("*.py") if p.name != "__init__.py")
+    assert copied == sorted(["sweep-quickstart.yaml", "classify-quickstart.yaml", *scripts])
+    assert (tmp_path / "recipes" / "classify-quickstart.yaml").read_text() == "# mine\n"
+    assert (tmp_path / "recipes" / "sweep-quickstart.yaml").read_bytes() == \
+        (REPO / "recipes" / "sweep-quickstart.yaml").read_bytes()
+    assert main(["recipes", "sweep-quickstart", "nope", "--dir", str(tmp_path / "x")]) == 2
+    assert "no shipped recipe named nope; the shipped recipes are: augment-quickstart, " in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # refused before anything is written
