@@ -473,6 +473,57 @@ def online_applies(backend: str, hidden: torch.Tensor, weight: torch.Tensor, nee
     return backend == "torch" and weight.dtype != cd and not need_w and not need_b
 
 
+class OnlineSoftmax:
+    """Softmax statistics of rows whose logits arrive one vocabulary slice at a time, accumulated online as flash
+    attention does: running maximum m and sum l, and (``with_rows``) the softmax-weighted sum of head rows
+    ``rows = Σ_j exp(z_j - m)·W_j``, rescaled by exp(m_old - m_new) whenever the maximum grows. Shared by the
+    vocabulary-outer CE (:func:`torch_ce_online`) and forward-KL KD (``torch_kd_online``) passes.
+
+    ``out`` (rows × hdim, compute dtype) is zeroed and used as ``rows``: the CE accumulates straight into its
+    grad_hidden block instead of a separate buffer."""
+
+    def __init__(self, rows: int, hdim: int, ref: torch.Tensor, with_rows: bool, out: torch.Tensor | None = None):
+        self.m = torch.full((rows,), float("-inf"), device=ref.device, dtype=ref.dtype)
+        self.l = torch.zeros(rows, device=ref.device, dtype=ref.dtype)
+        if not with_rows:
+            self.rows = None
+        elif out is not None:
+            self.rows = out.zero_()
+        else:
+            self.rows = torch.zeros((rows, hdim), device=ref.device, dtype=ref.dtype)
+
+    def add(self, z: torch.Tensor, w: torch.Tensor, factor: torch.Tensor | None = None,
+            in_place: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fold the slice's logits z (rows × width, head rows w) in; returns exp(z - m) and the rescale factor.
+
+        ``in_place``: the exponentials overwrite z (no slice-sized temporary; for callers done with z).
+        ``factor`` (rows × width): each term of the head-row sum is multiplied by it (the soft-cap's chain-rule
+        factor 1 - t²); the returned exponentials then carry it too."""
+        m_new = torch.maximum(self.m, z.amax(1))
+        rescale = torch.exp(self.m - m_new)
+        e = z.sub_(m_new.unsqueeze(1)).exp_() if in_place else torch.exp(z - m_new.unsqueeze(1))
+        self.l.mul_(rescale).add_(e.sum(1))
+        if self.rows is not None:
+            if factor is not None:
+                e.mul_(factor)
+            self.rows.mul_(rescale.unsqueeze(1)).addmm_(e, w)
+        self.m = m_new
+        return e, rescale
+
+    def lse(self) -> torch.Tensor:
+        return self.m + torch.log(self.l)
+
+    def expected_row(self) -> torch.Tensor:
+        """Σ_j softmax(z)_j · W_j."""
+        return self.rows / self.l.unsqueeze(1)
+
+
+def gather_target(z: torch.Tensor, y: torch.Tensor, v0: int, z_y: torch.Tensor) -> torch.Tensor:
+    """z_y updated with the rows whose target falls in the slice z starting at vocabulary row v0."""
+    here = (y >= v0) & (y < v0 + z.shape[1])
+    return torch.where(here, z.gather(1, (y - v0).clamp(0, z.shape[1] - 1).unsqueeze(1)).squeeze(1), z_y)
+
+
 def torch_ce_online(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                     scale: torch.Tensor, opts: CEOptions, compute_grad: bool,
                     chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -505,11 +556,9 @@ def torch_ce_online(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         valid = labels[sl] != opts.ignore_index
         y = torch.where(valid, labels[sl], 0)
         width = online_slice(r, v, cd.itemsize)
-        m = torch.full((r,), float("-inf"), device=h.device, dtype=cd)
-        l_sum = torch.zeros(r, device=h.device, dtype=cd)
+        sm = OnlineSoftmax(r, hdim, h, grad_h is not None, out=grad_h[sl] if grad_h is not None else None)
         z_y = torch.zeros(r, device=h.device, dtype=cd)
         z_sum = torch.zeros(r, device=h.device, dtype=cd) if eps else None
-        acc = grad_h[sl].zero_() if grad_h is not None else None
         acc_eps = torch.zeros_like(h) if grad_h is not None and eps and cap is not None else None
         make_w_sum = grad_h is not None and eps and cap is None and w_sum is None
         if make_w_sum:
@@ -524,25 +573,17 @@ def torch_ce_online(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                 z.div_(cap).tanh_()
                 d = (1.0 - z * z) if grad_h is not None else None  # the soft-cap's chain-rule factor
                 z.mul_(cap)
-            here = (y >= v0) & (y < v0 + z.shape[1])
-            z_y = torch.where(here, z.gather(1, (y - v0).clamp(0, z.shape[1] - 1).unsqueeze(1)).squeeze(1), z_y)
+            z_y = gather_target(z, y, v0, z_y)
             if z_sum is not None:
                 z_sum += z.sum(1)
-            m_new = torch.maximum(m, z.amax(1))
-            alpha = torch.exp(m - m_new)
-            p = z.sub_(m_new.unsqueeze(1)).exp_()
-            l_sum.mul_(alpha).add_(p.sum(1))
-            if acc is not None:
-                if d is not None:
-                    p.mul_(d)
-                acc.mul_(alpha.unsqueeze(1)).addmm_(p, w)
-                if acc_eps is not None:
-                    acc_eps.addmm_(d, w)
-                if make_w_sum:
-                    w_sum += w.sum(0)
-            m = m_new
-            del w, z, p, d
-        lse = m + torch.log(l_sum)
+            sm.add(z, w, factor=d, in_place=True)  # z is spent: its exponentials overwrite it
+            if acc_eps is not None:
+                acc_eps.addmm_(d, w)
+            if make_w_sum:
+                w_sum += w.sum(0)
+            del w, z, d
+        lse = sm.lse()
+        l_sum, acc = sm.l, sm.rows
         row_loss = lse - (1.0 - eps) * z_y + zeta * lse * lse
         if z_sum is not None:
             row_loss = row_loss - eps / v * z_sum

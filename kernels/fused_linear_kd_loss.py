@@ -37,6 +37,7 @@ from peftlab.kernels.fused_linear_cross_entropy import (
     ROW_BLOCK_V,
     ROW_NUM_WARPS,
     CEOptions,
+    OnlineSoftmax,
     check_labels,
     check_reduction,
     chunked_loss,
@@ -44,6 +45,7 @@ from peftlab.kernels.fused_linear_cross_entropy import (
     default_chunk_rows,
     finish_reduction,
     flatten_inputs,
+    gather_target,
     online_block,
     online_slice,
     reduction_scale,
@@ -262,35 +264,6 @@ def _triton_kd_rows(kind: int, beta: float, temperature: float, alpha: float, ig
 KD_ONLINE_BUFFERS = 4
 
 
-class _OnlineSoftmax:
-    """Softmax statistics of rows whose logits arrive one vocabulary slice at a time, accumulated online as flash
-    attention does: running maximum m and sum l, and (``with_rows``) the softmax-weighted sum of head rows
-    ``Σ_j exp(z_j - m)·W_j``, rescaled by exp(m_old - m_new) whenever the maximum grows."""
-
-    def __init__(self, rows: int, hdim: int, ref: torch.Tensor, with_rows: bool):
-        self.m = torch.full((rows,), float("-inf"), device=ref.device, dtype=ref.dtype)
-        self.l = torch.zeros(rows, device=ref.device, dtype=ref.dtype)
-        self.rows = torch.zeros((rows, hdim), device=ref.device, dtype=ref.dtype) if with_rows else None
-
-    def add(self, z: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fold the slice's logits z (rows × width, head rows w) in; returns exp(z - m) and the rescale factor."""
-        m_new = torch.maximum(self.m, z.amax(1))
-        rescale = torch.exp(self.m - m_new)
-        e = torch.exp(z - m_new.unsqueeze(1))
-        self.l.mul_(rescale).add_(e.sum(1))
-        if self.rows is not None:
-            self.rows.mul_(rescale.unsqueeze(1)).addmm_(e, w)
-        self.m = m_new
-        return e, rescale
-
-    def lse(self) -> torch.Tensor:
-        return self.m + torch.log(self.l)
-
-    def expected_row(self) -> torch.Tensor:
-        """Σ_j softmax(z)_j · W_j."""
-        return self.rows / self.l.unsqueeze(1)
-
-
 def torch_kd_online(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                     scale: torch.Tensor, compute_grad: bool, *, teacher_hidden: torch.Tensor,
                     teacher_head: torch.Tensor, teacher_bias: torch.Tensor | None, temperature: float,
@@ -346,12 +319,6 @@ def torch_kd_online(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return loss, grad_h
 
 
-def _gather_target(z: torch.Tensor, y: torch.Tensor, v0: int, z_y: torch.Tensor) -> torch.Tensor:
-    """z_y updated with the rows whose target falls in the slice starting at vocabulary row v0."""
-    here = (y >= v0) & (y < v0 + z.shape[1])
-    return torch.where(here, z.gather(1, (y - v0).clamp(0, z.shape[1] - 1).unsqueeze(1)).squeeze(1), z_y)
-
-
 def _forward_kl_block(read, h: torch.Tensor, y: torch.Tensor, *, temperature: float, alpha: float, need_grad: bool
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(CE, KL(p_t‖p_s), unscaled dloss/dh without the CE's -W_y) of one row block, one pass (see torch_kd_online).
@@ -359,13 +326,13 @@ def _forward_kl_block(read, h: torch.Tensor, y: torch.Tensor, *, temperature: fl
     r, hdim = h.shape
     inv_t = 1.0 / temperature
     kd = alpha < 1.0  # the divergence has a gradient
-    s1 = _OnlineSoftmax(r, hdim, h, need_grad and (alpha > 0 or temperature == 1.0))  # softmax(s): CE, p_s at T = 1
-    st = _OnlineSoftmax(r, hdim, h, need_grad and kd) if temperature != 1.0 else s1  # p_s = softmax(s/T)
-    tt = _OnlineSoftmax(r, hdim, h, need_grad and kd)  # p_t = softmax(t/T)
+    s1 = OnlineSoftmax(r, hdim, h, need_grad and (alpha > 0 or temperature == 1.0))  # softmax(s): CE, p_s at T = 1
+    st = OnlineSoftmax(r, hdim, h, need_grad and kd) if temperature != 1.0 else s1  # p_s = softmax(s/T)
+    tt = OnlineSoftmax(r, hdim, h, need_grad and kd)  # p_t = softmax(t/T)
     x = torch.zeros(r, device=h.device, dtype=h.dtype)  # Σ exp(t/T - m_t)·(t - s)/T, rescaled with tt
     s_y = torch.zeros_like(x)
     for v0, w, s, t in read():
-        s_y = _gather_target(s, y, v0, s_y)
+        s_y = gather_target(s, y, v0, s_y)
         s1.add(s, w)
         if st is not s1:
             s.mul_(inv_t)
