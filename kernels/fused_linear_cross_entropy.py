@@ -103,11 +103,7 @@ def flatten_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     """(N × H hidden, N labels) after checking shapes and dtypes against the head."""
     if not hidden.is_floating_point():
         raise PeftlabError(f"{what} must be a floating-point tensor, got {hidden.dtype}.")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise PeftlabError(
-            f"head weight must be (vocab, hidden) = (V, {hidden.shape[-1]}) like nn.Linear.weight, got "
-            f"{tuple(weight.shape)}; pass lm_head.weight, not its transpose."
-        )
+    check_head_weight(hidden, weight)
     if labels.dtype not in (torch.int64, torch.int32):
         raise PeftlabError(f"labels must be int64 token ids, got {labels.dtype}.")
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
@@ -115,9 +111,26 @@ def flatten_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
             f"labels shape {tuple(labels.shape)} must equal {what} shape without the last dim "
             f"{tuple(hidden.shape[:-1])} (labels already shifted: labels[i] is the target of {what}[i])."
         )
+    check_head_bias(weight, bias)
+    return hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1).long()
+
+
+def check_head_weight(hidden: torch.Tensor, weight: torch.Tensor) -> None:
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise PeftlabError(
+            f"head weight must be (vocab, hidden) = (V, {hidden.shape[-1]}) like nn.Linear.weight, got "
+            f"{tuple(weight.shape)}; pass lm_head.weight, not its transpose."
+        )
+
+
+def check_head_bias(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise PeftlabError(f"head bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}.")
-    return hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1).long()
+
+
+def check_softcap(softcap: float | None) -> None:
+    if softcap is not None and not softcap > 0.0:
+        raise PeftlabError(f"softcap must be a positive number (Gemma-2 uses 30.0) or None, got {softcap}.")
 
 
 def check_labels(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
@@ -392,18 +405,30 @@ def chunk_grad_matmuls(dlogits: torch.Tensor, h: torch.Tensor, weight: torch.Ten
 # --------------------------------------------------------------------------------------------------
 # Per-chunk loss + in-place gradient
 # --------------------------------------------------------------------------------------------------
+def softcap_(logits: torch.Tensor, softcap: float | None,
+             keep_tanh: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(z, t): the logits chunk soft-capped in place, z = c·tanh(x/c), and (``keep_tanh``, for the gradient)
+    t = tanh(x/c), a chunk-sized copy made only with soft-capping; (logits, None) without a soft-cap."""
+    if softcap is None:
+        return logits, None
+    z = logits.div_(softcap).tanh_()
+    t = z.clone() if keep_tanh else None
+    return z.mul_(softcap), t
+
+
+def softcap_chain_(g: torch.Tensor, t: torch.Tensor | None) -> None:
+    """g *= dz/dx = 1 - t² in place (the soft-cap's chain rule; t is consumed); nothing when t is None."""
+    if t is not None:
+        g.mul_(t.mul_(t).neg_().add_(1.0))
+
+
 def torch_ce_rows(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, opts: CEOptions,
                   compute_grad: bool) -> torch.Tensor:
     """PyTorch twin of ``_ce_row_kernel``: per-row loss; logits overwritten by scale·dloss/dlogits."""
     v = logits.shape[1]
     valid = labels != opts.ignore_index
     y = torch.where(valid, labels, 0).unsqueeze(1)
-    z = logits
-    t = None
-    if opts.softcap is not None:
-        z = z.div_(opts.softcap).tanh_()
-        t = z.clone() if compute_grad else None  # chunk-sized extra buffer only with soft-capping
-        z = z.mul_(opts.softcap)
+    z, t = softcap_(logits, opts.softcap, compute_grad)
     lse = torch.logsumexp(z, dim=1)
     loss = lse - (1.0 - opts.label_smoothing) * z.gather(1, y).squeeze(1) + opts.z_loss * lse * lse
     if opts.label_smoothing:
@@ -415,8 +440,7 @@ def torch_ce_rows(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tenso
         if opts.label_smoothing:
             g.sub_(opts.label_smoothing / v)
         g.scatter_add_(1, y, torch.full_like(y, -(1.0 - opts.label_smoothing), dtype=g.dtype))
-        if t is not None:
-            g.mul_(t.mul_(t).neg_().add_(1.0))
+        softcap_chain_(g, t)
         g.mul_(torch.where(valid, scale.to(g.dtype), 0.0).unsqueeze(1))
     return loss
 
@@ -524,6 +548,16 @@ def gather_target(z: torch.Tensor, y: torch.Tensor, v0: int, z_y: torch.Tensor) 
     return torch.where(here, z.gather(1, (y - v0).clamp(0, z.shape[1] - 1).unsqueeze(1)).squeeze(1), z_y)
 
 
+def slice_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, v0: int, width: int,
+                 cd: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(head rows v0:v0+width upcast to ``cd``, their logits ``h @ W_slice.T (+ b)``) for the online passes."""
+    w = weight[v0:v0 + width].to(cd)
+    z = h @ w.t()
+    if bias is not None:
+        z += bias[v0:v0 + width].to(cd)
+    return w, z
+
+
 def torch_ce_online(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                     scale: torch.Tensor, opts: CEOptions, compute_grad: bool,
                     chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -564,10 +598,7 @@ def torch_ce_online(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         if make_w_sum:
             w_sum = torch.zeros(hdim, device=h.device, dtype=cd)
         for v0 in range(0, v, width):
-            w = weight[v0:v0 + width].to(cd)
-            z = h @ w.t()
-            if bias is not None:
-                z += bias[v0:v0 + width].to(cd)
+            w, z = slice_logits(h, weight, bias, v0, width, cd)
             d = None
             if cap is not None:
                 z.div_(cap).tanh_()
@@ -721,8 +752,7 @@ def _check_ce_options(label_smoothing: float, z_loss: float, softcap: float | No
         raise PeftlabError(f"label_smoothing must be in [0, 1], got {label_smoothing}.")
     if z_loss < 0.0:
         raise PeftlabError(f"z_loss must be >= 0 (typical 1e-4), got {z_loss}.")
-    if softcap is not None and not softcap > 0.0:
-        raise PeftlabError(f"softcap must be a positive number (Gemma-2 uses 30.0) or None, got {softcap}.")
+    check_softcap(softcap)
 
 
 def fused_linear_cross_entropy(
@@ -796,12 +826,7 @@ def reference_linear_cross_entropy(
     del backend, chunk_size
     check_reduction(reduction, normalizer)
     _check_ce_options(label_smoothing, z_loss, softcap)
-    cd = compute_dtype(hidden, head_weight)
-    logits = hidden.to(cd) @ head_weight.to(cd).t()
-    if head_bias is not None:
-        logits = logits + head_bias.to(cd)
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
+    logits = reference_logits(hidden, head_weight, head_bias, compute_dtype(hidden, head_weight), softcap)
     logits = logits.reshape(-1, head_weight.shape[0])
     y = labels.reshape(-1)
     valid = y != ignore_index
@@ -809,8 +834,25 @@ def reference_linear_cross_entropy(
                                                   label_smoothing=label_smoothing)
     if z_loss:
         per_token = per_token + z_loss * torch.where(valid, torch.logsumexp(logits, -1) ** 2, 0.0)
+    return reference_reduction(per_token, valid, reduction, normalizer, labels.shape)
+
+
+def reference_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cd: torch.dtype,
+                     softcap: float | None = None) -> torch.Tensor:
+    """The references' full logits ``hidden @ weight.T (+ bias)`` in ``cd`` (soft-capped when ``softcap``)."""
+    logits = hidden.to(cd) @ weight.to(cd).t()
+    if bias is not None:
+        logits = logits + bias.to(cd)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
+
+
+def reference_reduction(per_token: torch.Tensor, valid: torch.Tensor, reduction: str,
+                        normalizer: float | torch.Tensor | None, labels_shape: torch.Size) -> torch.Tensor:
+    """The references' reduction of flat per-token losses: the fused losses' contract, written plainly."""
     if reduction == "none":
-        return per_token.reshape(labels.shape)
+        return per_token.reshape(labels_shape)
     total = per_token.sum()
     if reduction == "mean":
         return total / valid.sum().clamp(min=1)

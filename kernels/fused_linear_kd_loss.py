@@ -49,7 +49,10 @@ from peftlab.kernels.fused_linear_cross_entropy import (
     online_block,
     online_slice,
     reduction_scale,
+    reference_logits,
+    reference_reduction,
     resolve_backend,
+    slice_logits,
     torch_ce_online,
     torch_logits,
     triton_logits,
@@ -295,13 +298,8 @@ def torch_kd_online(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     def slices(h: torch.Tensor, ht: torch.Tensor, width: int):
         """(head rows, student logits, teacher logits / T) of each vocabulary slice, heads upcast per slice."""
         for v0 in range(0, v, width):
-            w = weight[v0:v0 + width].to(cd)
-            s = h @ w.t()
-            if bias is not None:
-                s += bias[v0:v0 + width].to(cd)
-            t = ht @ teacher_head[v0:v0 + width].to(cd).t()
-            if teacher_bias is not None:
-                t += teacher_bias[v0:v0 + width].to(cd)
+            w, s = slice_logits(h, weight, bias, v0, width, cd)
+            t = slice_logits(ht, teacher_head, teacher_bias, v0, width, cd)[1]  # the teacher's rows: not kept
             yield v0, w, s, t.mul_(inv_t)
 
     for start in range(0, n, rows):
@@ -457,22 +455,13 @@ def reference_linear_kd_loss(
     _check_kd_options(kind, beta, temperature, alpha)
     cd = compute_dtype(student_hidden, student_head)
     v = student_head.shape[0]
-    s = (student_hidden.to(cd) @ student_head.to(cd).t()).reshape(-1, v)
-    if student_bias is not None:
-        s = s + student_bias.to(cd)
+    s = reference_logits(student_hidden, student_head, student_bias, cd).reshape(-1, v)
     with torch.no_grad():
-        t = (teacher_hidden.to(cd) @ teacher_head.to(cd).t()).reshape(-1, v)
-        if teacher_bias is not None:
-            t = t + teacher_bias.to(cd)
+        t = reference_logits(teacher_hidden, teacher_head, teacher_bias, cd).reshape(-1, v)
     y = labels.reshape(-1)
     per_token = _kd_rows_math(s, t, y, kind=kind, beta=beta, temperature=temperature, alpha=alpha,
                               ignore_index=ignore_index)
-    if reduction == "none":
-        return per_token.reshape(labels.shape)
-    total = per_token.sum()
-    if reduction == "mean":
-        return total / (y != ignore_index).sum().clamp(min=1)
-    return total / normalizer if normalizer is not None else total
+    return reference_reduction(per_token, y != ignore_index, reduction, normalizer, labels.shape)
 
 
 def topk_kd_loss(

@@ -37,11 +37,17 @@ from peftlab.kernels.fused_linear_cross_entropy import (
     ROW_BLOCK_V,
     ROW_NUM_WARPS,
     CEOptions,
+    check_head_bias,
+    check_head_weight,
     check_labels,
+    check_softcap,
     compute_dtype,
     default_chunk_rows,
+    reference_logits,
     resolve_backend,
     run_chunks,
+    softcap_,
+    softcap_chain_,
     torch_ce_online,
 )
 
@@ -138,12 +144,7 @@ def torch_logprob_rows(logits: torch.Tensor, labels: torch.Tensor, scale: torch.
     temporary (measured: it doubles this path's extra peak memory), so the max, exp and sum are taken in place
     and the softmax is ``exp(z − m) / Σ``."""
     y = labels.unsqueeze(1)
-    z = logits
-    t = None
-    if softcap is not None:
-        z = z.div_(softcap).tanh_()
-        t = z.clone() if compute_grad else None  # chunk-sized extra buffer only with soft-capping
-        z = z.mul_(softcap)
+    z, t = softcap_(logits, softcap, compute_grad)
     zy = z.gather(1, y).squeeze(1)
     m = z.amax(dim=1, keepdim=True)
     e = z.sub_(m).exp_()  # exp(z − m), in place
@@ -152,8 +153,7 @@ def torch_logprob_rows(logits: torch.Tensor, labels: torch.Tensor, scale: torch.
     if compute_grad:
         g = e.div_(total).neg_()  # −softmax, in place
         g.scatter_add_(1, y, torch.ones_like(y, dtype=g.dtype))
-        if t is not None:
-            g.mul_(t.mul_(t).neg_().add_(1.0))
+        softcap_chain_(g, t)
         g.mul_(scale.to(g.dtype).unsqueeze(1))
     return logp
 
@@ -243,20 +243,14 @@ def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
     if hidden.dim() != 3 or not hidden.is_floating_point():
         raise PeftlabError(f"hidden must be a floating-point (batch, seq, hidden) tensor, got {hidden.dtype} "
                            f"{tuple(hidden.shape)}.")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise PeftlabError(
-            f"head weight must be (vocab, hidden) = (V, {hidden.shape[-1]}) like nn.Linear.weight, got "
-            f"{tuple(weight.shape)}; pass lm_head.weight, not its transpose."
-        )
+    check_head_weight(hidden, weight)
     if labels.dtype not in (torch.int64, torch.int32) or tuple(labels.shape) != tuple(hidden.shape[:2]):
         raise PeftlabError(
             f"labels must be int64 token ids of shape (batch, seq) = {tuple(hidden.shape[:2])}, aligned with hidden "
             f"(labels[b, t] is predicted from hidden[b, t]); got {labels.dtype} {tuple(labels.shape)}."
         )
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise PeftlabError(f"head bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}.")
-    if softcap is not None and not softcap > 0.0:
-        raise PeftlabError(f"softcap must be a positive number (Gemma-2 uses 30.0) or None, got {softcap}.")
+    check_head_bias(weight, bias)
+    check_softcap(softcap)
     if chunk_rows is not None and chunk_rows < 1:
         raise PeftlabError(f"chunk_rows must be a positive number of rows, got {chunk_rows}.")
 
@@ -330,12 +324,7 @@ def reference_linear_sequence_logprobs(
     masked sum, differentiated by autograd. ``chunk_rows``/``backend`` are ignored."""
     del chunk_rows, backend
     _check_inputs(hidden, weight, labels, bias, softcap, None)
-    cd = compute_dtype(hidden, weight)
-    logits = hidden.to(cd) @ weight.to(cd).t()
-    if bias is not None:
-        logits = logits + bias.to(cd)
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
+    logits = reference_logits(hidden, weight, bias, compute_dtype(hidden, weight), softcap)
     valid = labels != ignore_index
     per_token = torch.log_softmax(logits, dim=-1).gather(-1, torch.where(valid, labels, 0).long().unsqueeze(-1))
     logps = torch.where(valid, per_token.squeeze(-1), 0.0).sum(1)
