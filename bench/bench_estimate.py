@@ -27,7 +27,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import append_jsonl, print_table
-from scale import GB, SHARED, SMOKE_CONFIG, ensure_checkpoint, measure_train, recipe_dict
+from scale import GB, SHARED, ensure_checkpoint, measure_train, recipe_dict
 from scale import RESULTS_NAME as SCALE_RESULTS
 
 SMALL = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 768,
@@ -120,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     results_dir = Path(ns.results_dir) if ns.results_dir else None
     cases = dict(CASES)
     if ns.smoke:
-        cases = {"smoke": (SMOKE_CONFIG, None, "float32", [(64, 2, False, "default"), (64, 2, True, "bounded")])}
+        # A built-in model (built once, cached; the "tiny" case's path): no checkpoint to write, so the parent
+        # process needs neither transformers' model code nor the save. bench/scale.py --smoke covers ensure_checkpoint.
+        cases = {"smoke": ("builtin:micro-llama", None, "float32", [(64, 2, False, "default"), (64, 2, True, "bounded")])}
         work = Path(tempfile.mkdtemp(prefix="peftlab-estimate-smoke-"))
         ns.steps = 1
     else:
