@@ -54,11 +54,12 @@ SMOKE_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "h
 
 
 def run_watched(args: list[str], *, max_rss_gb: float, timeout: float = 7200.0,
-                env: dict[str, str] | None = None) -> dict[str, Any]:
+                env: dict[str, str] | None = None, results: int = 1) -> Any:
     """Run ``python -P <args>`` under :func:`common.watch` and return the JSON it printed after ``MARK``
     (its own peak RSS, VmHWM, among it) plus the sampled RSS / anonymous maxima. A child killed for
     passing ``max_rss_gb`` of anonymous memory comes back as ``over_limit`` with the sampled figures
-    (lower bounds)."""
+    (lower bounds). ``results`` > 1: the child runs that many phases, the last ``results`` MARK lines
+    come back as a list (each with the same sampled figures; over the limit: one entry per phase)."""
     import threading
 
     proc = subprocess.Popen([sys.executable, "-P", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -76,13 +77,15 @@ def run_watched(args: list[str], *, max_rss_gb: float, timeout: float = 7200.0,
     sampled = {"sampled_rss_gb": w["sampled_rss_gb"] * 2**30 / GB, "sampled_anon_gb": w["sampled_anon_gb"] * 2**30 / GB,
                "wall_s": time.perf_counter() - t0}
     if w["status"].startswith("exceeded"):
-        return {"over_limit": True, "peak_rss_gb": sampled["sampled_rss_gb"], **sampled}
+        over = {"over_limit": True, "peak_rss_gb": sampled["sampled_rss_gb"], **sampled}
+        return over if results == 1 else [dict(over) for _ in range(results)]
     if w["status"] != "ok":
         raise RuntimeError(f"phase {args[:3]}: {w['status']}")
-    line = next((ln for ln in reversed(out) if ln.startswith(MARK)), None)
-    if proc.returncode != 0 or line is None:
+    lines = [ln for ln in out if ln.startswith(MARK)][-results:]
+    if proc.returncode != 0 or len(lines) < results:
         raise RuntimeError(f"phase {args[:3]} failed (rc={proc.returncode}):\n{''.join(err)[-4000:]}")
-    return {**json.loads(line[len(MARK):]), **sampled}
+    found = [{**json.loads(line[len(MARK):]), **sampled} for line in lines]
+    return found[0] if results == 1 else found
 
 
 def report(result: dict[str, Any]) -> None:
@@ -245,12 +248,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip", nargs="*", default=[], choices=list(PHASES), help="phases to leave out")
     ap.add_argument("--smoke", action="store_true", help="tiny config, 1 step: checks the script runs")
     ap.add_argument("--results-dir", default=None)
-    ap.add_argument("--phase", choices=list(PHASES), help=argparse.SUPPRESS)
+    ap.add_argument("--phase", nargs="+", choices=list(PHASES), help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
     ap.add_argument("--recipe", help=argparse.SUPPRESS)
     ns = ap.parse_args(argv)
     if ns.phase:
-        PHASES[ns.phase](ns)
+        for phase in ns.phase:  # more than one: smoke runs, one after another in this process
+            PHASES[phase](ns)
         return 0
 
     if ns.smoke:
@@ -273,14 +277,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     common = {"config": Path(ns.config).name if not ns.smoke else "smoke", "layers": config["num_hidden_layers"],
               "checkpoint_gb": ckpt_gb, "dtype": ns.dtype, "smoke": ns.smoke, "max_rss_gb": ns.max_rss_gb}
-    for phase in ("load-peftlab", "load-transformers"):
-        if phase in ns.skip:
-            continue
-        print(f"== {phase}", flush=True)
-        res = run_watched([__file__, "--phase", phase, "--ckpt", str(ckpt), "--dtype", ns.dtype],
-                          max_rss_gb=ns.max_rss_gb)
-        rows.append({**common, **res, "phase": phase})
-        append_jsonl(RESULTS_NAME, rows[-1], ns.results_dir)
+    loads = [phase for phase in ("load-peftlab", "load-transformers") if phase not in ns.skip]
+    # Smoke runs load both ways in one process (each fresh interpreter costs more than a tiny model's load; the
+    # second's peak RSS then includes the first's). Full runs: a fresh process each, its peak its own.
+    for group in [loads] if ns.smoke and loads else [[phase] for phase in loads]:
+        print(f"== {' + '.join(group)}", flush=True)
+        found = run_watched([__file__, "--phase", *group, "--ckpt", str(ckpt), "--dtype", ns.dtype],
+                            max_rss_gb=ns.max_rss_gb, results=len(group))
+        for phase, res in zip(group, found if len(group) > 1 else [found]):
+            rows.append({**common, **res, "phase": phase})
+            append_jsonl(RESULTS_NAME, rows[-1], ns.results_dir)
     if "train" not in ns.skip:
         print(f"== train: seq {ns.seq}, {ns.steps} steps, {ns.threads} threads", flush=True)
         res = measure_train(ckpt, work, seq=ns.seq, steps=ns.steps, dtype=ns.dtype, threads=ns.threads,
