@@ -25,11 +25,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_ROOT, append_jsonl
 
+from peftlab.engine.planner import peak_rss_bytes
 
-def worker(recipe_path: str, report: str, *, last: bool = True) -> None:
-    """Runs inside every rank: train, then write this rank's figures. A rank that trains another
-    configuration next (``last=False``, smoke runs) keeps its process group: DeepSpeed holds on to it."""
-    from peftlab.engine.planner import peak_rss_bytes  # here, not at the top: the parent never imports torch
+
+def worker(recipe_path: str, report: str) -> None:
+    """Runs inside every rank: train, then write this rank's figures."""
     from peftlab.engine.process_group import shutdown_distributed
     from peftlab.recipe.parse import load_recipe
     from peftlab.trainer.loop import Trainer
@@ -44,8 +44,7 @@ def worker(recipe_path: str, report: str, *, last: bool = True) -> None:
         "steps_per_s": result.state.step / elapsed,
         "peak_rss_mib": peak_rss_bytes() / 2**20,
         "final_loss": result.losses[-1]}))
-    if last:
-        shutdown_distributed()  # as the CLI does: gloo's threads torn down by the interpreter can abort a finished rank
+    shutdown_distributed()  # as the CLI does: gloo's threads torn down by the interpreter can abort a finished rank
 
 
 def free_port() -> int:
@@ -54,9 +53,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def prepare(name: str, *, model: str, steps: int, nproc: int, deepspeed: str | None, work: Path, mbs: int,
-            seq: int) -> tuple[str, Path, Path]:
-    """Write the recipe of one configuration; returns (name, recipe, report prefix)."""
+def run(name: str, *, model: str, steps: int, nproc: int, deepspeed: str | None, work: Path, mbs: int,
+        seq: int) -> list[dict]:
     import yaml
 
     data = work / "data"
@@ -81,15 +79,10 @@ def prepare(name: str, *, model: str, steps: int, nproc: int, deepspeed: str | N
         raw["deepspeed"] = str(REPO_ROOT / "recipes" / "deepspeed" / f"{deepspeed}.json")
     recipe = work / f"{name}.yaml"
     recipe.write_text(yaml.safe_dump(raw))
-    return name, recipe, work / f"{name}.report"
-
-
-def launch(configs: list[tuple[str, Path, Path]], *, nproc: int, work: Path) -> list[list[dict]]:
-    """Train ``configs`` one after another in the same ``nproc`` processes (one launch); each config's
-    figures per rank. Full runs launch every configuration alone (fresh processes: peak RSS is its own)."""
+    report = work / f"{name}.report"
     env = dict(os.environ, PYTHONSAFEPATH="1", OMP_NUM_THREADS="1",  # one thread per process: a shared 2-core box oversubscribes otherwise
                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    me = [str(Path(__file__).resolve()), "--worker", *(str(x) for _, recipe, report in configs for x in (recipe, report))]
+    me = [str(Path(__file__).resolve()), "--worker", str(recipe), str(report)]
     if nproc == 1:
         cmd = [sys.executable, "-P", *me]
     else:
@@ -97,47 +90,38 @@ def launch(configs: list[tuple[str, Path, Path]], *, nproc: int, work: Path) -> 
                "--master_port", str(free_port()), *me]
     proc = subprocess.run(cmd, check=False, env=env, cwd=work, timeout=1800, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"{'+'.join(name for name, _, _ in configs)} failed:\n{proc.stderr[-12000:]}")
-    return [[json.loads(Path(f"{report}.{r}").read_text()) for r in range(nproc)] for _, _, report in configs]
+        raise SystemExit(f"{name} failed:\n{proc.stderr[-12000:]}")
+    return [json.loads(Path(f"{report}.{r}").read_text()) for r in range(nproc)]
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--worker", nargs="+", metavar="RECIPE REPORT", help=argparse.SUPPRESS)
+    p.add_argument("--worker", nargs=2, metavar=("RECIPE", "REPORT"), help=argparse.SUPPRESS)
     p.add_argument("--model", default="builtin:tiny-llama")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--smoke", action="store_true", help="micro-llama, 3 steps, ZeRO-2 then ZeRO-3 in one launch (checks the script runs)")
+    p.add_argument("--smoke", action="store_true", help="micro-llama, 3 steps (checks the script runs)")
     p.add_argument("--results-dir", default=None, help="where bench_zero.jsonl goes (smoke runs: only there)")
     args = p.parse_args(argv)
-    if args.worker:  # RECIPE REPORT [RECIPE REPORT ...]: trained one after another in this process
-        pairs = list(zip(args.worker[::2], args.worker[1::2]))
-        for i, (recipe, report) in enumerate(pairs):
-            worker(recipe, report, last=i == len(pairs) - 1)
+    if args.worker:
+        worker(*args.worker)
         return
     if args.smoke:
         args.model, args.steps, args.seq = "builtin:micro-llama", 3, 64
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-zero-") as tmp:
-        # Smoke runs train ZeRO-2 then ZeRO-3 in the same two ranks (one launch: each rank imports torch and
-        # DeepSpeed once, not twice; the ZeRO-3 peak RSS then includes ZeRO-2's). Full runs: a launch each.
-        groups = [[("single", 1, None)], [("zero2", 2, "zero2")], [("zero3", 2, "zero3")]]
-        if args.smoke:
-            groups = [groups[0], groups[1] + groups[2]]
-        for group in groups:
-            nproc = group[0][1]
-            configs = [prepare(name, model=args.model, steps=args.steps, nproc=nproc, deepspeed=ds, work=Path(tmp),
-                               mbs=args.micro_batch, seq=args.seq) for name, _, ds in group]
-            for (name, _, _), ranks in zip(group, launch(configs, nproc=nproc, work=Path(tmp))):
-                row = {"config": name, "processes": nproc, "model": args.model, "steps": args.steps,
-                       "global_batch": 2 * args.micro_batch, "max_seq_len": args.seq,
-                       "steps_per_s": min(r["steps_per_s"] for r in ranks),
-                       "peak_rss_mib_per_rank": [round(r["peak_rss_mib"], 1) for r in ranks],
-                       "final_loss": ranks[0]["final_loss"]}
-                rows.append(row)
-                if not args.smoke or args.results_dir:
-                    append_jsonl("bench_zero", {**row, "smoke": args.smoke}, args.results_dir)
+        for name, nproc, ds in (("single", 1, None), ("zero2", 2, "zero2"), ("zero3", 2, "zero3")):
+            ranks = run(name, model=args.model, steps=args.steps, nproc=nproc, deepspeed=ds, work=Path(tmp),
+                        mbs=args.micro_batch, seq=args.seq)
+            row = {"config": name, "processes": nproc, "model": args.model, "steps": args.steps,
+                   "global_batch": 2 * args.micro_batch, "max_seq_len": args.seq,
+                   "steps_per_s": min(r["steps_per_s"] for r in ranks),
+                   "peak_rss_mib_per_rank": [round(r["peak_rss_mib"], 1) for r in ranks],
+                   "final_loss": ranks[0]["final_loss"]}
+            rows.append(row)
+            if not args.smoke or args.results_dir:
+                append_jsonl("bench_zero", {**row, "smoke": args.smoke}, args.results_dir)
     print(f"{'config':8} {'procs':>5} {'steps/s':>8} {'peak RSS / rank (MiB)':>24} {'final loss':>10}")
     for r in rows:
         rss = ", ".join(f"{x:.0f}" for x in r["peak_rss_mib_per_rank"])
