@@ -397,72 +397,6 @@ def run_side(job: dict[str, Any], work: Path, max_rss_gb: float, timeout_s: floa
     return {"side": job["side"], "status": "ok", **json.loads((work / "result.json").read_text())}
 
 
-def serve() -> None:
-    """``--serve`` (smoke runs only): run the job files named one per line on stdin, one after another in this
-    process, writing ``DONE`` beside each job file when it is finished (result written or not)."""
-    import traceback
-
-    for line in sys.stdin:
-        job_path = Path(line.strip())
-        try:
-            worker(str(job_path))
-        except (Exception, SystemExit):  # noqa: BLE001 (the parent reports the missing result; serve the next job)
-            traceback.print_exc()
-        sys.stdout.flush()
-        (job_path.parent / "DONE").write_text("")
-
-
-class SmokeWorkers:
-    """Smoke runs: one long-lived ``--serve`` process per side, reused for every run of that side (compare and
-    scaling), instead of a fresh interpreter per run. Importing torch + TRL/PEFT/bitsandbytes costs far more than
-    a tiny model's steps, so this halves the smoke run; it also means a run's peak RSS includes the side's
-    earlier runs and no RSS watchdog is applied: smoke figures are structure, not comparisons."""
-
-    def __init__(self):
-        self.procs: dict[str, tuple[subprocess.Popen, Any]] = {}
-
-    def run(self, job: dict[str, Any], work: Path, timeout_s: float) -> dict[str, Any]:
-        work.mkdir(parents=True, exist_ok=True)
-        job = {**job, "out_dir": str(work / "out"), "result_path": str(work / "result.json")}
-        (work / "job.json").write_text(json.dumps(job))
-        side = job["side"]
-        if side not in self.procs:
-            log = (work.parent / f"serve-{side}.log").open("w")
-            proc = subprocess.Popen([sys.executable, "-P", str(Path(__file__).resolve()), "--serve"],
-                                    stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, text=True,
-                                    cwd=REPO_ROOT)
-            self.procs[side] = (proc, log)
-        proc, log = self.procs[side]
-        proc.stdin.write(f"{work / 'job.json'}\n")
-        proc.stdin.flush()
-        start = time.perf_counter()
-        status = "ok"
-        while not (work / "DONE").exists():
-            if proc.poll() is not None:
-                status = f"failed (rc={proc.returncode})"
-                break
-            if time.perf_counter() - start > timeout_s:
-                status = f"timeout {timeout_s:g} s"
-                proc.kill()
-                break
-            time.sleep(0.05)
-        if status == "ok" and not (work / "result.json").exists():
-            status = "failed (no result)"
-        if status != "ok":
-            log.flush()
-            tail = Path(log.name).read_text()[-3000:]
-            print(f"  {side}: {status}\n{tail}", file=sys.stderr, flush=True)
-            return {"side": side, "status": status}
-        return {"side": side, "status": "ok", **json.loads((work / "result.json").read_text())}
-
-    def close(self) -> None:
-        for proc, log in self.procs.values():
-            proc.stdin.close()
-            proc.wait()
-            log.close()
-        self.procs.clear()
-
-
 def summarize(res: dict[str, Any], warmup: int, data: dict[str, Any]) -> dict[str, Any]:
     """Median tokens/s over the measured steps, peak memory, losses."""
     out = {k: v for k, v in res.items() if k not in ("step_times", "tokens", "targets")}
@@ -519,7 +453,6 @@ class Setup:
         self.rows, self.data_name = load_rows(args.smoke, args.data)
         self.models: dict[str, tuple[Any, Path, Path]] = {}
         self.counter = 0
-        self.smoke_workers = SmokeWorkers() if args.smoke else None
 
     def model(self, name: str, layers: int | None = None) -> tuple[Any, Path, Path]:
         key = f"{name}:{layers}"
@@ -550,11 +483,7 @@ class Setup:
                "grad_accum": grad_accum, "steps": steps, "lr": a.lr, "r": a.r, "alpha": a.alpha, "seed": a.seed,
                "device": self.device, "dtype": self.dtype, "threads": a.threads, "peftlab_set": a.peftlab_set}
         t0 = time.perf_counter()
-        work = self.tmp / f"run-{self.counter:03d}-{side}"
-        if self.smoke_workers is not None:
-            res = self.smoke_workers.run(job, work, a.timeout)
-        else:
-            res = run_side(job, work, a.max_rss_gb, a.timeout)
+        res = run_side(job, self.tmp / f"run-{self.counter:03d}-{side}", a.max_rss_gb, a.timeout)
         s = summarize(res, a.warmup, data)
         print(f"  {side}: {s['status']}"
               + (f", {s['tokens_per_s']:.0f} tok/s, peak {s['peak_mb']:.0f} MB, losses "
@@ -749,7 +678,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="a recipe override for the peftlab side (repeatable), e.g. train.host_allocator=bounded")
     ap.add_argument("--only-peftlab", action="store_true", help="compare: run the peftlab side only (no ratios)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     configs = SHARED / "configs"
     if args.smoke:
@@ -775,9 +703,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(args.worker)
         return 0
-    if args.serve:
-        serve()
-        return 0
     if args.gpu:
         import torch
 
@@ -797,14 +722,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode in ("compare", "scaling", "all"):
         with tempfile.TemporaryDirectory(prefix="vs_peers-") as tmp:
             setup = Setup(args, Path(tmp))
-            try:
-                if args.mode in ("compare", "all"):
-                    compare(args, setup, run_id)
-                if args.mode in ("scaling", "all"):
-                    scaling(args, setup, run_id)
-            finally:
-                if setup.smoke_workers is not None:
-                    setup.smoke_workers.close()
+            if args.mode in ("compare", "all"):
+                compare(args, setup, run_id)
+            if args.mode in ("scaling", "all"):
+                scaling(args, setup, run_id)
     if args.mode in ("plot", "all"):
         plot(args, plot_out)
     print(f"\nvs_peers: done in {time.perf_counter() - t0:.0f} s")
