@@ -22,4 +22,7 @@ def test_bench_zero_smoke(tmp_path):
     for r in rows.values():
         assert {"device", "versions", "git_commit", "command"} <= set(r) and r["smoke"] is True
         assert r["steps_per_s"] > 0 and all(x > 50 for x in r["peak_rss_mib_per_rank"])
-    assert len(rows["zero2"]["peak_rss_mib_per_rank"]) == 2
+    assert len(rows["zero2"]["peak_rss_mib_per_rank"]) == 2 and len(rows["zero3"]["peak_rss_mib_per_rank"]) == 2
+    # same recipe and seed: both ZeRO stages on 2 ranks end where the single process does
+    for config in ("zero2", "zero3"):
+        assert rows[config]["final_loss"] == pytest.approx(rows["single"]["final_loss"], rel=1e-5)
