@@ -6,14 +6,19 @@ lower it (:func:`out_of_memory_advice`).
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import torch
 
 from peftlab.engine.estimate_report import does_not_fit_message, fmt
 from peftlab.engine.model_shape import model_shape
-from peftlab.engine.planner import compute_dtype, estimate, fused_norm_saves, run_device
+from peftlab.engine.planner import (
+    compute_dtype,
+    estimate,
+    fused_norm_saves,
+    grad_accum_keeping_batch,
+    run_device,
+)
 from peftlab.errors import PeftlabError
 from peftlab.objectives.teacher import teacher_quantization
 
@@ -109,9 +114,7 @@ def apply_auto_fit(recipe: Any, *, device_memory: int | None = None) -> Any:
     t = recipe.train
     if est.max_micro_batch_size:
         mbs = est.max_micro_batch_size
-        effective = t.micro_batch_size * t.grad_accum
-        t.micro_batch_size = mbs
-        t.grad_accum = max(1, math.ceil(effective / mbs))
+        t.micro_batch_size, t.grad_accum = mbs, grad_accum_keeping_batch(t.micro_batch_size, t.grad_accum, mbs)
         peak = estimate(recipe, device_memory=budget, shape=shape, baseline=base, device=device).total
         logger.info("auto_fit: micro_batch_size -> %d, grad_accum -> %d (predicted peak %s of %s)", mbs,
                     t.grad_accum, fmt(peak), fmt(budget))

@@ -177,6 +177,12 @@ def compute_dtype(recipe: Any, device: str) -> torch.dtype:
     return torch.bfloat16 if device == "cuda" else torch.float32
 
 
+def grad_accum_keeping_batch(micro_batch_size: int, grad_accum: int, new_micro_batch_size: int) -> int:
+    """The grad_accum that keeps ``micro_batch_size`` x ``grad_accum`` examples per step (at least) with
+    ``new_micro_batch_size``: what ``train.auto_fit`` sets when it lowers the micro-batch."""
+    return max(1, math.ceil(micro_batch_size * grad_accum / new_micro_batch_size))
+
+
 def fused_norm_saves(recipe: Any, device: str) -> bool:
     """Whether ``train.fused_norm: true`` would lower the recipe's peak on ``device``: it is off now, the run's
     kernels run their Triton code (elsewhere — the CPU, or CUDA without Triton installed — the fused norm runs
@@ -414,11 +420,10 @@ def estimate(recipe: Any, *, device_memory: int | None = None, gpus: int = 1, de
             return sum(_components(recipe, shape, device=device, elem=elem, mbs=m, seq=s, baseline=baseline,
                                    teacher=teacher, grad_accum=accum).values())
 
-        def keeping_the_batch(m: int) -> int:  # the grad_accum train.auto_fit sets with micro-batch m
-            return max(1, math.ceil(mbs * recipe.train.grad_accum / m))
-
         est.max_seq_len = _largest(lambda s: total(mbs, s) <= device_memory, 1, _max_positions(recipe, shape))
-        est.max_micro_batch_size = _largest(lambda m: total(m, seq, keeping_the_batch(m)) <= device_memory, 1, 4096)
+        est.max_micro_batch_size = _largest(
+            lambda m: total(m, seq, grad_accum_keeping_batch(mbs, recipe.train.grad_accum, m)) <= device_memory,
+            1, 4096)
     return est
 
 

@@ -4,8 +4,9 @@ Online (:class:`~peftlab.objectives.distillation.OnlineDistillLoss`), per micro-
 states are made first, under ``no_grad`` (its layers' transients exist one layer at a time, before the student's
 forward), and kept until the KD loss has run; the loss then reads both heads
 (:func:`~peftlab.kernels.fused_linear_kd_loss`) on one of four paths — Triton row chunks (``kernels`` takes the
-kernel path and Triton is installed: :func:`~peftlab.engine.model_shape.kernels_run_triton`), PyTorch row chunks, the PyTorch vocabulary-outer pass (forward KL over a student head stored in 16
-bits: ``torch_kd_online``), or whole fp32 logits (``kernels: off``). Offline
+kernel path and Triton is installed: :func:`~peftlab.engine.model_shape.kernels_run_triton`), PyTorch row chunks,
+the PyTorch vocabulary-outer pass (forward KL over a student head stored in 16 bits: ``torch_kd_online``), or whole
+fp32 logits (``kernels: off``). Offline
 (:class:`~peftlab.objectives.distillation.OfflineDistillLoss`): the batch's cached top-k log-probabilities (fp32)
 and ids (int64) are read before the student's forward and kept until the loss has run
 (:func:`~peftlab.kernels.topk_kd_loss`: PyTorch row chunks, or the online CE + gathered top-k rows over a 16-bit
