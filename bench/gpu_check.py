@@ -541,12 +541,12 @@ def _error(exc: BaseException) -> str:
 
 
 def _is_oom(exc: BaseException) -> bool:
-    """Out of device memory under the cap: the caching allocator's OutOfMemoryError, or the same condition as a
-    RuntimeError from a library that allocates outside it (cuBLAS/cuDNN workspaces, pinned host buffers)."""
-    import torch
+    """Out of memory under the cap: the caching allocator's OutOfMemoryError, or the same condition as a RuntimeError
+    from a library that allocates outside it (cuBLAS/cuDNN workspaces, pinned host buffers) — the training loop's own
+    rule (:func:`peftlab.trainer.failures.out_of_memory_detail`)."""
+    from peftlab.trainer.failures import out_of_memory_detail
 
-    return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+    return out_of_memory_detail(exc) is not None
 
 
 def step_comparison(sides, config, seqs, iters, device, budget: Budget) -> list[dict[str, Any]]:
